@@ -1,0 +1,1 @@
+"""An OpenAI-compatible routing proxy for LLM providers and local engines."""

@@ -1,0 +1,90 @@
+"""``python -m proxy serve|check``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from proxy.config_load import ConfigError, load_config
+from proxy.server import ServeOptions, run_worker, supervise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: int = args.run(args)
+    return command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", type=Path, default=Path("routes.yaml"))
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let requests in flight finish on SIGTERM",
+    )
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(run=_serve)
+
+    check = sub.add_parser("check", help="validate a routes.yaml and print every error")
+    check.add_argument("config", type=Path)
+    check.set_defaults(run=_check)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        load_config(args.config)
+    except ConfigError as exc:
+        _print_errors(args.config, exc, sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and args.port == 0:
+        print("--workers > 1 needs a fixed --port for the workers to share", file=sys.stderr)
+        return 2
+    options = ServeOptions(
+        config_path=args.config,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    if args.workers == 1:
+        run_worker(options)
+        return 0
+    return supervise(options)
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _print_errors(args.config, exc, sys.stdout)
+        return 1
+    for warning in config.warnings:
+        print(f"warning: {warning}")
+    print(f"{args.config}: OK ({len(config.providers)} providers, {len(config.models)} models)")
+    return 0
+
+
+def _print_errors(path: Path, exc: ConfigError, stream: TextIO) -> None:
+    print(f"{path}: {len(exc.errors)} error(s)", file=stream)
+    for error in exc.errors:
+        print(error, file=stream)

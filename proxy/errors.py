@@ -1,0 +1,88 @@
+"""The proxy's own errors, in the OpenAI shape.
+
+Every error the proxy itself answers with is a ``ProxyError``; a middleware turns it
+into ``{"error": {"message", "type", "param", "code"}}`` with its status. Errors
+that an upstream answered with are not ProxyErrors: they are relayed as sent.
+
+    ProxyError
+    ├── InvalidRequest          400 invalid_request_error
+    ├── ModelNotFound           404 model_not_found
+    ├── BodyTooLarge            413 request_too_large
+    ├── ProviderUnavailable     503 provider_unavailable (e.g. its key is not set)
+    ├── UpstreamUnreachable     502 upstream_unreachable
+    └── UpstreamTimeout         504 upstream_timeout
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param)
+
+    def response(self) -> web.Response:
+        return json_error(self.status, self.body())
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = None
+
+
+class ModelNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class ProviderUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "provider_unavailable"
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    type = "server_error"
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
+def error_body(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def json_error(status: int, body: dict[str, Any]) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(body).encode(), content_type="application/json"
+    )

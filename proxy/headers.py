@@ -1,0 +1,84 @@
+"""Which headers cross the proxy, in each direction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.config import Provider
+
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Trailers",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Proxy-Connection",
+    )
+)
+
+# Client headers the upstream must not see: the client's credentials for the proxy,
+# headers the transport sets for the new request, and forwarding headers a client
+# could use to pose as someone else.
+_NOT_TO_UPSTREAM = HOP_BY_HOP | {
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "cookie",
+    "host",
+    "content-length",
+    "content-encoding",
+    "accept-encoding",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+}
+
+# Upstream headers the client must not see: aiohttp sets its own framing, date and
+# server, and the body it relays is already decoded.
+_NOT_TO_CLIENT = HOP_BY_HOP | {
+    "content-length",
+    "content-encoding",
+    "date",
+    "server",
+    "set-cookie",
+}
+
+
+def _connection_listed(headers: Mapping[str, str]) -> set[str]:
+    """Headers named in ``Connection`` are hop-by-hop too (RFC 9110 §7.6.1)."""
+    listed = headers.get("Connection", "")
+    return {name.strip().lower() for name in listed.split(",") if name.strip()}
+
+
+def upstream_headers(
+    client: CIMultiDictProxy[str], provider: Provider, extra: Mapping[str, str] | None = None
+) -> CIMultiDict[str]:
+    drop = _NOT_TO_UPSTREAM | _connection_listed(client)
+    out = CIMultiDict((k, v) for k, v in client.items() if k.lower() not in drop)
+    for name, value in provider.headers.items():
+        out[name] = value
+    for name, value in (extra or {}).items():
+        out[name] = value
+    if provider.api_key:
+        out["Authorization"] = f"Bearer {provider.api_key}"
+    # The proxy reads usage from the bodies it relays, so it asks for them unencoded.
+    out["Accept-Encoding"] = "identity"
+    out["Content-Type"] = "application/json"
+    return out
+
+
+def client_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = _NOT_TO_CLIENT | _connection_listed(upstream)
+    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)

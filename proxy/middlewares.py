@@ -1,0 +1,96 @@
+"""Around every request: a call record, the OpenAI error shape, and one access-log line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from proxy.errors import ProxyError, error_body, json_error
+from proxy.record import CallRecord
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("proxy.access")
+
+RECORD = web.RequestKey("record", CallRecord)
+
+# Status aiohttp or the router raised → OpenAI error type.
+_HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error"}
+
+
+@web.middleware
+async def calls(request: web.Request, handler: Handler) -> web.StreamResponse:
+    record = CallRecord(request_id=uuid.uuid4().hex)
+    request[RECORD] = record
+    try:
+        response: web.StreamResponse = await handler(request)
+    except ProxyError as exc:
+        response = exc.response()
+    except web.HTTPException as exc:
+        response = _http_error(exc)
+    except (asyncio.CancelledError, ConnectionResetError):
+        record.status = 499  # the client went away; nginx's name for it
+        _access(request, record)
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        response = json_error(
+            500,
+            error_body("The proxy failed to handle the request.", "server_error", "internal_error"),
+        )
+    record.status = response.status
+    _access(request, record)
+    return response
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    if exc.status == 404:
+        message = "Unknown request URL. Please check the URL and method."
+    else:
+        message = exc.reason
+    kind = _HTTP_TYPES.get(
+        exc.status, "invalid_request_error" if exc.status < 500 else "server_error"
+    )
+    response = json_error(
+        exc.status, error_body(message, kind, exc.reason.lower().replace(" ", "_"))
+    )
+    for name in ("Allow", "Retry-After"):
+        if name in exc.headers:
+            response.headers[name] = exc.headers[name]
+    return response
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer names the call it belongs to."""
+    record = request.get(RECORD)
+    if record is not None:
+        response.headers["X-Proxy-Request-Id"] = record.request_id
+
+
+def _access(request: web.Request, record: CallRecord) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    line = {
+        "ts": round(time.time(), 3),
+        "request_id": record.request_id,
+        "method": request.method,
+        "path": request.path,
+        "model": record.model,
+        "provider": record.provider,
+        "status": record.status,
+        "attempts": record.attempts,
+        "ttfb_ms": _ms(record.first_byte - record.started) if record.first_byte else None,
+        "duration_ms": _ms(record.elapsed()),
+    }
+    if record.stream_error:
+        line["stream_error"] = record.stream_error
+    access_log.info("%s", json.dumps(line))
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)

@@ -1,0 +1,31 @@
+"""/readyz: the config is loaded and every provider marked ``required`` answers."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+from proxy.config import Config, Provider
+
+_CONNECT_TIMEOUT = 2.0
+
+
+async def readiness(config: Config) -> list[str]:
+    required = [p for p in config.providers.values() if p.required]
+    results = await asyncio.gather(*(_provider_problem(p) for p in required))
+    return [problem for problem in results if problem]
+
+
+async def _provider_problem(provider: Provider) -> str | None:
+    if provider.missing_key_var:
+        variable = provider.missing_key_var
+        return f"provider '{provider.name}': environment variable {variable} is not set"
+    parts = urlsplit(provider.base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        async with asyncio.timeout(_CONNECT_TIMEOUT):
+            _, writer = await asyncio.open_connection(parts.hostname, port)
+    except (OSError, TimeoutError) as exc:
+        return f"provider '{provider.name}': cannot connect to {parts.hostname}:{port} ({exc!r})"
+    writer.close()
+    return None

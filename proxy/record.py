@@ -1,0 +1,27 @@
+"""What one call did, filled in as it travels and written to the access log at the end."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CallRecord:
+    """Mutable on purpose: one per request, owned by its handler, appended to as it goes."""
+
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    model: str | None = None
+    provider: str | None = None
+    status: int | None = None
+    attempts: list[str] = field(default_factory=list)
+    first_byte: float | None = None
+    stream_error: str | None = None
+
+    def mark_first_byte(self) -> None:
+        if self.first_byte is None:
+            self.first_byte = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started

@@ -1,0 +1,62 @@
+"""Relay an upstream response to the client: plain bodies whole, SSE streams chunk by chunk.
+
+A stream is written to the client exactly as its bytes arrive from the upstream
+(comments, CRLF separators and events split across reads included), flushed per
+chunk. If the upstream fails after the first byte went out, nothing can be retried:
+the stream ends with one OpenAI-shaped error event and closes cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import aiohttp
+from aiohttp import web
+
+from proxy.config import Provider
+from proxy.errors import ProxyError
+from proxy.headers import client_headers
+from proxy.record import CallRecord
+from proxy.upstream import read_all, read_chunk
+
+log = logging.getLogger(__name__)
+
+
+def is_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.content_type == "text/event-stream"
+
+
+async def read_plain(response: aiohttp.ClientResponse, provider: Provider) -> web.Response:
+    """Read the whole body first, so that a body cut short can still fall back."""
+    body = await read_all(response, provider)
+    return web.Response(status=response.status, headers=client_headers(response.headers), body=body)
+
+
+async def relay_stream(
+    request: web.Request,
+    response: aiohttp.ClientResponse,
+    provider: Provider,
+    record: CallRecord,
+) -> web.StreamResponse:
+    out = web.StreamResponse(status=response.status, headers=client_headers(response.headers))
+    out.headers["X-Accel-Buffering"] = "no"
+    await out.prepare(request)
+    tail = b"\n\n"
+    try:
+        while chunk := await read_chunk(response, provider):
+            record.mark_first_byte()
+            await out.write(chunk)
+            tail = (tail + chunk)[-4:]
+    except ProxyError as exc:
+        record.stream_error = exc.message
+        log.warning("stream from %s failed after the first byte: %s", provider.name, exc.message)
+        await out.write(_error_event(exc, tail))
+    await out.write_eof()
+    return out
+
+
+def _error_event(exc: ProxyError, tail: bytes) -> bytes:
+    # Start on an event boundary even if the upstream stopped in the middle of one.
+    sep = b"" if tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r")) else b"\n\n"
+    return sep + b"data: " + json.dumps(exc.body()).encode() + b"\n\n"

@@ -1,0 +1,95 @@
+"""Steps 2 and 3 of a call: a bounded body, the fields the proxy relies on, and the route."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.body import Body, parse_body
+from proxy.config import Config, Model
+from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotFound
+
+_READ_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One proxied API: its path below the provider's base_url and its required fields."""
+
+    path: str
+    required: tuple[str, ...]
+
+
+CHAT = Endpoint("chat/completions", ("messages",))
+COMPLETIONS = Endpoint("completions", ("prompt",))
+EMBEDDINGS = Endpoint("embeddings", ("input",))
+
+# Known fields whose type the proxy itself depends on; everything else passes untouched.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "messages": (list,),
+    "stream": (bool,),
+    "max_tokens": (int,),
+    "max_completion_tokens": (int,),
+    "n": (int,),
+}
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """Read at most ``limit`` bytes; refuse early when Content-Length already says more."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(_too_large(limit))
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(_READ_SIZE):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(_too_large(limit))
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than this proxy accepts ({limit} bytes)."
+
+
+def checked_body(raw: bytes, endpoint: Endpoint) -> Body:
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    body = parse_body(raw)
+    fields = body.fields
+    model = fields.get("model")
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model must be a non-empty string.", param="model")
+    for name in endpoint.required:
+        if name not in fields:
+            raise InvalidRequest(f"Missing required parameter: '{name}'.", param=name)
+    for name, types in _TYPES.items():
+        value = fields.get(name)
+        if value is not None and not _has_type(value, types):
+            expected = " or ".join(t.__name__ for t in types)
+            raise InvalidRequest(
+                f"Invalid type for '{name}': expected {expected}, got {type(value).__name__}.",
+                param=name,
+            )
+    return body
+
+
+def _has_type(value: object, types: tuple[type, ...]) -> bool:
+    # bool is an int in Python, not in JSON: `"max_tokens": true` is a type error.
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types)
+
+
+def route(config: Config, model_id: str) -> Model:
+    model = config.models.get(model_id)
+    if model is None:
+        available = ", ".join(sorted(config.models)) or "none"
+        raise ModelNotFound(
+            f"The model '{model_id}' does not exist. Available models: {available}.",
+            param="model",
+        )
+    return model

@@ -1,0 +1,110 @@
+"""Run the proxy: one worker process, or N of them sharing the port with SO_REUSEPORT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+
+from aiohttp import web
+
+from proxy.app import make_app
+from proxy.config_load import load_config
+from proxy.reload import ConfigHolder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    config_path: Path
+    host: str
+    port: int
+    workers: int = 1
+    shutdown_timeout: float = 30.0
+
+
+def run_worker(options: ServeOptions, reuse_port: bool = False) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        asyncio.run(_worker(options, reuse_port))
+    else:
+        uvloop.run(_worker(options, reuse_port))
+
+
+async def _worker(options: ServeOptions, reuse_port: bool) -> None:
+    holder = ConfigHolder(load_config(options.config_path), options.config_path)
+    # handler_cancellation: a client that disconnects cancels its handler, which
+    # closes the upstream call at once instead of when the next chunk fails to write.
+    runner = web.AppRunner(make_app(holder), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        options.host,
+        options.port,
+        reuse_port=reuse_port,
+        shutdown_timeout=options.shutdown_timeout,
+    )
+    await site.start()
+    for host, port in (a[:2] for a in runner.addresses):
+        log.info("proxy listening on http://%s:%s", host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, holder.reload)
+    await stop.wait()
+    log.info("shutting down: draining requests in flight (up to %ss)", options.shutdown_timeout)
+    await runner.cleanup()
+
+
+def supervise(options: ServeOptions) -> int:
+    """Start N full workers on one port and pass signals on; restart a worker that dies."""
+    context = multiprocessing.get_context("fork")
+    stopping = False
+
+    def start() -> BaseProcess:
+        process = context.Process(target=run_worker, args=(options, True), daemon=False)
+        process.start()
+        return process
+
+    workers = [start() for _ in range(options.workers)]
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for process in workers:
+            if process.pid is not None and process.is_alive():
+                _kill(process.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    while not stopping:
+        time.sleep(0.2)
+        for i, process in enumerate(workers):
+            if not process.is_alive() and not stopping:
+                log.error(
+                    "worker pid %s exited with %s; starting another in 1s",
+                    process.pid,
+                    process.exitcode,
+                )
+                time.sleep(1.0)
+                workers[i] = start()
+    for process in workers:
+        process.join()
+    return 0
+
+
+def _kill(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)

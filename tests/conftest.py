@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.app import make_app
+from proxy.config_load import load_config
+from proxy.reload import ConfigHolder
+from tests.fake_upstream import FakeUpstream
+from tests.support import Upstream, routes_yaml, serve_app
+
+WANDB_KEY = "wandb-secret-key"
+PRIME_KEY = "prime-secret-key"
+
+StartApp = Callable[[web.Application], Awaitable[str]]
+
+
+@pytest.fixture(autouse=True)
+def provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_WANDB_KEY", WANDB_KEY)
+    monkeypatch.setenv("TEST_PRIME_KEY", PRIME_KEY)
+
+
+@pytest.fixture
+async def start_app() -> AsyncIterator[StartApp]:
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> str:
+        runner, url = await serve_app(app)
+        runners.append(runner)
+        return url
+
+    yield start
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def wandb(start_app: StartApp) -> Upstream:
+    fake = FakeUpstream(prefix="/v1", key=WANDB_KEY, name="wandb")
+    return Upstream(fake, await start_app(fake.app()) + "/v1")
+
+
+@pytest.fixture
+async def prime(start_app: StartApp) -> Upstream:
+    fake = FakeUpstream(prefix="/api/v1", key=PRIME_KEY, name="prime")
+    return Upstream(fake, await start_app(fake.app()) + "/api/v1")
+
+
+@dataclass
+class Proxy:
+    url: str
+    holder: ConfigHolder
+    path: Path
+    http: aiohttp.ClientSession
+
+    def write_config(self, text: str) -> None:
+        self.path.write_text(text)
+
+
+@pytest.fixture
+def routes_file(tmp_path: Path, wandb: Upstream, prime: Upstream) -> Path:
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_yaml(wandb, prime))
+    return path
+
+
+@pytest.fixture
+async def proxy(start_app: StartApp, routes_file: Path) -> AsyncIterator[Proxy]:
+    holder = ConfigHolder(load_config(routes_file), routes_file)
+    url = await start_app(make_app(holder))
+    async with aiohttp.ClientSession() as http:
+        yield Proxy(url, holder, routes_file, http)

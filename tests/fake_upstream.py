@@ -1,0 +1,186 @@
+"""A fake OpenAI-compatible provider: a real aiohttp app on a real port.
+
+One class plays each seed provider: W&B (``/v1``, ``OpenAI-Project``), Prime
+(``/api/v1``, ``X-Prime-Team-ID``) and the generic chat API (finish reasons ``stop``
+and ``length``, ``n``, usage). Tests steer it through its attributes and read what
+it saw in ``seen``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+REPLY = "The capital of France is Paris."
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class FakeUpstream:
+    prefix: str = "/v1"
+    key: str = "upstream-key"
+    name: str = "fake"
+    seen: list[Seen] = field(default_factory=list)
+    # Steering: an error status (with body and headers), a hang before answering,
+    # or an exact stream script of byte chunks and float pauses.
+    status: int = 200
+    error_body: dict[str, Any] | None = None
+    error_headers: dict[str, str] = field(default_factory=dict)
+    hang: bool = False
+    pause_before_headers: float = 0.0
+    stream_script: Sequence[bytes | float | asyncio.Event] | None = None
+    cut_stream_after: int | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    chunk_pause: float = 0.0
+    # When the proxy closed a connection on us (monotonic clock).
+    cancelled_at: list[float] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        for endpoint in ("chat/completions", "completions", "embeddings"):
+            app.router.add_post(f"{self.prefix}/{endpoint}", self.handle)
+        app.router.add_get(f"{self.prefix}/models", self.models)
+        return app
+
+    @property
+    def last(self) -> Seen:
+        return self.seen[-1]
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.path, CIMultiDict(request.headers), body))
+        if request.headers.get("Authorization") != f"Bearer {self.key}":
+            return web.json_response(_error("Invalid API key", "invalid_api_key"), status=401)
+        try:
+            if self.hang:
+                await asyncio.sleep(3600)
+            await asyncio.sleep(self.pause_before_headers)
+        except asyncio.CancelledError:
+            self.cancelled_at.append(time.monotonic())
+            raise
+        if self.status != 200:
+            return web.json_response(
+                self.error_body or _error("upstream failure", "server_error"),
+                status=self.status, headers=self.error_headers,
+            )
+        payload = json.loads(body)
+        if request.path.endswith("/embeddings"):
+            return web.json_response(_embeddings(payload), headers=self.extra_headers)
+        if payload.get("stream"):
+            return await self.stream(request, payload)
+        return web.json_response(_completion(payload, request.path), headers=self.extra_headers)
+
+    async def stream(self, request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", **self.extra_headers}
+        )
+        await response.prepare(request)
+        script = self.stream_script or _default_stream(payload)
+        try:
+            for n, step in enumerate(script):
+                if self.cut_stream_after is not None and n >= self.cut_stream_after:
+                    assert request.transport is not None
+                    request.transport.abort()  # a reset mid-stream
+                    return response
+                if isinstance(step, float):
+                    await asyncio.sleep(step)
+                elif isinstance(step, asyncio.Event):
+                    await step.wait()
+                else:
+                    await response.write(step)
+                    await asyncio.sleep(self.chunk_pause)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled_at.append(time.monotonic())
+            raise
+        await response.write_eof()
+        return response
+
+
+def _error(message: str, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+
+
+def _reply_words(payload: dict[str, Any]) -> tuple[list[str], str]:
+    words = REPLY.split(" ")
+    limit = payload.get("max_tokens")
+    if isinstance(limit, int) and limit < len(words):
+        return words[:limit], "length"
+    return words, "stop"
+
+
+def _usage(payload: dict[str, Any], completion: int) -> dict[str, int]:
+    prompt = len(json.dumps(payload.get("messages") or payload.get("prompt") or "")) // 4
+    n = payload.get("n", 1)
+    return {"prompt_tokens": prompt, "completion_tokens": completion * n,
+            "total_tokens": prompt + completion * n}
+
+
+def _completion(payload: dict[str, Any], path: str) -> dict[str, Any]:
+    words, finish = _reply_words(payload)
+    text = " ".join(words)
+    n = payload.get("n", 1)
+    if path.endswith("/completions") and not path.endswith("chat/completions"):
+        choices: list[dict[str, Any]] = [
+            {"index": i, "text": text, "finish_reason": finish, "logprobs": None} for i in range(n)
+        ]
+        kind = "text_completion"
+    else:
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": text},
+             "finish_reason": finish}
+            for i in range(n)
+        ]
+        kind = "chat.completion"
+    return {
+        "id": "chatcmpl-fake", "object": kind, "created": 1693721698,
+        "model": payload["model"], "choices": choices, "usage": _usage(payload, len(words)),
+    }
+
+
+def _embeddings(payload: dict[str, Any]) -> dict[str, Any]:
+    inputs = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
+    data = [{"object": "embedding", "index": i, "embedding": [0.25, -0.5, 1.0]}
+            for i in range(len(inputs))]
+    return {"object": "list", "data": data, "model": payload["model"],
+            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}}
+
+
+def _default_stream(payload: dict[str, Any]) -> list[bytes | float | asyncio.Event]:
+    words, finish = _reply_words(payload)
+
+    def event(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                 "created": 1693721698, "model": payload["model"],
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    chunks: list[bytes | float | asyncio.Event] = [event({"role": "assistant", "content": ""})]
+    chunks += [event({"content": (" " if i else "") + w}) for i, w in enumerate(words)]
+    chunks.append(event({}, finish))
+    if (payload.get("stream_options") or {}).get("include_usage"):
+        usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": [],
+                 "created": 1693721698, "model": payload["model"],
+                 "usage": _usage(payload, len(words))}
+        chunks.append(b"data: " + json.dumps(usage).encode() + b"\n\n")
+    chunks.append(b"data: [DONE]\n\n")
+    return chunks

@@ -1,0 +1,113 @@
+"""Helpers that start real servers on real ports for the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from tests.fake_upstream import FakeUpstream
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
+    # handler_cancellation as in production, so a closed connection cancels the handler.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+@dataclass
+class Upstream:
+    fake: FakeUpstream
+    url: str  # the base_url to put in routes.yaml, prefix included
+
+
+def routes_yaml(wandb: Upstream, prime: Upstream, extra: str = "") -> str:
+    return f"""
+providers:
+  wandb:
+    base_url: {wandb.url}
+    api_key: ${{TEST_WANDB_KEY}}
+    headers: {{OpenAI-Project: acme/research}}
+    timeouts: {{connect: 2s, first_byte: 3s, idle: 2s, total: 20s}}
+  prime:
+    base_url: {prime.url}
+    api_key: ${{TEST_PRIME_KEY}}
+    headers: {{X-Prime-Team-ID: team-42}}
+    timeouts: {{connect: 2s, first_byte: 3s, idle: 2s, total: 20s}}
+models:
+  llama-70b:
+    targets:
+      - {{provider: prime, model: meta-llama/llama-3.1-70b-instruct}}
+      - {{provider: wandb, model: meta-llama/Llama-3.1-70B-Instruct}}
+  llama-8b:
+    targets:
+      - {{provider: wandb, model: meta-llama/Llama-3.1-8B-Instruct}}
+  same-name:
+    targets:
+      - {{provider: wandb, model: same-name}}
+{extra}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ProxyProcess:
+    """``python -m proxy serve`` as a real child process."""
+
+    def __init__(self, config: Path, port: int, *args: str, env: dict[str, str] | None = None):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = config.with_suffix(f".{port}.log")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config),
+             "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_listening(self, workers: int = 1, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(re.findall(r"proxy listening on", self.log())) >= workers:
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"proxy exited early:\n{self.log()}")
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"proxy did not start:\n{self.log()}")
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
