@@ -80,6 +80,7 @@ class _Reader:
         self.env = env
         self.errors: list[str] = []
         self.warnings: list[str] = []
+        self.declared: set[str] = set()  # provider names in the file, valid or not
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(f"{path}: {message}")
@@ -103,7 +104,9 @@ class _Reader:
 
     def providers(self, raw: Any) -> dict[str, Provider]:
         out: dict[str, Provider] = {}
-        for name, node in self.mapping(raw, "providers").items():
+        declared = self.mapping(raw, "providers")
+        self.declared = {str(name) for name in declared}
+        for name, node in declared.items():
             provider = self.provider(str(name), node, f"providers.{name}")
             if provider is not None:
                 out[str(name)] = provider
@@ -215,8 +218,8 @@ class _Reader:
         provider = self.string(node.get("provider"), f"{path}.provider")
         model = self.string(node.get("model"), f"{path}.model")
         if provider is not None and provider not in providers:
-            if not any(e.startswith(f"providers.{provider}") for e in self.errors):
-                hint = _hint(provider, providers)
+            if provider not in self.declared:  # a declared but invalid one has its own error
+                hint = _hint(provider, self.declared)
                 self.error(f"{path}.provider", f"unknown provider {provider!r}{hint}")
             return None
         if provider is None or model is None:
@@ -294,7 +297,7 @@ class _Reader:
         return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
-def _hint(name: str, known: Mapping[str, Any] | set[str]) -> str:
+def _hint(name: str, known: set[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" ({_known(known)})"
 

@@ -63,16 +63,27 @@ class Proxy:
         self.path.write_text(text)
 
 
-@pytest.fixture
-def routes_file(tmp_path: Path, wandb: Upstream, prime: Upstream) -> Path:
-    path = tmp_path / "routes.yaml"
-    path.write_text(routes_yaml(wandb, prime))
-    return path
+MakeProxy = Callable[[str], Awaitable[Proxy]]
 
 
 @pytest.fixture
-async def proxy(start_app: StartApp, routes_file: Path) -> AsyncIterator[Proxy]:
-    holder = ConfigHolder(load_config(routes_file), routes_file)
-    url = await start_app(make_app(holder))
-    async with aiohttp.ClientSession() as http:
-        yield Proxy(url, holder, routes_file, http)
+async def make_proxy(start_app: StartApp, tmp_path: Path) -> AsyncIterator[MakeProxy]:
+    """An in-process proxy on a real port, serving a routes.yaml written from ``text``."""
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def make(text: str) -> Proxy:
+        path = tmp_path / f"routes-{len(sessions)}.yaml"
+        path.write_text(text)
+        holder = ConfigHolder(load_config(path), path)
+        url = await start_app(make_app(holder))
+        sessions.append(aiohttp.ClientSession())
+        return Proxy(url, holder, path, sessions[-1])
+
+    yield make
+    for session in sessions:
+        await session.close()
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy, wandb: Upstream, prime: Upstream) -> Proxy:
+    return await make_proxy(routes_yaml(wandb, prime))

@@ -81,7 +81,8 @@ class FakeUpstream:
         if self.status != 200:
             return web.json_response(
                 self.error_body or _error("upstream failure", "server_error"),
-                status=self.status, headers=self.error_headers,
+                status=self.status,
+                headers=self.error_headers,
             )
         payload = json.loads(body)
         if request.path.endswith("/embeddings"):
@@ -131,8 +132,11 @@ def _reply_words(payload: dict[str, Any]) -> tuple[list[str], str]:
 def _usage(payload: dict[str, Any], completion: int) -> dict[str, int]:
     prompt = len(json.dumps(payload.get("messages") or payload.get("prompt") or "")) // 4
     n = payload.get("n", 1)
-    return {"prompt_tokens": prompt, "completion_tokens": completion * n,
-            "total_tokens": prompt + completion * n}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion * n,
+        "total_tokens": prompt + completion * n,
+    }
 
 
 def _completion(payload: dict[str, Any], path: str) -> dict[str, Any]:
@@ -146,41 +150,59 @@ def _completion(payload: dict[str, Any], path: str) -> dict[str, Any]:
         kind = "text_completion"
     else:
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": text},
-             "finish_reason": finish}
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             for i in range(n)
         ]
         kind = "chat.completion"
     return {
-        "id": "chatcmpl-fake", "object": kind, "created": 1693721698,
-        "model": payload["model"], "choices": choices, "usage": _usage(payload, len(words)),
+        "id": "chatcmpl-fake",
+        "object": kind,
+        "created": 1693721698,
+        "model": payload["model"],
+        "choices": choices,
+        "usage": _usage(payload, len(words)),
     }
 
 
 def _embeddings(payload: dict[str, Any]) -> dict[str, Any]:
     inputs = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
-    data = [{"object": "embedding", "index": i, "embedding": [0.25, -0.5, 1.0]}
-            for i in range(len(inputs))]
-    return {"object": "list", "data": data, "model": payload["model"],
-            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}}
+    data = [
+        {"object": "embedding", "index": i, "embedding": [0.25, -0.5, 1.0]}
+        for i in range(len(inputs))
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": payload["model"],
+        "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+    }
 
 
 def _default_stream(payload: dict[str, Any]) -> list[bytes | float | asyncio.Event]:
     words, finish = _reply_words(payload)
 
     def event(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk",
-                 "created": 1693721698, "model": payload["model"],
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        chunk = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 1693721698,
+            "model": payload["model"],
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
     chunks: list[bytes | float | asyncio.Event] = [event({"role": "assistant", "content": ""})]
     chunks += [event({"content": (" " if i else "") + w}) for i, w in enumerate(words)]
     chunks.append(event({}, finish))
     if (payload.get("stream_options") or {}).get("include_usage"):
-        usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "choices": [],
-                 "created": 1693721698, "model": payload["model"],
-                 "usage": _usage(payload, len(words))}
+        usage = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "choices": [],
+            "created": 1693721698,
+            "model": payload["model"],
+            "usage": _usage(payload, len(words)),
+        }
         chunks.append(b"data: " + json.dumps(usage).encode() + b"\n\n")
     chunks.append(b"data: [DONE]\n\n")
     return chunks

@@ -36,8 +36,12 @@ class Upstream:
     url: str  # the base_url to put in routes.yaml, prefix included
 
 
-def routes_yaml(wandb: Upstream, prime: Upstream, extra: str = "") -> str:
+def routes_yaml(
+    wandb: Upstream, prime: Upstream, extra: str = "", reload_interval: str = "100ms"
+) -> str:
     return f"""
+server:
+  reload_interval: {reload_interval}
 providers:
   wandb:
     base_url: {wandb.url}
@@ -79,9 +83,22 @@ class ProxyProcess:
         self.log_path = config.with_suffix(f".{port}.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config),
-             "--host", "127.0.0.1", "--port", str(port), *args],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *args,
+            ],
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
 

@@ -60,12 +60,18 @@ async def test_prime_gets_api_v1_path_and_team_header(proxy: Proxy, prime: Upstr
 
 async def test_hop_by_hop_headers_dropped_both_ways(proxy: Proxy, wandb: Upstream):
     wandb.fake.extra_headers = {
-        "X-Upstream-Note": "kept", "Keep-Alive": "timeout=5", "X-Private": "listed",
+        "X-Upstream-Note": "kept",
+        "Keep-Alive": "timeout=5",
+        "X-Private": "listed",
         "Connection": "X-Private",
     }
     headers = {
-        "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "TE": "trailers",
-        "Proxy-Authorization": "Basic abc", "X-Client-Note": "kept", "Upgrade": "h2c",
+        "Connection": "keep-alive, X-Secret-Hop",
+        "X-Secret-Hop": "1",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic abc",
+        "X-Client-Note": "kept",
+        "Upgrade": "h2c",
     }
     payload = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}]}
     async with proxy.http.post(proxy.url + CHAT, json=payload, headers=headers) as resp:
@@ -96,8 +102,11 @@ async def test_completions_and_embeddings_route_by_model(proxy: Proxy, wandb: Up
 
 
 async def test_finish_reason_length_relayed(proxy: Proxy):
-    payload = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}],
-               "max_tokens": 2}
+    payload = {
+        "model": "llama-8b",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+    }
     async with proxy.http.post(proxy.url + CHAT, json=payload) as resp:
         body = await resp.json()
     assert body["choices"][0]["finish_reason"] == "length"
@@ -111,7 +120,10 @@ async def test_models_list_in_wandb_format(proxy: Proxy):
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["llama-70b", "llama-8b", "same-name"]
     assert body["data"][0] == {
-        "id": "llama-70b", "object": "model", "created": 0, "owned_by": "system",
+        "id": "llama-70b",
+        "object": "model",
+        "created": 0,
+        "owned_by": "system",
         "root": "llama-70b",
     }
     assert "prime" not in json.dumps(body) and "Llama-3.1" not in json.dumps(body)

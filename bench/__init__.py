@@ -1,0 +1,1 @@
+"""The benchmark (issue: performance) lives here."""

@@ -1,0 +1,149 @@
+"""routes.yaml validation: every error reported with its YAML path, env vars, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config_load import ConfigError, parse_config
+from tests.support import ROOT
+
+GOOD = """
+providers:
+  wandb:
+    base_url: https://api.inference.wandb.ai/v1
+    api_key: ${WANDB_API_KEY}
+    headers: {OpenAI-Project: "${PROJECT:-acme/default}"}
+    timeouts: {connect: 500ms, first_byte: 2m, idle: 30, total: 1h}
+  prime:
+    base_url: https://api.pinference.ai/api/v1/
+    api_key: ${PRIME_API_KEY}
+models:
+  llama-70b:
+    strategy: fallback
+    targets:
+      - {provider: prime, model: meta-llama/llama-3.1-70b-instruct}
+      - {provider: wandb, model: meta-llama/Llama-3.1-70B-Instruct}
+"""
+
+
+def test_good_file_with_env_and_defaults():
+    config = parse_config(GOOD, {"WANDB_API_KEY": "w-key"})
+    wandb, prime = config.providers["wandb"], config.providers["prime"]
+    assert wandb.api_key == "w-key" and wandb.missing_key_var is None
+    assert wandb.headers == {"OpenAI-Project": "acme/default"}
+    assert (wandb.timeouts.connect, wandb.timeouts.first_byte) == (0.5, 120.0)
+    assert (wandb.timeouts.idle, wandb.timeouts.total) == (30.0, 3600.0)
+    # Paths are joined, never guessed.
+    assert wandb.url("chat/completions") == "https://api.inference.wandb.ai/v1/chat/completions"
+    assert prime.url("chat/completions") == "https://api.pinference.ai/api/v1/chat/completions"
+    assert prime.api_key is None and prime.missing_key_var == "PRIME_API_KEY"
+    assert config.warnings == (
+        "providers.prime.api_key: environment variable PRIME_API_KEY is not set; requests "
+        "routed to provider 'prime' will fail until it is",
+    )
+    assert [t.provider for t in config.models["llama-70b"].targets] == ["prime", "wandb"]
+
+
+def test_every_error_is_reported_with_its_path():
+    bad = """
+providers:
+  prime:
+    base_url: ftp://nowhere
+    timeouts: {connect: soon}
+    colour: blue
+  wandb:
+    base_url: https://api.inference.wandb.ai/v1
+models:
+  llama-70b:
+    strategy: roulette
+    targets:
+      - {provider: prime, model: a}
+      - {provider: prmie, model: b}
+  empty:
+    targets: []
+  no-model:
+    targets:
+      - {provider: wandb}
+extra: 1
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(bad, {})
+    assert caught.value.errors == [
+        "extra: unknown key (known: models, providers, redis, server)",
+        "providers.prime.colour: unknown key (known: api_key, base_url, headers, required, "
+        "timeouts)",
+        "providers.prime.base_url: must be an http(s) URL with a host, got 'ftp://nowhere'",
+        "providers.prime.timeouts.connect: must be a positive duration such as 30s, 500ms or "
+        "2m, got 'soon'",
+        "models.llama-70b.strategy: unknown strategy 'roulette' (known: fallback)",
+        "models.llama-70b.targets[1].provider: unknown provider 'prmie' (did you mean 'prime'?)",
+        "models.empty.targets: must be a non-empty list of {provider, model}",
+        "models.no-model.targets[0].model: is required",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("", "the file is empty"),
+        ("providers: [1, 2]\nmodels: {}", "providers: must be a mapping, got list"),
+        ("key: [unclosed", "yaml: "),
+        (
+            "providers:\n  p: {base_url: 'http://h/${HOST}'}\nmodels:\n  m:\n    targets:\n"
+            "      - {provider: p, model: x}",
+            "providers.p.base_url: environment variable HOST",
+        ),
+        (
+            "server: {max_body_bytes: lots}\nproviders:\n  p: {base_url: 'http://h'}\nmodels:\n"
+            "  m: {targets: [{provider: p, model: x}]}",
+            "server.max_body_bytes: must be",
+        ),
+    ],
+)
+def test_invalid_files(text: str, error: str):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, {})
+    assert any(e.startswith(error) for e in caught.value.errors), caught.value.errors
+
+
+def test_literal_dollar_and_sizes():
+    config = parse_config(
+        "server: {max_body_bytes: 2MiB}\nproviders:\n  p:\n    base_url: http://h/v1\n"
+        "    api_key: 'pa$$word'\nmodels:\n  m: {targets: [{provider: p, model: x}]}",
+        {},
+    )
+    assert config.providers["p"].api_key == "pa$word"
+    assert config.server.max_body_bytes == 2 * 1024 * 1024
+
+
+def _check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "check", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_check_command(tmp_path: Path):
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    result = _check(good)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK (2 providers, 1 models)" in result.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("provider: wandb", "provider: prmie"))
+    result = _check(bad)
+    assert result.returncode == 1
+    assert "models.llama-70b.targets[1].provider: unknown provider 'prmie'" in result.stdout
+
+
+def test_shipped_routes_yaml_is_valid():
+    result = _check(ROOT / "routes.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,101 @@
+"""``python -m proxy serve`` as a real process: workers sharing a port, probes, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import MakeProxy
+from tests.support import ProxyProcess, Upstream, free_port, routes_yaml
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+async def test_workers_share_one_port(tmp_path: Path, wandb: Upstream, prime: Upstream):
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_yaml(wandb, prime))
+    process = ProxyProcess(path, free_port(), "--workers", "2")
+    try:
+        await process.wait_listening(workers=2)
+        pids = set()
+        for _ in range(40):  # a new connection each time: the kernel spreads them
+            async with aiohttp.ClientSession() as http:
+                async with http.get(process.url + "/healthz") as resp:
+                    pids.add((await resp.json())["pid"])
+                async with http.post(
+                    process.url + "/v1/chat/completions",
+                    json={"model": "llama-8b", "messages": MESSAGES},
+                ) as resp:
+                    assert resp.status == 200
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
+    finally:
+        assert process.stop() == 0
+    assert process.process.returncode == 0
+
+
+async def test_sigterm_lets_a_stream_in_flight_finish(
+    tmp_path: Path, wandb: Upstream, prime: Upstream
+):
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_yaml(wandb, prime))
+    wandb.fake.stream_script = [b"data: 1\n\n", 0.5, b"data: 2\n\n", 0.5, b"data: [DONE]\n\n"]
+    process = ProxyProcess(path, free_port())
+    await process.wait_listening()
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                process.url + "/v1/chat/completions",
+                json={"model": "llama-8b", "messages": MESSAGES, "stream": True},
+            ) as resp,
+        ):
+            assert await resp.content.readany() == b"data: 1\n\n"
+            process.signal(signal.SIGTERM)
+            assert await resp.read() == b"data: 2\n\ndata: [DONE]\n\n"
+        await asyncio.to_thread(process.process.wait, 10)
+    finally:
+        process.stop()
+    assert process.process.returncode == 0
+
+
+async def test_readyz_reports_required_providers(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    dead = Upstream(prime.fake, f"http://127.0.0.1:{free_port()}/api/v1")
+    text = routes_yaml(wandb, dead).replace(
+        "    headers: {X-Prime-Team-ID: team-42}\n",
+        "    headers: {X-Prime-Team-ID: team-42}\n    required: true\n",
+    )
+    proxy = await make_proxy(text)
+    async with proxy.http.get(proxy.url + "/readyz") as resp:
+        assert resp.status == 503
+        body = await resp.json()
+    assert body["status"] == "not ready"
+    assert "provider 'prime': cannot connect" in body["problems"][0]
+    async with proxy.http.get(proxy.url + "/healthz") as resp:
+        assert resp.status == 200
+
+    ready = await make_proxy(
+        routes_yaml(wandb, prime).replace(
+            "    headers: {X-Prime-Team-ID: team-42}\n",
+            "    headers: {X-Prime-Team-ID: team-42}\n    required: true\n",
+        )
+    )
+    async with ready.http.get(ready.url + "/readyz") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["status"] == "ready"
+
+
+async def test_serve_refuses_an_invalid_file(tmp_path: Path):
+    path = tmp_path / "routes.yaml"
+    path.write_text("providers: {}\nmodels: {}\n")
+    process = ProxyProcess(path, free_port())
+    code = await asyncio.to_thread(process.process.wait, 30)
+    process.stop()
+    assert code == 2
+    assert "providers: at least one provider is required" in process.log()
