@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from proxy.appkeys import CLIENT_SESSION, CONFIG
+from proxy.appkeys import BALANCER, BREAKERS, CLIENT_SESSION, CONFIG
+from proxy.balance import Balancer
+from proxy.circuit import CircuitBreakers
 from proxy.middlewares import add_request_id, calls
 from proxy.reload import ConfigHolder, watch_file
 from proxy.routes import add_routes
@@ -18,6 +20,10 @@ from proxy.routes import add_routes
 def make_app(holder: ConfigHolder) -> web.Application:
     app = web.Application(middlewares=[calls])
     app[CONFIG] = holder
+    # Balancing counters and circuit state outlive a config reload: an endpoint that
+    # keeps its URL keeps its history.
+    app[BALANCER] = Balancer()
+    app[BREAKERS] = CircuitBreakers()
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_config_watcher)
     app.on_response_prepare.append(add_request_id)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from proxy.balance import Balancer
+from proxy.circuit import CircuitBreakers
 from proxy.reload import ConfigHolder
 
 CONFIG = web.AppKey("config", ConfigHolder)
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
+BALANCER = web.AppKey("balancer", Balancer)
+BREAKERS = web.AppKey("breakers", CircuitBreakers)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Any
 
-STRATEGIES = ("fallback",)
+STRATEGIES = ("fallback", "round_robin", "weighted", "least_busy")
+BALANCES = ("round_robin", "weighted", "least_busy", "affinity")
 
 
-def frozen_map(items: Mapping[str, str] | None = None) -> Mapping[str, str]:
+def frozen_map(items: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
     return MappingProxyType(dict(items or {}))
 
 
@@ -24,27 +26,61 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts per target, full-jitter backoff, and the call's overall time budget."""
+
+    attempts: int = 2
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+    max_retry_after: float = 30.0
+    budget: float = 120.0
+
+
+@dataclass(frozen=True)
+class CircuitPolicy:
+    failures: int = 5
+    cooldown: float = 5.0
+    max_cooldown: float = 300.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One replica of a provider: the API root its paths are joined to."""
+
+    url: str
+    weight: float = 1.0
+
+    def join(self, path: str) -> str:
+        """Join, never guess: W&B's ``/v1`` and Prime's ``/api/v1`` both stay as given."""
+        return self.url.rstrip("/") + "/" + path.lstrip("/")
+
+
+@dataclass(frozen=True)
 class Provider:
     name: str
-    base_url: str
+    endpoints: tuple[Endpoint, ...]
     api_key: str | None = None
     # Set when routes.yaml names a key variable that is not in the environment: the
     # provider is then refused on use with an error naming the variable.
     missing_key_var: str | None = None
     headers: Mapping[str, str] = field(default_factory=frozen_map)
     timeouts: Timeouts = Timeouts()
+    retry: RetryPolicy = RetryPolicy()
+    circuit: CircuitPolicy = CircuitPolicy()
+    balance: str = "round_robin"
     # A required provider must be reachable for /readyz to answer 200.
     required: bool = False
 
-    def url(self, endpoint: str) -> str:
-        """Join, never guess: W&B's ``/v1`` and Prime's ``/api/v1`` both stay as given."""
-        return self.base_url.rstrip("/") + "/" + endpoint.lstrip("/")
+    @property
+    def base_url(self) -> str:
+        return self.endpoints[0].url
 
 
 @dataclass(frozen=True)
 class Target:
     provider: str
     model: str
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -53,12 +89,24 @@ class Model:
     targets: tuple[Target, ...]
     strategy: str = "fallback"
     owned_by: str = "system"
+    # Only the retry fields the model sets itself; they win over its providers' policy.
+    retry_overrides: Mapping[str, Any] = field(default_factory=frozen_map)
+    budget: float = RetryPolicy.budget
+
+    def retry_for(self, provider: Provider) -> RetryPolicy:
+        if not self.retry_overrides:
+            return provider.retry
+        return replace(provider.retry, **self.retry_overrides)
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     max_body_bytes: int = 16 * 1024 * 1024
     reload_interval: float = 1.0
+    # How long a client may take to send a request body. The request head has the
+    # keep-alive time (read once at start, like the port).
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
 
 
 @dataclass(frozen=True)

@@ -2,49 +2,51 @@
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
 from proxy.config import (
+    BALANCES,
     STRATEGIES,
+    CircuitPolicy,
     Config,
+    Endpoint,
     Model,
     Provider,
+    RetryPolicy,
     ServerSettings,
     Target,
     Timeouts,
     frozen_map,
 )
+from proxy.config_fields import FieldReader, hint
 from proxy.envsubst import expand
 
-TOP_KEYS = {"redis", "server", "providers", "models"}
-PROVIDER_KEYS = {"base_url", "api_key", "headers", "timeouts", "required"}
-MODEL_KEYS = {"targets", "strategy", "owned_by"}
-TARGET_KEYS = {"provider", "model"}
-SERVER_KEYS = {"max_body_bytes", "reload_interval"}
+TOP_KEYS = {"redis", "server", "providers", "models", "retry", "circuit"}
+PROVIDER_KEYS = {
+    "base_url", "endpoints", "balance", "api_key", "headers", "timeouts", "retry", "circuit",
+    "required",
+}  # fmt: skip
+MODEL_KEYS = {"targets", "strategy", "owned_by", "retry"}
+TARGET_KEYS = {"provider", "model", "weight"}
+ENDPOINT_KEYS = {"url", "weight"}
 REDIS_KEYS = {"url"}
-TIMEOUT_KEYS = {"connect", "first_byte", "idle", "total"}
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "KB": 1000,
-    "KiB": 1024,
-    "MB": 10**6,
-    "MiB": 2**20,
-    "GB": 10**9,
-    "GiB": 2**30,
-}
+# Each block: key → kind, so that one reader serves them all.
+SERVER_FIELDS = {
+    "max_body_bytes": "size", "reload_interval": "duration", "body_timeout": "duration",
+    "keepalive_timeout": "duration",
+}  # fmt: skip
+TIMEOUT_FIELDS = dict.fromkeys(("connect", "first_byte", "idle", "total"), "duration")
+RETRY_FIELDS = {
+    "attempts": "count", "base_delay": "duration", "max_delay": "duration",
+    "max_retry_after": "duration", "budget": "duration",
+}  # fmt: skip
+CIRCUIT_FIELDS = {"failures": "count", "cooldown": "duration", "max_cooldown": "duration"}
 
 
 class ConfigError(Exception):
@@ -73,34 +75,33 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
     return config
 
 
-class _Reader:
+class _Reader(FieldReader):
     """Walks the raw YAML tree, collecting every error instead of stopping at the first."""
 
     def __init__(self, env: Mapping[str, str]):
-        self.env = env
-        self.errors: list[str] = []
+        super().__init__(env)
         self.warnings: list[str] = []
         self.declared: set[str] = set()  # provider names in the file, valid or not
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{path}: {message}")
+        self.retry = RetryPolicy()
+        self.circuit = CircuitPolicy()
 
     def config(self, raw: Any) -> Config | None:
         if raw is None:
             return None
         top = self.mapping(raw, "(top)", TOP_KEYS)
+        self.retry = replace(self.retry, **self.fields(top.get("retry"), "retry", RETRY_FIELDS))
+        self.circuit = replace(
+            self.circuit, **self.fields(top.get("circuit"), "circuit", CIRCUIT_FIELDS)
+        )
         providers = self.providers(top.get("providers"))
         models = self.models(top.get("models"), providers)
-        server = self.server(top.get("server"))
+        server = self.fields(top.get("server"), "server", SERVER_FIELDS)
         redis = self.mapping(top.get("redis") or {}, "redis", REDIS_KEYS)
         redis_url = self.string(redis.get("url", ""), "redis.url", allow_empty=True) or ""
         return Config(
-            providers=providers,
-            models=models,
-            server=server,
-            redis_url=redis_url,
-            warnings=tuple(self.warnings),
-        )
+            providers=providers, models=models, server=replace(ServerSettings(), **server),
+            redis_url=redis_url, warnings=tuple(self.warnings),
+        )  # fmt: skip
 
     def providers(self, raw: Any) -> dict[str, Provider]:
         out: dict[str, Provider] = {}
@@ -116,40 +117,50 @@ class _Reader:
 
     def provider(self, name: str, raw: Any, path: str) -> Provider | None:
         node = self.mapping(raw, path, PROVIDER_KEYS)
-        base_url = self.base_url(node.get("base_url"), f"{path}.base_url")
+        endpoints = self.endpoints(node, path)
+        balance = self.choice(node.get("balance", "round_robin"), f"{path}.balance", BALANCES)
         api_key, missing = self.api_key(node.get("api_key"), f"{path}.api_key")
         if missing:
             self.warnings.append(
                 f"{path}.api_key: environment variable {missing} is not set; "
                 f"requests routed to provider '{name}' will fail until it is"
             )
-        headers = self.headers(node.get("headers"), f"{path}.headers")
-        timeouts = self.timeouts(node.get("timeouts"), f"{path}.timeouts")
-        required = self.boolean(node.get("required", False), f"{path}.required")
-        if base_url is None:
-            return None
-        return Provider(
-            name=name,
-            base_url=base_url,
-            api_key=api_key,
-            missing_key_var=missing,
-            headers=headers,
-            timeouts=timeouts,
-            required=required,
-        )
+        timeouts = self.fields(node.get("timeouts"), f"{path}.timeouts", TIMEOUT_FIELDS)
+        retry = self.fields(node.get("retry"), f"{path}.retry", RETRY_FIELDS)
+        circuit = self.fields(node.get("circuit"), f"{path}.circuit", CIRCUIT_FIELDS)
+        provider = Provider(
+            name=name, endpoints=endpoints, api_key=api_key, missing_key_var=missing,
+            headers=self.headers(node.get("headers"), f"{path}.headers"),
+            timeouts=replace(Timeouts(), **timeouts), retry=replace(self.retry, **retry),
+            circuit=replace(self.circuit, **circuit), balance=balance or "round_robin",
+            required=self.boolean(node.get("required", False), f"{path}.required"),
+        )  # fmt: skip
+        return provider if endpoints else None
 
-    def base_url(self, raw: Any, path: str) -> str | None:
-        url = self.string(raw, path)
-        if url is None:
-            return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            self.error(path, f"must be an http(s) URL with a host, got {url!r}")
-            return None
-        if parts.query or parts.fragment:
-            self.error(path, "must not have a query or fragment")
-            return None
-        return url
+    def endpoints(self, node: dict[str, Any], path: str) -> tuple[Endpoint, ...]:
+        """``base_url`` for one endpoint, or ``endpoints`` for replicas: exactly one of them."""
+        if ("base_url" in node) == ("endpoints" in node):
+            self.error(path, "needs exactly one of base_url or endpoints")
+            return ()
+        if "base_url" in node:
+            url = self.url(node["base_url"], f"{path}.base_url")
+            return (Endpoint(url),) if url else ()
+        items = node["endpoints"]
+        if not isinstance(items, list) or not items:
+            self.error(f"{path}.endpoints", "must be a non-empty list of URLs or {url, weight}")
+            return ()
+        found = [self.endpoint(item, f"{path}.endpoints[{i}]") for i, item in enumerate(items)]
+        valid = tuple(e for e in found if e is not None)
+        return valid if len(valid) == len(found) else ()
+
+    def endpoint(self, raw: Any, path: str) -> Endpoint | None:
+        if not isinstance(raw, dict):
+            url = self.url(raw, path)
+            return Endpoint(url) if url else None
+        node = self.mapping(raw, path, ENDPOINT_KEYS)
+        url = self.url(node.get("url"), f"{path}.url")
+        weight = self.weight(node.get("weight", 1), f"{path}.weight")
+        return Endpoint(url, weight) if url and weight else None
 
     def api_key(self, raw: Any, path: str) -> tuple[str | None, str | None]:
         if raw is None:
@@ -170,15 +181,6 @@ class _Reader:
                 out[str(key)] = text
         return frozen_map(out)
 
-    def timeouts(self, raw: Any, path: str) -> Timeouts:
-        node = self.mapping(raw or {}, path, TIMEOUT_KEYS)
-        default = Timeouts()
-        values = {
-            key: self.duration(node[key], f"{path}.{key}") if key in node else None
-            for key in TIMEOUT_KEYS
-        }
-        return Timeouts(**{k: getattr(default, k) if v is None else v for k, v in values.items()})
-
     def models(self, raw: Any, providers: Mapping[str, Provider]) -> dict[str, Model]:
         out: dict[str, Model] = {}
         for model_id, node in self.mapping(raw, "models").items():
@@ -192,9 +194,8 @@ class _Reader:
     def model(self, model_id: str, raw: Any, providers: Mapping[str, Provider]) -> Model | None:
         path = f"models.{model_id}"
         node = self.mapping(raw, path, MODEL_KEYS)
-        strategy = self.string(node.get("strategy", "fallback"), f"{path}.strategy")
-        if strategy is not None and strategy not in STRATEGIES:
-            self.error(f"{path}.strategy", f"unknown strategy {strategy!r} ({_known(STRATEGIES)})")
+        strategy = self.choice(node.get("strategy", "fallback"), f"{path}.strategy", STRATEGIES)
+        retry = self.fields(node.get("retry"), f"{path}.retry", RETRY_FIELDS)
         owned_by = self.string(node.get("owned_by", "system"), f"{path}.owned_by") or "system"
         targets_raw = node.get("targets")
         if not isinstance(targets_raw, list) or not targets_raw:
@@ -204,103 +205,24 @@ class _Reader:
             self.target(item, f"{path}.targets[{i}]", providers)
             for i, item in enumerate(targets_raw)
         ]
-        if any(t is None for t in targets):
+        valid = tuple(t for t in targets if t is not None)
+        if len(valid) != len(targets):
             return None
         return Model(
-            id=model_id,
-            targets=tuple(t for t in targets if t is not None),
-            strategy=strategy or "fallback",
-            owned_by=owned_by,
-        )
+            id=model_id, targets=valid, strategy=strategy or "fallback", owned_by=owned_by,
+            retry_overrides=frozen_map(retry), budget=retry.get("budget", self.retry.budget),
+        )  # fmt: skip
 
     def target(self, raw: Any, path: str, providers: Mapping[str, Provider]) -> Target | None:
         node = self.mapping(raw, path, TARGET_KEYS)
         provider = self.string(node.get("provider"), f"{path}.provider")
         model = self.string(node.get("model"), f"{path}.model")
+        weight = self.weight(node.get("weight", 1), f"{path}.weight")
         if provider is not None and provider not in providers:
             if provider not in self.declared:  # a declared but invalid one has its own error
-                hint = _hint(provider, self.declared)
-                self.error(f"{path}.provider", f"unknown provider {provider!r}{hint}")
+                hint_text = hint(provider, self.declared)
+                self.error(f"{path}.provider", f"unknown provider {provider!r}{hint_text}")
             return None
-        if provider is None or model is None:
+        if provider is None or model is None or weight is None:
             return None
-        return Target(provider=provider, model=model)
-
-    def server(self, raw: Any) -> ServerSettings:
-        node = self.mapping(raw or {}, "server", SERVER_KEYS)
-        default = ServerSettings()
-        size = (
-            self.size(node["max_body_bytes"], "server.max_body_bytes")
-            if ("max_body_bytes" in node)
-            else None
-        )
-        interval = (
-            self.duration(node["reload_interval"], "server.reload_interval")
-            if ("reload_interval" in node)
-            else None
-        )
-        return ServerSettings(
-            max_body_bytes=default.max_body_bytes if size is None else size,
-            reload_interval=default.reload_interval if interval is None else interval,
-        )
-
-    # -- scalars ---------------------------------------------------------------------
-
-    def mapping(self, raw: Any, path: str, allowed: set[str] | None = None) -> dict[str, Any]:
-        if raw is None:
-            self.error(path, "is required")
-            return {}
-        if not isinstance(raw, dict):
-            self.error(path, f"must be a mapping, got {type(raw).__name__}")
-            return {}
-        for key in raw:
-            if allowed is not None and key not in allowed:
-                prefix = "" if path == "(top)" else f"{path}."
-                self.error(f"{prefix}{key}", f"unknown key{_hint(str(key), allowed)}")
-        return raw
-
-    def string(self, raw: Any, path: str, allow_empty: bool = False) -> str | None:
-        if raw is None:
-            self.error(path, "is required")
-            return None
-        if not isinstance(raw, str | int | float) or isinstance(raw, bool):
-            self.error(path, f"must be a string, got {type(raw).__name__}")
-            return None
-        value, missing = expand(str(raw), self.env)
-        for name in missing:
-            self.error(path, f"environment variable {name} is not set")
-        if not value and not allow_empty:
-            self.error(path, "must not be empty")
-            return None
-        return value
-
-    def boolean(self, raw: Any, path: str) -> bool:
-        if not isinstance(raw, bool):
-            self.error(path, f"must be true or false, got {raw!r}")
-            return False
-        return raw
-
-    def duration(self, raw: Any, path: str) -> float | None:
-        if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0:
-            return float(raw)
-        match = _DURATION.match(raw) if isinstance(raw, str) else None
-        if match is None or float(match.group(1)) <= 0:
-            self.error(path, f"must be a positive duration such as 30s, 500ms or 2m, got {raw!r}")
-            return None
-        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-    def size(self, raw: Any, path: str) -> int | None:
-        match = _SIZE.match(str(raw)) if isinstance(raw, int | str) else None
-        if match is None or int(match.group(1)) <= 0:
-            self.error(path, f"must be a positive size such as 16MiB, got {raw!r}")
-            return None
-        return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
-
-
-def _hint(name: str, known: set[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f" ({_known(known)})"
-
-
-def _known(known: Mapping[str, Any] | set[str] | tuple[str, ...]) -> str:
-    return "known: " + ", ".join(sorted(known)) if known else "none defined"
+        return Target(provider=provider, model=model, weight=weight)

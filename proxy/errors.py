@@ -8,8 +8,11 @@ that an upstream answered with are not ProxyErrors: they are relayed as sent.
     ├── InvalidRequest          400 invalid_request_error
     ├── ModelNotFound           404 model_not_found
     ├── BodyTooLarge            413 request_too_large
+    ├── RequestTimeout          408 request_timeout (the client sent its body too slowly)
     ├── ProviderUnavailable     503 provider_unavailable (e.g. its key is not set)
+    ├── CircuitOpen             503 circuit_open (every endpoint is cooling down)
     ├── UpstreamUnreachable     502 upstream_unreachable
+    ├── BadUpstreamResponse     502 bad_upstream_response (a 200 that is not what it says)
     └── UpstreamTimeout         504 upstream_timeout
 """
 
@@ -86,3 +89,21 @@ def json_error(status: int, body: dict[str, Any]) -> web.Response:
     return web.Response(
         status=status, body=json.dumps(body).encode(), content_type="application/json"
     )
+
+
+class CircuitOpen(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "circuit_open"
+
+
+class BadUpstreamResponse(ProxyError):
+    status = 502
+    type = "server_error"
+    code = "bad_upstream_response"
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"

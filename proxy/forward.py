@@ -1,29 +1,30 @@
-"""Step 5 of a call: try the model's targets in order until one answers.
+"""Step 5 of a call: the attempt loop over a model's targets and their endpoints.
 
-A target is passed over when its provider has no key, cannot be reached, times out,
-or answers 429 or 5xx before anything went to the client. Other answers, including
-4xx, are the client's answer and are relayed as the upstream sent them. When every
-target fails, the client gets the last upstream answer if there was one, otherwise
-the proxy's own 502/504/503 naming what each target did.
+For each target, in the order the model's strategy gives: up to ``retry.attempts``
+attempts, each on the next endpoint the provider's balance prefers whose circuit
+lets it through; between two attempts the upstream's Retry-After (up to
+``max_retry_after``) or a full-jitter backoff. A wait that would run past the call's
+budget, or a Retry-After above the maximum, moves on to the next target instead of
+sleeping. A client error (4xx but 429) is the client's answer and ends the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
-from proxy.appkeys import CLIENT_SESSION
+from proxy.appkeys import BALANCER, BREAKERS, CLIENT_SESSION
+from proxy.attempt import AttemptFailed, attempt
+from proxy.backoff import backoff_delay
+from proxy.balance import conversation_prefix
 from proxy.body import Body
-from proxy.config import Config, Model, Provider, Target
-from proxy.errors import ProviderUnavailable, ProxyError, UpstreamTimeout, UpstreamUnreachable
-from proxy.headers import upstream_headers
-from proxy.record import CallRecord
-from proxy.relay import is_stream, read_plain, relay_stream
-from proxy.upstream import open_call
-
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+from proxy.circuit import Admission
+from proxy.config import Config, Endpoint, Model, Provider, Target
+from proxy.errors import CircuitOpen, ProviderUnavailable
+from proxy.final_error import Failure, all_failed
+from proxy.record import Attempt, CallRecord
 
 
 @dataclass(frozen=True)
@@ -34,89 +35,120 @@ class Call:
     model: Model
     endpoint: str
     body: Body
-
-
-class _Failed(Exception):
-    """One target's failure; ``answer`` holds the upstream's own reply when it sent one."""
-
-    def __init__(self, summary: str, error: ProxyError | None, answer: web.Response | None):
-        super().__init__(summary)
-        self.error = error
-        self.answer = answer
+    budget: float
 
 
 async def forward(request: web.Request, call: Call, record: CallRecord) -> web.StreamResponse:
-    session = request.app[CLIENT_SESSION]
-    failures: list[_Failed] = []
-    for target in call.model.targets:
-        provider = call.config.providers[target.provider]
-        record.provider = provider.name
-        try:
-            return await _attempt(request, session, call, target, provider, record)
-        except _Failed as failed:
-            record.attempts.append(f"{provider.name}:{failed}")
-            failures.append(failed)
-    return _all_failed(call.model, failures)
+    loop = asyncio.get_running_loop()
+    run = _Run(request, call, record, deadline=loop.time() + call.budget)
+    balancer = request.app[BALANCER]
+    targets = balancer.order(
+        f"model:{call.model.id}", call.model.targets, call.model.strategy,
+        key_of=_target_key, weight_of=lambda t: t.weight,
+    )  # fmt: skip
+    for target in targets:
+        if run.failures and loop.time() >= run.deadline:
+            break
+        with balancer.busy(_target_key(target)):
+            response = await run.target(target, call.config.providers[target.provider])
+        if response is not None:
+            return response
+    return all_failed(call.model, run.failures)
 
 
-async def _attempt(
-    request: web.Request,
-    session: aiohttp.ClientSession,
-    call: Call,
-    target: Target,
-    provider: Provider,
-    record: CallRecord,
-) -> web.StreamResponse:
-    if provider.missing_key_var:
-        raise _Failed(
-            "no key",
-            ProviderUnavailable(
+def _target_key(target: Target) -> str:
+    return f"{target.provider}/{target.model}"
+
+
+class _Run:
+    """The state of one call's attempt loop."""
+
+    def __init__(self, request: web.Request, call: Call, record: CallRecord, deadline: float):
+        self.request, self.call, self.record, self.deadline = request, call, record, deadline
+        self.failures: list[Failure] = []
+        self.affinity = conversation_prefix(call.body.fields)
+
+    async def target(self, target: Target, provider: Provider) -> web.StreamResponse | None:
+        if provider.missing_key_var:
+            missing = ProviderUnavailable(
                 f"Provider '{provider.name}' has no API key: the environment variable "
                 f"{provider.missing_key_var} is not set."
-            ),
-            None,
-        )
-    headers = upstream_headers(request.headers, provider)
-    try:
-        response = await open_call(
-            session, provider, call.endpoint, call.body.with_model(target.model), headers
-        )
-    except ProxyError as exc:
-        raise _Failed(exc.code or "error", exc, None) from None
-    try:
-        if response.status in RETRYABLE_STATUS:
-            answer = await _answer_or_error(response, provider)
-            raise _Failed(str(response.status), None, answer)
-        if is_stream(response):
-            record.attempts.append(f"{provider.name}:{response.status}")
-            return await relay_stream(request, response, provider, record)
-        answer = await _answer_or_error(response, provider)
-        record.attempts.append(f"{provider.name}:{response.status}")
-        return answer
-    finally:
-        # Closing (not releasing) drops the connection if the body was not read to
-        # the end, which is how a client that went away cancels the upstream call.
-        response.close()
+            )
+            self._fail(provider, "-", "failed", AttemptFailed("no_api_key", error=missing))
+            return None
+        policy = self.call.model.retry_for(provider)
+        body = self.call.body.with_model(target.model)
+        endpoints = self.request.app[BALANCER].order(
+            f"provider:{provider.name}", provider.endpoints, provider.balance,
+            key_of=lambda e: e.url, weight_of=lambda e: e.weight, affinity=self.affinity,
+        )  # fmt: skip
+        for number in range(policy.attempts):
+            endpoint = self._admitted(provider, endpoints, number)
+            if endpoint is None:
+                return None
+            try:
+                return await self._attempt(provider, endpoint, body)
+            except AttemptFailed as failed:
+                last = number + 1 == policy.attempts
+                delay = None if last else self._delay(failed, provider, number + 1)
+                self._fail(provider, endpoint.url, "failed" if delay is None else "retried", failed)
+                if delay is None:
+                    return None
+                await asyncio.sleep(delay)
+        return None
 
+    def _admitted(
+        self, provider: Provider, endpoints: list[Endpoint], number: int
+    ) -> Endpoint | None:
+        """The first endpoint from this attempt's turn on whose circuit lets a call through."""
+        breakers = self.request.app[BREAKERS]
+        for i in range(len(endpoints)):
+            endpoint = endpoints[(number + i) % len(endpoints)]
+            if breakers.admit(endpoint.url, provider.timeouts.total) is not Admission.OPEN:
+                return endpoint
+        self._fail(provider, "*", "circuit_open", AttemptFailed("circuit_open", error=CircuitOpen(
+            f"Every endpoint of provider '{provider.name}' is cooling down after failures."
+        )))  # fmt: skip
+        return None
 
-async def _answer_or_error(response: aiohttp.ClientResponse, provider: Provider) -> web.Response:
-    try:
-        return await read_plain(response, provider)
-    except ProxyError as exc:
-        raise _Failed(exc.code or "error", exc, None) from None
+    async def _attempt(
+        self, provider: Provider, endpoint: Endpoint, body: bytes
+    ) -> web.StreamResponse:
+        app, breakers = self.request.app, self.request.app[BREAKERS]
+        self.record.provider, self.record.endpoint = provider.name, endpoint.url
+        settled = False
+        try:
+            with app[BALANCER].busy(endpoint.url):
+                response = await attempt(
+                    self.request, app[CLIENT_SESSION], provider, endpoint, self.call.endpoint,
+                    body, self.record,
+                )  # fmt: skip
+            breakers.succeeded(endpoint.url)
+            settled = True
+        except AttemptFailed as failed:
+            if failed.endpoint_fault:
+                breakers.failed(endpoint.url, provider.circuit)
+                settled = True
+            raise
+        finally:
+            if not settled:  # a 429, or the client went away: neither verdict
+                breakers.released(endpoint.url)
+        self.record.attempts.append(Attempt(provider.name, endpoint.url, "ok",
+                                            str(response.status)))  # fmt: skip
+        return response
 
+    def _delay(self, failed: AttemptFailed, provider: Provider, retry_number: int) -> float | None:
+        """Seconds to wait before retrying this target, or None to move on to the next."""
+        policy = self.call.model.retry_for(provider)
+        if failed.retry_after is not None:
+            if failed.retry_after > policy.max_retry_after:
+                return None
+            delay = failed.retry_after
+        else:
+            delay = backoff_delay(policy, retry_number)
+        remaining = self.deadline - asyncio.get_running_loop().time()
+        return delay if delay < remaining else None
 
-def _all_failed(model: Model, failures: list[_Failed]) -> web.StreamResponse:
-    answers = [f.answer for f in failures if f.answer is not None]
-    if answers:
-        return answers[-1]
-    errors = [f.error for f in failures if f.error is not None]
-    summary = "; ".join(
-        f"{t.provider}: {e.message}" for t, e in zip(model.targets, errors, strict=False)
-    )
-    message = f"All targets of model '{model.id}' failed. {summary}"
-    if all(isinstance(e, ProviderUnavailable) for e in errors):
-        return ProviderUnavailable(message).response()
-    if isinstance(errors[-1], UpstreamTimeout):
-        return UpstreamTimeout(message).response()
-    return UpstreamUnreachable(message).response()
+    def _fail(self, provider: Provider, endpoint: str, outcome: str, failed: AttemptFailed) -> None:
+        self.record.attempts.append(Attempt(provider.name, endpoint, outcome, failed.detail))
+        self.failures.append(Failure(provider.name, failed))

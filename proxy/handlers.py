@@ -13,7 +13,7 @@ from proxy.config import Config
 from proxy.forward import Call, forward
 from proxy.middlewares import RECORD
 from proxy.readiness import readiness
-from proxy.request_checks import Endpoint, checked_body, read_body, route
+from proxy.request_checks import Endpoint, call_budget, checked_body, read_body, route
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -22,11 +22,12 @@ def proxied(endpoint: Endpoint) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         config = request.app[CONFIG].current  # this call's config, even if a reload swaps it
         record = request[RECORD]
-        raw = await read_body(request, config.server.max_body_bytes)
+        raw = await read_body(request, config.server)
         body = checked_body(raw, endpoint)
         record.model = body.fields["model"]
         model = route(config, body.fields["model"])
-        return await forward(request, Call(config, model, endpoint.path, body), record)
+        call = Call(config, model, endpoint.path, body, call_budget(request, model.budget))
+        return await forward(request, call, record)
 
     handle.__name__ = f"proxy_{endpoint.path.replace('/', '_')}"
     return handle

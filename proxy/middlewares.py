@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import asdict
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -83,7 +84,8 @@ def _access(request: web.Request, record: CallRecord) -> None:
         "model": record.model,
         "provider": record.provider,
         "status": record.status,
-        "attempts": record.attempts,
+        "endpoint": record.endpoint,
+        "attempts": [asdict(a) for a in record.attempts],
         "ttfb_ms": _ms(record.first_byte - record.started) if record.first_byte else None,
         "duration_ms": _ms(record.elapsed()),
     }

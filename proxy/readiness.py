@@ -20,7 +20,7 @@ async def _provider_problem(provider: Provider) -> str | None:
     if provider.missing_key_var:
         variable = provider.missing_key_var
         return f"provider '{provider.name}': environment variable {variable} is not set"
-    parts = urlsplit(provider.base_url)
+    parts = urlsplit(provider.base_url)  # the first endpoint
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         async with asyncio.timeout(_CONNECT_TIMEOUT):

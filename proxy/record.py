@@ -6,6 +6,16 @@ import time
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One try of one endpoint. ``outcome``: ok, retried, failed or circuit_open."""
+
+    provider: str
+    endpoint: str
+    outcome: str
+    detail: str
+
+
 @dataclass
 class CallRecord:
     """Mutable on purpose: one per request, owned by its handler, appended to as it goes."""
@@ -14,8 +24,9 @@ class CallRecord:
     started: float = field(default_factory=time.perf_counter)
     model: str | None = None
     provider: str | None = None
+    endpoint: str | None = None
     status: int | None = None
-    attempts: list[str] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
     first_byte: float | None = None
     stream_error: str | None = None
 

@@ -38,16 +38,19 @@ async def relay_stream(
     response: aiohttp.ClientResponse,
     provider: Provider,
     record: CallRecord,
+    first: bytes,
 ) -> web.StreamResponse:
+    """Relay from ``first`` (already read, so that a dud stream could still fail over)."""
     out = web.StreamResponse(status=response.status, headers=client_headers(response.headers))
     out.headers["X-Accel-Buffering"] = "no"
     await out.prepare(request)
-    tail = b"\n\n"
+    chunk, tail = first, b"\n\n"
     try:
-        while chunk := await read_chunk(response, provider):
+        while chunk:
             record.mark_first_byte()
             await out.write(chunk)
             tail = (tail + chunk)[-4:]
+            chunk = await read_chunk(response, provider)
     except ProxyError as exc:
         record.stream_error = exc.message
         log.warning("stream from %s failed after the first byte: %s", provider.name, exc.message)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from proxy.body import Body, parse_body
-from proxy.config import Config, Model
-from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotFound
+from proxy.config import Config, Model, ServerSettings
+from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotFound, RequestTimeout
 
 _READ_SIZE = 64 * 1024
 
@@ -35,18 +36,35 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes; refuse early when Content-Length already says more."""
+async def read_body(request: web.Request, settings: ServerSettings) -> bytes:
+    """At most ``max_body_bytes``, within ``body_timeout``; refused early by Content-Length."""
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(_too_large(limit))
     parts: list[bytes] = []
     size = 0
-    while chunk := await request.content.read(_READ_SIZE):
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(_too_large(limit))
-        parts.append(chunk)
+    try:
+        async with asyncio.timeout(settings.body_timeout):
+            while chunk := await request.content.read(_READ_SIZE):
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(_too_large(limit))
+                parts.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {settings.body_timeout:g} seconds."
+        ) from None
     return b"".join(parts)
+
+
+def call_budget(request: web.Request, budget: float) -> float:
+    """The model's retry budget, narrowed by the client's own ``X-Request-Timeout``."""
+    asked = request.headers.get("X-Request-Timeout")
+    try:
+        seconds = float(asked) if asked else budget
+    except ValueError:
+        return budget
+    return min(budget, seconds) if seconds > 0 else budget
 
 
 def _too_large(limit: int) -> str:

@@ -38,7 +38,7 @@ def map_client_errors(provider: Provider, phase: str) -> Iterator[None]:
 async def open_call(
     session: aiohttp.ClientSession,
     provider: Provider,
-    endpoint: str,
+    url: str,
     body: bytes,
     headers: CIMultiDict[str],
 ) -> aiohttp.ClientResponse:
@@ -48,7 +48,7 @@ async def open_call(
     with map_client_errors(provider, "waiting for the response headers"):
         async with asyncio.timeout(t.first_byte):
             return await session.post(
-                provider.url(endpoint),
+                url,
                 data=body,
                 headers=headers,
                 timeout=timeout,

@@ -37,11 +37,17 @@ class Upstream:
 
 
 def routes_yaml(
-    wandb: Upstream, prime: Upstream, extra: str = "", reload_interval: str = "100ms"
+    wandb: Upstream,
+    prime: Upstream,
+    extra: str = "",
+    reload_interval: str = "100ms",
+    retry: str = "{attempts: 1}",
 ) -> str:
+    """Two providers like the seeds, three models; ``extra`` adds models at the end."""
     return f"""
 server:
   reload_interval: {reload_interval}
+retry: {retry}
 providers:
   wandb:
     base_url: {wandb.url}

@@ -38,8 +38,11 @@ def test_good_file_with_env_and_defaults():
     assert (wandb.timeouts.connect, wandb.timeouts.first_byte) == (0.5, 120.0)
     assert (wandb.timeouts.idle, wandb.timeouts.total) == (30.0, 3600.0)
     # Paths are joined, never guessed.
-    assert wandb.url("chat/completions") == "https://api.inference.wandb.ai/v1/chat/completions"
-    assert prime.url("chat/completions") == "https://api.pinference.ai/api/v1/chat/completions"
+    wandb_url, prime_url = wandb.endpoints[0], prime.endpoints[0]
+    assert (
+        wandb_url.join("chat/completions") == "https://api.inference.wandb.ai/v1/chat/completions"
+    )
+    assert prime_url.join("chat/completions") == "https://api.pinference.ai/api/v1/chat/completions"
     assert prime.api_key is None and prime.missing_key_var == "PRIME_API_KEY"
     assert config.warnings == (
         "providers.prime.api_key: environment variable PRIME_API_KEY is not set; requests "
@@ -73,13 +76,14 @@ extra: 1
     with pytest.raises(ConfigError) as caught:
         parse_config(bad, {})
     assert caught.value.errors == [
-        "extra: unknown key (known: models, providers, redis, server)",
-        "providers.prime.colour: unknown key (known: api_key, base_url, headers, required, "
-        "timeouts)",
+        "extra: unknown key (did you mean 'retry'?)",
+        "providers.prime.colour: unknown key (known: api_key, balance, base_url, circuit, "
+        "endpoints, headers, required, retry, timeouts)",
         "providers.prime.base_url: must be an http(s) URL with a host, got 'ftp://nowhere'",
         "providers.prime.timeouts.connect: must be a positive duration such as 30s, 500ms or "
         "2m, got 'soon'",
-        "models.llama-70b.strategy: unknown strategy 'roulette' (known: fallback)",
+        "models.llama-70b.strategy: unknown strategy 'roulette' (known: fallback, least_busy, "
+        "round_robin, weighted)",
         "models.llama-70b.targets[1].provider: unknown provider 'prmie' (did you mean 'prime'?)",
         "models.empty.targets: must be a non-empty list of {provider, model}",
         "models.no-model.targets[0].model: is required",

@@ -106,13 +106,31 @@ async def test_fallback_to_next_target_on_429(proxy: Proxy, wandb: Upstream, pri
     assert len(prime.fake.seen) == 1 and len(wandb.fake.seen) == 1
 
 
-async def test_all_targets_failing_relays_last_answer(
+async def test_all_targets_failing_names_what_each_answered(
     proxy: Proxy, wandb: Upstream, prime: Upstream
 ):
     prime.fake.status = 503
+    prime.fake.error_body = {"error": {"message": "prime overloaded", "type": "server_error"}}
+    wandb.fake.status = 429
+    wandb.fake.error_headers = {"Retry-After": "7"}
+    wandb.fake.error_body = {
+        "error": {"message": "slow down", "type": "rate_limit_error", "code": "rate_limit_exceeded"}
+    }
+    async with proxy.http.post(
+        proxy.url + CHAT, json={"model": "llama-70b", "messages": MESSAGES}
+    ) as resp:
+        status, body, retry_after = resp.status, await resp.json(), resp.headers["Retry-After"]
+    # The last answer's status, type, code and Retry-After; every target in the message.
+    assert (status, retry_after) == (429, "7")
+    _assert_shape(body, "rate_limit_error", "rate_limit_exceeded")
+    assert "prime: HTTP 503 prime overloaded" in body["error"]["message"]
+    assert "wandb: HTTP 429 slow down" in body["error"]["message"]
+
+
+async def test_single_provider_error_relayed_as_sent(proxy: Proxy, wandb: Upstream):
     wandb.fake.status = 500
     wandb.fake.error_body = {"error": {"message": "wandb is down", "type": "server_error"}}
-    status, body = await _post(proxy, json={"model": "llama-70b", "messages": MESSAGES})
+    status, body = await _post(proxy, json={"model": "llama-8b", "messages": MESSAGES})
     assert (status, body) == (500, wandb.fake.error_body)
 
 

@@ -1,0 +1,111 @@
+"""One attempt: call one endpoint, and decide whether its answer is the client's.
+
+An answer becomes the client's when it is a success or a client error (4xx other than
+429). Everything else raises ``AttemptFailed`` while nothing has reached the client,
+so that the caller can retry or fall back: 429 and 5xx answers, transport errors and
+timeouts, a 200 whose JSON does not parse, a stream whose first bytes are not SSE.
+"""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+from aiohttp import web
+
+from proxy.backoff import retry_after_seconds
+from proxy.config import Endpoint, Provider
+from proxy.errors import BadUpstreamResponse, ProxyError
+from proxy.headers import upstream_headers
+from proxy.record import CallRecord
+from proxy.relay import is_stream, read_plain, relay_stream
+from proxy.upstream import open_call, read_chunk
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+_SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:", b"\n", b"\r")
+
+
+class AttemptFailed(Exception):
+    """``answer`` is the upstream's own reply when it sent one; ``endpoint_fault`` says
+    whether the failure counts against the endpoint's circuit (a 429 does not)."""
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        error: ProxyError | None = None,
+        answer: web.Response | None = None,
+        retry_after: float | None = None,
+        endpoint_fault: bool = True,
+    ):
+        super().__init__(detail)
+        self.detail = detail
+        self.error = error
+        self.answer = answer
+        self.retry_after = retry_after
+        self.endpoint_fault = endpoint_fault
+
+
+async def attempt(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    provider: Provider,
+    endpoint: Endpoint,
+    path: str,
+    body: bytes,
+    record: CallRecord,
+) -> web.StreamResponse:
+    headers = upstream_headers(request.headers, provider)
+    try:
+        response = await open_call(session, provider, endpoint.join(path), body, headers)
+    except ProxyError as exc:
+        raise AttemptFailed(exc.code or "error", error=exc) from None
+    try:
+        if response.status in RETRYABLE_STATUS:
+            answer = await _read(response, provider)
+            raise AttemptFailed(
+                str(response.status), answer=answer,
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+                endpoint_fault=response.status != 429,
+            )  # fmt: skip
+        if is_stream(response):
+            first = await _first_chunk(response, provider)
+            return await relay_stream(request, response, provider, record, first)
+        answer = await _read(response, provider)
+        if response.status == 200 and response.content_type == "application/json":
+            _check_json(answer, provider)
+        return answer
+    finally:
+        # Closing (not releasing) drops the connection if the body was not read to
+        # the end, which is how a client that went away cancels the upstream call.
+        response.close()
+
+
+async def _read(response: aiohttp.ClientResponse, provider: Provider) -> web.Response:
+    try:
+        return await read_plain(response, provider)
+    except ProxyError as exc:
+        raise AttemptFailed(exc.code or "error", error=exc) from None
+
+
+async def _first_chunk(response: aiohttp.ClientResponse, provider: Provider) -> bytes:
+    """Read the first bytes before the client sees anything, so a dud can still fail over."""
+    try:
+        first = await read_chunk(response, provider)
+    except ProxyError as exc:
+        raise AttemptFailed(exc.code or "error", error=exc) from None
+    if not any(first.startswith(s) or s.startswith(first) for s in _SSE_STARTS) or not first:
+        raise AttemptFailed("bad_upstream_response", error=BadUpstreamResponse(
+            f"Provider '{provider.name}' answered text/event-stream with something else: "
+            f"{first[:80]!r}"
+        ))  # fmt: skip
+    return first
+
+
+def _check_json(answer: web.Response, provider: Provider) -> None:
+    try:
+        json.loads(answer.body)  # type: ignore[arg-type]
+    except ValueError:
+        raise AttemptFailed("bad_upstream_response", error=BadUpstreamResponse(
+            f"Provider '{provider.name}' answered 200 with a body that is not valid JSON."
+        )) from None  # fmt: skip

@@ -1,0 +1,34 @@
+"""How long to wait before the next attempt: the upstream's Retry-After, or full jitter."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+
+from proxy.config import RetryPolicy
+
+
+def backoff_delay(
+    policy: RetryPolicy, retry_number: int, rng: Callable[[], float] = random.random
+) -> float:
+    """Full jitter (AWS's name): uniform in [0, min(cap, base * 2^(n-1))] for retry n ≥ 1."""
+    ceiling = min(policy.max_delay, policy.base_delay * 2.0 ** (retry_number - 1))
+    return rng() * ceiling
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds (RFC 9110 §10.2.3: delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
