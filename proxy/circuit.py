@@ -58,11 +58,14 @@ class CircuitBreakers:
     def failed(self, key: str, policy: CircuitPolicy) -> None:
         state = self._states.setdefault(key, _State())
         state.failures += 1
-        half_open = state.opened > 0
-        if half_open or state.failures >= policy.failures:
-            state.opened += 1
-            cooldown = min(policy.max_cooldown, policy.cooldown * 2 ** (state.opened - 1))
-            state.open_until = max(state.open_until, self._clock() + cooldown)
+        now = self._clock()
+        if state.opened and now < state.open_until:
+            # A call that was already in flight: it extends the cool-down, but it is
+            # not a failed probe, so the cool-down does not grow.
+            state.open_until = max(state.open_until, now + _cooldown(policy, state.opened))
+        elif state.opened or state.failures >= policy.failures:
+            state.opened += 1  # opening, or a failed probe: the cool-down grows
+            state.open_until = max(state.open_until, now + _cooldown(policy, state.opened))
             state.probe_until = 0.0
 
     def released(self, key: str) -> None:
@@ -76,3 +79,7 @@ class CircuitBreakers:
         if state is None or state.opened == 0:
             return "closed"
         return "open" if self._clock() < state.open_until else "half_open"
+
+
+def _cooldown(policy: CircuitPolicy, opened: int) -> float:
+    return min(policy.max_cooldown, policy.cooldown * 2.0 ** (opened - 1))

@@ -32,10 +32,26 @@ class Seen:
         return json.loads(self.body)
 
 
+@dataclass(frozen=True)
+class Fault:
+    """One request's misbehaviour, consumed in order from ``FakeUpstream.faults``."""
+
+    status: int = 0  # answer this status with an OpenAI-shaped error
+    retry_after: str | None = None
+    hang: bool = False  # never send headers
+    first_token_delay: float = 0.0  # stream: headers at once, first bytes later
+    reset_after_first: bool = False  # stream: send one event, then reset the connection
+    malformed_json: bool = False  # 200 application/json that does not parse
+    invalid_sse: bool = False  # 200 text/event-stream whose body is not SSE
+
+
+OK = Fault()
+
+
 @dataclass
 class FakeUpstream:
     prefix: str = "/v1"
-    key: str = "upstream-key"
+    key: str | None = "upstream-key"  # None: a local engine that wants no key
     name: str = "fake"
     seen: list[Seen] = field(default_factory=list)
     # Steering: an error status (with body and headers), a hang before answering,
@@ -51,6 +67,10 @@ class FakeUpstream:
     chunk_pause: float = 0.0
     # When the proxy closed a connection on us (monotonic clock).
     cancelled_at: list[float] = field(default_factory=list)
+    # Per-request faults, first one first; when empty, the attributes above rule.
+    faults: list[Fault] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    in_flight: int = 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -67,10 +87,22 @@ class FakeUpstream:
         return web.json_response({"object": "list", "data": []})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        try:
+            return await self._handle(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        self.arrivals.append(time.monotonic())
         self.seen.append(Seen(request.method, request.path, CIMultiDict(request.headers), body))
-        if request.headers.get("Authorization") != f"Bearer {self.key}":
+        if self.key and request.headers.get("Authorization") != f"Bearer {self.key}":
             return web.json_response(_error("Invalid API key", "invalid_api_key"), status=401)
+        if self.faults:
+            fault = self.faults.pop(0)
+            if fault != OK:
+                return await self.misbehave(request, fault)
         try:
             if self.hang:
                 await asyncio.sleep(3600)
@@ -90,6 +122,33 @@ class FakeUpstream:
         if payload.get("stream"):
             return await self.stream(request, payload)
         return web.json_response(_completion(payload, request.path), headers=self.extra_headers)
+
+    async def misbehave(self, request: web.Request, fault: Fault) -> web.StreamResponse:
+        if fault.status:
+            headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+            body = _error(f"fault {fault.status}", "server_error")
+            return web.json_response(body, status=fault.status, headers=headers)
+        if fault.hang:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancelled_at.append(time.monotonic())
+                raise
+        if fault.malformed_json:
+            return web.Response(body=b'{"id": "x", "choices": [', content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if fault.invalid_sse:
+            await response.write(b"<html>502 Bad Gateway</html>")
+        elif fault.first_token_delay:
+            await asyncio.sleep(fault.first_token_delay)
+            await response.write(b"data: [DONE]\n\n")
+        elif fault.reset_after_first:
+            await response.write(b'data: {"choices":[{"index":0,"delta":{"content":"A"}}]}\n\n')
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.abort()
+        return response
 
     async def stream(self, request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
         response = web.StreamResponse(

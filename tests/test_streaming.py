@@ -9,7 +9,7 @@ import time
 import aiohttp
 
 from tests.conftest import Proxy
-from tests.support import Upstream
+from tests.support import Upstream, eventually
 
 CHAT = "/v1/chat/completions"
 STREAM = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -60,7 +60,7 @@ async def test_client_disconnect_mid_stream_closes_upstream(proxy: Proxy, wandb:
         assert await resp.content.readany() == b"data: {}\n\n"
         resp.close()  # drop the connection in the middle of the stream
         gone = time.monotonic()
-    await _wait_for(lambda: bool(wandb.fake.cancelled_at), 1.0)
+    await eventually(lambda: bool(wandb.fake.cancelled_at), 1.0)
     assert wandb.fake.cancelled_at[0] - gone < 1.0
 
 
@@ -69,10 +69,10 @@ async def test_client_disconnect_mid_request_closes_upstream(proxy: Proxy, wandb
     payload = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}]}
     async with aiohttp.ClientSession() as http:
         task = asyncio.create_task(http.post(proxy.url + CHAT, json=payload))
-        await _wait_for(lambda: bool(wandb.fake.seen), 2.0)
+        await eventually(lambda: bool(wandb.fake.seen), 2.0)
         task.cancel()
         gone = time.monotonic()
-    await _wait_for(lambda: bool(wandb.fake.cancelled_at), 1.0)
+    await eventually(lambda: bool(wandb.fake.cancelled_at), 1.0)
     assert wandb.fake.cancelled_at[0] - gone < 1.0
 
 
@@ -89,9 +89,3 @@ async def test_upstream_cut_mid_stream_ends_with_one_error_event(proxy: Proxy, w
     event = json.loads(tail.strip()[len(b"data: ") :])
     assert event["error"]["type"] == "server_error"
     assert body.count(b'"error"') == 1
-
-
-async def _wait_for(predicate, timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)

@@ -1,0 +1,185 @@
+"""Endpoints of one provider: round robin, weights, least busy, affinity, circuit breaking."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from proxy.circuit import Admission, CircuitBreakers
+from proxy.config import CircuitPolicy
+from tests.conftest import MakeProxy, Proxy, StartApp
+from tests.fake_upstream import FakeUpstream
+
+CHAT = "/v1/chat/completions"
+
+
+@dataclass
+class Replicas:
+    a: FakeUpstream
+    b: FakeUpstream
+    a_url: str
+    b_url: str
+
+    def counts(self) -> tuple[int, int]:
+        return len(self.a.seen), len(self.b.seen)
+
+
+@pytest.fixture
+async def replicas(start_app: StartApp) -> Replicas:
+    a, b = FakeUpstream(key=None, name="a"), FakeUpstream(key=None, name="b")
+    return Replicas(a, b, await start_app(a.app()) + "/v1", await start_app(b.app()) + "/v1")
+
+
+def replica_routes(r: Replicas, balance: str, weights: tuple[int, int] = (1, 1)) -> str:
+    return f"""
+retry: {{attempts: 2, base_delay: 10ms, max_delay: 10ms}}
+providers:
+  engine:
+    endpoints:
+      - {{url: {r.a_url}, weight: {weights[0]}}}
+      - {{url: {r.b_url}, weight: {weights[1]}}}
+    balance: {balance}
+    circuit: {{failures: 2, cooldown: 1s, max_cooldown: 4s}}
+models:
+  m:
+    targets: [{{provider: engine, model: smol}}]
+"""
+
+
+async def _chat(proxy: Proxy, messages: list[dict[str, str]] | None = None) -> int:
+    payload = {"model": "m", "messages": messages or [{"role": "user", "content": "hi"}]}
+    async with proxy.http.post(proxy.url + CHAT, json=payload) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_round_robin_alternates(make_proxy: MakeProxy, replicas: Replicas):
+    proxy = await make_proxy(replica_routes(replicas, "round_robin"))
+    for _ in range(6):
+        assert await _chat(proxy) == 200
+    assert replicas.counts() == (3, 3)
+
+
+async def test_weighted_follows_the_weights(make_proxy: MakeProxy, replicas: Replicas):
+    proxy = await make_proxy(replica_routes(replicas, "weighted", weights=(3, 1)))
+    for _ in range(400):
+        assert await _chat(proxy) == 200
+    a, b = replicas.counts()
+    assert a + b == 400
+    assert 240 <= a <= 360  # expected 300, standard deviation about 9
+
+
+async def test_least_busy_avoids_the_replica_with_a_call_in_flight(
+    make_proxy: MakeProxy, replicas: Replicas
+):
+    proxy = await make_proxy(replica_routes(replicas, "least_busy"))
+    release = asyncio.Event()
+    for fake in (replicas.a, replicas.b):
+        fake.stream_script = [b"data: {}\n\n", release, b"data: [DONE]\n\n"]
+    held = await proxy.http.post(
+        proxy.url + CHAT,
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )
+    busy, idle = (replicas.a, replicas.b) if replicas.a.in_flight else (replicas.b, replicas.a)
+    assert busy.in_flight == 1
+    for _ in range(5):  # each finishes before the next: the held stream decides alone
+        assert await _chat(proxy) == 200
+    assert (len(busy.seen), len(idle.seen)) == (1, 5)
+    release.set()
+    await held.read()
+    held.close()
+
+
+async def test_affinity_keeps_a_conversation_on_one_replica(
+    make_proxy: MakeProxy, replicas: Replicas
+):
+    proxy = await make_proxy(replica_routes(replicas, "affinity"))
+    homes = []
+    for conversation in range(20):
+        opening = [{"role": "system", "content": f"You are assistant {conversation}."},
+                   {"role": "user", "content": "Hello"}]  # fmt: skip
+        before = replicas.counts()
+        for turn in range(3):  # later turns append to the same prefix
+            extra = [{"role": "assistant", "content": "Hi"},
+                     {"role": "user", "content": f"turn {turn}"}] * turn  # fmt: skip
+            assert await _chat(proxy, opening + extra) == 200
+        after = replicas.counts()
+        moved = (after[0] - before[0], after[1] - before[1])
+        assert moved in ((3, 0), (0, 3)), moved
+        homes.append(moved[0] == 3)
+    assert 0 < sum(homes) < 20  # conversations spread over both replicas
+
+
+async def test_circuit_opens_probes_and_closes(make_proxy: MakeProxy, replicas: Replicas):
+    proxy = await make_proxy(replica_routes(replicas, "round_robin"))
+    replicas.a.status = 500
+    while len(replicas.a.seen) < 2:  # two consecutive failures open a's circuit
+        assert await _chat(proxy) == 200  # each retried on b
+    opened_at = len(replicas.a.seen)
+    for _ in range(6):
+        assert await _chat(proxy) == 200
+    assert len(replicas.a.seen) == opened_at  # out during its cool-down
+    replicas.a.status = 200
+    await asyncio.sleep(1.1)
+    for _ in range(6):
+        assert await _chat(proxy) == 200
+    assert len(replicas.a.seen) >= opened_at + 3  # probed once, then trusted again
+
+
+async def test_failed_probe_doubles_the_cooldown(make_proxy: MakeProxy, replicas: Replicas):
+    proxy = await make_proxy(replica_routes(replicas, "round_robin"))
+    replicas.a.status = 500
+    while len(replicas.a.seen) < 2:
+        await _chat(proxy)
+    await asyncio.sleep(1.1)
+    while len(replicas.a.seen) < 3:  # the probe, which fails: now out for 2 s
+        await _chat(proxy)
+    await asyncio.sleep(1.1)
+    for _ in range(4):
+        await _chat(proxy)
+    assert len(replicas.a.seen) == 3
+
+
+def test_breaker_state_machine():
+    now = [100.0]
+    breakers = CircuitBreakers(clock=lambda: now[0])
+    policy = CircuitPolicy(failures=3, cooldown=10, max_cooldown=25)
+    for _ in range(2):
+        breakers.failed("e", policy)
+    assert breakers.admit("e", probe_lease=60) is Admission.CLOSED
+    breakers.failed("e", policy)
+    assert breakers.admit("e", probe_lease=60) is Admission.OPEN
+    now[0] += 5
+    breakers.failed("e", policy)  # a call in flight when it opened: extends to 115
+    now[0] += 9.9
+    assert breakers.admit("e", probe_lease=60) is Admission.OPEN
+    now[0] += 0.2
+    assert breakers.admit("e", probe_lease=60) is Admission.PROBE
+    assert breakers.admit("e", probe_lease=60) is Admission.OPEN  # one probe at a time
+    breakers.failed("e", policy)  # failed probe: 20 s
+    assert breakers.state("e") == "open"
+    now[0] += 19.9
+    assert breakers.admit("e", probe_lease=60) is Admission.OPEN
+    now[0] += 0.2
+    assert breakers.admit("e", probe_lease=60) is Admission.PROBE
+    breakers.failed("e", policy)  # 40 s, capped at 25
+    now[0] += 25.1
+    assert breakers.admit("e", probe_lease=60) is Admission.PROBE
+    breakers.succeeded("e")
+    assert breakers.state("e") == "closed"
+    assert breakers.admit("e", probe_lease=60) is Admission.CLOSED
+
+
+def test_probe_lease_expires_when_the_prober_never_reports():
+    now = [0.0]
+    breakers = CircuitBreakers(clock=lambda: now[0])
+    policy = CircuitPolicy(failures=1, cooldown=1, max_cooldown=1)
+    breakers.failed("e", policy)
+    now[0] = 1.5
+    assert breakers.admit("e", probe_lease=10) is Admission.PROBE
+    now[0] = 5
+    assert breakers.admit("e", probe_lease=10) is Admission.OPEN
+    now[0] = 12
+    assert breakers.admit("e", probe_lease=10) is Admission.PROBE

@@ -1,0 +1,152 @@
+"""Retries, backoff, Retry-After, budgets and fallback against a fault-injecting upstream."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from email.utils import formatdate
+
+import pytest
+
+from tests.conftest import MakeProxy, Proxy
+from tests.fake_upstream import OK, REPLY, FakeUpstream, Fault
+from tests.support import Upstream, eventually, routes_yaml
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+PLAIN = {"model": "llama-8b", "messages": MESSAGES}
+STREAM = {**PLAIN, "stream": True}
+RETRY = "{attempts: 3, base_delay: 100ms, max_delay: 200ms, max_retry_after: 2s}"
+SLACK = 0.4  # scheduling slack on a loaded 2-core machine; bounds, not speed
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy, wandb: Upstream, prime: Upstream) -> Proxy:
+    text = routes_yaml(wandb, prime, retry=RETRY)
+    return await make_proxy(text.replace("first_byte: 3s", "first_byte: 500ms").replace(
+        "idle: 2s", "idle: 500ms"))  # fmt: skip
+
+
+def gaps(fake: FakeUpstream) -> list[float]:
+    return [b - a for a, b in zip(fake.arrivals, fake.arrivals[1:], strict=False)]
+
+
+async def _call(proxy: Proxy, payload: dict, **kwargs) -> tuple[int, bytes, dict]:
+    async with proxy.http.post(proxy.url + CHAT, json=payload, **kwargs) as resp:
+        return resp.status, await resp.read(), dict(resp.headers)
+
+
+async def test_429_retry_after_seconds_is_honoured(proxy: Proxy, wandb: Upstream):
+    wandb.fake.faults = [Fault(status=429, retry_after="1")]
+    status, body, _ = await _call(proxy, PLAIN)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == REPLY
+    assert len(wandb.fake.seen) == 2
+    assert 1.0 <= gaps(wandb.fake)[0] < 1.0 + SLACK
+
+
+async def test_429_retry_after_http_date_is_honoured(proxy: Proxy, wandb: Upstream):
+    wandb.fake.faults = [Fault(status=503, retry_after=formatdate(time.time() + 2, usegmt=True))]
+    status, _, _ = await _call(proxy, PLAIN)
+    assert status == 200
+    assert 1.0 <= gaps(wandb.fake)[0] < 2.0 + SLACK  # an HTTP date has 1 s resolution
+
+
+async def test_retry_after_above_maximum_falls_back_without_sleeping(
+    proxy: Proxy, wandb: Upstream, prime: Upstream
+):
+    prime.fake.faults = [Fault(status=429, retry_after="30")]
+    status, body, _ = await _call(proxy, {**PLAIN, "model": "llama-70b"})
+    assert status == 200 and json.loads(body)["model"] == "meta-llama/Llama-3.1-70B-Instruct"
+    assert (len(prime.fake.seen), len(wandb.fake.seen)) == (1, 1)
+    assert wandb.fake.arrivals[0] - prime.fake.arrivals[0] < SLACK
+
+
+async def test_retry_after_beyond_the_callers_budget_falls_back(
+    proxy: Proxy, wandb: Upstream, prime: Upstream
+):
+    prime.fake.faults = [Fault(status=429, retry_after="1")]
+    status, _, _ = await _call(
+        proxy, {**PLAIN, "model": "llama-70b"}, headers={"X-Request-Timeout": "0.5"}
+    )
+    assert status == 200
+    assert (len(prime.fake.seen), len(wandb.fake.seen)) == (1, 1)
+    assert wandb.fake.arrivals[0] - prime.fake.arrivals[0] < SLACK
+
+
+async def test_500_is_retried_with_full_jitter_then_relayed(proxy: Proxy, wandb: Upstream):
+    wandb.fake.faults = [Fault(status=500)] * 3
+    status, body, _ = await _call(proxy, PLAIN)
+    assert status == 500 and json.loads(body)["error"]["message"] == "fault 500"
+    assert len(wandb.fake.seen) == 3
+    first, second = gaps(wandb.fake)
+    assert first < 0.1 + SLACK and second < 0.2 + SLACK  # full jitter under base·2^(n-1)
+
+
+async def test_503_exhausts_attempts_then_falls_back(
+    proxy: Proxy, wandb: Upstream, prime: Upstream
+):
+    prime.fake.faults = [Fault(status=503)] * 3
+    status, _, _ = await _call(proxy, {**PLAIN, "model": "llama-70b"})
+    assert status == 200
+    assert (len(prime.fake.seen), len(wandb.fake.seen)) == (3, 1)
+
+
+async def test_hang_times_out_every_attempt(proxy: Proxy, wandb: Upstream):
+    wandb.fake.faults = [Fault(hang=True)] * 3
+    status, body, _ = await _call(proxy, PLAIN)
+    assert status == 504 and json.loads(body)["error"]["code"] == "upstream_timeout"
+    assert len(wandb.fake.seen) == 3
+    await eventually(lambda: len(wandb.fake.cancelled_at) == 3)  # each one was closed
+
+
+async def test_slow_first_token_is_retried_before_any_byte(proxy: Proxy, wandb: Upstream):
+    wandb.fake.faults = [Fault(first_token_delay=2.0)]
+    status, body, _ = await _call(proxy, STREAM)
+    assert status == 200
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+        for line in body.decode().split("\n\n") if line.startswith("data: {")
+    )  # fmt: skip
+    assert text == REPLY and body.count(b"[DONE]") == 1
+    assert len(wandb.fake.seen) == 2
+
+
+async def test_reset_mid_stream_is_not_retried(proxy: Proxy, wandb: Upstream):
+    wandb.fake.faults = [Fault(reset_after_first=True)]
+    status, body, _ = await _call(proxy, STREAM)
+    assert status == 200
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[0] == b'data: {"choices":[{"index":0,"delta":{"content":"A"}}]}'
+    assert len(events) == 2 and b'"error"' in events[1]
+    assert len(wandb.fake.seen) == 1
+
+
+@pytest.mark.parametrize("fault", [Fault(malformed_json=True), Fault(invalid_sse=True)])
+async def test_broken_200_is_retried(proxy: Proxy, wandb: Upstream, fault: Fault):
+    wandb.fake.faults = [fault]
+    payload = STREAM if fault.invalid_sse else PLAIN
+    status, body, _ = await _call(proxy, payload)
+    assert status == 200 and b"<html>" not in body and REPLY.split()[0].encode() in body
+    assert len(wandb.fake.seen) == 2
+
+
+async def test_client_errors_are_never_retried(proxy: Proxy, wandb: Upstream, prime: Upstream):
+    prime.fake.faults = [Fault(status=400)]
+    status, _, _ = await _call(proxy, {**PLAIN, "model": "llama-70b"})
+    assert status == 400
+    assert (len(prime.fake.seen), len(wandb.fake.seen)) == (1, 0)
+
+
+async def test_every_attempt_is_in_the_access_log(
+    proxy: Proxy, wandb: Upstream, prime: Upstream, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    prime.fake.faults = [Fault(status=503), Fault(status=429, retry_after="60")]
+    wandb.fake.faults = [OK]
+    status, _, _ = await _call(proxy, {**PLAIN, "model": "llama-70b"})
+    assert status == 200
+    line = json.loads(caplog.records[-1].getMessage())
+    assert [(a["provider"], a["outcome"], a["detail"]) for a in line["attempts"]] == [
+        ("prime", "retried", "503"), ("prime", "failed", "429"), ("wandb", "ok", "200"),
+    ]  # fmt: skip
