@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from email.utils import formatdate
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,7 @@ def gaps(fake: FakeUpstream) -> list[float]:
     return [b - a for a, b in zip(fake.arrivals, fake.arrivals[1:], strict=False)]
 
 
-async def _call(proxy: Proxy, payload: dict, **kwargs) -> tuple[int, bytes, dict]:
+async def _call(proxy: Proxy, payload: dict[str, Any], **kwargs: Any) -> tuple[int, bytes, Any]:
     async with proxy.http.post(proxy.url + CHAT, json=payload, **kwargs) as resp:
         return resp.status, await resp.read(), dict(resp.headers)
 
