@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds to let requests in flight finish on SIGTERM",
     )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="let another proxy bind the same port (rolling restarts)",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(run=_serve)
 
@@ -65,6 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         shutdown_timeout=args.shutdown_timeout,
+        reuse_port=args.reuse_port,
     )
     if args.workers == 1:
         run_worker(options)

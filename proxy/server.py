@@ -30,9 +30,12 @@ class ServeOptions:
     port: int
     workers: int = 1
     shutdown_timeout: float = 30.0
+    # Let another proxy bind the same port, for a rolling restart on one host.
+    reuse_port: bool = False
 
 
-def run_worker(options: ServeOptions, reuse_port: bool = False) -> None:
+def run_worker(options: ServeOptions, reuse_port: bool | None = None) -> None:
+    reuse_port = options.reuse_port if reuse_port is None else reuse_port
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
@@ -45,7 +48,12 @@ async def _worker(options: ServeOptions, reuse_port: bool) -> None:
     holder = ConfigHolder(load_config(options.config_path), options.config_path)
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream call at once instead of when the next chunk fails to write.
-    runner = web.AppRunner(make_app(holder), handler_cancellation=True, access_log=None)
+    # keepalive_timeout also bounds how long a client may take to send a request head
+    # (aiohttp closes a connection whose first request is not complete by then).
+    runner = web.AppRunner(
+        make_app(holder), handler_cancellation=True, access_log=None,
+        keepalive_timeout=holder.current.server.keepalive_timeout,
+    )  # fmt: skip
     await runner.setup()
     site = web.TCPSite(
         runner,
