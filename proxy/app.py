@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from proxy.appkeys import BALANCER, BREAKERS, CLIENT_SESSION, CONFIG
+from proxy.accounting import Accountant
+from proxy.appkeys import ACCOUNTANT, BALANCER, BREAKERS, CLIENT_SESSION, CONFIG
 from proxy.balance import Balancer
 from proxy.circuit import CircuitBreakers
 from proxy.middlewares import add_request_id, calls
 from proxy.reload import ConfigHolder, watch_file
 from proxy.routes import add_routes
+from proxy.store_memory import MemoryStore
+from proxy.store_redis import RedisStore
 
 
 def make_app(holder: ConfigHolder) -> web.Application:
@@ -25,6 +28,7 @@ def make_app(holder: ConfigHolder) -> web.Application:
     app[BALANCER] = Balancer()
     app[BREAKERS] = CircuitBreakers()
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_accounting)
     app.cleanup_ctx.append(_config_watcher)
     app.on_response_prepare.append(add_request_id)
     add_routes(app)
@@ -41,6 +45,25 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     app[CLIENT_SESSION] = session
     yield
     await session.close()
+
+
+async def _accounting(app: web.Application) -> AsyncIterator[None]:
+    # The store is chosen at start: changing redis.url takes a restart.
+    settings = app[CONFIG].current.redis
+    if settings.url:
+        redis = RedisStore(settings.url, settings.timeout)
+        accountant = Accountant(settings, redis, fallback=MemoryStore())
+    else:
+        accountant = Accountant(settings, MemoryStore(), fallback=None)
+    app[ACCOUNTANT] = accountant
+    flusher = asyncio.create_task(accountant.flush_forever())
+    yield
+    flusher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flusher
+    await accountant.drain(deadline=5.0)
+    if settings.url:
+        await redis.close()
 
 
 async def _config_watcher(app: web.Application) -> AsyncIterator[None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from proxy.accounting import Accountant
 from proxy.balance import Balancer
 from proxy.circuit import CircuitBreakers
 from proxy.reload import ConfigHolder
@@ -13,3 +14,4 @@ CONFIG = web.AppKey("config", ConfigHolder)
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 BALANCER = web.AppKey("balancer", Balancer)
 BREAKERS = web.AppKey("breakers", CircuitBreakers)
+ACCOUNTANT = web.AppKey("accountant", Accountant)

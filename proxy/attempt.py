@@ -9,6 +9,9 @@ timeouts, a 200 whose JSON does not parse, a stream whose first bytes are not SS
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -19,7 +22,9 @@ from proxy.errors import BadUpstreamResponse, ProxyError
 from proxy.headers import upstream_headers
 from proxy.record import CallRecord
 from proxy.relay import is_stream, read_plain, relay_stream
+from proxy.sse_tap import SseTap
 from proxy.upstream import open_call, read_chunk
+from proxy.usage import estimate_completion, reported
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 _SSE_STARTS = (b"data:", b":", b"event:", b"id:", b"retry:", b"\n", b"\r")
@@ -46,18 +51,30 @@ class AttemptFailed(Exception):
         self.endpoint_fault = endpoint_fault
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """Where an attempt goes: the provider, one of its endpoints, the API path, and the
+    caller's extra headers for this provider."""
+
+    provider: Provider
+    endpoint: Endpoint
+    path: str
+    headers: Mapping[str, str]
+
+
 async def attempt(
     request: web.Request,
     session: aiohttp.ClientSession,
-    provider: Provider,
-    endpoint: Endpoint,
-    path: str,
+    upstream: Upstream,
     body: bytes,
     record: CallRecord,
+    strip_usage: bool,
 ) -> web.StreamResponse:
-    headers = upstream_headers(request.headers, provider)
+    provider = upstream.provider
+    headers = upstream_headers(request.headers, provider, upstream.headers)
+    url = upstream.endpoint.join(upstream.path)
     try:
-        response = await open_call(session, provider, endpoint.join(path), body, headers)
+        response = await open_call(session, provider, url, body, headers)
     except ProxyError as exc:
         raise AttemptFailed(exc.code or "error", error=exc) from None
     try:
@@ -70,10 +87,12 @@ async def attempt(
             )  # fmt: skip
         if is_stream(response):
             first = await _first_chunk(response, provider)
-            return await relay_stream(request, response, provider, record, first)
+            return await relay_stream(
+                request, response, provider, record, first, SseTap(strip_usage)
+            )
         answer = await _read(response, provider)
         if response.status == 200 and response.content_type == "application/json":
-            _check_json(answer, provider)
+            _note_usage(record, _parsed_json(answer, provider))
         return answer
     finally:
         # Closing (not releasing) drops the connection if the body was not read to
@@ -102,10 +121,15 @@ async def _first_chunk(response: aiohttp.ClientResponse, provider: Provider) -> 
     return first
 
 
-def _check_json(answer: web.Response, provider: Provider) -> None:
+def _parsed_json(answer: web.Response, provider: Provider) -> Any:
     try:
-        json.loads(answer.body)  # type: ignore[arg-type]
+        return json.loads(answer.body)  # type: ignore[arg-type]
     except ValueError:
         raise AttemptFailed("bad_upstream_response", error=BadUpstreamResponse(
             f"Provider '{provider.name}' answered 200 with a body that is not valid JSON."
         )) from None  # fmt: skip
+
+
+def _note_usage(record: CallRecord, payload: Any) -> None:
+    record.usage = reported(payload)
+    record.completion_estimate = estimate_completion(payload)

@@ -1,10 +1,11 @@
-"""The request body: parsed once to read what the proxy needs, rewritten only at ``model``.
+"""The request body: parsed once to read what the proxy needs, rewritten only where it must.
 
 Bytes through, not objects: the top-level object is scanned key by key with the
-stdlib's C scanner, remembering where each ``"model"`` value sits in the text. The
-upstream receives the client's text unchanged except for those spans, so every
-field the proxy does not know (tools, response_format, logit_bias, big integers,
-floats, key order, whitespace) arrives exactly as the client wrote it.
+stdlib's C scanner, remembering where the ``model`` and ``stream_options`` values sit
+in the text and where the object closes. The upstream receives the client's text
+unchanged except at those spans, so every field the proxy does not know (tools,
+response_format, logit_bias, big integers, floats, key order, whitespace) arrives
+exactly as the client wrote it.
 """
 
 from __future__ import annotations
@@ -17,24 +18,45 @@ from proxy.errors import InvalidRequest
 
 _DECODER = json.JSONDecoder()
 _WHITESPACE = " \t\n\r"
+_SPLICED = ("model", "stream_options")
 
 
 @dataclass(frozen=True)
 class Body:
     text: str
     fields: dict[str, Any]
-    model_spans: tuple[tuple[int, int], ...]
+    spans: tuple[tuple[str, int, int], ...]  # (key, start, end) of spliceable values
+    close: int  # index of the closing brace of the top-level object
 
-    def with_model(self, model: str) -> bytes:
-        """The original body with every top-level ``model`` value replaced."""
-        if self.fields.get("model") == model:
+    def wants_usage(self) -> bool:
+        """Whether the client itself asked for the usage chunk of a stream."""
+        options = self.fields.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
+    def rewritten(self, model: str, include_usage: bool = False) -> bytes:
+        """The original body with ``model`` replaced and, if asked, usage requested."""
+        changes: dict[str, Any] = {}
+        if self.fields.get("model") != model:
+            changes["model"] = model
+        append_usage = include_usage and not self.wants_usage()
+        if append_usage and "stream_options" in self.fields:
+            options = self.fields["stream_options"]
+            kept = options if isinstance(options, dict) else {}
+            changes["stream_options"] = {**kept, "include_usage": True}
+            append_usage = False
+        if not changes and not append_usage:
             return self.text.encode()
         parts: list[str] = []
         last = 0
-        for start, end in self.model_spans:
-            parts += [self.text[last:start], json.dumps(model, ensure_ascii=False)]
-            last = end
-        parts.append(self.text[last:])
+        for key, start, end in self.spans:
+            if key in changes:
+                parts += [self.text[last:start], json.dumps(changes[key], ensure_ascii=False)]
+                last = end
+        parts.append(self.text[last : self.close])
+        if append_usage:
+            comma = "," if self.fields else ""
+            parts.append(f'{comma}"stream_options":{{"include_usage":true}}')
+        parts.append(self.text[self.close :])
         return "".join(parts).encode()
 
 
@@ -44,7 +66,7 @@ def parse_body(raw: bytes) -> Body:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"The request body is not valid UTF-8 (byte {exc.start}).") from None
     try:
-        fields, spans = _scan_object(text)
+        fields, spans, close = _scan_object(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc.msg} "
@@ -52,7 +74,7 @@ def parse_body(raw: bytes) -> Body:
         ) from None
     except RecursionError:
         raise InvalidRequest("The JSON body of your request is nested too deeply.") from None
-    return Body(text=text, fields=fields, model_spans=tuple(spans))
+    return Body(text=text, fields=fields, spans=tuple(spans), close=close)
 
 
 def _skip(text: str, pos: int) -> int:
@@ -67,30 +89,27 @@ def _expect(text: str, pos: int, char: str, what: str) -> int:
     return pos + 1
 
 
-def _scan_object(text: str) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+def _scan_object(text: str) -> tuple[dict[str, Any], list[tuple[str, int, int]], int]:
     fields: dict[str, Any] = {}
-    spans: list[tuple[int, int]] = []
-    pos = _expect(text, _skip(text, 0), "{", "a JSON object")
-    pos = _skip(text, pos)
-    if pos < len(text) and text[pos] == "}":
-        pos += 1
-    else:
+    spans: list[tuple[str, int, int]] = []
+    pos = _skip(text, _expect(text, _skip(text, 0), "{", "a JSON object"))
+    if pos >= len(text) or text[pos] != "}":
         while True:
             pos = _expect(text, pos, '"', "property name enclosed in double quotes")
             key, pos = json.decoder.scanstring(text, pos)  # type: ignore[attr-defined]
             pos = _skip(text, _expect(text, _skip(text, pos), ":", "':' delimiter"))
             value, end = _value(text, pos)
-            if key == "model":
-                spans.append((pos, end))
+            if key in _SPLICED:
+                spans.append((key, pos, end))
             fields[key] = value
             pos = _skip(text, end)
             if pos < len(text) and text[pos] == "}":
-                pos += 1
                 break
             pos = _skip(text, _expect(text, pos, ",", "',' delimiter"))
-    if _skip(text, pos) != len(text):
-        raise json.JSONDecodeError("Extra data", text, pos)
-    return fields, spans
+    close = pos
+    if _skip(text, pos + 1) != len(text):
+        raise json.JSONDecodeError("Extra data", text, pos + 1)
+    return fields, spans, close
 
 
 def _value(text: str, pos: int) -> tuple[Any, int]:

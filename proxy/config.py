@@ -68,6 +68,10 @@ class Provider:
     retry: RetryPolicy = RetryPolicy()
     circuit: CircuitPolicy = CircuitPolicy()
     balance: str = "round_robin"
+    # Ask for the usage chunk of streams the client did not ask it for (and strip it
+    # again), so that streamed tokens are billed exactly. Off for upstreams that
+    # reject stream_options.
+    stream_usage: bool = True
     # A required provider must be reachable for /readyz to answer 200.
     required: bool = False
 
@@ -109,11 +113,58 @@ class ServerSettings:
     keepalive_timeout: float = 75.0
 
 
+LIMIT_KINDS = ("requests_per_minute", "tokens_per_minute", "concurrent", "tokens_per_day")
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per team, or per team and model. None: no such limit."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent: int | None = None
+    tokens_per_day: int | None = None
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, kind) is not None for kind in LIMIT_KINDS)
+
+
+@dataclass(frozen=True)
+class Team:
+    name: str
+    key_hashes: tuple[str, ...] = ()  # "sha256:<hex>" of each key; keys are never stored
+    limits: Limits = Limits()
+    model_limits: Mapping[str, Limits] = field(default_factory=frozen_map)
+    # provider name → headers sent to that provider for this team's calls
+    headers: Mapping[str, Mapping[str, str]] = field(default_factory=frozen_map)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = ""  # empty: limits and ledger live in this process
+    on_error: str = "fail_open"  # or fail_closed
+    # A concurrency slot is a lease: a process that dies leaks it for this long at most.
+    lease_ttl: float = 60.0
+    timeout: float = 0.5
+
+
+@dataclass(frozen=True)
+class Accounting:
+    # Reserved at admission for a call that does not say max_tokens.
+    default_max_tokens: int = 1024
+
+
 @dataclass(frozen=True)
 class Config:
     providers: Mapping[str, Provider]
     models: Mapping[str, Model]
     server: ServerSettings = ServerSettings()
-    redis_url: str = ""
+    redis: RedisSettings = RedisSettings()
+    teams: Mapping[str, Team] = field(default_factory=frozen_map)
+    accounting: Accounting = Accounting()
+    # "sha256:<hex>" → team name, built by the loader for one lookup per call.
+    key_index: Mapping[str, str] = field(default_factory=frozen_map)
+    admin_key: str = ""
     # Warnings that do not make the file invalid (a provider key variable unset).
     warnings: tuple[str, ...] = ()

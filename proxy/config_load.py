@@ -25,17 +25,20 @@ from proxy.config import (
     frozen_map,
 )
 from proxy.config_fields import FieldReader, hint
+from proxy.config_teams import key_index, read_accounting, read_redis, read_teams
 from proxy.envsubst import expand
 
-TOP_KEYS = {"redis", "server", "providers", "models", "retry", "circuit"}
+TOP_KEYS = {
+    "redis", "server", "providers", "models", "retry", "circuit", "teams", "accounting",
+    "admin_key",
+}  # fmt: skip
 PROVIDER_KEYS = {
     "base_url", "endpoints", "balance", "api_key", "headers", "timeouts", "retry", "circuit",
-    "required",
+    "required", "stream_usage",
 }  # fmt: skip
 MODEL_KEYS = {"targets", "strategy", "owned_by", "retry"}
 TARGET_KEYS = {"provider", "model", "weight"}
 ENDPOINT_KEYS = {"url", "weight"}
-REDIS_KEYS = {"url"}
 # Each block: key → kind, so that one reader serves them all.
 SERVER_FIELDS = {
     "max_body_bytes": "size", "reload_interval": "duration", "body_timeout": "duration",
@@ -96,11 +99,13 @@ class _Reader(FieldReader):
         providers = self.providers(top.get("providers"))
         models = self.models(top.get("models"), providers)
         server = self.fields(top.get("server"), "server", SERVER_FIELDS)
-        redis = self.mapping(top.get("redis") or {}, "redis", REDIS_KEYS)
-        redis_url = self.string(redis.get("url", ""), "redis.url", allow_empty=True) or ""
+        teams = read_teams(self, top.get("teams"), providers, set(models))
+        admin_key = self.string(top.get("admin_key", ""), "admin_key", allow_empty=True) or ""
         return Config(
             providers=providers, models=models, server=replace(ServerSettings(), **server),
-            redis_url=redis_url, warnings=tuple(self.warnings),
+            redis=read_redis(self, top.get("redis")), teams=teams, key_index=key_index(teams),
+            accounting=read_accounting(self, top.get("accounting")), admin_key=admin_key,
+            warnings=tuple(self.warnings),
         )  # fmt: skip
 
     def providers(self, raw: Any) -> dict[str, Provider]:
@@ -134,6 +139,7 @@ class _Reader(FieldReader):
             timeouts=replace(Timeouts(), **timeouts), retry=replace(self.retry, **retry),
             circuit=replace(self.circuit, **circuit), balance=balance or "round_robin",
             required=self.boolean(node.get("required", False), f"{path}.required"),
+            stream_usage=self.boolean(node.get("stream_usage", True), f"{path}.stream_usage"),
         )  # fmt: skip
         return provider if endpoints else None
 

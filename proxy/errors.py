@@ -6,8 +6,12 @@ that an upstream answered with are not ProxyErrors: they are relayed as sent.
 
     ProxyError
     ├── InvalidRequest          400 invalid_request_error
+    ├── InvalidApiKey           401 invalid_api_key
+    ├── AdminOnly               403 admin_key_required
     ├── ModelNotFound           404 model_not_found
     ├── BodyTooLarge            413 request_too_large
+    ├── RateLimited             429 rate_limit_exceeded, with Retry-After
+    ├── LimiterUnavailable      503 rate_limiter_unavailable (Redis down, fail_closed)
     ├── RequestTimeout          408 request_timeout (the client sent its body too slowly)
     ├── ProviderUnavailable     503 provider_unavailable (e.g. its key is not set)
     ├── CircuitOpen             503 circuit_open (every endpoint is cooling down)
@@ -19,6 +23,7 @@ that an upstream answered with are not ProxyErrors: they are relayed as sent.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from aiohttp import web
@@ -107,3 +112,45 @@ class RequestTimeout(ProxyError):
     status = 408
     type = "invalid_request_error"
     code = "request_timeout"
+
+
+class InvalidApiKey(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class AdminOnly(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "admin_key_required"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        response = super().response()
+        response.headers.update(self.headers)
+        response.headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        return response
+
+
+class LimiterUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "rate_limiter_unavailable"

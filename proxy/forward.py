@@ -11,12 +11,13 @@ sleeping. A client error (4xx but 429) is the client's answer and ends the loop.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from proxy.appkeys import BALANCER, BREAKERS, CLIENT_SESSION
-from proxy.attempt import AttemptFailed, attempt
+from proxy.attempt import AttemptFailed, Upstream, attempt
 from proxy.backoff import backoff_delay
 from proxy.balance import conversation_prefix
 from proxy.body import Body
@@ -36,6 +37,8 @@ class Call:
     endpoint: str
     body: Body
     budget: float
+    # provider name → extra headers for this caller (a team's OpenAI-Project, …)
+    provider_headers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 async def forward(request: web.Request, call: Call, record: CallRecord) -> web.StreamResponse:
@@ -77,7 +80,15 @@ class _Run:
             self._fail(provider, "-", "failed", AttemptFailed("no_api_key", error=missing))
             return None
         policy = self.call.model.retry_for(provider)
-        body = self.call.body.with_model(target.model)
+        # Ask for the usage chunk of a stream the client did not ask it for, so that
+        # streamed tokens are billed exactly; the tap strips it again.
+        strip = (
+            provider.stream_usage
+            and self.call.body.fields.get("stream") is True
+            and self.call.endpoint != "embeddings"
+            and not self.call.body.wants_usage()
+        )
+        body = self.call.body.rewritten(target.model, include_usage=strip)
         endpoints = self.request.app[BALANCER].order(
             f"provider:{provider.name}", provider.endpoints, provider.balance,
             key_of=lambda e: e.url, weight_of=lambda e: e.weight, affinity=self.affinity,
@@ -87,7 +98,7 @@ class _Run:
             if endpoint is None:
                 return None
             try:
-                return await self._attempt(provider, endpoint, body)
+                return await self._attempt(provider, endpoint, body, strip)
             except AttemptFailed as failed:
                 last = number + 1 == policy.attempts
                 delay = None if last else self._delay(failed, provider, number + 1)
@@ -112,17 +123,21 @@ class _Run:
         return None
 
     async def _attempt(
-        self, provider: Provider, endpoint: Endpoint, body: bytes
+        self, provider: Provider, endpoint: Endpoint, body: bytes, strip_usage: bool
     ) -> web.StreamResponse:
         app, breakers = self.request.app, self.request.app[BREAKERS]
         self.record.provider, self.record.endpoint = provider.name, endpoint.url
         settled = False
         try:
             with app[BALANCER].busy(endpoint.url):
-                response = await attempt(
-                    self.request, app[CLIENT_SESSION], provider, endpoint, self.call.endpoint,
-                    body, self.record,
-                )  # fmt: skip
+                target = Upstream(
+                    provider,
+                    endpoint,
+                    self.call.endpoint,
+                    self.call.provider_headers.get(provider.name, {}),
+                )
+                response = await attempt(self.request, app[CLIENT_SESSION], target, body,
+                                         self.record, strip_usage)  # fmt: skip
             breakers.succeeded(endpoint.url)
             settled = True
         except AttemptFailed as failed:

@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from proxy.appkeys import CONFIG
-from proxy.config import Config
-from proxy.forward import Call, forward
-from proxy.middlewares import RECORD
+from proxy.appkeys import ACCOUNTANT, CONFIG
+from proxy.auth import require_admin
+from proxy.config import ANONYMOUS, Config
+from proxy.errors import LimiterUnavailable
+from proxy.ledger_report import day_range, ledger_report
 from proxy.readiness import readiness
-from proxy.request_checks import Endpoint, call_budget, checked_body, read_body, route
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def proxied(endpoint: Endpoint) -> Handler:
-    async def handle(request: web.Request) -> web.StreamResponse:
-        config = request.app[CONFIG].current  # this call's config, even if a reload swaps it
-        record = request[RECORD]
-        raw = await read_body(request, config.server)
-        body = checked_body(raw, endpoint)
-        record.model = body.fields["model"]
-        model = route(config, body.fields["model"])
-        call = Call(config, model, endpoint.path, body, call_budget(request, model.budget))
-        return await forward(request, call, record)
-
-    handle.__name__ = f"proxy_{endpoint.path.replace('/', '_')}"
-    return handle
+from proxy.request_checks import route
+from proxy.store import StoreUnavailable
 
 
 def _model_entry(config: Config, model_id: str) -> dict[str, Any]:
@@ -70,3 +54,16 @@ async def readyz(request: web.Request) -> web.Response:
         "models": len(config.models),
     }
     return web.json_response(body, status=status)
+
+
+async def usage(request: web.Request) -> web.Response:
+    """GET /v1/usage?team=&from=YYYY-MM-DD&to=YYYY-MM-DD (admin key): the ledger."""
+    config = request.app[CONFIG].current
+    require_admin(request, config)
+    teams = [request.query["team"]] if "team" in request.query else [*config.teams, ANONYMOUS]
+    first, last = day_range(request.query.get("from"), request.query.get("to"))
+    try:
+        rows = await request.app[ACCOUNTANT].primary.ledger(teams, first, last)
+    except StoreUnavailable as exc:
+        raise LimiterUnavailable(f"The ledger cannot be read now: {exc}") from None
+    return web.json_response(ledger_report(rows, first, last))

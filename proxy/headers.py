@@ -80,5 +80,10 @@ def upstream_headers(
 
 
 def client_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's x-ratelimit-* describe the proxy's shared provider account, not the
+    caller's limits; the proxy sends its own per team instead."""
     drop = _NOT_TO_CLIENT | _connection_listed(upstream)
-    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
+    return CIMultiDict(
+        (k, v) for k, v in upstream.items()
+        if k.lower() not in drop and not k.lower().startswith("x-ratelimit-")
+    )  # fmt: skip

@@ -71,6 +71,7 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     record = request.get(RECORD)
     if record is not None:
         response.headers["X-Proxy-Request-Id"] = record.request_id
+        response.headers.update(record.rate_headers)
 
 
 def _access(request: web.Request, record: CallRecord) -> None:

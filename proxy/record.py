@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from proxy.usage import Usage
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -29,6 +31,11 @@ class CallRecord:
     attempts: list[Attempt] = field(default_factory=list)
     first_byte: float | None = None
     stream_error: str | None = None
+    team: str | None = None
+    # What the answer said it used, or, without that, what its body suggests.
+    usage: Usage | None = None
+    completion_estimate: int | None = None
+    rate_headers: dict[str, str] = field(default_factory=dict)
 
     def mark_first_byte(self) -> None:
         if self.first_byte is None:

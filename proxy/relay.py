@@ -18,6 +18,7 @@ from proxy.config import Provider
 from proxy.errors import ProxyError
 from proxy.headers import client_headers
 from proxy.record import CallRecord
+from proxy.sse_tap import SseTap
 from proxy.upstream import read_all, read_chunk
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ async def relay_stream(
     provider: Provider,
     record: CallRecord,
     first: bytes,
+    tap: SseTap,
 ) -> web.StreamResponse:
     """Relay from ``first`` (already read, so that a dud stream could still fail over)."""
     out = web.StreamResponse(status=response.status, headers=client_headers(response.headers))
@@ -48,13 +50,21 @@ async def relay_stream(
     try:
         while chunk:
             record.mark_first_byte()
-            await out.write(chunk)
-            tail = (tail + chunk)[-4:]
+            if data := tap.feed(chunk):
+                await out.write(data)
+                tail = (tail + data)[-4:]
             chunk = await read_chunk(response, provider)
+        if data := tap.finish():
+            await out.write(data)
     except ProxyError as exc:
         record.stream_error = exc.message
         log.warning("stream from %s failed after the first byte: %s", provider.name, exc.message)
-        await out.write(_error_event(exc, tail))
+        held = tap.finish()  # what the client would have had without the proxy's tap
+        await out.write(held + _error_event(exc, (tail + held)[-4:]))
+    finally:
+        # Also when the client went away: what was streamed until then is billed.
+        record.usage = tap.usage
+        record.completion_estimate = tap.estimated_completion()
     await out.write_eof()
     return out
 

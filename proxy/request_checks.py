@@ -33,6 +33,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_tokens": (int,),
     "max_completion_tokens": (int,),
     "n": (int,),
+    "stream_options": (dict,),
 }
 
 

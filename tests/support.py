@@ -142,3 +142,15 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> Non
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+_HELD: list[socket.socket] = []
+
+
+def dead_url(prefix: str = "/v1") -> str:
+    """A URL whose port is bound but never listens: connections are refused at once, and
+    no other process can take the port while the tests run."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}{prefix}"

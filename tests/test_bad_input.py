@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Proxy
-from tests.support import ProxyProcess, Upstream, free_port
+from tests.support import ProxyProcess, Upstream, dead_url, free_port
 
-DEAD = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: valid calls get a fast 502
+DEAD = dead_url()  # valid calls always get a fast 502
 ROUTES = f"""
 server: {{keepalive_timeout: 1s, body_timeout: 1s, max_body_bytes: 64KiB}}
 retry: {{attempts: 1}}

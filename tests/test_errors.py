@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MakeProxy, Proxy
-from tests.support import Upstream, free_port, routes_yaml
+from tests.support import Upstream, dead_url, routes_yaml
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -135,7 +135,7 @@ async def test_single_provider_error_relayed_as_sent(proxy: Proxy, wandb: Upstre
 
 
 async def test_unreachable_upstream_502(make_proxy: MakeProxy, wandb: Upstream):
-    dead = Upstream(wandb.fake, f"http://127.0.0.1:{free_port()}/v1")
+    dead = Upstream(wandb.fake, dead_url())
     proxy = await make_proxy(routes_yaml(dead, dead))
     status, body = await _post(proxy, json={"model": "llama-70b", "messages": MESSAGES})
     assert status == 502

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.conftest import MakeProxy
-from tests.support import ProxyProcess, Upstream, free_port, routes_yaml
+from tests.support import ProxyProcess, Upstream, dead_url, free_port, routes_yaml
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -66,7 +66,7 @@ async def test_sigterm_lets_a_stream_in_flight_finish(
 async def test_readyz_reports_required_providers(
     make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
 ):
-    dead = Upstream(prime.fake, f"http://127.0.0.1:{free_port()}/api/v1")
+    dead = Upstream(prime.fake, dead_url("/api/v1"))
     text = routes_yaml(wandb, dead).replace(
         "    headers: {X-Prime-Team-ID: team-42}\n",
         "    headers: {X-Prime-Team-ID: team-42}\n    required: true\n",

@@ -1,0 +1,230 @@
+"""Steps 4 and 6 of a call: admission against the team's limits, settlement into the ledger.
+
+Admission reserves tokens (prompt estimate + max_tokens, or the configured default)
+and takes every limit in one store call; settlement corrects the reservation with the
+real usage and books it, once per request however many attempts the call made. When
+Redis fails, admission falls back to this process's own limits (``fail_open``) or
+refuses with 503 (``fail_closed``); settlements are queued in order and written when
+Redis is back, and a shutdown flushes the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from proxy.config import Config, RedisSettings
+from proxy.errors import LimiterUnavailable, RateLimited
+from proxy.rate_headers import describe_refusal, rate_headers
+from proxy.store import DAY, Admission, Check, Settlement, Store, StoreUnavailable
+from proxy.store_memory import MemoryStore
+from proxy.usage import Usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What admission took for one call, and what settling it needs."""
+
+    team: str
+    model: str
+    request_id: str
+    checks: tuple[Check, ...]
+    reserved: int
+    prompt_estimate: int
+    admission: Admission
+    fallback: bool = False  # admitted by this process's own limits while Redis was down
+
+
+def checks_for(config: Config, team: str, model: str) -> tuple[Check, ...]:
+    found = config.teams.get(team)
+    if found is None:
+        return ()
+    scopes = [("*", found.limits), (model, found.model_limits.get(model))]
+    return tuple(
+        Check(scope, kind, value)
+        for scope, limits in scopes if limits
+        for kind, value in asdict(limits).items() if value is not None
+    )  # fmt: skip
+
+
+class Accountant:
+    def __init__(self, settings: RedisSettings, primary: Store, fallback: MemoryStore | None):
+        self.settings = settings
+        self.primary = primary
+        self.fallback = fallback  # None when the primary already is this process's memory
+        self.queue: deque[Settlement] = deque()
+        self.redis_errors = 0
+        self.fallback_admissions = 0
+        self._last_warning = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` to the end even if its caller is cancelled; shutdown waits for it."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def admit(
+        self, config: Config, team: str, model: str, reserved: int, prompt: int, request_id: str
+    ) -> Ticket:
+        checks = checks_for(config, team, model)
+        ticket = Ticket(team, model, request_id, checks, reserved, prompt,
+                        Admission(True, int(time.time() // DAY)))  # fmt: skip
+        if not checks:
+            return ticket
+        try:
+            admission = await self.primary.admit(
+                team, checks, reserved, request_id, self.settings.lease_ttl
+            )
+        except StoreUnavailable as exc:
+            return await self._admit_without_redis(ticket, exc)
+        ticket = replace(ticket, admission=admission)
+        if not admission.admitted:
+            raise _refusal(ticket)
+        return ticket
+
+    async def _admit_without_redis(self, ticket: Ticket, exc: StoreUnavailable) -> Ticket:
+        self._redis_failed("admission", exc)
+        if self.fallback is None or self.settings.on_error == "fail_closed":
+            raise LimiterUnavailable(
+                "The rate limiter is unavailable and this proxy is set to fail closed."
+            ) from None
+        self.fallback_admissions += 1
+        admission = await self.fallback.admit(
+            ticket.team, ticket.checks, ticket.reserved, ticket.request_id, self.settings.lease_ttl
+        )
+        ticket = replace(ticket, admission=admission, fallback=True)
+        if not admission.admitted:
+            raise _refusal(ticket)
+        return ticket
+
+    async def settle(self, ticket: Ticket, usage: Usage) -> None:
+        settlement = Settlement(
+            request_id=ticket.request_id, team=ticket.team, model=ticket.model,
+            day=ticket.admission.day, checks=ticket.checks, reserved=ticket.reserved,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            estimated=usage.estimated,
+        )  # fmt: skip
+        if ticket.fallback and self.fallback is not None:
+            await self.fallback.settle(settlement)  # its limits live here; the ledger does not
+            settlement = replace(settlement, checks=())
+        if self.queue:  # keep the ledger's order: nothing overtakes what is queued
+            self.queue.append(settlement)
+            return
+        try:
+            await self.primary.settle(settlement)
+        except StoreUnavailable as exc:
+            self._redis_failed("settlement", exc)
+            self.queue.append(settlement)
+
+    async def flush(self) -> bool:
+        """Write queued settlements in order; True when the queue is empty."""
+        while self.queue:
+            try:
+                await self.primary.settle(self.queue[0])
+            except StoreUnavailable:
+                return False
+            self.queue.popleft()
+        return True
+
+    async def flush_forever(self, interval: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self.queue and await self.flush():
+                log.info("ledger queue flushed: Redis is back")
+
+    async def drain(self, deadline: float) -> None:
+        """On shutdown: finish settlements, flush what is queued, log what cannot be."""
+        end = time.monotonic() + deadline
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=deadline)
+        while not await self.flush() and time.monotonic() < end:  # noqa: ASYNC110 - polls Redis
+            await asyncio.sleep(0.2)
+        for settlement in self.queue:
+            log.error("ledger write lost at shutdown: %s", json.dumps(asdict(settlement)))
+
+    def _redis_failed(self, what: str, exc: StoreUnavailable) -> None:
+        self.redis_errors += 1
+        now = time.monotonic()
+        if now - self._last_warning > 1.0:  # once a second, not once a request
+            self._last_warning = now
+            log.warning("redis failed during %s (%d errors so far): %s", what,
+                        self.redis_errors, exc)  # fmt: skip
+
+
+def _refusal(ticket: Ticket) -> RateLimited:
+    admission = ticket.admission
+    assert admission.refused is not None
+    return RateLimited(
+        describe_refusal(admission.refused, ticket.reserved),
+        retry_after=admission.retry_after,
+        param=admission.refused.kind,
+        headers=rate_headers(admission),
+    )
+
+
+def reservation(fields: dict[str, Any], prompt: int, default_max_tokens: int) -> int:
+    """Tokens to hold at admission: the prompt estimate plus what the call may generate."""
+    if "input" in fields and "messages" not in fields and "prompt" not in fields:
+        return prompt  # embeddings generate nothing
+    limit = fields.get("max_completion_tokens", fields.get("max_tokens"))
+    most = limit if isinstance(limit, int) and limit > 0 else default_max_tokens
+    n = fields.get("n")
+    return prompt + most * (n if isinstance(n, int) and n > 0 else 1)
+
+
+def final_usage(ticket: Ticket, reported: Usage | None, completion_estimate: int | None) -> Usage:
+    """What to book: the upstream's own count, else an estimate, else nothing (no answer)."""
+    if reported is not None:
+        return reported
+    if completion_estimate is None:
+        return Usage(0, 0)
+    return Usage(ticket.prompt_estimate, completion_estimate, estimated=True)
+
+
+class LeaseKeeper:
+    """Renews a long call's concurrency lease every third of its lifetime; short calls
+    end before the first renewal and cost no extra round trip."""
+
+    def __init__(self, accountant: Accountant, ticket: Ticket):
+        self._accountant, self._ticket = accountant, ticket
+        self._interval = accountant.settings.lease_ttl / 3
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> LeaseKeeper:
+        if any(c.kind == "concurrent" for c in self._ticket.checks):
+            self._schedule()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(self._interval, self._fire)
+
+    def _fire(self) -> None:
+        self._task = asyncio.ensure_future(self._renew())
+        self._schedule()
+
+    async def _renew(self) -> None:
+        ticket, store = self._ticket, self._accountant
+        target = store.fallback if ticket.fallback and store.fallback else store.primary
+        # If Redis is down the lease expires: a slot is freed early, never leaked.
+        with contextlib.suppress(StoreUnavailable):
+            await target.renew(ticket.team, ticket.checks, ticket.request_id,
+                               store.settings.lease_ttl)  # fmt: skip

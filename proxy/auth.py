@@ -1,0 +1,59 @@
+"""Step 1 of a call: which team is calling. Keys are stored only as SHA-256 hashes.
+
+The presented key is hashed and the digest looked up. Timing can then reveal at most
+something about a digest, which says nothing usable about any key, so the lookup is
+as good as a constant-time comparison without being linear in the number of keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from aiohttp import web
+
+from proxy.config import ANONYMOUS, Config
+from proxy.errors import AdminOnly, InvalidApiKey
+
+KEY_PREFIX = "sk-proxy-"
+
+
+def key_hash(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def bearer(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def authenticate(request: web.Request, config: Config) -> str:
+    """The team's name; ``anonymous`` when routes.yaml configures no team at all."""
+    if not config.teams:
+        return ANONYMOUS
+    key = bearer(request)
+    if key is None:
+        raise InvalidApiKey(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+        )
+    team = config.key_index.get(key_hash(key))
+    if team is None:
+        raise InvalidApiKey(f"Incorrect API key provided: {_redacted(key)}.")
+    return team
+
+
+def require_admin(request: web.Request, config: Config) -> None:
+    if not config.admin_key:
+        raise AdminOnly("The admin endpoints are off: set admin_key in routes.yaml.")
+    key = bearer(request) or ""
+    if not hmac.compare_digest(key.encode(), config.admin_key.encode()):
+        raise AdminOnly("This endpoint needs the admin key as 'Authorization: Bearer KEY'.")
+
+
+def _redacted(key: str) -> str:
+    return key[:4] + "*" * 4 + key[-2:] if len(key) > 8 else "****"

@@ -1,0 +1,124 @@
+"""What the limiter and ledger store: the shapes shared by the Redis and memory backends.
+
+Both backends implement the same two calls with the same semantics, so the code above
+them does not know which one runs:
+
+- ``admit``: check every limit of a call and take them all, or none (one round trip).
+- ``settle``: correct the token reservation with the real usage, free the concurrency
+  slot and add the usage to the ledger; idempotent per request id, so a settlement that
+  is retried after an error is counted once (one round trip).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+# Kind codes shared with the Lua scripts.
+KIND_CODES = {"requests_per_minute": 1, "tokens_per_minute": 2, "concurrent": 3,
+              "tokens_per_day": 4}  # fmt: skip
+PER_MINUTE = 60.0
+LEDGER_FIELDS = (
+    "requests", "prompt_tokens", "completion_tokens", "estimated_prompt_tokens",
+    "estimated_completion_tokens",
+)  # fmt: skip
+
+
+class StoreUnavailable(Exception):
+    """The backend could not be reached; the caller decides between fail open and closed."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One limit a call must pass: ``scope`` is "*" (the whole team) or a model id."""
+
+    scope: str
+    kind: str
+    limit: int
+
+
+@dataclass(frozen=True)
+class LimitState:
+    """After admission (or refusal): what the x-ratelimit-* headers report for a check."""
+
+    check: Check
+    remaining: int
+    reset: float  # seconds until the limit is whole again
+
+
+@dataclass(frozen=True)
+class Admission:
+    admitted: bool
+    day: int  # days since the epoch on the store's clock, for the ledger and tokens_per_day
+    states: tuple[LimitState, ...] = ()
+    refused: Check | None = None
+    retry_after: float = 0.0
+
+
+@dataclass(frozen=True)
+class Settlement:
+    request_id: str
+    team: str
+    model: str
+    day: int
+    checks: tuple[Check, ...]  # what admission took here; empty for ledger-only
+    reserved: int
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+
+    @property
+    def used(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    team: str
+    model: str
+    day: int
+    counts: tuple[int, ...]  # in LEDGER_FIELDS order
+
+
+class Store(Protocol):
+    async def admit(
+        self, team: str, checks: tuple[Check, ...], reserved: int, lease: str, lease_ttl: float
+    ) -> Admission: ...
+
+    async def settle(self, settlement: Settlement) -> None: ...
+
+    async def renew(self, team: str, checks: tuple[Check, ...], lease: str, ttl: float) -> None: ...
+
+    async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]: ...
+
+
+DAY = 86400.0
+
+
+def wait_for(check: Check, level: float, reserved: int, now: float) -> float | None:
+    """Seconds until ``check`` could admit a call reserving ``reserved`` tokens, given its
+    current level (bucket tokens, live leases, or tokens used today); None if it can now.
+    The Lua admission script computes the same."""
+    if check.kind == "concurrent":
+        return 1.0 if level >= check.limit else None
+    if check.kind == "tokens_per_day":
+        fits = reserved <= check.limit and level + reserved <= check.limit
+        return None if fits else (now // DAY + 1) * DAY - now
+    need = 1 if check.kind == "requests_per_minute" else reserved
+    if need > check.limit:
+        return PER_MINUTE  # can never fit; the refusal's message says why
+    return None if level >= need else (need - level) / (check.limit / PER_MINUTE)
+
+
+def limit_state(check: Check, level: float, taking: int, now: float) -> LimitState:
+    """The x-ratelimit-* view of a check after taking ``taking`` tokens (0: refused)."""
+    if check.kind == "concurrent":
+        return LimitState(check, max(0, check.limit - int(level) - (1 if taking else 0)), 0.0)
+    if check.kind == "tokens_per_day":
+        used = int(level) + taking
+        return LimitState(check, max(0, check.limit - used), (now // DAY + 1) * DAY - now)
+    need = (1 if taking else 0) if check.kind == "requests_per_minute" else taking
+    left = level - need
+    reset = (check.limit - left) / (check.limit / PER_MINUTE)
+    return LimitState(check, max(0, math.floor(left)), max(0.0, reset))

@@ -1,0 +1,120 @@
+"""The limiter and ledger in Redis, shared by every proxy replica.
+
+Every call is one script round trip (EVALSHA; EVAL once after a Redis restart). Any
+Redis or socket error becomes ``StoreUnavailable``: the caller falls back or refuses,
+and queues settlements. redis-py's own retries are off, so a down Redis costs one
+short timeout, not several.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proxy.store import (
+    KIND_CODES,
+    LEDGER_FIELDS,
+    Admission,
+    Check,
+    LedgerRow,
+    Settlement,
+    StoreUnavailable,
+    limit_state,
+)
+from proxy.store_lua import ADMIT, RENEW, SETTLE
+
+PREFIX = "llmproxy"
+
+
+def team_key(team: str, *parts: str) -> str:
+    """All keys of a team share the hash tag {team}: one Cluster slot per team."""
+    return ":".join((PREFIX, f"{{{team}}}", *parts))
+
+
+def check_key(team: str, check: Check) -> str:
+    kind = {"requests_per_minute": "rpm", "tokens_per_minute": "tpm", "concurrent": "conc",
+            "tokens_per_day": "tpd"}[check.kind]  # fmt: skip
+    return team_key(team, kind, check.scope)
+
+
+def _check_args(checks: tuple[Check, ...]) -> list[Any]:
+    return [x for c in checks for x in (KIND_CODES[c.kind], c.limit)]
+
+
+class RedisStore:
+    def __init__(self, url: str, timeout: float):
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0), decode_responses=False,
+        )  # fmt: skip
+        self._admit = self.redis.register_script(ADMIT)
+        self._settle = self.redis.register_script(SETTLE)
+        self._renew = self.redis.register_script(RENEW)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def admit(
+        self, team: str, checks: tuple[Check, ...], reserved: int, lease: str, lease_ttl: float
+    ) -> Admission:
+        keys = [check_key(team, c) for c in checks]
+        reply = await self._run(
+            self._admit, keys, [lease, lease_ttl, reserved, *_check_args(checks)]
+        )
+        admitted, day, refused = int(reply[0]), int(reply[1]), int(reply[2])
+        retry, now = float(reply[3]), float(reply[4])
+        levels = [float(v) for v in reply[5:]]
+        taking = reserved if admitted else 0
+        states = tuple(limit_state(c, v, taking, now) for c, v in zip(checks, levels, strict=True))
+        if admitted:
+            return Admission(True, day, states)
+        return Admission(False, day, states, refused=checks[refused - 1], retry_after=retry)
+
+    async def settle(self, s: Settlement) -> None:
+        keys = [
+            team_key(s.team, "done", s.request_id),
+            team_key(s.team, "ledger", str(s.day), s.model),
+            team_key(s.team, "ledger-index"),
+            *(check_key(s.team, c) for c in s.checks),
+        ]
+        args = [s.day, s.model, s.request_id, s.reserved, s.used, s.prompt_tokens,
+                s.completion_tokens, 1 if s.estimated else 0, *_check_args(s.checks)]  # fmt: skip
+        await self._run(self._settle, keys, args)
+
+    async def renew(self, team: str, checks: tuple[Check, ...], lease: str, ttl: float) -> None:
+        keys = [check_key(team, c) for c in checks if c.kind == "concurrent"]
+        if keys:
+            await self._run(self._renew, keys, [lease, math.ceil(ttl)])
+
+    async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
+        try:
+            return [
+                row for team in teams for row in await self._team_ledger(team, first_day, last_day)
+            ]
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _team_ledger(self, team: str, first_day: int, last_day: int) -> list[LedgerRow]:
+        entries: list[tuple[int, str]] = []
+        for member in await self.redis.smembers(team_key(team, "ledger-index")):
+            text = member.decode() if isinstance(member, bytes) else member
+            day_text, _, model = text.partition(":")
+            if first_day <= int(day_text) <= last_day:
+                entries.append((int(day_text), model))
+        rows = []
+        for day, model in sorted(entries):
+            counts = await self.redis.hgetall(team_key(team, "ledger", str(day), model))
+            values = tuple(int(counts.get(f.encode(), 0)) for f in LEDGER_FIELDS)
+            rows.append(LedgerRow(team, model, day, values))
+        return rows

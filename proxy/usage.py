@@ -1,0 +1,57 @@
+"""Token usage: what an upstream reported, or an estimate when it reported nothing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False
+
+
+def reported(payload: Any) -> Usage | None:
+    """The ``usage`` object of a response or stream chunk, if it has a real one."""
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return Usage(prompt, completion)
+
+
+def estimate_prompt(fields: dict[str, Any]) -> int:
+    """A cheap upper-ish estimate from the request, for reservations and missing usage."""
+    messages = fields.get("messages")
+    if isinstance(messages, list):
+        text = sum(len(_text(m.get("content"))) for m in messages if isinstance(m, dict))
+        return text // CHARS_PER_TOKEN + 4 * len(messages) + 3
+    source = fields.get("prompt", fields.get("input", ""))
+    return len(_text(source)) // CHARS_PER_TOKEN + 1
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False) if value is not None else ""
+
+
+def estimate_completion(payload: Any) -> int:
+    """From a plain answer's choices, when the upstream sent no usage."""
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not isinstance(choices, list):
+        return 0
+    text = 0
+    for choice in choices:
+        if isinstance(choice, dict):
+            message = choice.get("message") or {}
+            content = message.get("content") if isinstance(message, dict) else None
+            text += len(_text(content if content is not None else choice.get("text")))
+    return text // CHARS_PER_TOKEN
