@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
 
+from proxy.auth import key_hash, new_key
 from proxy.config_load import ConfigError, load_config
 from proxy.server import ServeOptions, run_worker, supervise
+from proxy.usage_cli import show_usage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,12 +42,33 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let another proxy bind the same port (rolling restarts)",
     )
+    serve.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="serve without team keys on a non-loopback address",
+    )
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(run=_serve)
 
     check = sub.add_parser("check", help="validate a routes.yaml and print every error")
     check.add_argument("config", type=Path)
     check.set_defaults(run=_check)
+
+    keygen = sub.add_parser("keygen", help="print a new key for a team, once")
+    keygen.add_argument("team")
+    keygen.set_defaults(run=_keygen)
+
+    usage = sub.add_parser("usage", help="show the ledger of a running proxy")
+    usage.add_argument("--url", default="http://127.0.0.1:8080")
+    usage.add_argument("--team")
+    usage.add_argument("--from", dest="first", metavar="YYYY-MM-DD")
+    usage.add_argument("--to", dest="last", metavar="YYYY-MM-DD")
+    usage.add_argument(
+        "--admin-key",
+        default=os.environ.get("PROXY_ADMIN_KEY", ""),
+        help="default: $PROXY_ADMIN_KEY",
+    )
+    usage.set_defaults(run=show_usage)
     return parser
 
 
@@ -54,9 +79,14 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(process)d %(levelname)s %(name)s %(message)s",
     )
     try:
-        load_config(args.config)
+        config = load_config(args.config)
     except ConfigError as exc:
         _print_errors(args.config, exc, sys.stderr)
+        return 2
+    if not config.teams and not _loopback(args.host) and not args.allow_anonymous:
+        print(f"routes.yaml configures no team, so anyone who reaches {args.host} could use "
+              "your provider keys. Add teams (python -m proxy keygen TEAM) or pass "
+              "--allow-anonymous.", file=sys.stderr)  # fmt: skip
         return 2
     if args.workers < 1:
         print("--workers must be at least 1", file=sys.stderr)
@@ -88,6 +118,21 @@ def _check(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     print(f"{args.config}: OK ({len(config.providers)} providers, {len(config.models)} models)")
     return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    key = new_key()
+    print(f"key for team {args.team} (shown once, store it now): {key}")
+    print("add its hash to routes.yaml:")
+    print(f'teams:\n  {args.team}:\n    keys: ["{key_hash(key)}"]')
+    return 0
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _print_errors(path: Path, exc: ConfigError, stream: TextIO) -> None:

@@ -14,6 +14,8 @@ from proxy.reload import ConfigHolder
 from tests.fake_upstream import FakeUpstream
 from tests.support import Upstream, routes_yaml, serve_app
 
+pytest_plugins = ["tests.teams_setup"]
+
 WANDB_KEY = "wandb-secret-key"
 PRIME_KEY = "prime-secret-key"
 
@@ -58,6 +60,7 @@ class Proxy:
     holder: ConfigHolder
     path: Path
     http: aiohttp.ClientSession
+    app: web.Application
 
     def write_config(self, text: str) -> None:
         self.path.write_text(text)
@@ -75,9 +78,10 @@ async def make_proxy(start_app: StartApp, tmp_path: Path) -> AsyncIterator[MakeP
         path = tmp_path / f"routes-{len(sessions)}.yaml"
         path.write_text(text)
         holder = ConfigHolder(load_config(path), path)
-        url = await start_app(make_app(holder))
+        app = make_app(holder)
+        url = await start_app(app)
         sessions.append(aiohttp.ClientSession())
-        return Proxy(url, holder, path, sessions[-1])
+        return Proxy(url, holder, path, sessions[-1], app)
 
     yield make
     for session in sessions:

@@ -71,6 +71,9 @@ class FakeUpstream:
     faults: list[Fault] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
     in_flight: int = 0
+    # Every usage object this upstream sent, for checking the ledger against.
+    reported: list[dict[str, int]] = field(default_factory=list)
+    send_usage: bool = True
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -118,10 +121,16 @@ class FakeUpstream:
             )
         payload = json.loads(body)
         if request.path.endswith("/embeddings"):
-            return web.json_response(_embeddings(payload), headers=self.extra_headers)
-        if payload.get("stream"):
+            answer = _embeddings(payload)
+        elif payload.get("stream"):
             return await self.stream(request, payload)
-        return web.json_response(_completion(payload, request.path), headers=self.extra_headers)
+        else:
+            answer = _completion(payload, request.path)
+        if self.send_usage:
+            self.reported.append(answer["usage"])
+        else:
+            del answer["usage"]
+        return web.json_response(answer, headers=self.extra_headers)
 
     async def misbehave(self, request: web.Request, fault: Fault) -> web.StreamResponse:
         if fault.status:
@@ -155,7 +164,8 @@ class FakeUpstream:
             headers={"Content-Type": "text/event-stream", **self.extra_headers}
         )
         await response.prepare(request)
-        script = self.stream_script or _default_stream(payload)
+        script = self.stream_script or _default_stream(payload, self.reported if self.send_usage
+                                                               else None)  # fmt: skip
         try:
             for n, step in enumerate(script):
                 if self.cut_stream_after is not None and n >= self.cut_stream_after:
@@ -237,23 +247,29 @@ def _embeddings(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _default_stream(payload: dict[str, Any]) -> list[bytes | float | asyncio.Event]:
+def _default_stream(
+    payload: dict[str, Any], reported: list[dict[str, int]] | None
+) -> list[bytes | float | asyncio.Event]:
     words, finish = _reply_words(payload)
+    wants_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
 
     def event(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        chunk = {
+        chunk: dict[str, Any] = {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
             "created": 1693721698,
             "model": payload["model"],
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         }
+        if wants_usage and reported is not None:  # as OpenAI: "usage": null until the last
+            chunk["usage"] = None
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
     chunks: list[bytes | float | asyncio.Event] = [event({"role": "assistant", "content": ""})]
     chunks += [event({"content": (" " if i else "") + w}) for i, w in enumerate(words)]
     chunks.append(event({}, finish))
-    if (payload.get("stream_options") or {}).get("include_usage"):
+    if reported is not None and wants_usage:
+        reported.append(_usage(payload, len(words)))
         usage = {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",

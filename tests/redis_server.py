@@ -1,0 +1,71 @@
+"""A private redis-server for the tests, on a free port, that they may kill and restart.
+Never the shared one on 6379."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from tests.support import free_port
+
+
+def redis_binary() -> str | None:
+    return shutil.which("redis-server") or shutil.which("valkey-server")
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, persistent: bool = False):
+        binary = redis_binary()
+        if binary is None:
+            raise RuntimeError("no redis-server on PATH (.ci/run installs Debian's redis-server)")
+        self.binary = binary
+        self.port = free_port()
+        self.dir = workdir
+        self.persistent = persistent
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.start()
+
+    def start(self) -> None:
+        # appendfsync always: every acknowledged write survives a kill -9, as the
+        # ledger's exactly-once guarantee needs from a production Redis too.
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
+            "--appendonly", "no"]  # fmt: skip
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--dir", str(self.dir), "--protected-mode", "no", *persistence],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = self.client()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+            finally:
+                client.close()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def command_calls(self) -> dict[str, int]:
+        client = self.client()
+        try:
+            stats = client.info("commandstats")
+        finally:
+            client.close()
+        return {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}

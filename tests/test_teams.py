@@ -1,0 +1,212 @@
+"""Teams: keys, limits, rate-limit headers and the ledger, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.support import Upstream
+from tests.teams_setup import (
+    ADMIN_KEY,
+    OPS_KEY,
+    RESEARCH_KEY,
+    MakeTeamProxy,
+    chat,
+    ledger,
+)
+
+
+async def test_keys_are_required_and_checked(team_proxy: MakeTeamProxy, wandb: Upstream):
+    proxy = await team_proxy()
+    for key in (None, "sk-proxy-wrong", RESEARCH_KEY[:-1]):
+        status, body, _ = await chat(proxy, key=key)
+        assert status == 401
+        error = json.loads(body)["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+    assert not wandb.fake.seen
+    status, _, _ = await chat(proxy, key=RESEARCH_KEY)
+    assert status == 200
+    seen = wandb.fake.last.headers
+    assert seen["OpenAI-Project"] == "acme/research"  # the team's, over the provider's
+    assert RESEARCH_KEY not in json.dumps(dict(seen))
+
+
+async def test_requests_per_minute_refuses_with_retry_after(team_proxy: MakeTeamProxy):
+    proxy = await team_proxy(limits="{requests_per_minute: 3}")
+    remaining = []
+    for _ in range(3):
+        status, _, headers = await chat(proxy)
+        assert status == 200
+        assert headers["x-ratelimit-limit-requests"] == "3"
+        remaining.append(int(headers["x-ratelimit-remaining-requests"]))
+    assert remaining == [2, 1, 0]
+    status, body, headers = await chat(proxy)
+    assert status == 429
+    error = json.loads(body)["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        "requests_per_minute",
+    )
+    assert 1 <= int(headers["Retry-After"]) <= 20  # one request refills in 20 s
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-reset-requests"].endswith("s")
+    status, _, _ = await chat(proxy, key=OPS_KEY)  # another team is not affected
+    assert status == 200
+
+
+async def test_tokens_are_reserved_then_corrected(team_proxy: MakeTeamProxy, wandb: Upstream):
+    # Each call reserves its prompt estimate (14) + max_tokens 40 = 54 and uses what the
+    # upstream reports (15 + 6 = 21): the settlement hands 33 back. Four calls then fit
+    # in 120 (120 - 3·21 = 57 ≥ 54); without the correction only two would.
+    proxy = await team_proxy(limits="{tokens_per_minute: 120}")
+    statuses = [(await chat(proxy, max_tokens=40))[0] for _ in range(5)]
+    assert statuses == [200] * 4 + [429]
+    assert sum(u["prompt_tokens"] + u["completion_tokens"] for u in wandb.fake.reported) == 84
+    status, _, headers = await chat(proxy, max_tokens=500)
+    assert status == 429  # can never fit in 120 tokens a minute
+    assert headers["x-ratelimit-limit-tokens"] == "120"
+
+
+async def test_concurrency_slots(team_proxy: MakeTeamProxy, wandb: Upstream):
+    proxy = await team_proxy(limits="{concurrent: 1}")
+    release = asyncio.Event()
+    wandb.fake.stream_script = [b"data: {}\n\n", release, b"data: [DONE]\n\n"]
+    held = await proxy.http.post(proxy.url + "/v1/chat/completions", json={
+        "model": "llama-8b", "messages": [], "stream": True},
+        headers={"Authorization": f"Bearer {RESEARCH_KEY}"})  # fmt: skip
+    assert held.status == 200
+    status, body, _ = await chat(proxy)
+    assert status == 429 and json.loads(body)["error"]["param"] == "concurrent"
+    release.set()
+    await held.read()
+    held.close()
+    wandb.fake.stream_script = None
+    status, _, _ = await chat(proxy)
+    assert status == 200
+
+
+async def test_model_limits_apply_to_their_model_only(team_proxy: MakeTeamProxy):
+    proxy = await team_proxy(model_limits="{llama-70b: {requests_per_minute: 1}}")
+    assert (await chat(proxy, model="llama-70b"))[0] == 200
+    status, body, _ = await chat(proxy, model="llama-70b")
+    assert status == 429 and "llama-70b" in json.loads(body)["error"]["message"]
+    assert (await chat(proxy, model="llama-8b"))[0] == 200
+
+
+async def test_tokens_per_day(team_proxy: MakeTeamProxy):
+    proxy = await team_proxy(limits="{tokens_per_day: 100}")
+    assert (await chat(proxy, max_tokens=40))[0] == 200
+    status, _, headers = await chat(proxy, max_tokens=90)
+    assert status == 429
+    assert int(headers["Retry-After"]) <= 86400
+
+
+async def test_ledger_books_what_the_upstream_reported(
+    team_proxy: MakeTeamProxy, wandb: Upstream, prime: Upstream
+):
+    proxy = await team_proxy()
+    await chat(proxy)
+    await chat(proxy, stream=True)  # the proxy asks for usage and strips it again
+    prime.fake.status = 503  # llama-70b falls back to wandb: billed once, wandb's usage
+    await chat(proxy, model="llama-70b")
+    await chat(proxy, key=OPS_KEY)
+    report = await ledger(proxy, team="research")
+    rows = {row["model"]: row for row in report["data"]}
+    assert set(rows) == {"llama-8b", "llama-70b"}
+    reported = wandb.fake.reported[:3]
+    assert report["totals"]["requests"] == 3
+    assert report["totals"]["prompt_tokens"] == sum(u["prompt_tokens"] for u in reported)
+    assert report["totals"]["completion_tokens"] == sum(u["completion_tokens"] for u in reported)
+    assert report["totals"]["estimated_completion_tokens"] == 0
+    everyone = await ledger(proxy)
+    assert everyone["totals"]["requests"] == 4
+
+
+async def test_stream_is_byte_identical_with_and_without_injected_usage(
+    team_proxy: MakeTeamProxy, make_proxy, wandb: Upstream, prime: Upstream
+):
+    injected = await team_proxy()
+    _, with_injection, _ = await chat(injected, stream=True)
+    assert b'"stream_options"' in wandb.fake.last.body  # the proxy did ask
+    assert b"usage" not in with_injection
+    from tests.support import routes_yaml
+    from tests.teams_setup import team_yaml
+
+    plain = await make_proxy(
+        routes_yaml(wandb, prime).replace(
+            "    headers: {OpenAI-Project: acme/research}\n",
+            "    headers: {OpenAI-Project: acme/research}\n    stream_usage: false\n",
+        ) + team_yaml()
+    )  # fmt: skip
+    _, without, _ = await chat(plain, stream=True)
+    assert b'"stream_options"' not in wandb.fake.last.body
+    assert with_injection == without
+    # A client that asks for usage itself gets it, as sent.
+    _, asked, _ = await chat(injected, stream=True, stream_options={"include_usage": True})
+    assert b'"usage": {"prompt_tokens"' in asked
+
+
+async def test_missing_usage_is_estimated_and_kept_apart(
+    team_proxy: MakeTeamProxy, wandb: Upstream
+):
+    proxy = await team_proxy()
+    wandb.fake.send_usage = False
+    await chat(proxy)
+    await chat(proxy, stream=True)
+    totals = (await ledger(proxy, team="research"))["totals"]
+    assert totals["requests"] == 2
+    assert totals["prompt_tokens"] == totals["completion_tokens"] == 0
+    assert totals["estimated_prompt_tokens"] > 0 and totals["estimated_completion_tokens"] > 0
+
+
+async def test_tokens_streamed_before_a_disconnect_are_billed(
+    team_proxy: MakeTeamProxy, wandb: Upstream
+):
+    proxy = await team_proxy()
+    release = asyncio.Event()
+    wandb.fake.stream_script = [b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'] * 5 + [
+        release
+    ]
+    response = await proxy.http.post(proxy.url + "/v1/chat/completions", json={
+        "model": "llama-8b", "messages": [], "stream": True},
+        headers={"Authorization": f"Bearer {RESEARCH_KEY}"})  # fmt: skip
+    await response.content.readexactly(5 * 46)
+    response.close()
+    for _ in range(100):
+        totals = (await ledger(proxy, team="research"))["totals"]
+        if totals["requests"]:
+            break
+        await asyncio.sleep(0.05)
+    assert totals["requests"] == 1
+    assert totals["estimated_completion_tokens"] == 3  # 5 events, less role and finish
+
+
+async def test_usage_endpoint_needs_the_admin_key(team_proxy: MakeTeamProxy):
+    proxy = await team_proxy()
+    for key in (None, RESEARCH_KEY, ADMIN_KEY + "x"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with proxy.http.get(proxy.url + "/v1/usage", headers=headers) as resp:
+            assert resp.status == 403
+    async with proxy.http.get(
+        proxy.url + "/v1/usage",
+        params={"from": "yesterday"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+    ) as resp:
+        assert resp.status == 400
+
+
+@pytest.mark.parametrize("backend", ["memory"], indirect=True)
+async def test_anonymous_without_teams(make_proxy, wandb: Upstream, prime: Upstream, backend):
+    from tests.support import routes_yaml
+
+    proxy = await make_proxy(routes_yaml(wandb, prime) + "admin_key: k\n")
+    async with proxy.http.post(proxy.url + "/v1/chat/completions", json={
+            "model": "llama-8b", "messages": []}) as resp:  # fmt: skip
+        assert resp.status == 200
+        assert "x-ratelimit-limit-requests" not in resp.headers
+    async with proxy.http.get(proxy.url + "/v1/usage",
+                              headers={"Authorization": "Bearer k"}) as resp:  # fmt: skip
+        assert (await resp.json())["data"][0]["team"] == "anonymous"
