@@ -4,7 +4,9 @@ Never the shared one on 6379."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -69,3 +71,35 @@ class RedisServer:
         finally:
             client.close()
         return {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
+
+
+class Monitor:
+    """Redis's MONITOR feed, split into what clients sent and what scripts ran inside.
+
+    A script's own commands appear as ``[0 lua]``; everything else is a round trip some
+    client made."""
+
+    def __init__(self, port: int):
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self._sock.sendall(b"MONITOR\r\n")
+        self._file = self._sock.makefile("rb")
+        assert self._file.readline().startswith(b"+OK")
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for line in self._file:
+                self.lines.append(line.decode(errors="replace"))
+        except (OSError, ValueError):
+            return
+
+    def stop(self) -> list[str]:
+        """The commands clients sent (script internals left out)."""
+        time.sleep(0.2)  # let the feed catch up
+        self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(5)
+        sent = [line for line in self.lines if " lua]" not in line.split('"', 1)[0]]
+        return [line.split('"')[1].lower() for line in sent if '"' in line]

@@ -23,7 +23,7 @@ def team_yaml(limits: str = "{}", model_limits: str = "{}", redis_url: str = "",
               on_error: str = "fail_open") -> str:  # fmt: skip
     return f"""
 admin_key: {ADMIN_KEY}
-redis: {{url: "{redis_url}", on_error: {on_error}, timeout: 200ms}}
+redis: {{url: "{redis_url}", on_error: {on_error}, timeout: 2s}}
 accounting: {{default_max_tokens: 50}}
 teams:
   research:
