@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from proxy.appkeys import CLIENT_SESSION, CONFIG
+from proxy.appkeys import CLIENT_SESSION, CONFIG, METRICS
+from proxy.metrics import Metrics
 from proxy.middlewares import add_request_id, calls
 from proxy.reload import ConfigHolder, watch_file
 from proxy.routes import add_routes
@@ -18,6 +19,8 @@ from proxy.routes import add_routes
 def make_app(holder: ConfigHolder) -> web.Application:
     app = web.Application(middlewares=[calls])
     app[CONFIG] = holder
+    app[METRICS] = metrics = Metrics.from_env()
+    holder.on_reload = metrics.config_reloaded
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_config_watcher)
     app.on_response_prepare.append(add_request_id)

@@ -54,7 +54,7 @@ async def forward(request: web.Request, call: Call, record: CallRecord) -> web.S
         try:
             return await _attempt(request, session, call, target, provider, record)
         except _Failed as failed:
-            record.attempts.append(f"{provider.name}:{failed}")
+            record.add_attempt(provider.name, "failed", str(failed))
             failures.append(failed)
     return _all_failed(call.model, failures)
 
@@ -78,20 +78,23 @@ async def _attempt(
         )
     headers = upstream_headers(request.headers, provider)
     try:
-        response = await open_call(
-            session, provider, call.endpoint, call.body.with_model(target.model), headers
-        )
+        with record.waiting():
+            response = await open_call(
+                session, provider, call.endpoint, call.body.with_model(target.model), headers
+            )
     except ProxyError as exc:
         raise _Failed(exc.code or "error", exc, None) from None
     try:
         if response.status in RETRYABLE_STATUS:
-            answer = await _answer_or_error(response, provider)
+            with record.waiting():
+                answer = await _answer_or_error(response, provider)
             raise _Failed(str(response.status), None, answer)
         if is_stream(response):
-            record.attempts.append(f"{provider.name}:{response.status}")
+            record.add_attempt(provider.name, "ok", str(response.status))
             return await relay_stream(request, response, provider, record)
-        answer = await _answer_or_error(response, provider)
-        record.attempts.append(f"{provider.name}:{response.status}")
+        with record.waiting():
+            answer = await _answer_or_error(response, provider)
+        record.add_attempt(provider.name, "ok", str(response.status))
         return answer
     finally:
         # Closing (not releasing) drops the connection if the body was not read to

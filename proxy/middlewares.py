@@ -1,4 +1,9 @@
-"""Around every request: a call record, the OpenAI error shape, and one access-log line."""
+"""Around every request: a call record, the OpenAI error shape, one access-log line, metrics.
+
+The access log names the call (request id, team, model, provider, endpoint, status,
+attempts, tokens, time to first token, duration) and never a key: nothing from the
+request's headers is written.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,14 @@ import json
 import logging
 import time
 import uuid
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.appkeys import METRICS
 from proxy.errors import ProxyError, error_body, json_error
+from proxy.observe import note_usage, observe_call
 from proxy.record import CallRecord
 
 log = logging.getLogger(__name__)
@@ -35,7 +43,7 @@ async def calls(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = _http_error(exc)
     except (asyncio.CancelledError, ConnectionResetError):
         record.status = 499  # the client went away; nginx's name for it
-        _access(request, record)
+        _settle(request, record)
         raise
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
@@ -44,7 +52,8 @@ async def calls(request: web.Request, handler: Handler) -> web.StreamResponse:
             error_body("The proxy failed to handle the request.", "server_error", "internal_error"),
         )
     record.status = response.status
-    _access(request, record)
+    note_usage(record, response)
+    _settle(request, record)
     return response
 
 
@@ -72,24 +81,34 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
         response.headers["X-Proxy-Request-Id"] = record.request_id
 
 
-def _access(request: web.Request, record: CallRecord) -> None:
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    line = {
+def _settle(request: web.Request, record: CallRecord) -> None:
+    elapsed = record.elapsed()
+    observe_call(request.app[METRICS], record, elapsed)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("%s", json.dumps(_access_line(request, record, elapsed)))
+
+
+def _access_line(request: web.Request, record: CallRecord, elapsed: float) -> dict[str, Any]:
+    usage = record.usage
+    line: dict[str, Any] = {
         "ts": round(time.time(), 3),
         "request_id": record.request_id,
         "method": request.method,
         "path": request.path,
+        "endpoint": record.endpoint,
+        "team": record.team,
         "model": record.model,
         "provider": record.provider,
         "status": record.status,
         "attempts": record.attempts,
-        "ttfb_ms": _ms(record.first_byte - record.started) if record.first_byte else None,
-        "duration_ms": _ms(record.elapsed()),
+        "prompt_tokens": usage.prompt if usage else None,
+        "completion_tokens": usage.completion if usage else None,
+        "ttft_ms": _ms(record.first_byte - record.started) if record.first_byte else None,
+        "duration_ms": _ms(elapsed),
     }
     if record.stream_error:
         line["stream_error"] = record.stream_error
-    access_log.info("%s", json.dumps(line))
+    return line
 
 
 def _ms(seconds: float) -> float:

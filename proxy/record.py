@@ -1,9 +1,15 @@
-"""What one call did, filled in as it travels and written to the access log at the end."""
+"""What one call did, filled in as it travels; the access log and the metrics read it at the end."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from proxy.usage import Usage
+
+ANONYMOUS = "anonymous"  # the team of a call until teams and keys exist
 
 
 @dataclass
@@ -12,16 +18,37 @@ class CallRecord:
 
     request_id: str
     started: float = field(default_factory=time.perf_counter)
-    model: str | None = None
+    team: str = ANONYMOUS
+    endpoint: str | None = None  # set for proxied API calls only (chat/completions …)
+    model: str | None = None  # what the client asked for, as sent
+    route: str | None = None  # the routes.yaml model id, once routed: a safe metric label
     provider: str | None = None
     status: int | None = None
-    attempts: list[str] = field(default_factory=list)
+    attempts: list[str] = field(default_factory=list)  # "provider:detail", for the log
+    outcomes: list[tuple[str, str]] = field(default_factory=list)  # (provider, outcome)
     first_byte: float | None = None
+    usage: Usage | None = None
+    # Seconds spent awaiting the upstream or the client: the rest of the call is the
+    # proxy's own overhead.
+    waited: float = 0.0
     stream_error: str | None = None
 
     def mark_first_byte(self) -> None:
         if self.first_byte is None:
             self.first_byte = time.perf_counter()
+
+    def add_attempt(self, provider: str, outcome: str, detail: str) -> None:
+        """outcome: ok, retried, failed or circuit_open (see metrics.AttemptOutcome)."""
+        self.attempts.append(f"{provider}:{detail}")
+        self.outcomes.append((provider, outcome))
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.waited += time.perf_counter() - start
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
