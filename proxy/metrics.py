@@ -17,7 +17,9 @@ request costs a handful of dict lookups and increments.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -167,6 +169,17 @@ class Metrics:
         self.redis_latency.labels(operation).observe(seconds)
         if not ok:
             self.redis_errors.labels(operation).inc()
+
+    @contextmanager
+    def redis_timer(self, operation: str) -> Iterator[None]:
+        """``with metrics.redis_timer("admit"): await script(...)``: latency, and errors."""
+        start = time.perf_counter()
+        try:
+            yield
+        except Exception:  # not CancelledError: a client going away is not a Redis error
+            self.redis_call(operation, time.perf_counter() - start, ok=False)
+            raise
+        self.redis_call(operation, time.perf_counter() - start)
 
     def circuit_changed(self, provider: str, endpoint: str, state: CircuitState) -> None:
         """A breaker changed state; ``endpoint`` is a label from ``endpoint_label()``."""

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from proxy.usage import Usage
 
@@ -42,13 +41,27 @@ class CallRecord:
         self.attempts.append(f"{provider}:{detail}")
         self.outcomes.append((provider, outcome))
 
-    @contextmanager
-    def waiting(self) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.waited += time.perf_counter() - start
+    def waiting(self) -> _Waiting:
+        """``with record.waiting():`` around awaiting the upstream (or a backoff sleep)."""
+        return _Waiting(self)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+
+class _Waiting:
+    """A plain class, not @contextmanager: it runs several times per call, on the hot path."""
+
+    __slots__ = ("record", "start")
+
+    def __init__(self, record: CallRecord) -> None:
+        self.record = record
+        self.start = 0.0
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.record.waited += time.perf_counter() - self.start

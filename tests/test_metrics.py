@@ -126,7 +126,8 @@ def test_recording_functions_for_later_features() -> None:
     metrics = Metrics()
     metrics.rate_limit_rejected("research", "tokens_per_minute")
     metrics.redis_call("admit", 0.002)
-    metrics.redis_call("admit", 0.5, ok=False)
+    with pytest.raises(ConnectionError), metrics.redis_timer("admit"):
+        raise ConnectionError("redis went away")
     metrics.circuit_changed("wandb", "https://api.example/v1", "open")
     metrics.attempt("wandb", "retried")
     metrics.add_tokens("research", "llama-8b", 10, 0, "estimated")
