@@ -122,6 +122,18 @@ async def test_in_flight_counts_a_call_while_it_runs(proxy: Proxy, wandb: Upstre
     assert (await scrape(proxy.http, proxy.url)).value("llm_proxy_requests_in_flight") == 0
 
 
+async def test_a_client_that_goes_away_is_counted_as_499(proxy: Proxy, wandb: Upstream) -> None:
+    wandb.fake.stream_script = [b"data: 1\n\n", 30.0, b"data: [DONE]\n\n"]
+    payload = {"model": "llama-8b", "messages": MESSAGES, "stream": True}
+    async with proxy.http.post(proxy.url + CHAT, json=payload) as resp:
+        await resp.content.readany()
+        resp.close()
+    while (await scrape(proxy.http, proxy.url)).value("llm_proxy_requests_in_flight"):
+        await asyncio.sleep(0.05)  # the handler is being cancelled
+    m = await scrape(proxy.http, proxy.url)
+    assert m.value("llm_proxy_requests_total", model="llama-8b", status="499") == 1
+
+
 def test_recording_functions_for_later_features() -> None:
     metrics = Metrics()
     metrics.rate_limit_rejected("research", "tokens_per_minute")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -40,6 +42,11 @@ async def test_one_scrape_counts_the_calls_of_every_worker(
         assert m.value("llm_proxy_requests_in_flight") == 0
         ours = _metrics_dirs() - before
         assert len(ours) == 1, "the supervisor made no metrics directory"
+        # A worker that dies takes no counts with it, and its replacement adds to them.
+        os.kill(pids.pop(), signal.SIGKILL)
+        await process.wait_listening(workers=4)
+        async with aiohttp.ClientSession() as http:
+            assert (await scrape(http, process.url)).value("llm_proxy_requests_total") == CALLS
     finally:
         assert process.stop() == 0
     assert not any(d.exists() for d in ours)  # removed at exit
