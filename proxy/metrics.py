@@ -12,6 +12,15 @@ all of them (prometheus-client's multiprocess mode), so one scrape sees every wo
 
 Hot path: the labelled children used on every call are cached in plain dicts, so a
 request costs a handful of dict lookups and increments.
+
+What the features built elsewhere call (all labels from routes.yaml):
+
+- a call's team: set ``record.team`` (a team name) after authentication;
+- an attempt retried on the same target, or skipped for an open circuit:
+  ``record.add_attempt(provider, "retried" | "circuit_open", detail)``; a backoff
+  sleep goes inside ``with record.waiting():`` so it is not counted as overhead;
+- ``rate_limit_rejected``, ``redis_call`` / ``redis_timer``, ``circuit_changed``,
+  ``endpoint_health`` and ``add_tokens(..., "estimated")`` below.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
+PREFIX = "llm_proxy_"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNKNOWN_MODEL = "unknown"
 ANONYMOUS_TEAM = "anonymous"
@@ -77,8 +87,17 @@ class _Children(Generic[M]):
 class Metrics:
     def __init__(self, multiproc_dir: str | None = None) -> None:
         self.multiproc_dir = multiproc_dir
-        self.registry = CollectorRegistry(auto_describe=True)
-        self._define(self.registry)
+        self.registry = CollectorRegistry()
+        self._define_calls(self.registry)
+        self._define_upstreams(self.registry)
+        self._define_teams_and_operations(self.registry)
+        # The children used on every call, cached (see _Children).
+        self.c_requests = _Children(self.requests)
+        self.c_duration = _Children(self.duration)
+        self.c_ttft = _Children(self.ttft)
+        self.c_chunk_gap = _Children(self.chunk_gap)
+        self.c_attempts = _Children(self.attempts)
+        self.c_tokens = _Children(self.tokens)
 
     @classmethod
     def from_env(cls) -> Metrics:
@@ -90,8 +109,8 @@ class Metrics:
             values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
         return cls(directory)
 
-    def _define(self, r: CollectorRegistry) -> None:
-        p = "llm_proxy_"
+    def _define_calls(self, r: CollectorRegistry) -> None:
+        p = PREFIX
         self.requests = Counter(
             p + "requests", "Proxied API calls by team, model, provider and HTTP status.",
             ["team", "model", "provider", "status"], registry=r,
@@ -114,22 +133,16 @@ class Metrics:
             p + "stream_chunk_gap_seconds", "Time between two chunks of one upstream stream.",
             ["provider"], buckets=CHUNK_GAP_BUCKETS, registry=r,
         )  # fmt: skip
-        self.attempts = Counter(
-            p + "upstream_attempts", "Upstream attempts by outcome (ok, retried, failed, "
-            "circuit_open).", ["provider", "outcome"], registry=r,
-        )  # fmt: skip
-        self.tokens = Counter(
-            p + "tokens", "Tokens by team, model, kind (prompt, completion) and source "
-            "(reported by the upstream, estimated by the proxy).",
-            ["team", "model", "kind", "source"], registry=r,
-        )  # fmt: skip
-        self.rate_limited = Counter(
-            p + "rate_limit_rejections", "Calls refused with 429 by a team's limit.",
-            ["team", "limit"], registry=r,
-        )  # fmt: skip
         self.in_flight = Gauge(
             p + "requests_in_flight", "Proxied calls being handled now.",
             registry=r, multiprocess_mode="livesum",
+        )  # fmt: skip
+
+    def _define_upstreams(self, r: CollectorRegistry) -> None:
+        p = PREFIX
+        self.attempts = Counter(
+            p + "upstream_attempts", "Upstream attempts by outcome (ok, retried, failed, "
+            "circuit_open).", ["provider", "outcome"], registry=r,
         )  # fmt: skip
         self.endpoint_up = Gauge(
             p + "endpoint_up", "1 if the last health probe reached the endpoint, else 0.",
@@ -138,6 +151,18 @@ class Metrics:
         self.circuit = Gauge(
             p + "circuit_state", "Circuit breaker per endpoint: 0 closed, 1 half-open, 2 open.",
             ["provider", "endpoint"], registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
+
+    def _define_teams_and_operations(self, r: CollectorRegistry) -> None:
+        p = PREFIX
+        self.tokens = Counter(
+            p + "tokens", "Tokens by team, model, kind (prompt, completion) and source "
+            "(reported by the upstream, estimated by the proxy).",
+            ["team", "model", "kind", "source"], registry=r,
+        )  # fmt: skip
+        self.rate_limited = Counter(
+            p + "rate_limit_rejections", "Calls refused with 429 by a team's limit.",
+            ["team", "limit"], registry=r,
         )  # fmt: skip
         self.reloads = Counter(
             p + "config_reloads", "routes.yaml reloads by result (ok, error).",
@@ -151,12 +176,6 @@ class Metrics:
             p + "redis_latency_seconds", "Redis round trips, by operation.",
             ["operation"], buckets=REDIS_BUCKETS, registry=r,
         )  # fmt: skip
-        self.c_requests = _Children(self.requests)
-        self.c_duration = _Children(self.duration)
-        self.c_ttft = _Children(self.ttft)
-        self.c_chunk_gap = _Children(self.chunk_gap)
-        self.c_attempts = _Children(self.attempts)
-        self.c_tokens = _Children(self.tokens)
 
     # -- recording functions for the features built elsewhere (teams, resilience, engines)
 
