@@ -93,8 +93,9 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=status)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
+async def scrape_metrics(request: web.Request) -> web.Response:
+    exported = request.app[METRICS]
     # Multiprocess mode reads every worker's files: keep that off the event loop.
-    text = await asyncio.to_thread(metrics.scrape) if metrics.multiproc_dir else metrics.scrape()
+    scrape = exported.scrape
+    text = await asyncio.to_thread(scrape) if exported.multiproc_dir else scrape()
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -63,6 +63,7 @@ async def relay_stream(
             tap.written()
             tail = (tail + chunk)[-4:]
     except ProxyError as exc:
+        tap.arrived(b"", asked)  # an idle timeout is the upstream's time, not overhead
         record.stream_error = exc.message
         log.warning("stream from %s failed after the first byte: %s", provider.name, exc.message)
         await out.write(_error_event(exc, tail))
