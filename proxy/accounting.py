@@ -22,6 +22,7 @@ from typing import Any
 
 from proxy.config import Config, RedisSettings
 from proxy.errors import LimiterUnavailable, RateLimited
+from proxy.metrics import Metrics
 from proxy.rate_headers import describe_refusal, rate_headers
 from proxy.store import DAY, Admission, Check, Settlement, Store, StoreUnavailable
 from proxy.store_memory import MemoryStore
@@ -57,10 +58,17 @@ def checks_for(config: Config, team: str, model: str) -> tuple[Check, ...]:
 
 
 class Accountant:
-    def __init__(self, settings: RedisSettings, primary: Store, fallback: MemoryStore | None):
+    def __init__(
+        self,
+        settings: RedisSettings,
+        primary: Store,
+        fallback: MemoryStore | None,
+        redis_metrics: Metrics | None = None,
+    ):
         self.settings = settings
         self.primary = primary
         self.fallback = fallback  # None when the primary already is this process's memory
+        self.redis_metrics = redis_metrics  # set when the primary is Redis
         self.queue: deque[Settlement] = deque()
         self.redis_errors = 0
         self.fallback_admissions = 0
@@ -83,9 +91,10 @@ class Accountant:
         if not checks:
             return ticket
         try:
-            admission = await self.primary.admit(
-                team, checks, reserved, request_id, self.settings.lease_ttl
-            )
+            with self._timed("admit"):
+                admission = await self.primary.admit(
+                    team, checks, reserved, request_id, self.settings.lease_ttl
+                )
         except StoreUnavailable as exc:
             return await self._admit_without_redis(ticket, exc)
         ticket = replace(ticket, admission=admission)
@@ -122,7 +131,8 @@ class Accountant:
             self.queue.append(settlement)
             return
         try:
-            await self.primary.settle(settlement)
+            with self._timed("settle"):
+                await self.primary.settle(settlement)
         except StoreUnavailable as exc:
             self._redis_failed("settlement", exc)
             self.queue.append(settlement)
@@ -131,7 +141,8 @@ class Accountant:
         """Write queued settlements in order; True when the queue is empty."""
         while self.queue:
             try:
-                await self.primary.settle(self.queue[0])
+                with self._timed("flush"):
+                    await self.primary.settle(self.queue[0])
             except StoreUnavailable:
                 return False
             self.queue.popleft()
@@ -152,6 +163,11 @@ class Accountant:
             await asyncio.sleep(0.2)
         for settlement in self.queue:
             log.error("ledger write lost at shutdown: %s", json.dumps(asdict(settlement)))
+
+    def _timed(self, operation: str) -> contextlib.AbstractContextManager[None]:
+        if self.redis_metrics is None:
+            return contextlib.nullcontext()
+        return self.redis_metrics.redis_timer(operation)
 
     def _redis_failed(self, what: str, exc: StoreUnavailable) -> None:
         self.redis_errors += 1

@@ -10,9 +10,10 @@ import aiohttp
 from aiohttp import web
 
 from proxy.accounting import Accountant
-from proxy.appkeys import ACCOUNTANT, BALANCER, BREAKERS, CLIENT_SESSION, CONFIG
+from proxy.appkeys import ACCOUNTANT, BALANCER, BREAKERS, CLIENT_SESSION, CONFIG, METRICS
 from proxy.balance import Balancer
 from proxy.circuit import CircuitBreakers
+from proxy.metrics import Metrics
 from proxy.middlewares import add_request_id, calls
 from proxy.reload import ConfigHolder, watch_file
 from proxy.routes import add_routes
@@ -27,6 +28,8 @@ def make_app(holder: ConfigHolder) -> web.Application:
     # keeps its URL keeps its history.
     app[BALANCER] = Balancer()
     app[BREAKERS] = CircuitBreakers()
+    app[METRICS] = metrics = Metrics.from_env()
+    holder.on_reload = metrics.config_reloaded
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_accounting)
     app.cleanup_ctx.append(_config_watcher)
@@ -52,7 +55,7 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
     settings = app[CONFIG].current.redis
     if settings.url:
         redis = RedisStore(settings.url, settings.timeout)
-        accountant = Accountant(settings, redis, fallback=MemoryStore())
+        accountant = Accountant(settings, redis, MemoryStore(), redis_metrics=app[METRICS])
     else:
         accountant = Accountant(settings, MemoryStore(), fallback=None)
     app[ACCOUNTANT] = accountant

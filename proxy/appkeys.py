@@ -8,6 +8,7 @@ from aiohttp import web
 from proxy.accounting import Accountant
 from proxy.balance import Balancer
 from proxy.circuit import CircuitBreakers
+from proxy.metrics import Metrics
 from proxy.reload import ConfigHolder
 
 CONFIG = web.AppKey("config", ConfigHolder)
@@ -15,3 +16,4 @@ CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 BALANCER = web.AppKey("balancer", Balancer)
 BREAKERS = web.AppKey("breakers", CircuitBreakers)
 ACCOUNTANT = web.AppKey("accountant", Accountant)
+METRICS = web.AppKey("metrics", Metrics)

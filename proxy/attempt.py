@@ -74,23 +74,27 @@ async def attempt(
     headers = upstream_headers(request.headers, provider, upstream.headers)
     url = upstream.endpoint.join(upstream.path)
     try:
-        response = await open_call(session, provider, url, body, headers)
+        with record.waiting():
+            response = await open_call(session, provider, url, body, headers)
     except ProxyError as exc:
         raise AttemptFailed(exc.code or "error", error=exc) from None
     try:
         if response.status in RETRYABLE_STATUS:
-            answer = await _read(response, provider)
+            with record.waiting():
+                answer = await _read(response, provider)
             raise AttemptFailed(
                 str(response.status), answer=answer,
                 retry_after=retry_after_seconds(response.headers.get("Retry-After")),
                 endpoint_fault=response.status != 429,
             )  # fmt: skip
         if is_stream(response):
-            first = await _first_chunk(response, provider)
+            with record.waiting():
+                first = await _first_chunk(response, provider)
             return await relay_stream(
                 request, response, provider, record, first, SseTap(strip_usage)
             )
-        answer = await _read(response, provider)
+        with record.waiting():
+            answer = await _read(response, provider)
         if response.status == 200 and response.content_type == "application/json":
             _note_usage(record, _parsed_json(answer, provider))
         return answer

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal
 
 from proxy.config import CircuitPolicy
 
@@ -74,7 +75,7 @@ class CircuitBreakers:
         if state is not None:
             state.probe_until = 0.0
 
-    def state(self, key: str) -> str:
+    def state(self, key: str) -> Literal["closed", "half_open", "open"]:
         state = self._states.get(key)
         if state is None or state.opened == 0:
             return "closed"

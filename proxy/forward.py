@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.appkeys import BALANCER, BREAKERS, CLIENT_SESSION
+from proxy.appkeys import BALANCER, BREAKERS, CLIENT_SESSION, METRICS
 from proxy.attempt import AttemptFailed, Upstream, attempt
 from proxy.backoff import backoff_delay
 from proxy.balance import conversation_prefix
@@ -25,6 +25,7 @@ from proxy.circuit import Admission
 from proxy.config import Config, Endpoint, Model, Provider, Target
 from proxy.errors import CircuitOpen, ProviderUnavailable
 from proxy.final_error import Failure, all_failed
+from proxy.metrics import endpoint_label
 from proxy.record import Attempt, CallRecord
 
 
@@ -105,7 +106,8 @@ class _Run:
                 self._fail(provider, endpoint.url, "failed" if delay is None else "retried", failed)
                 if delay is None:
                     return None
-                await asyncio.sleep(delay)
+                with self.record.waiting():  # not the proxy's overhead
+                    await asyncio.sleep(delay)
         return None
 
     def _admitted(
@@ -127,6 +129,7 @@ class _Run:
     ) -> web.StreamResponse:
         app, breakers = self.request.app, self.request.app[BREAKERS]
         self.record.provider, self.record.endpoint = provider.name, endpoint.url
+        was = breakers.state(endpoint.url)
         settled = False
         try:
             with app[BALANCER].busy(endpoint.url):
@@ -148,6 +151,9 @@ class _Run:
         finally:
             if not settled:  # a 429, or the client went away: neither verdict
                 breakers.released(endpoint.url)
+            now = breakers.state(endpoint.url)
+            if now != was:
+                app[METRICS].circuit_changed(provider.name, endpoint_label(endpoint.url), now)
         self.record.attempts.append(Attempt(provider.name, endpoint.url, "ok",
                                             str(response.status)))  # fmt: skip
         return response

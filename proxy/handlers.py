@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.appkeys import ACCOUNTANT, CONFIG
+from proxy.appkeys import ACCOUNTANT, CONFIG, METRICS
 from proxy.auth import require_admin
-from proxy.config import ANONYMOUS, Config
+from proxy.config import ANONYMOUS, Config, Provider
 from proxy.errors import LimiterUnavailable
 from proxy.ledger_report import day_range, ledger_report
+from proxy.metrics import endpoint_label
 from proxy.readiness import readiness
 from proxy.request_checks import route
 from proxy.store import StoreUnavailable
@@ -46,7 +49,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     config = request.app[CONFIG].current
-    problems = await readiness(config)
+    metrics = request.app[METRICS]
+
+    def probed(provider: Provider, reached: bool) -> None:
+        metrics.endpoint_health(provider.name, endpoint_label(provider.base_url), reached)
+
+    problems = await readiness(config, probed)
     status = 503 if problems else 200
     body = {
         "status": "not ready" if problems else "ready",
@@ -67,3 +75,11 @@ async def usage(request: web.Request) -> web.Response:
     except StoreUnavailable as exc:
         raise LimiterUnavailable(f"The ledger cannot be read now: {exc}") from None
     return web.json_response(ledger_report(rows, first, last))
+
+
+async def scrape_metrics(request: web.Request) -> web.Response:
+    exported = request.app[METRICS]
+    # Multiprocess mode reads every worker's files: keep that off the event loop.
+    scrape = exported.scrape
+    text = await asyncio.to_thread(scrape) if exported.multiproc_dir else scrape()
+    return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,4 +1,9 @@
-"""Around every request: a call record, the OpenAI error shape, and one access-log line."""
+"""Around every request: a call record, the OpenAI error shape, one access-log line, metrics.
+
+The access log names the call (request id, team, model, provider, endpoint, status,
+attempts, tokens, time to first token, duration) and never a key: nothing from the
+request's headers is written.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,15 @@ import logging
 import time
 import uuid
 from dataclasses import asdict
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.appkeys import METRICS
 from proxy.errors import ProxyError, error_body, json_error
+from proxy.metrics import endpoint_label
+from proxy.observe import observe_call
 from proxy.record import CallRecord
 
 log = logging.getLogger(__name__)
@@ -36,7 +45,7 @@ async def calls(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = _http_error(exc)
     except (asyncio.CancelledError, ConnectionResetError):
         record.status = 499  # the client went away; nginx's name for it
-        _access(request, record)
+        _finish(request, record)
         raise
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
@@ -45,7 +54,7 @@ async def calls(request: web.Request, handler: Handler) -> web.StreamResponse:
             error_body("The proxy failed to handle the request.", "server_error", "internal_error"),
         )
     record.status = response.status
-    _access(request, record)
+    _finish(request, record)
     return response
 
 
@@ -74,25 +83,36 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
         response.headers.update(record.rate_headers)
 
 
-def _access(request: web.Request, record: CallRecord) -> None:
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    line = {
+def _finish(request: web.Request, record: CallRecord) -> None:
+    elapsed = record.elapsed()
+    observe_call(request.app[METRICS], record, elapsed)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("%s", json.dumps(_access_line(request, record, elapsed)))
+
+
+def _access_line(request: web.Request, record: CallRecord, elapsed: float) -> dict[str, Any]:
+    billed = record.billed
+    line: dict[str, Any] = {
         "ts": round(time.time(), 3),
         "request_id": record.request_id,
         "method": request.method,
         "path": request.path,
+        "api": record.api,
+        "team": record.team,
         "model": record.model,
         "provider": record.provider,
+        "endpoint": endpoint_label(record.endpoint) if record.endpoint else None,
         "status": record.status,
-        "endpoint": record.endpoint,
         "attempts": [asdict(a) for a in record.attempts],
-        "ttfb_ms": _ms(record.first_byte - record.started) if record.first_byte else None,
-        "duration_ms": _ms(record.elapsed()),
+        "prompt_tokens": billed.prompt_tokens if billed else None,
+        "completion_tokens": billed.completion_tokens if billed else None,
+        "tokens_estimated": billed.estimated if billed else None,
+        "ttft_ms": _ms(record.first_byte - record.started) if record.first_byte else None,
+        "duration_ms": _ms(elapsed),
     }
     if record.stream_error:
         line["stream_error"] = record.stream_error
-    access_log.info("%s", json.dumps(line))
+    return line
 
 
 def _ms(seconds: float) -> float:

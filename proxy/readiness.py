@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from proxy.config import Config, Provider
@@ -10,16 +11,27 @@ from proxy.config import Config, Provider
 _CONNECT_TIMEOUT = 2.0
 
 
-async def readiness(config: Config) -> list[str]:
+Probed = Callable[[Provider, bool], None]
+
+
+async def readiness(config: Config, probed: Probed | None = None) -> list[str]:
+    """Problems, one line each; ``probed`` hears whether each provider's TCP probe reached it."""
     required = [p for p in config.providers.values() if p.required]
-    results = await asyncio.gather(*(_provider_problem(p) for p in required))
+    results = await asyncio.gather(*(_provider_problem(p, probed) for p in required))
     return [problem for problem in results if problem]
 
 
-async def _provider_problem(provider: Provider) -> str | None:
+async def _provider_problem(provider: Provider, probed: Probed | None) -> str | None:
     if provider.missing_key_var:
         variable = provider.missing_key_var
         return f"provider '{provider.name}': environment variable {variable} is not set"
+    problem = await _connect_problem(provider)
+    if probed is not None:
+        probed(provider, problem is None)
+    return problem
+
+
+async def _connect_problem(provider: Provider) -> str | None:
     parts = urlsplit(provider.base_url)  # the first endpoint
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:

@@ -3,17 +3,21 @@
 A stream is written to the client exactly as its bytes arrive from the upstream
 (comments, CRLF separators and events split across reads included), flushed per
 chunk. If the upstream fails after the first byte went out, nothing can be retried:
-the stream ends with one OpenAI-shaped error event and closes cleanly.
+the stream ends with one OpenAI-shaped error event and closes cleanly. Beside the
+bytes, the SSE tap reads the usage, and a clock tells upstream time from the proxy's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import Histogram
 
+from proxy.appkeys import METRICS
 from proxy.config import Provider
 from proxy.errors import ProxyError
 from proxy.headers import client_headers
@@ -46,13 +50,15 @@ async def relay_stream(
     out = web.StreamResponse(status=response.status, headers=client_headers(response.headers))
     out.headers["X-Accel-Buffering"] = "no"
     await out.prepare(request)
+    clock = _Clock(record, request.app[METRICS].c_chunk_gap.get(provider.name))
     chunk, tail = first, b"\n\n"
     try:
         while chunk:
-            record.mark_first_byte()
+            clock.arrived()
             if data := tap.feed(chunk):
                 await out.write(data)
                 tail = (tail + data)[-4:]
+            clock.written()
             chunk = await read_chunk(response, provider)
         if data := tap.finish():
             await out.write(data)
@@ -65,8 +71,38 @@ async def relay_stream(
         # Also when the client went away: what was streamed until then is billed.
         record.usage = tap.usage
         record.completion_estimate = tap.estimated_completion()
+        record.waited += time.perf_counter() - clock.at  # the last read, or a failed one
     await out.write_eof()
     return out
+
+
+class _Clock:
+    """Stream timing beside the bytes: first byte, gaps between chunks, and which time
+    was the upstream's or the client's (a read, a write) rather than the proxy's."""
+
+    __slots__ = ("at", "gaps", "previous", "record")
+
+    def __init__(self, record: CallRecord, gaps: Histogram) -> None:
+        self.record = record
+        self.gaps = gaps
+        self.previous: float | None = None
+        self.at = time.perf_counter()
+
+    def arrived(self) -> None:
+        """A chunk arrived: the time since the last write was spent reading it."""
+        now = time.perf_counter()
+        self.record.waited += now - self.at
+        if self.previous is None:
+            self.record.mark_first_byte()
+        else:
+            self.gaps.observe(now - self.previous)
+        self.previous = self.at = now
+
+    def written(self) -> None:
+        # A slow client holds the write back; that time is not the proxy's overhead.
+        now = time.perf_counter()
+        self.record.waited += now - self.at
+        self.at = now
 
 
 def _error_event(exc: ProxyError, tail: bytes) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from proxy.config import Config
@@ -34,6 +35,8 @@ class ConfigHolder:
         self.path = path
         self._stamp = _stamp(path) if path else None
         self.reloads = {"ok": 0, "error": 0}
+        # Told the result of every reload (the app points it at its metrics).
+        self.on_reload: Callable[[bool], None] | None = None
         log_warnings(config)
 
     def reload(self) -> bool:
@@ -44,6 +47,7 @@ class ConfigHolder:
             config = load_config(self.path)
         except ConfigError as exc:
             self.reloads["error"] += 1
+            self._tell(False)
             log.error(
                 "config reload refused, the running config stays: %s",
                 "; ".join(exc.errors),
@@ -51,9 +55,14 @@ class ConfigHolder:
             return False
         self.current = config
         self.reloads["ok"] += 1
+        self._tell(True)
         log.info("config reloaded from %s: %d models", self.path, len(config.models))
         log_warnings(config)
         return True
+
+    def _tell(self, ok: bool) -> None:
+        if self.on_reload is not None:
+            self.on_reload(ok)
 
     def file_changed(self) -> bool:
         return self.path is not None and _stamp(self.path) != self._stamp

@@ -18,3 +18,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/v1/usage", handlers.usage)
+    app.router.add_get("/metrics", handlers.scrape_metrics)

@@ -7,7 +7,9 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -15,9 +17,11 @@ from pathlib import Path
 from types import FrameType
 
 from aiohttp import web
+from prometheus_client import multiprocess
 
 from proxy.app import make_app
 from proxy.config_load import load_config
+from proxy.metrics import MULTIPROC_ENV
 from proxy.reload import ConfigHolder
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,17 @@ async def _worker(options: ServeOptions, reuse_port: bool) -> None:
 
 
 def supervise(options: ServeOptions) -> int:
+    """Start N workers sharing one metrics directory; remove the directory at exit."""
+    # A fresh directory each run: files left by an earlier run would be counted again.
+    directory = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
+    os.environ[MULTIPROC_ENV] = directory  # inherited by the forked workers
+    try:
+        return _supervise(options, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _supervise(options: ServeOptions, metrics_dir: str) -> int:
     """Start N full workers on one port and pass signals on; restart a worker that dies."""
     context = multiprocessing.get_context("fork")
     stopping = False
@@ -101,6 +116,9 @@ def supervise(options: ServeOptions) -> int:
         time.sleep(0.2)
         for i, process in enumerate(workers):
             if not process.is_alive() and not stopping:
+                # Its counters stay (they only go up); its live gauges must go.
+                if process.pid is not None:
+                    multiprocess.mark_process_dead(process.pid, metrics_dir)  # type: ignore[no-untyped-call]
                 log.error(
                     "worker pid %s exited with %s; starting another in 1s",
                     process.pid,

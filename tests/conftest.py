@@ -91,3 +91,10 @@ async def make_proxy(start_app: StartApp, tmp_path: Path) -> AsyncIterator[MakeP
 @pytest.fixture
 async def proxy(make_proxy: MakeProxy, wandb: Upstream, prime: Upstream) -> Proxy:
     return await make_proxy(routes_yaml(wandb, prime))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Skips are loud: a missing Prometheus must not pass unnoticed in a green run."""
+    for report in terminalreporter.stats.get("skipped", []):
+        _, _, reason = report.longrepr
+        terminalreporter.write_line(f"SKIPPED {report.nodeid}: {reason}", red=True, bold=True)

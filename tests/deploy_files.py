@@ -1,0 +1,67 @@
+"""What deploy/ holds, read as data: the dashboard's queries and the alert expressions."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support import ROOT
+
+DEPLOY = ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "llm-proxy.json"
+ALERTS = DEPLOY / "alerts.yml"
+
+# Words of PromQL that are not series names (functions, aggregations, keywords).
+_PROMQL_WORDS = frozenset(
+    ("sum", "min", "max", "avg", "count", "rate", "irate", "increase", "histogram_quantile",
+     "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+     "bool", "offset", "clamp_min", "abs")
+)  # fmt: skip
+_GROUPING = re.compile(r"\b(by|without|on|ignoring)\s*\([^)]*\)")
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    panel: str
+    expr: str
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
+
+
+def panel_queries() -> list[PanelQuery]:
+    return [
+        PanelQuery(panel["title"], target["expr"])
+        for panel in dashboard()["panels"]
+        for target in panel.get("targets", [])
+    ]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def grafana_to_promql(expr: str, rate_interval: str = "1m") -> str:
+    """Grafana fills in its $__ variables before the query reaches Prometheus."""
+    return re.sub(r"\$__(rate_interval|interval|range)", rate_interval, expr)
+
+
+def series_names(expr: str) -> set[str]:
+    """The series an expression reads: identifiers outside labels, ranges and grouping."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", text)
+    text = _GROUPING.sub("", text)
+    words = set(re.findall(r"(?<![\w.])[a-zA-Z_:][a-zA-Z0-9_:]*", text))
+    return words - _PROMQL_WORDS
+
+
+def yaml_documents(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
