@@ -7,12 +7,14 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from proxy.accounting import Accountant
 from proxy.appkeys import ACCOUNTANT, BALANCER, BREAKERS, CLIENT_SESSION, CONFIG, METRICS
 from proxy.balance import Balancer
 from proxy.circuit import CircuitBreakers
+from proxy.circuit_sync import CircuitSync
 from proxy.metrics import Metrics
 from proxy.middlewares import add_request_id, calls
 from proxy.reload import ConfigHolder, watch_file
@@ -32,6 +34,7 @@ def make_app(holder: ConfigHolder) -> web.Application:
     holder.on_reload = metrics.config_reloaded
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_accounting)
+    app.cleanup_ctx.append(_circuit_sharing)
     app.cleanup_ctx.append(_config_watcher)
     app.on_response_prepare.append(add_request_id)
     add_routes(app)
@@ -67,6 +70,21 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
     await accountant.drain(deadline=5.0)
     if settings.url:
         await redis.close()
+
+
+async def _circuit_sharing(app: web.Application) -> AsyncIterator[None]:
+    settings = app[CONFIG].current.redis
+    if not settings.url:
+        yield
+        return
+    client = aioredis.Redis.from_url(settings.url, socket_connect_timeout=settings.timeout)
+    sync = CircuitSync(client, app[BREAKERS], settings.timeout)
+    follower = asyncio.create_task(sync.follow())
+    yield
+    follower.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await follower
+    await sync.close()
 
 
 async def _config_watcher(app: web.Application) -> AsyncIterator[None]:

@@ -95,7 +95,7 @@ class _Run:
             key_of=lambda e: e.url, weight_of=lambda e: e.weight, affinity=self.affinity,
         )  # fmt: skip
         for number in range(policy.attempts):
-            endpoint = self._admitted(provider, endpoints, number)
+            endpoint = await self._admitted(provider, endpoints, number)
             if endpoint is None:
                 return None
             try:
@@ -110,14 +110,21 @@ class _Run:
                     await asyncio.sleep(delay)
         return None
 
-    def _admitted(
+    async def _admitted(
         self, provider: Provider, endpoints: list[Endpoint], number: int
     ) -> Endpoint | None:
-        """The first endpoint from this attempt's turn on whose circuit lets a call through."""
+        """The first endpoint from this attempt's turn on whose circuit lets a call through
+        (a half-open one only if this call is elected the deployment's one probe)."""
         breakers = self.request.app[BREAKERS]
+        lease = provider.timeouts.total
         for i in range(len(endpoints)):
             endpoint = endpoints[(number + i) % len(endpoints)]
-            if breakers.admit(endpoint.url, provider.timeouts.total) is not Admission.OPEN:
+            admission = breakers.admit(endpoint.url, lease)
+            if admission is Admission.CLOSED:
+                return endpoint
+            if admission is Admission.PROBE and (
+                breakers.claim_probe is None or await breakers.claim_probe(endpoint.url, lease)
+            ):
                 return endpoint
         self._fail(provider, "*", "circuit_open", AttemptFailed("circuit_open", error=CircuitOpen(
             f"Every endpoint of provider '{provider.name}' is cooling down after failures."
@@ -152,6 +159,8 @@ class _Run:
             if not settled:  # a 429, or the client went away: neither verdict
                 breakers.released(endpoint.url)
             now = breakers.state(endpoint.url)
+            if was == "half_open" and breakers.end_probe is not None:
+                breakers.end_probe(endpoint.url)  # this call was the probe
             if now != was:
                 app[METRICS].circuit_changed(provider.name, endpoint_label(endpoint.url), now)
         self.record.attempts.append(Attempt(provider.name, endpoint.url, "ok",
