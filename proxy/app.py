@@ -82,9 +82,11 @@ async def _circuit_sharing(app: web.Application) -> AsyncIterator[None]:
     follower = asyncio.create_task(sync.follow())
     yield
     follower.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await follower
-    await sync.close()
+    # Bounded: a Redis client stuck in its subscription must not hold up a shutdown.
+    await asyncio.wait([follower], timeout=2.0)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.0):
+            await sync.close()
 
 
 async def _config_watcher(app: web.Application) -> AsyncIterator[None]:

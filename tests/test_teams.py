@@ -210,3 +210,55 @@ async def test_anonymous_without_teams(make_proxy, wandb: Upstream, prime: Upstr
     async with proxy.http.get(proxy.url + "/v1/usage",
                               headers={"Authorization": "Bearer k"}) as resp:  # fmt: skip
         assert (await resp.json())["data"][0]["team"] == "anonymous"
+
+
+def test_keygen_prints_a_key_and_its_hash():
+    import subprocess
+    import sys
+
+    from proxy.auth import key_hash
+    from tests.support import ROOT
+
+    result = subprocess.run([sys.executable, "-m", "proxy", "keygen", "research"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    key = result.stdout.split("): ", 1)[1].split()[0]
+    assert key.startswith("sk-proxy-") and len(key) > 40
+    assert f'keys: ["{key_hash(key)}"]' in result.stdout
+
+
+def test_serve_refuses_anonymous_on_a_public_address(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    path = tmp_path / "routes.yaml"
+    path.write_text("providers: {p: {base_url: 'http://127.0.0.1:9/v1'}}\n"
+                    "models: {m: {targets: [{provider: p, model: x}]}}\n")  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--host", "0.0.0.0",
+         "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--allow-anonymous" in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["memory"], indirect=True)
+async def test_usage_command_prints_the_ledger(team_proxy: MakeTeamProxy, backend):
+    import sys
+
+    from tests.support import ROOT
+
+    proxy = await team_proxy()
+    await chat(proxy)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "usage", "--url", proxy.url, "--team", "research",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**__import__("os").environ, "PROXY_ADMIN_KEY": ADMIN_KEY},
+    )  # fmt: skip
+    out, err = await process.communicate()
+    assert process.returncode == 0, err
+    lines = out.decode().splitlines()
+    assert lines[0].split()[:4] == ["date", "team", "model", "requests"]
+    assert lines[1].split()[1:4] == ["research", "llama-8b", "1"]
+    assert lines[-1].split()[:2] == ["total", "1"]
