@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from proxy.appkeys import CLIENT_SESSION, CONFIG
+from proxy.appkeys import CLIENT_SESSION, CONFIG, ENGINES
+from proxy.engines.registry import running_engines
 from proxy.middlewares import add_request_id, calls
 from proxy.reload import ConfigHolder, watch_file
 from proxy.routes import add_routes
@@ -20,6 +21,7 @@ def make_app(holder: ConfigHolder) -> web.Application:
     app[CONFIG] = holder
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_config_watcher)
+    app.cleanup_ctx.append(_engines)
     app.on_response_prepare.append(add_request_id)
     add_routes(app)
     return app
@@ -44,3 +46,11 @@ async def _config_watcher(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _engines(app: web.Application) -> AsyncIterator[None]:
+    # Last in, first out: engines stop before the client session closes, after the
+    # server stopped taking calls and the calls in flight finished.
+    async with running_engines(app[CONFIG]) as engines:
+        app[ENGINES] = engines
+        yield

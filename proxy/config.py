@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from proxy.engines.spec import EngineSpec
+
 STRATEGIES = ("fallback",)
 
 
@@ -35,6 +37,9 @@ class Provider:
     timeouts: Timeouts = Timeouts()
     # A required provider must be reachable for /readyz to answer 200.
     required: bool = False
+    # A local engine the proxy runs itself; its base_url is then a template whose port
+    # is filled in per call from the replica that serves it (see proxy.engines.lease).
+    engine: EngineSpec | None = None
 
     def url(self, endpoint: str) -> str:
         """Join, never guess: W&B's ``/v1`` and Prime's ``/api/v1`` both stay as given."""

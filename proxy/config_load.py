@@ -22,10 +22,12 @@ from proxy.config import (
     Timeouts,
     frozen_map,
 )
+from proxy.engines.config_load import read_engine
+from proxy.engines.spec import EngineSpec
 from proxy.envsubst import expand
 
 TOP_KEYS = {"redis", "server", "providers", "models"}
-PROVIDER_KEYS = {"base_url", "api_key", "headers", "timeouts", "required"}
+PROVIDER_KEYS = {"base_url", "api_key", "headers", "timeouts", "required", "engine"}
 MODEL_KEYS = {"targets", "strategy", "owned_by"}
 TARGET_KEYS = {"provider", "model"}
 SERVER_KEYS = {"max_body_bytes", "reload_interval"}
@@ -116,7 +118,8 @@ class _Reader:
 
     def provider(self, name: str, raw: Any, path: str) -> Provider | None:
         node = self.mapping(raw, path, PROVIDER_KEYS)
-        base_url = self.base_url(node.get("base_url"), f"{path}.base_url")
+        engine = read_engine(self, node["engine"], f"{path}.engine") if "engine" in node else None
+        base_url = self.provider_url(node, engine, path)
         api_key, missing = self.api_key(node.get("api_key"), f"{path}.api_key")
         if missing:
             self.warnings.append(
@@ -136,7 +139,21 @@ class _Reader:
             headers=headers,
             timeouts=timeouts,
             required=required,
+            engine=engine,
         )
+
+    def provider_url(
+        self, node: dict[str, Any], engine: EngineSpec | None, path: str
+    ) -> str | None:
+        if "engine" not in node:
+            return self.base_url(node.get("base_url"), f"{path}.base_url")
+        if "base_url" in node:
+            self.error(
+                f"{path}.base_url", "an engine's URL is chosen by the proxy: remove base_url"
+            )
+        if engine is None:
+            return None
+        return f"http://{engine.host}:{{port}}{engine.api_path}"
 
     def base_url(self, raw: Any, path: str) -> str | None:
         url = self.string(raw, path)

@@ -9,6 +9,7 @@ that an upstream answered with are not ProxyErrors: they are relayed as sent.
     ├── ModelNotFound           404 model_not_found
     ├── BodyTooLarge            413 request_too_large
     ├── ProviderUnavailable     503 provider_unavailable (e.g. its key is not set)
+    │   └── EngineUnavailable   503 engine_unavailable (a local engine is not ready in time)
     ├── UpstreamUnreachable     502 upstream_unreachable
     └── UpstreamTimeout         504 upstream_timeout
 """
@@ -62,6 +63,10 @@ class ProviderUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "provider_unavailable"
+
+
+class EngineUnavailable(ProviderUnavailable):
+    code = "engine_unavailable"
 
 
 class UpstreamUnreachable(ProxyError):

@@ -1,7 +1,8 @@
 """Step 5 of a call: try the model's targets in order until one answers.
 
 A target is passed over when its provider has no key, cannot be reached, times out,
-or answers 429 or 5xx before anything went to the client. Other answers, including
+or answers 429 or 5xx before anything went to the client, and when it is a local
+engine that does not get ready in time. Other answers, including
 4xx, are the client's answer and are relayed as the upstream sent them. When every
 target fails, the client gets the last upstream answer if there was one, otherwise
 the proxy's own 502/504/503 naming what each target did.
@@ -14,10 +15,17 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from proxy.appkeys import CLIENT_SESSION
+from proxy.appkeys import CLIENT_SESSION, ENGINES
 from proxy.body import Body
 from proxy.config import Config, Model, Provider, Target
-from proxy.errors import ProviderUnavailable, ProxyError, UpstreamTimeout, UpstreamUnreachable
+from proxy.engines.lease import served_by
+from proxy.errors import (
+    EngineUnavailable,
+    ProviderUnavailable,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.headers import upstream_headers
 from proxy.record import CallRecord
 from proxy.relay import is_stream, read_plain, relay_stream
@@ -76,6 +84,22 @@ async def _attempt(
             ),
             None,
         )
+    try:
+        # A local engine lends one ready replica for the whole call, stream included.
+        async with served_by(request.app[ENGINES], provider) as served:
+            return await _call(request, session, call, target, served, record)
+    except EngineUnavailable as exc:
+        raise _Failed("engine not ready", exc, None) from None
+
+
+async def _call(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    call: Call,
+    target: Target,
+    provider: Provider,
+    record: CallRecord,
+) -> web.StreamResponse:
     headers = upstream_headers(request.headers, provider)
     try:
         response = await open_call(
@@ -116,7 +140,7 @@ def _all_failed(model: Model, failures: list[_Failed]) -> web.StreamResponse:
     )
     message = f"All targets of model '{model.id}' failed. {summary}"
     if all(isinstance(e, ProviderUnavailable) for e in errors):
-        return ProviderUnavailable(message).response()
+        return type(errors[-1])(message).response()
     if isinstance(errors[-1], UpstreamTimeout):
         return UpstreamTimeout(message).response()
     return UpstreamUnreachable(message).response()

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.appkeys import CONFIG
+from proxy.appkeys import CONFIG, ENGINES
 from proxy.config import Config
 from proxy.forward import Call, forward
 from proxy.middlewares import RECORD
@@ -61,7 +61,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     config = request.app[CONFIG].current
-    problems = await readiness(config)
+    problems = await readiness(config, request.app[ENGINES])
     status = 503 if problems else 200
     body = {
         "status": "not ready" if problems else "ready",

@@ -6,14 +6,27 @@ import asyncio
 from urllib.parse import urlsplit
 
 from proxy.config import Config, Provider
+from proxy.engines.registry import Engines
 
 _CONNECT_TIMEOUT = 2.0
 
 
-async def readiness(config: Config) -> list[str]:
+async def readiness(config: Config, engines: Engines) -> list[str]:
     required = [p for p in config.providers.values() if p.required]
-    results = await asyncio.gather(*(_provider_problem(p) for p in required))
-    return [problem for problem in results if problem]
+    results = await asyncio.gather(*(_provider_problem(p) for p in required if p.engine is None))
+    problems = [_engine_problem(engines, p) for p in required if p.engine is not None]
+    return [problem for problem in [*results, *problems] if problem]
+
+
+def _engine_problem(engines: Engines, provider: Provider) -> str | None:
+    """A required engine needs a ready replica, unless it only starts on first request."""
+    supervisor = engines.supervisor(provider)
+    if any(r.state == "ready" for r in supervisor.replicas):
+        return None
+    if not supervisor.running and provider.engine and provider.engine.start == "first_request":
+        return None
+    states = ", ".join(f"#{r.index} {r.state}" for r in supervisor.replicas)
+    return f"engine '{provider.name}': no replica is ready ({states})"
 
 
 async def _provider_problem(provider: Provider) -> str | None:

@@ -74,7 +74,7 @@ extra: 1
         parse_config(bad, {})
     assert caught.value.errors == [
         "extra: unknown key (known: models, providers, redis, server)",
-        "providers.prime.colour: unknown key (known: api_key, base_url, headers, required, "
+        "providers.prime.colour: unknown key (known: api_key, base_url, engine, headers, required, "
         "timeouts)",
         "providers.prime.base_url: must be an http(s) URL with a host, got 'ftp://nowhere'",
         "providers.prime.timeouts.connect: must be a positive duration such as 30s, 500ms or "
