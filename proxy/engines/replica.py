@@ -107,6 +107,7 @@ class Replica:
                 self.stats.restarts += 1
         finally:
             self._set("stopped")
+            log.info("engine %s stopped", self.label)
 
     async def _run_once(self) -> str:
         """Run one process until it exits; returns why it is gone."""
