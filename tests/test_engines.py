@@ -22,9 +22,9 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import make_app
-from proxy.appkeys import ENGINES
+from proxy.appkeys import CONFIG, ENGINES
 from proxy.config_load import load_config
-from proxy.engines.metrics_export import engine_metrics_text
+from proxy.engines.metrics_export import engine_metrics_text, engine_status
 from proxy.engines.supervisor import EngineSupervisor
 from proxy.reload import ConfigHolder
 from tests.conftest import StartApp
@@ -191,6 +191,8 @@ async def test_killed_engine_is_restarted(
     assert reply.choices[0].message.content
     assert replica.pid not in (None, first)
     assert (replica.stats.crashes, replica.stats.restarts, replica.stats.starts) == (1, 1, 2)
+    status = engine_status(proxy.app[ENGINES])[0]
+    assert (status.state, status.crashes, status.restarts, status.in_flight) == ("ready", 1, 1, 0)
     assert "engine local#0 exited on signal SIGKILL; restarting in 5.0s" in caplog.text
     assert "[local#0]" in caplog.text  # the engine's own output, under its name
 
@@ -236,6 +238,36 @@ async def test_first_request_start_and_idle_unload(make_engine_proxy: MakeEngine
     )
     assert reply.choices[0].message.content
     assert supervisor.replicas[0].stats.starts == 2
+
+
+async def test_reload_replaces_and_removes_engines(make_engine_proxy: MakeEngineProxy):
+    proxy = await make_engine_proxy(engine_yaml())
+    old = proxy.supervisor
+    await until(lambda: old.replicas[0].state == "ready", 60, "engine ready")
+    old_pid = old.replicas[0].pid
+    assert old_pid is not None
+    path = proxy.app[CONFIG].path
+    assert path is not None
+
+    # A changed engine (one thread now) replaces the old one; the old process goes.
+    path.write_text(engine_yaml(threads=1))
+    await until(lambda: proxy.supervisor is not old, 5, "the reload")
+    await until(gone(old_pid), 20, "the old engine's exit")
+    reply = await proxy.client.chat.completions.create(
+        model="smollm2", messages=MESSAGES, max_tokens=8
+    )
+    assert reply.choices[0].message.content
+    assert "--threads 1" in cmdline(proxy.supervisor.replicas[0].pid or 0)
+
+    # An engine removed from the file is stopped.
+    new_pid = proxy.supervisor.replicas[0].pid
+    assert new_pid is not None
+    path.write_text(
+        "providers:\n  other: {base_url: 'http://127.0.0.1:9/v1'}\n"
+        "models:\n  m: {targets: [{provider: other, model: m}]}\n"
+    )
+    await until(gone(new_pid), 20, "the removed engine's exit")
+    assert proxy.app[ENGINES].supervisors == {}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])

@@ -1,4 +1,4 @@
-"""The engines' own Prometheus metrics, relabelled for the proxy's scrape.
+"""What the engines tell the metrics exporter: their own Prometheus metrics, and their state.
 
 llama.cpp (``--metrics``) and vLLM export ``/metrics``. ``engine_metrics_text`` fetches
 it from every ready replica of every engine with a ``metrics_path`` and returns one
@@ -6,6 +6,9 @@ exposition text in which each family appears once and each sample carries
 ``engine="<provider>"`` and ``replica="<n>"`` labels, ready to be appended to the
 proxy's own ``GET /metrics`` output. A replica that does not answer in time is left
 out of that scrape (and logged at debug), never failing the scrape.
+
+``engine_status`` is the proxy's own view of each replica (state, calls in flight,
+starts, crashes, restarts, idle unloads) as plain rows, for gauges and counters.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import aiohttp
 from prometheus_client.exposition import generate_latest
@@ -27,6 +31,37 @@ from proxy.engines.replica import Replica
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    engine: str
+    replica: int
+    state: str  # stopped, starting, ready, stopping, backoff
+    in_flight: int
+    starts: int  # counters since the proxy started
+    crashes: int
+    restarts: int
+    unloads: int  # the engine's idle unloads (the same on each of its replicas)
+    last_start_seconds: float | None  # spawn → ready, the last time
+
+
+def engine_status(engines: Engines) -> list[ReplicaStatus]:
+    return [
+        ReplicaStatus(
+            engine=s.name,
+            replica=r.index,
+            state=r.state,
+            in_flight=r.in_flight,
+            starts=r.stats.starts,
+            crashes=r.stats.crashes,
+            restarts=r.stats.restarts,
+            unloads=s.unloads,
+            last_start_seconds=r.stats.last_start_seconds,
+        )
+        for s in engines.supervisors.values()
+        for r in s.replicas
+    ]
 
 
 async def engine_metrics_text(engines: Engines) -> str:
