@@ -156,6 +156,10 @@ async def test_two_replicas_both_serve(make_engine_proxy: MakeEngineProxy):
     served = {r: counters[("llamacpp:tokens_predicted_total", r)] for r in ("0", "1")}
     assert all(tokens > 0 for tokens in served.values()), served
     assert [r.stats.starts for r in proxy.supervisor.replicas] == [1, 1]
+    # One family per metric in the merged scrape, one labelled sample per replica.
+    text = await engine_metrics_text(proxy.app[ENGINES])
+    assert text.count("# TYPE llamacpp:tokens_predicted_total counter") == 1
+    assert 'llamacpp:tokens_predicted_total{engine="local",replica="1"}' in text
 
 
 async def test_killed_engine_is_restarted(
@@ -195,6 +199,18 @@ async def test_killed_engine_is_restarted(
     assert (status.state, status.crashes, status.restarts, status.in_flight) == ("ready", 1, 1, 0)
     assert "engine local#0 exited on signal SIGKILL; restarting in 5.0s" in caplog.text
     assert "[local#0]" in caplog.text  # the engine's own output, under its name
+
+
+async def test_an_engine_that_cannot_start_gets_a_clear_503(make_engine_proxy: MakeEngineProxy):
+    text = engine_yaml(engine="      wait: 500ms\n      restart: {base_delay: 100ms}")
+    proxy = await make_engine_proxy(text.replace('"{python}"', '"/nonexistent/python"'))
+    with pytest.raises(openai.APIStatusError) as caught:
+        await proxy.client.chat.completions.create(model="smollm2", messages=MESSAGES)
+    assert caught.value.status_code == 503
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "engine_unavailable"
+    assert "cannot start '/nonexistent/python'" in body["message"]
+    assert proxy.supervisor.replicas[0].stats.crashes >= 2  # retried, with backoff
 
 
 async def test_first_request_start_and_idle_unload(make_engine_proxy: MakeEngineProxy):

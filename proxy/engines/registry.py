@@ -67,13 +67,19 @@ class Engines:
 
     async def housekeeping(self) -> None:
         while True:
-            self.sync(self.holder.current)
-            for supervisor in list(self.supervisors.values()):
-                await supervisor.unload_if_idle()
-            for supervisor in [s for s in self._retired if not s.busy()]:
-                self._retired.remove(supervisor)
-                await supervisor.stop()
+            try:
+                await self._tidy()
+            except Exception:  # a bug here must not end engine housekeeping for good
+                log.exception("engine housekeeping failed; trying again")
             await asyncio.sleep(_HOUSEKEEPING_INTERVAL)
+
+    async def _tidy(self) -> None:
+        self.sync(self.holder.current)
+        for supervisor in list(self.supervisors.values()):
+            await supervisor.unload_if_idle()
+        for supervisor in [s for s in self._retired if not s.busy()]:
+            self._retired.remove(supervisor)
+            await supervisor.stop()
 
     async def close(self) -> None:
         everything = [*self.supervisors.values(), *self._retired]

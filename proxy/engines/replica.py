@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -117,7 +118,10 @@ class Replica:
         argv = self.argv()
         self._set("starting")
         log.info("engine %s starting on port %s: %s", self.label, self.port, " ".join(argv))
-        process, pump = await spawn(argv, self.spec.env, self.label)
+        try:
+            process, pump = await spawn(argv, self.spec.env, self.label)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"cannot start {argv[0]!r}: {exc}"
         self.stats.starts += 1
         self.pid = process.pid
         began = time.monotonic()
