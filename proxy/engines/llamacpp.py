@@ -13,14 +13,25 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+# The wheel's llama.cpp runs its threads with OpenMP, whose threads spin between
+# tokens. Alone on its cores that is fastest, but two engines (or an engine beside the
+# proxy and other work) sharing two cores slowed down 5-10 times here (200 tokens: 3-5s
+# alone, 27-53s for each of two at once). Spinning briefly keeps most of the speed
+# alone (about 4s) and two at once took 7s. libgomp reads this when it loads, so it is
+# set before xllamacpp is imported; an engine's ``env:`` in routes.yaml overrides it.
+_OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "1000"}
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    for name, value in _OPENMP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     try:
         model = model_path(args.model)
         xllamacpp: Any = importlib.import_module("xllamacpp")
