@@ -19,11 +19,10 @@ async def readiness(config: Config, engines: Engines) -> list[str]:
 
 
 def _engine_problem(engines: Engines, provider: Provider) -> str | None:
-    """A required engine needs a ready replica, unless it only starts on first request."""
+    """A required engine that runs needs a ready replica; one that is not running (first
+    request not seen yet, or unloaded when idle) starts when a call comes."""
     supervisor = engines.supervisor(provider)
-    if any(r.state == "ready" for r in supervisor.replicas):
-        return None
-    if not supervisor.running and provider.engine and provider.engine.start == "first_request":
+    if not supervisor.running or any(r.state == "ready" for r in supervisor.replicas):
         return None
     states = ", ".join(f"#{r.index} {r.state}" for r in supervisor.replicas)
     return f"engine '{provider.name}': no replica is ready ({states})"

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from proxy.app import make_app
 from proxy.config_load import load_config
+from proxy.pdeathsig import parent_death_signal
 from proxy.reload import ConfigHolder
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,11 @@ def supervise(options: ServeOptions) -> int:
     stopping = False
 
     def start() -> BaseProcess:
-        process = context.Process(target=run_worker, args=(options, True), daemon=False)
+        process = context.Process(
+            target=_worker_process,
+            args=(options, parent_death_signal(signal.SIGTERM)),
+            daemon=False,
+        )
         process.start()
         return process
 
@@ -103,6 +109,13 @@ def supervise(options: ServeOptions) -> int:
     for process in workers:
         process.join()
     return 0
+
+
+def _worker_process(options: ServeOptions, die_with_parent: Callable[[], None]) -> None:
+    # A parent killed with SIGKILL cannot stop its workers: the kernel sends them SIGTERM,
+    # and they shut down as usual, their local engines included.
+    die_with_parent()
+    run_worker(options, reuse_port=True)
 
 
 def _kill(pid: int, signum: int) -> None:

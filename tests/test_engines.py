@@ -311,6 +311,30 @@ async def test_no_engine_outlives_the_proxy(tmp_path: Path, signum: signal.Signa
     assert not any(alive(pid) for pid in engines)
 
 
+async def test_no_engine_outlives_a_killed_proxy_with_workers(tmp_path: Path):
+    path = tmp_path / "routes.yaml"
+    path.write_text(engine_yaml(threads=1, provider="    required: true"))
+    process = ProxyProcess(path, free_port(), "--workers", "2")
+    workers: list[int] = []
+    try:
+        await process.wait_listening(workers=2)
+        workers = children(process.process.pid)
+        assert len(workers) == 2
+        # Each worker runs its own engine; wait until both are up.
+        await until(lambda: all(children(w) for w in workers), 30, "an engine per worker")
+        engines = [e for w in workers for e in children(w)]
+        assert all("proxy.engines.llamacpp" in cmdline(pid) for pid in engines)
+        process.signal(signal.SIGKILL)
+        await asyncio.to_thread(process.process.wait, 20)
+        for pid in [*workers, *engines]:
+            await until(gone(pid), 30, f"{cmdline(pid)!r} gone after SIGKILL of the proxy")
+    finally:
+        process.stop()
+        for pid in workers:  # if the test failed: no orphans left behind by it either
+            if alive(pid):
+                kill(pid, signal.SIGTERM)
+
+
 async def until_ready(http: aiohttp.ClientSession, url: str) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -11,31 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+
+from proxy.pdeathsig import parent_death_signal
 
 log = logging.getLogger(__name__)
 output_log = logging.getLogger("proxy.engines.output")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with(parent_pid: int) -> Callable[[], None]:
-    """The preexec_fn: runs in the child between fork and exec (async-signal-safe calls only)."""
-
-    def preexec() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        # The parent may have died before prctl took effect: then nobody would ever send
-        # the signal, so check and go at once.
-        if os.getppid() != parent_pid:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
 
 
 async def spawn(
@@ -49,7 +33,7 @@ async def spawn(
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, **env},
         start_new_session=True,
-        preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None,
+        preexec_fn=parent_death_signal(signal.SIGKILL),
     )
     assert process.stdout is not None
     pump = asyncio.create_task(_pump(process.stdout, label))
