@@ -37,7 +37,6 @@ class ReplicaStats:
     crashes: int = 0  # exits and failed starts the proxy did not ask for
     restarts: int = 0  # starts after a crash
     last_exit: str = ""
-    ready_since: float | None = None  # time.time() when it last became ready
     last_start_seconds: float | None = None  # spawn → ready, last time
 
 
@@ -84,7 +83,6 @@ class Replica:
 
     def _set(self, state: str) -> None:
         self.state = state
-        self.stats.ready_since = time.time() if state == "ready" else None
         self._on_change()
 
     async def _run(self) -> None:

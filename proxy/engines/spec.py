@@ -8,10 +8,6 @@ from types import MappingProxyType
 
 START_MODES = ("boot", "first_request")
 
-# Placeholders filled in each time a replica starts; anything else in braces is left
-# as written, so JSON or shell text in an argument survives.
-PLACEHOLDERS = ("{port}", "{host}", "{python}", "{replica}")
-
 
 def _no_env() -> Mapping[str, str]:
     return MappingProxyType({})
@@ -36,6 +32,8 @@ class RestartPolicy:
 
 @dataclass(frozen=True)
 class EngineSpec:
+    # {port}, {host}, {python} and {replica} are filled in at every start; other braces
+    # stay as written, so JSON or shell text in an argument survives.
     command: tuple[str, ...]
     port: int | None = None  # None: a free port is picked at every start
     host: str = "127.0.0.1"
