@@ -158,9 +158,12 @@ class Replica:
 
 
 def _exit_reason(code: int) -> str:
-    if code < 0:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
         return f"exited on signal {signal.Signals(-code).name}"
-    return f"exited with code {code}"
+    except ValueError:
+        return f"exited on signal {-code}"
 
 
 async def _finish(pump: asyncio.Task[None]) -> None:
