@@ -11,10 +11,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from proxy.accounting import Accountant
-from proxy.appkeys import ACCOUNTANT, BALANCER, BREAKERS, CLIENT_SESSION, CONFIG, METRICS
+from proxy.appkeys import ACCOUNTANT, BALANCER, BREAKERS, CLIENT_SESSION, CONFIG, ENGINES, METRICS
 from proxy.balance import Balancer
 from proxy.circuit import CircuitBreakers
 from proxy.circuit_sync import CircuitSync
+from proxy.engines.registry import running_engines
 from proxy.metrics import Metrics
 from proxy.middlewares import add_request_id, calls
 from proxy.reload import ConfigHolder, watch_file
@@ -36,6 +37,7 @@ def make_app(holder: ConfigHolder) -> web.Application:
     app.cleanup_ctx.append(_accounting)
     app.cleanup_ctx.append(_circuit_sharing)
     app.cleanup_ctx.append(_config_watcher)
+    app.cleanup_ctx.append(_engines)
     app.on_response_prepare.append(add_request_id)
     add_routes(app)
     return app
@@ -96,3 +98,11 @@ async def _config_watcher(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _engines(app: web.Application) -> AsyncIterator[None]:
+    # Last in, first out: engines stop before the client session closes, after the
+    # server stopped taking calls and the calls in flight finished.
+    async with running_engines(app[CONFIG]) as engines:
+        app[ENGINES] = engines
+        yield

@@ -8,6 +8,7 @@ from aiohttp import web
 from proxy.accounting import Accountant
 from proxy.balance import Balancer
 from proxy.circuit import CircuitBreakers
+from proxy.engines.registry import Engines
 from proxy.metrics import Metrics
 from proxy.reload import ConfigHolder
 
@@ -17,3 +18,4 @@ BALANCER = web.AppKey("balancer", Balancer)
 BREAKERS = web.AppKey("breakers", CircuitBreakers)
 ACCOUNTANT = web.AppKey("accountant", Accountant)
 METRICS = web.AppKey("metrics", Metrics)
+ENGINES = web.AppKey("engines", Engines)

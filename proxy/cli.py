@@ -94,6 +94,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and args.port == 0:
         print("--workers > 1 needs a fixed --port for the workers to share", file=sys.stderr)
         return 2
+    fixed = [p.name for p in config.providers.values() if p.engine and p.engine.port is not None]
+    if args.workers > 1 and fixed:
+        # Every worker runs its own engines; they cannot all bind the same port.
+        print(f"--workers > 1 needs port: auto for engines ({', '.join(fixed)})", file=sys.stderr)
+        return 2
     options = ServeOptions(
         config_path=args.config,
         host=args.host,

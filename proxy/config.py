@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+from proxy.engines.spec import EngineSpec
+
 STRATEGIES = ("fallback", "round_robin", "weighted", "least_busy")
 BALANCES = ("round_robin", "weighted", "least_busy", "affinity")
 
@@ -74,6 +76,9 @@ class Provider:
     stream_usage: bool = True
     # A required provider must be reachable for /readyz to answer 200.
     required: bool = False
+    # A local engine the proxy runs itself; its base_url is then a template whose port
+    # is filled in per call from the replica that serves it (see proxy.engines.lease).
+    engine: EngineSpec | None = None
 
     @property
     def base_url(self) -> str:

@@ -26,6 +26,8 @@ from proxy.config import (
 )
 from proxy.config_fields import FieldReader, hint
 from proxy.config_teams import key_index, read_accounting, read_redis, read_teams
+from proxy.engines.config_load import read_engine
+from proxy.engines.spec import EngineSpec
 from proxy.envsubst import expand
 
 TOP_KEYS = {
@@ -34,7 +36,7 @@ TOP_KEYS = {
 }  # fmt: skip
 PROVIDER_KEYS = {
     "base_url", "endpoints", "balance", "api_key", "headers", "timeouts", "retry", "circuit",
-    "required", "stream_usage",
+    "required", "stream_usage", "engine",
 }  # fmt: skip
 MODEL_KEYS = {"targets", "strategy", "owned_by", "retry"}
 TARGET_KEYS = {"provider", "model", "weight"}
@@ -122,7 +124,9 @@ class _Reader(FieldReader):
 
     def provider(self, name: str, raw: Any, path: str) -> Provider | None:
         node = self.mapping(raw, path, PROVIDER_KEYS)
-        endpoints = self.endpoints(node, path)
+        engine = read_engine(self, node["engine"], f"{path}.engine") if "engine" in node else None
+        endpoints = self.engine_endpoint(node, engine, path) if "engine" in node else (
+            self.endpoints(node, path))  # fmt: skip
         balance = self.choice(node.get("balance", "round_robin"), f"{path}.balance", BALANCES)
         api_key, missing = self.api_key(node.get("api_key"), f"{path}.api_key")
         if missing:
@@ -140,6 +144,7 @@ class _Reader(FieldReader):
             circuit=replace(self.circuit, **circuit), balance=balance or "round_robin",
             required=self.boolean(node.get("required", False), f"{path}.required"),
             stream_usage=self.boolean(node.get("stream_usage", True), f"{path}.stream_usage"),
+            engine=engine,
         )  # fmt: skip
         return provider if endpoints else None
 
@@ -167,6 +172,17 @@ class _Reader(FieldReader):
         url = self.url(node.get("url"), f"{path}.url")
         weight = self.weight(node.get("weight", 1), f"{path}.weight")
         return Endpoint(url, weight) if url and weight else None
+
+    def engine_endpoint(
+        self, node: dict[str, Any], engine: EngineSpec | None, path: str
+    ) -> tuple[Endpoint, ...]:
+        """An engine's URL is a template: the port comes from the replica a call leases."""
+        for key in ("base_url", "endpoints"):
+            if key in node:
+                self.error(f"{path}.{key}", "an engine's URL is chosen by the proxy: remove it")
+        if engine is None:
+            return ()
+        return (Endpoint(f"http://{engine.host}:{{port}}{engine.api_path}"),)
 
     def api_key(self, raw: Any, path: str) -> tuple[str | None, str | None]:
         if raw is None:

@@ -14,6 +14,7 @@ that an upstream answered with are not ProxyErrors: they are relayed as sent.
     ├── LimiterUnavailable      503 rate_limiter_unavailable (Redis down, fail_closed)
     ├── RequestTimeout          408 request_timeout (the client sent its body too slowly)
     ├── ProviderUnavailable     503 provider_unavailable (e.g. its key is not set)
+    │   └── EngineUnavailable   503 engine_unavailable (a local engine is not ready in time)
     ├── CircuitOpen             503 circuit_open (every endpoint is cooling down)
     ├── UpstreamUnreachable     502 upstream_unreachable
     ├── BadUpstreamResponse     502 bad_upstream_response (a 200 that is not what it says)
@@ -70,6 +71,10 @@ class ProviderUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "provider_unavailable"
+
+
+class EngineUnavailable(ProviderUnavailable):
+    code = "engine_unavailable"
 
 
 class UpstreamUnreachable(ProxyError):

@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.appkeys import BALANCER, BREAKERS, CLIENT_SESSION, METRICS
+from proxy.appkeys import BALANCER, BREAKERS, CLIENT_SESSION, ENGINES, METRICS
 from proxy.attempt import AttemptFailed, Upstream, attempt
 from proxy.backoff import backoff_delay
 from proxy.balance import conversation_prefix
 from proxy.body import Body
 from proxy.circuit import Admission
 from proxy.config import Config, Endpoint, Model, Provider, Target
-from proxy.errors import CircuitOpen, ProviderUnavailable
+from proxy.engines.lease import served_by
+from proxy.errors import CircuitOpen, EngineUnavailable, ProviderUnavailable
 from proxy.final_error import Failure, all_failed
 from proxy.metrics import endpoint_label
 from proxy.record import Attempt, CallRecord
@@ -73,6 +74,17 @@ class _Run:
         self.affinity = conversation_prefix(call.body.fields)
 
     async def target(self, target: Target, provider: Provider) -> web.StreamResponse | None:
+        if provider.engine is None:
+            return await self._target(target, provider)
+        try:
+            # A local engine lends one ready replica for the whole call, stream included.
+            async with served_by(self.request.app[ENGINES], provider) as served:
+                return await self._target(target, served)
+        except EngineUnavailable as exc:
+            self._fail(provider, "-", "failed", AttemptFailed("engine_unavailable", error=exc))
+            return None
+
+    async def _target(self, target: Target, provider: Provider) -> web.StreamResponse | None:
         if provider.missing_key_var:
             missing = ProviderUnavailable(
                 f"Provider '{provider.name}' has no API key: the environment variable "

@@ -9,9 +9,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.appkeys import ACCOUNTANT, CONFIG, METRICS
+from proxy.appkeys import ACCOUNTANT, CONFIG, ENGINES, METRICS
 from proxy.auth import require_admin
 from proxy.config import ANONYMOUS, Config, Provider
+from proxy.engines.metrics_export import engine_metrics_text, engine_status_text
 from proxy.errors import LimiterUnavailable
 from proxy.ledger_report import day_range, ledger_report
 from proxy.metrics import endpoint_label
@@ -54,7 +55,7 @@ async def readyz(request: web.Request) -> web.Response:
     def probed(provider: Provider, reached: bool) -> None:
         metrics.endpoint_health(provider.name, endpoint_label(provider.base_url), reached)
 
-    problems = await readiness(config, probed)
+    problems = await readiness(config, request.app[ENGINES], probed)
     status = 503 if problems else 200
     body = {
         "status": "not ready" if problems else "ready",
@@ -82,4 +83,7 @@ async def scrape_metrics(request: web.Request) -> web.Response:
     # Multiprocess mode reads every worker's files: keep that off the event loop.
     scrape = exported.scrape
     text = await asyncio.to_thread(scrape) if exported.multiproc_dir else scrape()
+    # This process's engines: their state, and their own metrics with an engine label.
+    engines = request.app[ENGINES]
+    text += engine_status_text(engines).encode() + (await engine_metrics_text(engines)).encode()
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})

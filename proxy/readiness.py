@@ -7,6 +7,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from proxy.config import Config, Provider
+from proxy.engines.registry import Engines
 
 _CONNECT_TIMEOUT = 2.0
 
@@ -14,11 +15,24 @@ _CONNECT_TIMEOUT = 2.0
 Probed = Callable[[Provider, bool], None]
 
 
-async def readiness(config: Config, probed: Probed | None = None) -> list[str]:
+async def readiness(config: Config, engines: Engines, probed: Probed | None = None) -> list[str]:
     """Problems, one line each; ``probed`` hears whether each provider's TCP probe reached it."""
     required = [p for p in config.providers.values() if p.required]
-    results = await asyncio.gather(*(_provider_problem(p, probed) for p in required))
-    return [problem for problem in results if problem]
+    results = await asyncio.gather(
+        *(_provider_problem(p, probed) for p in required if p.engine is None)
+    )
+    problems = [_engine_problem(engines, p) for p in required if p.engine is not None]
+    return [problem for problem in [*results, *problems] if problem]
+
+
+def _engine_problem(engines: Engines, provider: Provider) -> str | None:
+    """A required engine that runs needs a ready replica; one that is not running (first
+    request not seen yet, or unloaded when idle) starts when a call comes."""
+    supervisor = engines.supervisor(provider)
+    if not supervisor.running or any(r.state == "ready" for r in supervisor.replicas):
+        return None
+    states = ", ".join(f"#{r.index} {r.state}" for r in supervisor.replicas)
+    return f"engine '{provider.name}': no replica is ready ({states})"
 
 
 async def _provider_problem(provider: Provider, probed: Probed | None) -> str | None:

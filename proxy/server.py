@@ -11,6 +11,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -22,6 +23,7 @@ from prometheus_client import multiprocess
 from proxy.app import make_app
 from proxy.config_load import load_config
 from proxy.metrics import MULTIPROC_ENV
+from proxy.pdeathsig import parent_death_signal
 from proxy.reload import ConfigHolder
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,11 @@ def _supervise(options: ServeOptions, metrics_dir: str) -> int:
     stopping = False
 
     def start() -> BaseProcess:
-        process = context.Process(target=run_worker, args=(options, True), daemon=False)
+        process = context.Process(
+            target=_worker_process,
+            args=(options, parent_death_signal(signal.SIGTERM)),
+            daemon=False,
+        )
         process.start()
         return process
 
@@ -129,6 +135,13 @@ def _supervise(options: ServeOptions, metrics_dir: str) -> int:
     for process in workers:
         process.join()
     return 0
+
+
+def _worker_process(options: ServeOptions, die_with_parent: Callable[[], None]) -> None:
+    # A parent killed with SIGKILL cannot stop its workers: the kernel sends them SIGTERM,
+    # and they shut down as usual, their local engines included.
+    die_with_parent()
+    run_worker(options, reuse_port=True)
 
 
 def _kill(pid: int, signum: int) -> None:

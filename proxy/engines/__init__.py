@@ -1,0 +1,1 @@
+"""Local engines: OpenAI-compatible servers that the proxy starts, watches and stops."""

@@ -1,0 +1,127 @@
+"""All replicas of one engine provider: start and stop them, lend a ready one to a call.
+
+A call leases the ready replica with the fewest calls in flight (ties rotate, so
+sequential calls spread too) and holds the lease until its last byte is relayed. A
+call that finds no replica ready waits for one up to ``engine.wait`` and then gets a
+503; it never hangs. An idle unload only happens when no call holds or waits for a
+lease, and those counts change only between awaits, so the check cannot race a call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from proxy.engines.replica import Replica
+from proxy.engines.spec import EngineSpec
+from proxy.errors import EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class EngineSupervisor:
+    def __init__(self, name: str, spec: EngineSpec, session: aiohttp.ClientSession):
+        self.name = name
+        self.spec = spec
+        self.replicas = [
+            Replica(name, i, spec, session, self._changed) for i in range(spec.replicas)
+        ]
+        self.running = False
+        self.waiting = 0
+        self.last_used = time.monotonic()
+        self.unloads = 0  # idle unloads, for the metrics hook
+        self._change = asyncio.Event()
+        self._stopping: asyncio.Task[None] | None = None
+        self._turn = 0
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self.replicas)
+
+    def busy(self) -> bool:
+        return self.in_flight > 0 or self.waiting > 0
+
+    def start(self) -> None:
+        if not self.running:
+            log.info("engine %s: starting %d replica(s)", self.name, len(self.replicas))
+        self.running = True
+        self.last_used = time.monotonic()
+        for replica in self.replicas:
+            replica.start()
+
+    async def stop(self) -> None:
+        self.running = False
+        self._stopping = asyncio.create_task(self._stop_all())
+        await asyncio.shield(self._stopping)
+
+    async def _stop_all(self) -> None:
+        await asyncio.gather(*(r.stop() for r in self.replicas))
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[Replica]:
+        self.waiting += 1
+        try:
+            replica = await self._ready_replica()
+        finally:
+            self.waiting -= 1
+        replica.in_flight += 1
+        self.last_used = time.monotonic()
+        try:
+            yield replica
+        finally:
+            replica.in_flight -= 1
+            self.last_used = time.monotonic()
+
+    async def _ready_replica(self) -> Replica:
+        if self._stopping is not None and not self._stopping.done():
+            await asyncio.shield(self._stopping)  # an unload in progress: then start again
+        self.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.spec.wait
+        while (replica := self._least_busy()) is None:
+            change = self._change  # set and replaced on every replica state change
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await change.wait()
+            if loop.time() >= deadline and self._least_busy() is None:
+                raise EngineUnavailable(self._not_ready_message())
+        return replica
+
+    def _least_busy(self) -> Replica | None:
+        ready = [r for r in self.replicas if r.state == "ready"]
+        if not ready:
+            return None
+        n = len(self.replicas)
+        chosen = min(ready, key=lambda r: (r.in_flight, (r.index - self._turn) % n))
+        self._turn = (chosen.index + 1) % n
+        return chosen
+
+    def _not_ready_message(self) -> str:
+        states = ", ".join(
+            f"#{r.index} {r.state}" + (f" (last: {r.stats.last_exit})" if r.stats.last_exit else "")
+            for r in self.replicas
+        )
+        return (
+            f"Local engine '{self.name}' is not ready after waiting {self.spec.wait:g}s "
+            f"(replicas: {states}). Try again shortly."
+        )
+
+    def _changed(self) -> None:
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def unload_if_idle(self) -> bool:
+        idle = self.spec.idle_unload
+        if not self.running or idle is None or self.busy():
+            return False
+        if time.monotonic() - self.last_used < idle:
+            return False
+        log.info("engine %s: unloading after %gs idle", self.name, idle)
+        self.unloads += 1
+        await self.stop()
+        return True

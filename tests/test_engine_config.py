@@ -1,0 +1,98 @@
+"""The engine: block of routes.yaml: defaults, every error with its YAML path, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config_load import ConfigError, parse_config
+from proxy.engines.spec import ReadyCheck, RestartPolicy
+from tests.support import ROOT
+
+MODELS = "models:\n  m: {targets: [{provider: local, model: m}]}\n"
+
+
+def test_engine_defaults_and_values():
+    config = parse_config(
+        """
+providers:
+  local:
+    engine:
+      command: ["{python}", "-m", "engine", "--port", "{port}"]
+      replicas: 2
+      start: first_request
+      ready: {path: /v1/models, timeout: 30s}
+      restart: {base_delay: 500ms, max_delay: 10s}
+      idle_unload: 15m
+      env: {OMP_NUM_THREADS: "1"}
+"""
+        + MODELS,
+        {},
+    )
+    provider = config.providers["local"]
+    spec = provider.engine
+    assert spec is not None
+    assert spec.command == ("{python}", "-m", "engine", "--port", "{port}")
+    assert (spec.port, spec.host, spec.api_path, spec.replicas) == (None, "127.0.0.1", "/v1", 2)
+    assert spec.start == "first_request"
+    assert spec.ready == ReadyCheck(path="/v1/models", timeout=30.0, interval=0.25)
+    assert spec.restart == RestartPolicy(base_delay=0.5, max_delay=10.0)
+    assert (spec.idle_unload, spec.wait, spec.metrics_path) == (900.0, 60.0, None)
+    assert spec.env == {"OMP_NUM_THREADS": "1"}
+    assert provider.base_url == "http://127.0.0.1:{port}/v1"  # filled in per replica
+
+
+def test_every_engine_error_is_reported_with_its_path():
+    bad = """
+providers:
+  local:
+    base_url: http://127.0.0.1:8000/v1
+    engine:
+      command: []
+      port: 70000
+      replicas: 0
+      start: sometimes
+      ready: {path: health, timeout: never, when: now}
+      restart: {base_delay: 10s, max_delay: 1s}
+      idle_unload: soon
+      colour: blue
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(bad + MODELS, {})
+    assert caught.value.errors == [
+        "providers.local.engine.colour: unknown key (known: api_path, command, env, host, "
+        "idle_unload, metrics_path, port, ready, replicas, restart, start, stop_timeout, wait)",
+        "providers.local.engine.command: must be a non-empty list of strings (the program and "
+        "its arguments)",
+        "providers.local.engine.port: must be 'auto' or a port number 1-65535, got 70000",
+        "providers.local.engine.replicas: must be a whole number from 1 to 64, got 0",
+        "providers.local.engine.start: must be one of boot, first_request, got 'sometimes'",
+        "providers.local.engine.ready.when: unknown key (known: interval, path, timeout)",
+        "providers.local.engine.ready.path: must start with '/', got 'health'",
+        "providers.local.engine.ready.timeout: must be a positive duration such as 30s, 500ms "
+        "or 2m, got 'never'",
+        "providers.local.engine.restart.max_delay: must not be shorter than base_delay",
+        "providers.local.engine.idle_unload: must be a positive duration such as 30s, 500ms or "
+        "2m, got 'soon'",
+        "providers.local.base_url: an engine's URL is chosen by the proxy: remove base_url",
+        "models: at least one model is required",  # its only model's provider is invalid
+    ]
+
+
+def test_workers_refuse_a_fixed_engine_port(tmp_path: Path):
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "providers:\n  local:\n    engine: {command: [x], port: 8000}\n" + MODELS,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--workers", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--workers > 1 needs port: auto for engines (local)" in result.stderr
