@@ -179,7 +179,7 @@ class _Reader(FieldReader):
         """An engine's URL is a template: the port comes from the replica a call leases."""
         for key in ("base_url", "endpoints"):
             if key in node:
-                self.error(f"{path}.{key}", "an engine's URL is chosen by the proxy: remove it")
+                self.error(f"{path}.{key}", f"an engine's URL is chosen by the proxy: remove {key}")
         if engine is None:
             return ()
         return (Endpoint(f"http://{engine.host}:{{port}}{engine.api_path}"),)

@@ -22,7 +22,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import make_app
-from proxy.appkeys import CONFIG, ENGINES
+from proxy.appkeys import ACCOUNTANT, CONFIG, ENGINES
 from proxy.config_load import load_config
 from proxy.engines.metrics_export import engine_metrics_text, engine_status
 from proxy.engines.supervisor import EngineSupervisor
@@ -118,6 +118,20 @@ async def test_chat_and_stream_through_the_proxy(make_engine_proxy: MakeEnginePr
     assert usage.completion_tokens == reply.usage.completion_tokens
     assert usage.completion_tokens == final[predicted] - after[predicted]
     assert usage.prompt_tokens == _prompt_tokens(final) - _prompt_tokens(after)
+
+    # A stream whose client did not ask for usage: the proxy asks for it, strips it, bills it.
+    quiet = await proxy.client.chat.completions.create(
+        model="smollm2", messages=MESSAGES, temperature=0, max_tokens=24, stream=True
+    )
+    assert all([chunk.usage is None async for chunk in quiet])
+    last = await engine_counters(proxy)
+    # The ledger holds exactly what the engine counted for the three calls.
+    rows = await proxy.app[ACCOUNTANT].primary.ledger(["anonymous"], 0, 10**6)
+    assert [(r.model, r.counts[0]) for r in rows] == [("smollm2", 3)]
+    _, prompt, completion, est_prompt, est_completion = rows[0].counts
+    assert completion == last[predicted] - before[predicted]
+    assert prompt == _prompt_tokens(last) - _prompt_tokens(before)
+    assert est_prompt == est_completion == 0
 
 
 async def _wait_counters(proxy: EngineProxy) -> dict[tuple[str, str], float]:
