@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, stop_process
 
 
 def binary(name: str) -> str:
@@ -78,11 +78,5 @@ class PrometheusServer:
         return await self.api(http, "query", query=expr)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._log.close()

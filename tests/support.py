@@ -126,15 +126,21 @@ class ProxyProcess:
         self.process.send_signal(signum)
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        code = stop_process(self.process)
         self._log.close()
-        return self.process.returncode
+        return code
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, and SIGKILL if it has not exited 15 s later; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
