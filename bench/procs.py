@@ -77,6 +77,11 @@ class Child:
         pids = [int(p) for p in children.read_text().split()] if children.exists() else []
         return pids or [self.pid]
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the serving processes so far: unlike throughput, it
+        hardly moves when other jobs compete for the machine."""
+        return sum(_cpu_ticks(pid) for pid in self.workers()) / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> float:
         return sum(_rss_kb(pid) for pid in self.workers()) / 1024
 
@@ -86,6 +91,13 @@ def _rss_kb(pid: int) -> int:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
+    return 0
+
+
+def _cpu_ticks(pid: int) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime
     return 0
 
 
@@ -106,6 +118,13 @@ def start_proxy(config: Path, port: int, workers: int, log: Path) -> Child:
     if workers > 1:  # every worker must be listening before the load starts
         wait_for(lambda: len(child.workers()) == workers, "the proxy's workers")
         time.sleep(1.0)
+    return child
+
+
+def start_bare_relay(upstream_port: int, port: int) -> Child:
+    child = Child([sys.executable, "-m", "bench.bare_relay", "--port", str(port),
+                   "--upstream", f"http://127.0.0.1:{upstream_port}"])  # fmt: skip
+    wait_for(lambda: _healthy(port), "the bare relay")
     return child
 
 

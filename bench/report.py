@@ -20,11 +20,37 @@ def _f(value: float, digits: int = 2) -> str:
 
 
 def _redis(get: Callable[[Figures], float], digits: int = 2) -> Cell:
-    return lambda f, d: _f(get(f), digits) if f.redis is not None else "–"
+    return lambda f, d: _f(get(f), digits) if f.redis is not None else "-"
 
 
 def _rss(key: str) -> Cell:
-    return lambda f, d: _f(f.rss_mb[key], 1) if f.rss_mb else "–"
+    return lambda f, d: _f(f.rss_mb[key], 1) if f.rss_mb else "-"
+
+
+def _growth(f: Figures, d: Figures) -> str:
+    return _f(f.rss_mb["after"] - f.rss_mb["warm"], 1) if f.rss_mb else "-"
+
+
+def _pair(get: Callable[[Figures], tuple[float, float]], added: bool = False) -> Cell:
+    """Two figures (p50 / p99) of a setup, or what it adds to the direct ones."""
+
+    def cell(f: Figures, d: Figures) -> str:
+        (a, b), (da, db) = get(f), get(d)
+        return f"{_f(a - da)} / {_f(b - db)}" if added else f"{_f(a)} / {_f(b)}"
+
+    return cell
+
+
+def _ttfb(f: Figures) -> tuple[float, float]:
+    return f.streams.ttfb_p50_ms, f.streams.ttfb_p99_ms
+
+
+def _gap(f: Figures) -> tuple[float, float]:
+    return f.streams.gap_p50_ms, f.streams.gap_p99_ms
+
+
+def _ratio(f: Figures, d: Figures) -> str:
+    return _f(100 * f.throughput.rps / d.throughput.rps, 1)
 
 
 # (row label, value for a proxied setup given the direct figures)
@@ -34,31 +60,28 @@ ROWS: list[tuple[str, Cell]] = [
     ("**added** latency p50, ms", lambda f, d: _f(f.latency.p50_ms - d.latency.p50_ms, 3)),
     ("**added** latency p99, ms", lambda f, d: _f(f.latency.p99_ms - d.latency.p99_ms, 3)),
     ("c=64 throughput, req/s", lambda f, d: f"{f.throughput.rps:,.0f}"),
-    ("**c=64 throughput, % of direct**", lambda f, d: _f(
-        100 * f.throughput.rps / d.throughput.rps, 1)),  # fmt: skip
+    ("**c=64 throughput, % of direct**", _ratio),
     ("c=64 latency p99, ms", lambda f, d: _f(f.throughput.p99_ms, 2)),
+    ("CPU per request at c=64, µs", lambda f, d: _f(f.cpu_us, 0)),
     ("c=64 errors / non-2xx", lambda f, d: f"{f.throughput.errors} / {f.throughput.non2xx}"),
     ("streams complete", lambda f, d: f"{f.streams.complete}/{f.streams.streams}"),
-    ("stream TTFB p50 / p99, ms", lambda f, d: f"{_f(f.streams.ttfb_p50_ms)} / "
-     f"{_f(f.streams.ttfb_p99_ms)}"),  # fmt: skip
-    ("**added** TTFB p50 / p99, ms", lambda f, d: f"{_f(f.streams.ttfb_p50_ms - d.streams.ttfb_p50_ms)} / "
-     f"{_f(f.streams.ttfb_p99_ms - d.streams.ttfb_p99_ms)}"),  # fmt: skip
-    ("chunk gap p50 / p99, ms", lambda f, d: f"{_f(f.streams.gap_p50_ms)} / "
-     f"{_f(f.streams.gap_p99_ms)}"),  # fmt: skip
-    ("**added** chunk gap p50 / p99, ms", lambda f, d: f"{_f(f.streams.gap_p50_ms - d.streams.gap_p50_ms)} / "
-     f"{_f(f.streams.gap_p99_ms - d.streams.gap_p99_ms)}"),  # fmt: skip
+    ("stream TTFB p50 / p99, ms", _pair(_ttfb)),
+    ("**added** TTFB p50 / p99, ms", _pair(_ttfb, added=True)),
+    ("chunk gap p50 / p99, ms", _pair(_gap)),
+    ("**added** chunk gap p50 / p99, ms", _pair(_gap, added=True)),
     ("RSS idle, MB", _rss("idle")),
     ("RSS after warm-up, MB", _rss("warm")),
     ("RSS under c=64 load, MB", _rss("load")),
     ("RSS after the requests below, MB", _rss("after")),
-    ("requests since warm-up", lambda f, d: f"{f.memory_requests:,}" if f.rss_mb else "–"),
-    ("**RSS growth after warm-up, MB**", lambda f, d: _f(
-        f.rss_mb["after"] - f.rss_mb["warm"], 1) if f.rss_mb else "–"),  # fmt: skip
-    ("Redis EVALSHA per request", _redis(lambda f: f.redis.evalsha_per_request if f.redis else 0)),
-    ("Redis commands per request", _redis(lambda f: f.redis.commands_per_request if f.redis else 0)),
+    ("requests since warm-up", lambda f, d: f"{f.memory_requests:,}" if f.rss_mb else "-"),
+    ("**RSS growth after warm-up, MB**", _growth),
+    ("**Redis round trips per request** (EVALSHA)",
+     _redis(lambda f: f.redis.evalsha_per_request if f.redis else 0)),
+    ("Redis commands run per request (incl. inside scripts)",
+     _redis(lambda f: f.redis.commands_per_request if f.redis else 0, 1)),
     ("admission round trip (mean), ms", _redis(lambda f: f.redis.admit_ms if f.redis else 0, 3)),
     ("settlement round trip (mean), ms", _redis(lambda f: f.redis.settle_ms if f.redis else 0, 3)),
-]
+]  # fmt: skip
 
 
 def table(direct: Figures, proxied: list[Figures]) -> str:
@@ -82,7 +105,7 @@ def _direct_cell(label: str, d: Figures) -> str:
         "stream TTFB p50 / p99, ms": f"{_f(d.streams.ttfb_p50_ms)} / {_f(d.streams.ttfb_p99_ms)}",
         "chunk gap p50 / p99, ms": f"{_f(d.streams.gap_p50_ms)} / {_f(d.streams.gap_p99_ms)}",
     }
-    return plain.get(label, "–")
+    return plain.get(label, "-")
 
 
 @dataclass(frozen=True)
@@ -101,7 +124,7 @@ def machine(load_before: str) -> Machine:
                 if line.startswith("model name")), platform.processor())  # fmt: skip
     versions = ", ".join([
         f"Python {platform.python_version()}",
-        *(f"{name} {version(name)}" for name in ("aiohttp", "uvloop", "redis", "prometheus-client")),
+        *(f"{name} {version(name)}" for name in ("aiohttp", "uvloop", "redis")),
         _first_line(["wrk", "-v"]), _first_line(["redis-server", "--version"]),
     ])  # fmt: skip
     return Machine(

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import urllib.request
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.procs import Child, free_port, redis_commandstats, start_proxy
+from bench.procs import Child, free_port, redis_commandstats, start_bare_relay, start_proxy
 from bench.streams import StreamResult, run_streams
 from bench.wrk import WrkResult, run_wrk, write_script
 from proxy.auth import key_hash
@@ -38,6 +39,7 @@ class Setup:
     name: str
     workers: int
     redis_port: int | None = None
+    bare: bool = False  # bench/bare_relay.py instead of the proxy
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Figures:
     streams: StreamResult
     rss_mb: dict[str, float] = field(default_factory=dict)
     memory_requests: int = 0
+    cpu_us: float = float("nan")  # CPU time of the serving processes per c=64 request
     redis: RedisFigures | None = None
 
 
@@ -102,7 +105,10 @@ def measure_proxy(setup: Setup, upstream_port: int, tmp: Path, d: Durations) -> 
     config = tmp / f"routes-{setup.workers}-{setup.redis_port or 0}.yaml"
     config.write_text(routes_yaml(upstream_port, setup.redis_port))
     port = free_port()
-    proxy = start_proxy(config, port, setup.workers, tmp / "proxy.log")
+    if setup.bare:
+        proxy = start_bare_relay(upstream_port, port)
+    else:
+        proxy = start_proxy(config, port, setup.workers, tmp / "proxy.log")
     try:
         return _measure(setup, proxy, port, tmp, d)
     finally:
@@ -117,29 +123,45 @@ def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> 
     run_wrk(url, script, 64, d.warmup)
     rss["warm"] = proxy.rss_mb()
     latency = run_wrk(url, script, 1, d.latency)
-    before = redis_commandstats(setup.redis_port) if setup.redis_port else {}
+    before = _redis_state(setup.redis_port, port)
+    cpu = proxy.cpu_seconds()
     throughput = run_wrk(url, script, 64, d.throughput,
                          during=lambda: rss.update(load=proxy.rss_mb()))  # fmt: skip
-    after = redis_commandstats(setup.redis_port) if setup.redis_port else {}
+    cpu = proxy.cpu_seconds() - cpu
+    after = _redis_state(setup.redis_port, port)
     done = latency.requests + throughput.requests
     while done < d.memory_requests:
         more = (d.memory_requests - done) / max(throughput.rps, 100.0) * 1.1 + 1
         done += run_wrk(url, script, 64, min(more, 60.0)).requests
     rss["after"] = proxy.rss_mb()
     streams = run_async(lambda: run_streams(port, d.streams, STREAM_EVENTS, key))
-    figures = Figures(setup.name, latency, throughput, streams, rss, done)
+    figures = Figures(setup.name, latency, throughput, streams, rss, done,
+                      cpu_us=cpu / max(throughput.requests, 1) * 1e6)  # fmt: skip
     if setup.redis_port:
-        figures.redis = _redis_figures(before, after, throughput.requests, port)
+        figures.redis = _redis_figures(before, after, port)
     return figures
 
 
-def _redis_figures(
-    before: dict[str, int], after: dict[str, int], requests: int, port: int
-) -> RedisFigures:
+def _redis_state(redis_port: int | None, port: int) -> dict[str, int]:
+    """Redis's command counts and the proxy's own count of calls, once every call in
+    flight has settled: calls wrk cut off at its end are admitted and settled too."""
+    if redis_port is None:
+        return {}
+    time.sleep(0.5)
+    state = redis_commandstats(redis_port)
+    state["proxied calls"] = int(sum(float(v) for v in _REQUESTS.findall(_scrape(port))))
+    return state
+
+
+_REQUESTS = re.compile(r"^llm_proxy_requests_total\{[^}]*\} (\S+)$", re.MULTILINE)
+
+
+def _redis_figures(before: dict[str, int], after: dict[str, int], port: int) -> RedisFigures:
     def delta(name: str) -> int:
         return after.get(name, 0) - before.get(name, 0)
 
-    commands = sum(delta(name) for name in after if name != "info")
+    requests = delta("proxied calls")
+    commands = sum(delta(name) for name in after if name not in ("info", "proxied calls"))
     metrics = _scrape(port)
     return RedisFigures(
         evalsha_per_request=(delta("evalsha") + delta("eval")) / max(requests, 1),

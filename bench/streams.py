@@ -83,7 +83,7 @@ async def _open(port: int, count: int) -> list[_Probe]:
 
 
 async def run_streams(
-    port: int, count: int, events: int, key: str | None = None, timeout: float = 120.0
+    port: int, count: int, events: int, key: str | None = None, limit: float = 120.0
 ) -> StreamResult:
     """``events``: data events each stream should deliver (chunks + role + [DONE])."""
     probes = await _open(port, count)
@@ -91,7 +91,7 @@ async def run_streams(
     started = time.perf_counter()
     for probe in probes:
         probe.send(request)
-    await asyncio.wait_for(asyncio.gather(*(p.done for p in probes)), timeout)
+    await asyncio.wait_for(asyncio.gather(*(p.done for p in probes)), limit)
     seconds = time.perf_counter() - started
     ttfb = [p.events[0] - p.sent for p in probes if p.events]
     gaps = [b - a for p in probes for a, b in zip(p.events, p.events[1:], strict=False)]
