@@ -58,9 +58,14 @@ async def open_call(
 
 async def read_chunk(response: aiohttp.ClientResponse, provider: Provider) -> bytes:
     """The next bytes of the body as they arrived, or b"" at its end."""
+    content = response.content
     with map_client_errors(provider, "reading the response body"):
+        if content.is_eof():
+            # The rest of the body is already in (all of a small answer; the last read
+            # of any body), so this read cannot wait: no idle timer needed.
+            return await content.readany()
         async with asyncio.timeout(provider.timeouts.idle):
-            return await response.content.readany()
+            return await content.readany()
 
 
 async def read_all(response: aiohttp.ClientResponse, provider: Provider) -> bytes:
