@@ -91,7 +91,15 @@ def table(direct: Figures, proxied: list[Figures]) -> str:
         direct_value = _direct_cell(label, direct)
         values = " | ".join(cell(f, direct) for f in proxied)
         lines.append(f"| {label} | {direct_value} | {values} |")
+        if label.startswith("**c=64 throughput") and (bare := _bare(proxied)) is not None:
+            # The other yardstick: with every feature on, beat the bare relay.
+            values = " | ".join(_ratio(f, bare) for f in proxied)
+            lines.append(f"| c=64 throughput, % of the bare relay | - | {values} |")
     return "\n".join(lines)
+
+
+def _bare(proxied: list[Figures]) -> Figures | None:
+    return next((f for f in proxied if f.name.startswith("bare")), None)
 
 
 def _direct_cell(label: str, d: Figures) -> str:

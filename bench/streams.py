@@ -2,8 +2,11 @@
 
 wrk cannot time the chunks of one response, so this client does: each connection is
 an ``asyncio.Protocol`` that stamps the arrival of every SSE event (an event ends at a
-blank line). All connections are opened first, then every request is sent at once, so
-the measure is the streams and not a burst of TCP handshakes against a listen backlog.
+blank line). All connections are opened first, so the measure is the streams and not a
+burst of TCP handshakes against a listen backlog; then the requests go out evenly over
+``spread`` seconds, as calls arrive in life. (Sent all at once, every stream's chunks
+would be due at the same instants, and the figure would be how long a burst of 500
+chunks takes, not what one chunk's relay adds.)
 The client is the same for direct and proxied runs, so its own cost cancels out of the
 differences the table reports.
 """
@@ -83,14 +86,20 @@ async def _open(port: int, count: int) -> list[_Probe]:
 
 
 async def run_streams(
-    port: int, count: int, events: int, key: str | None = None, limit: float = 120.0
+    port: int,
+    count: int,
+    events: int,
+    key: str | None = None,
+    spread: float = 1.0,
+    limit: float = 120.0,
 ) -> StreamResult:
     """``events``: data events each stream should deliver (chunks + role + [DONE])."""
     probes = await _open(port, count)
     request = _request(port, key)
+    loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    for probe in probes:
-        probe.send(request)
+    for i, probe in enumerate(probes):
+        loop.call_later(spread * i / count, probe.send, request)
     await asyncio.wait_for(asyncio.gather(*(p.done for p in probes)), limit)
     seconds = time.perf_counter() - started
     ttfb = [p.events[0] - p.sent for p in probes if p.events]
