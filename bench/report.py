@@ -133,7 +133,7 @@ def machine(load_before: str) -> Machine:
     versions = ", ".join([
         f"Python {platform.python_version()}",
         *(f"{name} {version(name)}" for name in ("aiohttp", "uvloop", "redis")),
-        _first_line(["wrk", "-v"]), _first_line(["redis-server", "--version"]),
+        _first_line(["wrk", "-v"], 2), _first_line(["redis-server", "--version"], 3),
     ])  # fmt: skip
     return Machine(
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -157,10 +157,10 @@ def _read(path: str) -> str:
         return ""
 
 
-def _first_line(command: list[str]) -> str:
+def _first_line(command: list[str], words: int) -> str:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except OSError:
         return f"{command[0]} missing"
     text = (done.stdout or done.stderr).strip()
-    return text.splitlines()[0][:60] if text else command[0]
+    return " ".join(text.splitlines()[0].split()[:words]) if text else command[0]
