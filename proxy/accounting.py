@@ -74,6 +74,9 @@ class Accountant:
         self.fallback_admissions = 0
         self._last_warning = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        # checks_for() per (team, model) of the running config: it is the same every call.
+        self._checks_of: Config | None = None
+        self._checks: dict[tuple[str, str], tuple[Check, ...]] = {}
 
     def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` to the end even if its caller is cancelled; shutdown waits for it."""
@@ -85,7 +88,7 @@ class Accountant:
     async def admit(
         self, config: Config, team: str, model: str, reserved: int, prompt: int, request_id: str
     ) -> Ticket:
-        checks = checks_for(config, team, model)
+        checks = self._checks_for(config, team, model)
         ticket = Ticket(team, model, request_id, checks, reserved, prompt,
                         Admission(True, int(time.time() // DAY)))  # fmt: skip
         if not checks:
@@ -101,6 +104,14 @@ class Accountant:
         if not admission.admitted:
             raise _refusal(ticket)
         return ticket
+
+    def _checks_for(self, config: Config, team: str, model: str) -> tuple[Check, ...]:
+        if config is not self._checks_of:  # a reload: the limits may have changed
+            self._checks_of, self._checks = config, {}
+        checks = self._checks.get((team, model))
+        if checks is None:
+            checks = self._checks[(team, model)] = checks_for(config, team, model)
+        return checks
 
     async def _admit_without_redis(self, ticket: Ticket, exc: StoreUnavailable) -> Ticket:
         self._redis_failed("admission", exc)
@@ -136,6 +147,16 @@ class Accountant:
         except StoreUnavailable as exc:
             self._redis_failed("settlement", exc)
             self.queue.append(settlement)
+
+    async def settle_surely(self, ticket: Ticket, usage: Usage) -> None:
+        """Settle even if the caller is cancelled meanwhile: a client that went away must
+        not cancel its own billing."""
+        if isinstance(self.primary, MemoryStore):
+            # No I/O: settle() never suspends, so nothing can interrupt it; a task and a
+            # shield per call would only cost time.
+            await self.settle(ticket, usage)
+        else:
+            await asyncio.shield(self.track(self.settle(ticket, usage)))
 
     async def flush(self) -> bool:
         """Write queued settlements in order; True when the queue is empty."""

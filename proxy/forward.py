@@ -71,7 +71,6 @@ class _Run:
     def __init__(self, request: web.Request, call: Call, record: CallRecord, deadline: float):
         self.request, self.call, self.record, self.deadline = request, call, record, deadline
         self.failures: list[Failure] = []
-        self.affinity = conversation_prefix(call.body.fields)
 
     async def target(self, target: Target, provider: Provider) -> web.StreamResponse | None:
         if provider.engine is None:
@@ -102,9 +101,15 @@ class _Run:
             and not self.call.body.wants_usage()
         )
         body = self.call.body.rewritten(target.model, include_usage=strip)
+        # The conversation prefix only where affinity needs it: it is a JSON dump per call.
+        affinity = (
+            conversation_prefix(self.call.body.fields)
+            if provider.balance == "affinity" and len(provider.endpoints) > 1
+            else None
+        )
         endpoints = self.request.app[BALANCER].order(
             f"provider:{provider.name}", provider.endpoints, provider.balance,
-            key_of=lambda e: e.url, weight_of=lambda e: e.weight, affinity=self.affinity,
+            key_of=lambda e: e.url, weight_of=lambda e: e.weight, affinity=affinity,
         )  # fmt: skip
         for number in range(policy.attempts):
             endpoint = await self._admitted(provider, endpoints, number)

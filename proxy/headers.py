@@ -58,14 +58,17 @@ _NOT_TO_CLIENT = HOP_BY_HOP | {
 
 def _connection_listed(headers: Mapping[str, str]) -> set[str]:
     """Headers named in ``Connection`` are hop-by-hop too (RFC 9110 §7.6.1)."""
-    listed = headers.get("Connection", "")
+    listed = headers.get("Connection")
+    if not listed:
+        return set()
     return {name.strip().lower() for name in listed.split(",") if name.strip()}
 
 
 def upstream_headers(
     client: CIMultiDictProxy[str], provider: Provider, extra: Mapping[str, str] | None = None
 ) -> CIMultiDict[str]:
-    drop = _NOT_TO_UPSTREAM | _connection_listed(client)
+    listed = _connection_listed(client)
+    drop = _NOT_TO_UPSTREAM | listed if listed else _NOT_TO_UPSTREAM  # no new set per call
     out = CIMultiDict((k, v) for k, v in client.items() if k.lower() not in drop)
     for name, value in provider.headers.items():
         out[name] = value
@@ -82,7 +85,8 @@ def upstream_headers(
 def client_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's x-ratelimit-* describe the proxy's shared provider account, not the
     caller's limits; the proxy sends its own per team instead."""
-    drop = _NOT_TO_CLIENT | _connection_listed(upstream)
+    listed = _connection_listed(upstream)
+    drop = _NOT_TO_CLIENT | listed if listed else _NOT_TO_CLIENT
     return CIMultiDict(
         (k, v) for k, v in upstream.items()
         if k.lower() not in drop and not k.lower().startswith("x-ratelimit-")

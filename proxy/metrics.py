@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -247,6 +248,7 @@ _SUFFIXES: dict[str, Sequence[str]] = {
 }
 
 
+@lru_cache(maxsize=1024)  # endpoints come from routes.yaml: few, and asked for every call
 def endpoint_label(url: str) -> str:
     """An endpoint's URL as a label: scheme, host, port and path, never userinfo or query."""
     parts = urlsplit(url)

@@ -3,7 +3,6 @@ forward, settle."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -63,5 +62,4 @@ async def _call(request: web.Request, endpoint: Endpoint, record: CallRecord) ->
             return await forward(request, call, record)  # 5
     finally:
         record.billed = final_usage(ticket, record.usage, record.completion_estimate)
-        # Shielded: a client that went away must not cancel its own billing.
-        await asyncio.shield(accountant.track(accountant.settle(ticket, record.billed)))  # 6
+        await accountant.settle_surely(ticket, record.billed)  # 6

@@ -23,7 +23,7 @@ from proxy.errors import ProxyError
 from proxy.headers import client_headers
 from proxy.record import CallRecord
 from proxy.sse_tap import SseTap
-from proxy.upstream import read_all, read_chunk
+from proxy.upstream import StreamReads, read_all
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ async def relay_stream(
     await out.prepare(request)
     clock = _Clock(record, request.app[METRICS].c_chunk_gap.get(provider.name))
     chunk, tail = first, b"\n\n"
+    reads = StreamReads(response, provider)
     try:
         while chunk:
             clock.arrived()
@@ -59,7 +60,7 @@ async def relay_stream(
                 await out.write(data)
                 tail = (tail + data)[-4:]
             clock.written()
-            chunk = await read_chunk(response, provider)
+            chunk = await reads.read()
         if data := tap.finish():
             await out.write(data)
     except ProxyError as exc:
@@ -68,6 +69,7 @@ async def relay_stream(
         held = tap.finish()  # what the client would have had without the proxy's tap
         await out.write(held + _error_event(exc, (tail + held)[-4:]))
     finally:
+        reads.close()
         # Also when the client went away: what was streamed until then is billed.
         record.usage = tap.usage
         record.completion_estimate = tap.estimated_completion()

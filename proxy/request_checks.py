@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from proxy.body import Body, parse_body
 from proxy.config import Config, Model, ServerSettings
@@ -42,19 +42,27 @@ async def read_body(request: web.Request, settings: ServerSettings) -> bytes:
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(_too_large(limit))
-    parts: list[bytes] = []
-    size = 0
+    if request.content.is_eof():
+        # The whole body is already in (the usual case: it came with the head), so no
+        # read below can wait, and a timer per request would only cost time.
+        return await _bounded(request.content, limit)
     try:
         async with asyncio.timeout(settings.body_timeout):
-            while chunk := await request.content.read(_READ_SIZE):
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(_too_large(limit))
-                parts.append(chunk)
+            return await _bounded(request.content, limit)
     except TimeoutError:
         raise RequestTimeout(
             f"The request body did not arrive within {settings.body_timeout:g} seconds."
         ) from None
+
+
+async def _bounded(content: StreamReader, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await content.read(_READ_SIZE):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(_too_large(limit))
+        parts.append(chunk)
     return b"".join(parts)
 
 

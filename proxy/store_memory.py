@@ -5,6 +5,7 @@ the shared arithmetic of store.py (``wait_for``, ``limit_state``)."""
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from proxy.store import (
@@ -20,6 +21,11 @@ from proxy.store import (
 )
 
 DONE_TTL = DAY  # how long a settled request id is remembered, against double counting
+# ... but at most this many: a duplicate settlement follows its first within seconds (a
+# retry), so the most recent ids are the ones worth remembering, and memory stays flat
+# however many calls a day brings (a whole day of ids grew without bound, and pruning
+# them rebuilt a dict of 100k entries on every settlement).
+DONE_MAX = 10_000
 
 
 class MemoryStore:
@@ -29,7 +35,7 @@ class MemoryStore:
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
         self._days: dict[tuple[str, str, int], int] = {}
         self._ledger: dict[tuple[str, str, int], list[int]] = {}
-        self._done: dict[str, float] = {}
+        self._done: OrderedDict[str, float] = OrderedDict()  # in settlement order
 
     async def admit(
         self, team: str, checks: tuple[Check, ...], reserved: int, lease: str, lease_ttl: float
@@ -82,8 +88,7 @@ class MemoryStore:
 
     async def settle(self, s: Settlement) -> None:
         now = self._clock()
-        if len(self._done) > 100_000:
-            self._done = {k: v for k, v in self._done.items() if v > now}
+        self._forget_settled(now)
         if s.request_id in self._done:
             return
         self._done[s.request_id] = now + DONE_TTL
@@ -100,6 +105,11 @@ class MemoryStore:
         row = self._ledger.setdefault((s.team, s.model, s.day), [0] * len(LEDGER_FIELDS))
         for i, value in enumerate(ledger_values(s)):
             row[i] += value
+
+    def _forget_settled(self, now: float) -> None:
+        done = self._done
+        while done and (len(done) >= DONE_MAX or next(iter(done.values())) <= now):
+            done.popitem(last=False)
 
     async def renew(self, team: str, checks: tuple[Check, ...], lease: str, ttl: float) -> None:
         for check in checks:

@@ -58,9 +58,74 @@ async def open_call(
 
 async def read_chunk(response: aiohttp.ClientResponse, provider: Provider) -> bytes:
     """The next bytes of the body as they arrived, or b"" at its end."""
+    content = response.content
     with map_client_errors(provider, "reading the response body"):
-        async with asyncio.timeout(provider.timeouts.idle):
-            return await response.content.readany()
+        # When the rest of the body is already in (all of a small answer; the last read
+        # of any body) this read cannot wait, so it needs no idle timer.
+        return await read_chunk_timed(content, provider, content.is_eof())
+
+
+class StreamReads:
+    """The reads of one streamed body, with one idle timer per stream, not one per read.
+
+    A read only notes when it started waiting. The timer, when it fires, re-arms itself
+    for ``idle`` after that moment, and cancels the reading task only if one read has
+    been waiting the whole ``idle``: the same deadline as an ``asyncio.timeout(idle)``
+    around every read, for a float per chunk instead of a timer per chunk (at 500
+    streams that was a sixth of the proxy's CPU). ``close()`` must follow, always.
+    """
+
+    def __init__(self, response: aiohttp.ClientResponse, provider: Provider) -> None:
+        self._content = response.content
+        self._provider = provider
+        self._idle = provider.timeouts.idle
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._waiting_since: float | None = None
+        self._expired = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def read(self) -> bytes:
+        """The next bytes of the body as they arrived, or b"" at its end."""
+        content = self._content
+        with map_client_errors(self._provider, "reading the response body"):
+            if content.is_eof() or self._task is None:
+                return await read_chunk_timed(content, self._provider, content.is_eof())
+            if self._timer is None:
+                self._timer = self._loop.call_at(self._loop.time() + self._idle, self._check)
+            cancelling = self._task.cancelling()
+            self._waiting_since = self._loop.time()
+            try:
+                return await content.readany()
+            except asyncio.CancelledError:
+                if self._expired and self._task.uncancel() <= cancelling:
+                    raise TimeoutError from None
+                raise
+            finally:
+                self._waiting_since = None
+
+    def _check(self) -> None:
+        now, since = self._loop.time(), self._waiting_since
+        if since is not None and now - since >= self._idle and self._task is not None:
+            self._timer, self._expired = None, True
+            self._task.cancel()
+        else:
+            self._timer = self._loop.call_at((since or now) + self._idle, self._check)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+async def read_chunk_timed(
+    content: aiohttp.StreamReader, provider: Provider, complete: bool
+) -> bytes:
+    """One read under its own idle timer, unless the rest of the body is in (``complete``)."""
+    if complete:
+        return await content.readany()
+    async with asyncio.timeout(provider.timeouts.idle):
+        return await content.readany()
 
 
 async def read_all(response: aiohttp.ClientResponse, provider: Provider) -> bytes:

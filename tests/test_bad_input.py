@@ -140,3 +140,28 @@ async def test_client_cannot_steer_host_or_path(proxy: Proxy, wandb: Upstream):
     assert seen.path == "/v1/chat/completions"
     assert seen.headers["Host"] == wandb.url.split("//")[1].split("/")[0]
     assert "evil.example" not in json.dumps(dict(seen.headers))
+
+
+@pytest.mark.parametrize("size", [70_000, 1_000])
+def test_a_chunked_body_is_bounded_whether_or_not_it_is_all_in(
+    proxy_process: ProxyProcess, size: int
+):
+    """Without Content-Length the limit is checked while reading; a body that arrived
+    whole is read without a timer (issue 7), and must be bounded the same."""
+    body = b'{"model": "m", "messages": [], "x": "' + b"a" * size + b'"}'
+    with socket.create_connection(("127.0.0.1", proxy_process.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n0\r\n\r\n"
+            % (len(body), body)
+        )
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, answer = reply.partition(b"\r\n\r\n")
+    if size > 64 * 1024:
+        assert head.startswith(b"HTTP/1.1 413"), head
+        assert b"larger than this proxy accepts" in answer
+    else:
+        assert head.startswith(b"HTTP/1.1 502"), head  # read whole, routed, upstream dead

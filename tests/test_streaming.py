@@ -89,3 +89,26 @@ async def test_upstream_cut_mid_stream_ends_with_one_error_event(proxy: Proxy, w
     event = json.loads(tail.strip()[len(b"data: ") :])
     assert event["error"]["type"] == "server_error"
     assert body.count(b'"error"') == 1
+
+
+async def test_a_stream_that_stalls_ends_with_a_timeout_event(proxy: Proxy, wandb: Upstream):
+    """One idle timer per stream (issue 7) still ends a stream whose upstream goes quiet
+    for the provider's ``idle`` (2 s here) after the first bytes."""
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"A"}}]}\n\n'
+    wandb.fake.stream_script = [first, 3.0, b"data: late\n\n"]
+    async with proxy.http.post(proxy.url + CHAT, json=STREAM) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    assert body.startswith(first) and b"late" not in body
+    event = json.loads(body[len(first) :].strip()[len(b"data: ") :])
+    assert event["error"]["code"] == "upstream_timeout"
+
+
+async def test_gaps_shorter_than_idle_never_time_out(proxy: Proxy, wandb: Upstream):
+    """Each gap (1.2 s) is under ``idle`` (2 s) though together they pass it: the per-stream
+    timer must measure each read's wait, not the time since the stream began."""
+    chunks = [b'data: {"choices":[{"index":0,"delta":{"content":"%d"}}]}\n\n' % i for i in range(4)]
+    wandb.fake.stream_script = [chunks[0], 1.2, chunks[1], 1.2, chunks[2], 1.2, chunks[3]]
+    async with proxy.http.post(proxy.url + CHAT, json=STREAM) as resp:
+        body = await resp.read()
+    assert body == b"".join(chunks)

@@ -1,0 +1,158 @@
+"""The processes a benchmark run starts: the fake upstream, the proxy, a private Redis.
+
+Each is a real child process on a free port, stopped (and only it) when the run ends.
+Memory is read from /proc: a proxy's RSS is the sum over its worker processes (the
+supervisor of ``--workers N`` only sleeps and is not counted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(check: object, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if callable(check) and check():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come up within {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def _accepts(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
+def _healthy(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+        return bool(answer.status == 200)
+
+
+class Child:
+    """A child process in its own process group, so that stopping it stops its workers."""
+
+    def __init__(self, argv: list[str], log: Path | None = None) -> None:
+        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, stdout=out, stderr=out, start_new_session=True
+        )
+        self.pid = self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def workers(self) -> list[int]:
+        """The processes that serve: the children if there are any, else this one."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        pids = [int(p) for p in children.read_text().split()] if children.exists() else []
+        return pids or [self.pid]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the serving processes so far: unlike throughput, it
+        hardly moves when other jobs compete for the machine."""
+        return sum(_cpu_ticks(pid) for pid in self.workers()) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        return sum(_rss_kb(pid) for pid in self.workers()) / 1024
+
+
+def _rss_kb(pid: int) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _cpu_ticks(pid: int) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime
+    return 0
+
+
+def start_upstream(port: int, chunks: int, interval_ms: float) -> Child:
+    child = Child([sys.executable, "-m", "bench.upstream", "--port", str(port),
+                   "--chunks", str(chunks), "--interval-ms", str(interval_ms)])  # fmt: skip
+    wait_for(lambda: _accepts(port), "the fake upstream")
+    return child
+
+
+def start_proxy(config: Path, port: int, workers: int, log: Path) -> Child:
+    child = Child(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
+         "--workers", str(workers), "--shutdown-timeout", "2"],
+        log=log,
+    )  # fmt: skip
+    wait_for(lambda: _healthy(port), "the proxy")
+    if workers > 1:  # every worker must be listening before the load starts
+        wait_for(lambda: len(child.workers()) == workers, "the proxy's workers")
+        time.sleep(1.0)
+    return child
+
+
+def start_bare_relay(upstream_port: int, port: int) -> Child:
+    child = Child([sys.executable, "-m", "bench.bare_relay", "--port", str(port),
+                   "--upstream", f"http://127.0.0.1:{upstream_port}"])  # fmt: skip
+    wait_for(lambda: _healthy(port), "the bare relay")
+    return child
+
+
+def start_redis(port: int, workdir: Path) -> Child:
+    binary = shutil.which("redis-server") or shutil.which("valkey-server")
+    if binary is None:
+        raise RuntimeError("no redis-server on PATH: apt-get install -y redis-server")
+    child = Child([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--dir", str(workdir)])  # fmt: skip
+    wait_for(lambda: _accepts(port), "redis-server")
+    return child
+
+
+def redis_commandstats(port: int) -> dict[str, int]:
+    """``INFO commandstats`` as {command: calls}, over a raw socket (one tiny dependency less)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        data = b""
+        while b"\r\n" not in data:
+            data += s.recv(65536)
+        size = int(data[1 : data.index(b"\r\n")])
+        start = data.index(b"\r\n") + 2
+        while len(data) < start + size:
+            data += s.recv(65536)
+    calls: dict[str, int] = {}
+    for line in data[start : start + size].decode().splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, rest = line[len("cmdstat_") :].partition(":")
+            fields = dict(part.split("=", 1) for part in rest.split(","))
+            calls[name] = int(fields["calls"])
+    return calls

@@ -1,0 +1,189 @@
+"""The measurements: the same loads against the fake upstream directly and through a proxy.
+
+Direct figures are the baseline; everything the table calls "added" is proxied minus
+direct, measured on the same machine in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench.procs import Child, free_port, redis_commandstats, start_bare_relay, start_proxy
+from bench.streams import StreamResult, run_streams
+from bench.wrk import WrkResult, run_wrk, write_script
+from proxy.auth import key_hash
+
+BENCH_KEY = "sk-proxy-bench-0123456789"
+STREAM_EVENTS = 102  # the role chunk, the paced chunks (100), [DONE]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Durations:
+    latency: float = 5.0
+    throughput: float = 10.0
+    warmup: float = 5.0
+    streams: int = 500
+    memory_requests: int = 100_000
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    workers: int
+    redis_port: int | None = None
+    bare: bool = False  # bench/bare_relay.py instead of the proxy
+
+
+@dataclass
+class RedisFigures:
+    evalsha_per_request: float
+    commands_per_request: float
+    admit_ms: float
+    settle_ms: float
+
+
+@dataclass
+class Figures:
+    name: str
+    latency: WrkResult
+    throughput: WrkResult
+    streams: StreamResult
+    rss_mb: dict[str, float] = field(default_factory=dict)
+    memory_requests: int = 0
+    cpu_us: float = float("nan")  # CPU time of the serving processes per c=64 request
+    redis: RedisFigures | None = None
+
+
+def run_async(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return asyncio.run(work())
+    return uvloop.run(work())
+
+
+def measure_direct(port: int, tmp: Path, d: Durations) -> Figures:
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    script = write_script(tmp, None)
+    return Figures(
+        name="direct",
+        latency=run_wrk(url, script, 1, d.latency),
+        throughput=run_wrk(url, script, 64, d.throughput),
+        streams=run_async(lambda: run_streams(port, d.streams, STREAM_EVENTS)),
+    )
+
+
+def routes_yaml(upstream_port: int, redis_port: int | None) -> str:
+    lines = [
+        "server: {max_body_bytes: 1MiB, reload_interval: 60s}",
+        "providers:",
+        f"  bench: {{base_url: 'http://127.0.0.1:{upstream_port}/v1'}}",
+        "models:",
+        "  bench-model: {targets: [{provider: bench, model: bench-model}]}",
+    ]
+    if redis_port is not None:
+        lines += [
+            f"redis: {{url: 'redis://127.0.0.1:{redis_port}/0'}}",
+            "teams:",
+            "  bench:",
+            f"    keys: ['{key_hash(BENCH_KEY)}']",
+            "    limits: {requests_per_minute: 100000000, tokens_per_minute: 10000000000,",
+            "             concurrent: 100000}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def measure_proxy(setup: Setup, upstream_port: int, tmp: Path, d: Durations) -> Figures:
+    config = tmp / f"routes-{setup.workers}-{setup.redis_port or 0}.yaml"
+    config.write_text(routes_yaml(upstream_port, setup.redis_port))
+    port = free_port()
+    if setup.bare:
+        proxy = start_bare_relay(upstream_port, port)
+    else:
+        proxy = start_proxy(config, port, setup.workers, tmp / "proxy.log")
+    try:
+        return _measure(setup, proxy, port, tmp, d)
+    finally:
+        proxy.stop()
+
+
+def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> Figures:
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    key = BENCH_KEY if setup.redis_port else None
+    script = write_script(tmp, key)
+    rss = {"idle": proxy.rss_mb()}
+    run_wrk(url, script, 64, d.warmup)
+    rss["warm"] = proxy.rss_mb()
+    latency = run_wrk(url, script, 1, d.latency)
+    before = _redis_state(setup.redis_port, port)
+    cpu = proxy.cpu_seconds()
+    throughput = run_wrk(url, script, 64, d.throughput,
+                         during=lambda: rss.update(load=proxy.rss_mb()))  # fmt: skip
+    cpu = proxy.cpu_seconds() - cpu
+    after = _redis_state(setup.redis_port, port)
+    done = latency.requests + throughput.requests
+    while done < d.memory_requests:
+        more = (d.memory_requests - done) / max(throughput.rps, 100.0) * 1.1 + 1
+        done += run_wrk(url, script, 64, min(more, 60.0)).requests
+    rss["after"] = proxy.rss_mb()
+    streams = run_async(lambda: run_streams(port, d.streams, STREAM_EVENTS, key))
+    figures = Figures(setup.name, latency, throughput, streams, rss, done,
+                      cpu_us=cpu / max(throughput.requests, 1) * 1e6)  # fmt: skip
+    if setup.redis_port:
+        figures.redis = _redis_figures(before, after, port)
+    return figures
+
+
+def _redis_state(redis_port: int | None, port: int) -> dict[str, int]:
+    """Redis's command counts and the proxy's own count of calls, once every call in
+    flight has settled: calls wrk cut off at its end are admitted and settled too."""
+    if redis_port is None:
+        return {}
+    time.sleep(0.5)
+    state = redis_commandstats(redis_port)
+    state["proxied calls"] = int(sum(float(v) for v in _REQUESTS.findall(_scrape(port))))
+    return state
+
+
+_REQUESTS = re.compile(r"^llm_proxy_requests_total\{[^}]*\} (\S+)$", re.MULTILINE)
+
+
+def _redis_figures(before: dict[str, int], after: dict[str, int], port: int) -> RedisFigures:
+    def delta(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    requests = delta("proxied calls")
+    commands = sum(delta(name) for name in after if name not in ("info", "proxied calls"))
+    metrics = _scrape(port)
+    return RedisFigures(
+        evalsha_per_request=(delta("evalsha") + delta("eval")) / max(requests, 1),
+        commands_per_request=commands / max(requests, 1),
+        admit_ms=_mean_ms(metrics, "admit"),
+        settle_ms=_mean_ms(metrics, "settle"),
+    )
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text: str = answer.read().decode()
+        return text
+
+
+def _mean_ms(metrics: str, operation: str) -> float:
+    """Mean Redis round trip of one operation, as the proxy itself timed it."""
+
+    def value(suffix: str) -> float:
+        pattern = rf'^llm_proxy_redis_latency_seconds_{suffix}\{{operation="{operation}"\}} (\S+)$'
+        found = re.search(pattern, metrics, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    count = value("count")
+    return value("sum") / count * 1000 if count else float("nan")

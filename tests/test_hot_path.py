@@ -1,0 +1,61 @@
+"""The shortcuts the hot path takes (issue 7) change nothing a caller can see."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from proxy.accounting import Accountant
+from proxy.config import RedisSettings
+from proxy.config_load import parse_config
+from proxy.errors import RateLimited
+from proxy.middlewares import request_id
+from proxy.store import Settlement
+from proxy.store_memory import DONE_MAX, MemoryStore
+
+
+def test_request_ids_are_uuid4_hex():
+    ids = {request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for rid in ids:
+        assert uuid.UUID(hex=rid).hex == rid  # 32 lower-case hex digits
+        assert uuid.UUID(hex=rid).version == 4
+        assert uuid.UUID(hex=rid).variant == uuid.RFC_4122
+
+
+def _settlement(rid: str) -> Settlement:
+    return Settlement(request_id=rid, team="t", model="m", day=1, checks=(), reserved=0,
+                      prompt_tokens=1, completion_tokens=1, estimated=False)  # fmt: skip
+
+
+async def test_memory_dedupe_stays_bounded_and_still_catches_a_retry():
+    store = MemoryStore(clock=lambda: 86_400.0 * 1.5)
+    for i in range(DONE_MAX * 3):
+        await store.settle(_settlement(f"r{i}"))
+    assert len(store._done) <= DONE_MAX
+    await store.settle(_settlement(f"r{DONE_MAX * 3 - 1}"))  # a retried settlement
+    [row] = await store.ledger(["t"], 0, 10)
+    assert row.counts[0] == DONE_MAX * 3  # requests: the retry was not booked again
+
+
+def _config(limits: str):
+    return parse_config(
+        f"""
+providers: {{p: {{base_url: "http://127.0.0.1:9/v1"}}}}
+models: {{m: {{targets: [{{provider: p, model: m}}]}}}}
+teams: {{t: {{keys: ["sha256:{"0" * 64}"], limits: {limits}}}}}
+""",
+        {},
+    )
+
+
+async def test_limits_of_a_reloaded_config_apply_at_once():
+    """The checks of a (team, model) are cached per config; a reload must not keep them."""
+    accountant = Accountant(RedisSettings(), MemoryStore(), fallback=None)
+    for rid in "ab":
+        await accountant.admit(_config("{}"), "t", "m", 1, 1, rid)
+    reloaded = _config("{requests_per_minute: 1}")
+    await accountant.admit(reloaded, "t", "m", 1, 1, "c")
+    with pytest.raises(RateLimited):
+        await accountant.admit(reloaded, "t", "m", 1, 1, "d")
