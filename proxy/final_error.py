@@ -35,9 +35,9 @@ class Failure:
     def describe(self) -> str:
         answer = self.failed.answer
         if answer is not None:
-            return f"{self.provider}: HTTP {answer.status} {_message(answer)}".rstrip()
+            return f"{self.provider}: HTTP {answer.status} {_message(answer)}".rstrip(" .")
         error = self.failed.error
-        return f"{self.provider}: {error.message if error else self.failed.detail}"
+        return f"{self.provider}: {error.message if error else self.failed.detail}".rstrip(".")
 
 
 def all_failed(model: Model, failures: list[Failure]) -> web.StreamResponse:

@@ -245,19 +245,22 @@ def test_serve_refuses_anonymous_on_a_public_address(tmp_path):
 
 @pytest.mark.parametrize("backend", ["memory"], indirect=True)
 async def test_usage_command_prints_the_ledger(team_proxy: MakeTeamProxy, backend):
+    import os
+    import subprocess
     import sys
 
     from tests.support import ROOT
 
     proxy = await team_proxy()
     await chat(proxy)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "usage", "--url", proxy.url, "--team", "research",
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**__import__("os").environ, "PROXY_ADMIN_KEY": ADMIN_KEY},
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "proxy", "usage", "--url", proxy.url, "--team", "research"],
+        cwd=ROOT, capture_output=True, timeout=60,
+        env={**os.environ, "PROXY_ADMIN_KEY": ADMIN_KEY},
     )  # fmt: skip
-    out, err = await process.communicate()
-    assert process.returncode == 0, err
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     lines = out.decode().splitlines()
     assert lines[0].split()[:4] == ["date", "team", "model", "requests"]
     assert lines[1].split()[1:4] == ["research", "llama-8b", "1"]

@@ -69,3 +69,8 @@ async def terminate(process: asyncio.subprocess.Process, grace: float, label: st
             log.warning("engine %s did not stop in %.0fs after SIGTERM: killing it", label, grace)
     signal_group(process.pid, signal.SIGKILL)  # stragglers in the group, if any
     await process.wait()
+    # asyncio leaves an exited process's transport open (ResourceWarning when it is
+    # collected); nothing else refers to it now.
+    transport = getattr(process, "_transport", None)
+    if transport is not None:
+        transport.close()
