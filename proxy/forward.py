@@ -22,7 +22,7 @@ from proxy.backoff import backoff_delay
 from proxy.balance import conversation_prefix
 from proxy.body import Body
 from proxy.circuit import Admission
-from proxy.config import Config, Endpoint, Model, Provider, Target
+from proxy.config import Config, Endpoint, Model, Provider, RetryPolicy, Target
 from proxy.engines.lease import served_by
 from proxy.errors import CircuitOpen, EngineUnavailable, ProviderUnavailable
 from proxy.final_error import Failure, all_failed
@@ -119,7 +119,7 @@ class _Run:
                 return await self._attempt(provider, endpoint, body, strip)
             except AttemptFailed as failed:
                 last = number + 1 == policy.attempts
-                delay = None if last else self._delay(failed, provider, number + 1)
+                delay = None if last else self._delay(failed, policy, number + 1)
                 self._fail(provider, endpoint.url, "failed" if delay is None else "retried", failed)
                 if delay is None:
                     return None
@@ -184,9 +184,8 @@ class _Run:
                                             str(response.status)))  # fmt: skip
         return response
 
-    def _delay(self, failed: AttemptFailed, provider: Provider, retry_number: int) -> float | None:
+    def _delay(self, failed: AttemptFailed, policy: RetryPolicy, retry_number: int) -> float | None:
         """Seconds to wait before retrying this target, or None to move on to the next."""
-        policy = self.call.model.retry_for(provider)
         if failed.retry_after is not None:
             if failed.retry_after > policy.max_retry_after:
                 return None

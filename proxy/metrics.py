@@ -47,7 +47,6 @@ from prometheus_client.metrics import MetricWrapperBase
 PREFIX = "llm_proxy_"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNKNOWN_MODEL = "unknown"
-ANONYMOUS_TEAM = "anonymous"
 NO_PROVIDER = "none"
 
 AttemptOutcome = Literal["ok", "retried", "failed", "circuit_open"]
