@@ -13,7 +13,16 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from proxy.accounting import Accountant
-from proxy.appkeys import ACCOUNTANT, BALANCER, BREAKERS, CLIENT_SESSION, CONFIG, ENGINES, METRICS
+from proxy.appkeys import (
+    ACCOUNTANT,
+    BALANCER,
+    BREAKERS,
+    CLIENT_SESSION,
+    CONFIG,
+    ENGINES,
+    METRICS,
+    UPSTREAM_CLIENT,
+)
 from proxy.balance import Balancer
 from proxy.circuit import CircuitBreakers
 from proxy.circuit_sync import CircuitSync
@@ -24,6 +33,7 @@ from proxy.reload import ConfigHolder, watch_file
 from proxy.routes import add_routes
 from proxy.store_memory import MemoryStore
 from proxy.store_redis import RedisStore
+from proxy.upstream_client import UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +58,16 @@ def make_app(holder: ConfigHolder) -> web.Application:
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
-    # One pooled keep-alive session for every upstream; the connector keeps a pool
-    # per host. No global limit: 500 concurrent streams must not queue behind 100.
+    # Keep-alive pools per upstream origin, without a global limit: 500 concurrent
+    # streams must not queue behind 100.
+    app[UPSTREAM_CLIENT] = client = UpstreamClient()
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     session = aiohttp.ClientSession(
         connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
     )
     app[CLIENT_SESSION] = session
     yield
+    client.close()
     await session.close()
 
 

@@ -11,8 +11,12 @@ from proxy.circuit import CircuitBreakers
 from proxy.engines.registry import Engines
 from proxy.metrics import Metrics
 from proxy.reload import ConfigHolder
+from proxy.upstream_client import UpstreamClient
 
 CONFIG = web.AppKey("config", ConfigHolder)
+# The proxied calls go through the lean client; aiohttp's session serves the engines'
+# probes and metrics scrapes, where features matter more than microseconds.
+UPSTREAM_CLIENT = web.AppKey("upstream_client", UpstreamClient)
 CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 BALANCER = web.AppKey("balancer", Balancer)
 BREAKERS = web.AppKey("breakers", CircuitBreakers)

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from proxy.backoff import retry_after_seconds
@@ -24,6 +23,8 @@ from proxy.record import CallRecord
 from proxy.relay import is_stream, read_plain, relay_stream
 from proxy.sse_tap import SseTap
 from proxy.upstream import open_call, read_chunk
+from proxy.upstream_client import UpstreamClient
+from proxy.upstream_response import UpstreamResponse
 from proxy.usage import estimate_completion, reported
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -64,7 +65,7 @@ class Upstream:
 
 async def attempt(
     request: web.Request,
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     upstream: Upstream,
     body: bytes,
     record: CallRecord,
@@ -75,7 +76,7 @@ async def attempt(
     url = upstream.endpoint.join(upstream.path)
     try:
         with record.waiting():
-            response = await open_call(session, provider, url, body, headers)
+            response = await open_call(client, provider, url, body, headers)
     except ProxyError as exc:
         raise AttemptFailed(exc.code or "error", error=exc) from None
     try:
@@ -104,14 +105,14 @@ async def attempt(
         response.close()
 
 
-async def _read(response: aiohttp.ClientResponse, provider: Provider) -> web.Response:
+async def _read(response: UpstreamResponse, provider: Provider) -> web.Response:
     try:
         return await read_plain(response, provider)
     except ProxyError as exc:
         raise AttemptFailed(exc.code or "error", error=exc) from None
 
 
-async def _first_chunk(response: aiohttp.ClientResponse, provider: Provider) -> bytes:
+async def _first_chunk(response: UpstreamResponse, provider: Provider) -> bytes:
     """Read the first bytes before the client sees anything, so a dud can still fail over."""
     try:
         first = await read_chunk(response, provider)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.appkeys import BALANCER, BREAKERS, CLIENT_SESSION, ENGINES, METRICS
+from proxy.appkeys import BALANCER, BREAKERS, ENGINES, METRICS, UPSTREAM_CLIENT
 from proxy.attempt import AttemptFailed, Upstream, attempt
 from proxy.backoff import backoff_delay
 from proxy.balance import conversation_prefix
@@ -163,7 +163,7 @@ class _Run:
                     self.call.endpoint,
                     self.call.provider_headers.get(provider.name, {}),
                 )
-                response = await attempt(self.request, app[CLIENT_SESSION], target, body,
+                response = await attempt(self.request, app[UPSTREAM_CLIENT], target, body,
                                          self.record, strip_usage)  # fmt: skip
             breakers.succeeded(endpoint.url)
             settled = True

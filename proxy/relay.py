@@ -13,7 +13,6 @@ import json
 import logging
 import time
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import Histogram
 
@@ -24,15 +23,16 @@ from proxy.headers import client_headers
 from proxy.record import CallRecord
 from proxy.sse_tap import SseTap
 from proxy.upstream import StreamReads, read_all
+from proxy.upstream_response import UpstreamResponse
 
 log = logging.getLogger(__name__)
 
 
-def is_stream(response: aiohttp.ClientResponse) -> bool:
+def is_stream(response: UpstreamResponse) -> bool:
     return response.content_type == "text/event-stream"
 
 
-async def read_plain(response: aiohttp.ClientResponse, provider: Provider) -> web.Response:
+async def read_plain(response: UpstreamResponse, provider: Provider) -> web.Response:
     """Read the whole body first, so that a body cut short can still fall back."""
     body = await read_all(response, provider)
     return web.Response(status=response.status, headers=client_headers(response.headers), body=body)
@@ -40,7 +40,7 @@ async def read_plain(response: aiohttp.ClientResponse, provider: Provider) -> we
 
 async def relay_stream(
     request: web.Request,
-    response: aiohttp.ClientResponse,
+    response: UpstreamResponse,
     provider: Provider,
     record: CallRecord,
     first: bytes,

@@ -1,6 +1,6 @@
 """One call to one upstream: open it, read it, and map transport errors at one boundary.
 
-aiohttp's exceptions never leave this module: a connection that cannot be made or
+The client's exceptions never leave this module: a connection that cannot be made or
 breaks becomes ``UpstreamUnreachable`` (502), a deadline that passes becomes
 ``UpstreamTimeout`` (504). Timeouts are the provider's: ``connect`` for the TCP/TLS
 handshake, ``first_byte`` until the response headers arrive, ``idle`` between two
@@ -13,11 +13,12 @@ import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import aiohttp
 from multidict import CIMultiDict
 
 from proxy.config import Provider
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.upstream_client import UpstreamClient
+from proxy.upstream_response import UpstreamConnectionError, UpstreamResponse
 
 
 @contextmanager
@@ -28,37 +29,37 @@ def map_client_errors(provider: Provider, phase: str) -> Iterator[None]:
         raise UpstreamTimeout(
             f"Provider '{provider.name}' did not answer in time ({phase})."
         ) from None
-    except aiohttp.ClientError as exc:
+    except (UpstreamConnectionError, OSError) as exc:
         raise UpstreamUnreachable(
-            f"Provider '{provider.name}' could not be reached ({phase}): "
-            f"{type(exc).__name__}: {exc}"
+            f"Provider '{provider.name}' could not be reached ({phase}): {exc}"
         ) from None
 
 
 async def open_call(
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     provider: Provider,
     url: str,
     body: bytes,
     headers: CIMultiDict[str],
-) -> aiohttp.ClientResponse:
+) -> UpstreamResponse:
     """Send the request and return once the response headers are in."""
     t = provider.timeouts
-    timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, connect=None)
+    now = asyncio.get_running_loop().time()
     with map_client_errors(provider, "waiting for the response headers"):
-        async with asyncio.timeout(t.first_byte):
-            return await session.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
-            )
+        # Connecting counts against first_byte too: its deadline runs from ``now``.
+        response = await client.post(url, headers, body, min(t.connect, t.first_byte))
+        response.set_deadlines(now + t.first_byte, now + t.total)
+        try:
+            await response.started()
+        except BaseException:
+            response.close()
+            raise
+    return response
 
 
-async def read_chunk(response: aiohttp.ClientResponse, provider: Provider) -> bytes:
+async def read_chunk(response: UpstreamResponse, provider: Provider) -> bytes:
     """The next bytes of the body as they arrived, or b"" at its end."""
-    content = response.content
+    content = response
     with map_client_errors(provider, "reading the response body"):
         # When the rest of the body is already in (all of a small answer; the last read
         # of any body) this read cannot wait, so it needs no idle timer.
@@ -75,8 +76,8 @@ class StreamReads:
     streams that was a sixth of the proxy's CPU). ``close()`` must follow, always.
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, provider: Provider) -> None:
-        self._content = response.content
+    def __init__(self, response: UpstreamResponse, provider: Provider) -> None:
+        self._content = response
         self._provider = provider
         self._idle = provider.timeouts.idle
         self._loop = asyncio.get_running_loop()
@@ -118,9 +119,7 @@ class StreamReads:
             self._timer = None
 
 
-async def read_chunk_timed(
-    content: aiohttp.StreamReader, provider: Provider, complete: bool
-) -> bytes:
+async def read_chunk_timed(content: UpstreamResponse, provider: Provider, complete: bool) -> bytes:
     """One read under its own idle timer, unless the rest of the body is in (``complete``)."""
     if complete:
         return await content.readany()
@@ -128,7 +127,7 @@ async def read_chunk_timed(
         return await content.readany()
 
 
-async def read_all(response: aiohttp.ClientResponse, provider: Provider) -> bytes:
+async def read_all(response: UpstreamResponse, provider: Provider) -> bytes:
     parts: list[bytes] = []
     while chunk := await read_chunk(response, provider):
         parts.append(chunk)

@@ -21,6 +21,8 @@ DEAD = dead_url()  # valid calls always get a fast 502
 ROUTES = f"""
 server: {{keepalive_timeout: 1s, body_timeout: 1s, max_body_bytes: 64KiB}}
 retry: {{attempts: 1}}
+# Every valid call fails at the dead port: the circuit must not turn its 502s into 503s.
+circuit: {{failures: 1000000}}
 providers:
   p: {{base_url: "{DEAD}"}}
 models:
