@@ -10,8 +10,6 @@ reads of the body, ``total`` for the whole call.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from multidict import CIMultiDict
 
@@ -21,18 +19,30 @@ from proxy.upstream_client import UpstreamClient
 from proxy.upstream_response import UpstreamConnectionError, UpstreamResponse
 
 
-@contextmanager
-def map_client_errors(provider: Provider, phase: str) -> Iterator[None]:
-    try:
-        yield
-    except TimeoutError:
-        raise UpstreamTimeout(
-            f"Provider '{provider.name}' did not answer in time ({phase})."
-        ) from None
-    except (UpstreamConnectionError, OSError) as exc:
-        raise UpstreamUnreachable(
-            f"Provider '{provider.name}' could not be reached ({phase}): {exc}"
-        ) from None
+class MappedErrors:
+    """``with MappedErrors(provider, phase):`` turns the client's errors into the
+    proxy's. A plain class, not @contextmanager: it runs on every read of every body."""
+
+    __slots__ = ("phase", "provider")
+
+    def __init__(self, provider: Provider, phase: str) -> None:
+        self.provider, self.phase = provider, phase
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:  # fmt: skip
+        if kind is None:
+            return
+        if issubclass(kind, TimeoutError):
+            raise UpstreamTimeout(
+                f"Provider '{self.provider.name}' did not answer in time ({self.phase})."
+            ) from None
+        if issubclass(kind, (UpstreamConnectionError, OSError)):
+            raise UpstreamUnreachable(
+                f"Provider '{self.provider.name}' could not be reached ({self.phase}): {exc}"
+            ) from None
 
 
 async def open_call(
@@ -45,7 +55,7 @@ async def open_call(
     """Send the request and return once the response headers are in."""
     t = provider.timeouts
     now = asyncio.get_running_loop().time()
-    with map_client_errors(provider, "waiting for the response headers"):
+    with MappedErrors(provider, "waiting for the response headers"):
         # Connecting counts against first_byte too: its deadline runs from ``now``.
         response = await client.post(url, headers, body, min(t.connect, t.first_byte))
         response.set_deadlines(now + t.first_byte, now + t.total)
@@ -60,7 +70,7 @@ async def open_call(
 async def read_chunk(response: UpstreamResponse, provider: Provider) -> bytes:
     """The next bytes of the body as they arrived, or b"" at its end."""
     content = response
-    with map_client_errors(provider, "reading the response body"):
+    with MappedErrors(provider, "reading the response body"):
         # When the rest of the body is already in (all of a small answer; the last read
         # of any body) this read cannot wait, so it needs no idle timer.
         return await read_chunk_timed(content, provider, content.is_eof())
@@ -89,7 +99,7 @@ class StreamReads:
     async def read(self) -> bytes:
         """The next bytes of the body as they arrived, or b"" at its end."""
         content = self._content
-        with map_client_errors(self._provider, "reading the response body"):
+        with MappedErrors(self._provider, "reading the response body"):
             if content.is_eof() or self._task is None:
                 return await read_chunk_timed(content, self._provider, content.is_eof())
             if self._timer is None:
