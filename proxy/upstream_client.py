@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -50,6 +51,10 @@ def split_url(url: str) -> Target:
     host_header = parts.netloc.rpartition("@")[2]
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Target(Origin(parts.scheme, parts.hostname, port, host_header), path)
+
+
+# The proxy asks for identity; these are inflated if an upstream compresses anyway.
+_ZLIB_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
 
 
 class UpstreamClient:
@@ -154,6 +159,7 @@ class Connection(asyncio.Protocol):
         self._parser = HttpResponseParser(self)
         self._headers: list[tuple[str, str]] = []
         self._until_close = False  # the answer's body ends when the connection does
+        self._decoder: zlib._Decompress | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # create_connection: TCP
@@ -220,12 +226,31 @@ class Connection(asyncio.Protocol):
             and "chunked" not in headers.get("Transfer-Encoding", "").lower()
         )
         assert self.response is not None
+        encoding = headers.get("Content-Encoding", "identity").strip().lower()
+        self._decoder = None
+        if encoding in _ZLIB_ENCODINGS:
+            self._decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib header
+        elif encoding != "identity":
+            self.response.fail(UpstreamConnectionError(
+                f"the answer is encoded with {encoding!r}, though the proxy asked for identity"
+            ))  # fmt: skip
+            self.transport.close()
+            return
         self.response.begin(status, headers, self._parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         assert self.response is not None
+        if self._decoder is not None:
+            try:
+                body = self._decoder.decompress(body)
+            except zlib.error as exc:
+                self.response.fail(UpstreamConnectionError(f"the body does not inflate: {exc}"))
+                self.transport.close()
+                return
         self.response.body(body)
 
     def on_message_complete(self) -> None:
         if self.response is not None and self.response.status:  # not the end of a 1xx
+            if self._decoder is not None and (rest := self._decoder.flush()):
+                self.response.body(rest)
             self.response.end()

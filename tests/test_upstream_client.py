@@ -9,6 +9,7 @@ keep-alive connections) are checked on the wire.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -176,6 +177,19 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(
         await asyncio.sleep(0.2)  # the close reaches the client's pool
         assert await _body(await _post(client, scripted)) == b"[2]"
     assert scripted.connections == 2
+
+
+async def test_a_gzipped_answer_is_inflated_and_another_encoding_refused(
+    client: UpstreamClient,
+) -> None:
+    packed = gzip.compress(JSON * 100)
+    gzipped = _plain(packed, b"Content-Encoding: gzip\r\n")
+    brotli = _plain(b"\x1b\x00", b"Content-Encoding: br\r\n")
+    scripted, server = await _serve(Answer(gzipped), Answer(brotli))
+    async with server:
+        assert await _body(await _post(client, scripted)) == JSON * 100
+        with pytest.raises(UpstreamConnectionError, match="encoded with 'br'"):
+            await _post(client, scripted)
 
 
 async def test_interim_100_continue_is_skipped(client: UpstreamClient) -> None:
