@@ -1,9 +1,11 @@
 """The limiter and ledger in Redis, shared by every proxy replica.
 
-Every call is one script round trip (EVALSHA; EVAL once after a Redis restart). Any
-Redis or socket error becomes ``StoreUnavailable``: the caller falls back or refuses,
-and queues settlements. redis-py's own retries are off, so a down Redis costs one
-short timeout, not several.
+Every call is one script round trip (EVALSHA; EVAL once after a Redis restart). The
+hot path (admit, settle, renew) runs on the lean pipelined client of resp_client.py;
+ledger reads, rare and off the hot path, on redis-py. Any Redis or socket error
+becomes ``StoreUnavailable``: the caller falls back or refuses, and queues
+settlements. Neither client retries, so a down Redis costs one short timeout, not
+several.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from proxy.resp import Arg, RespError
+from proxy.resp_client import RespClient, Script
 from proxy.store import (
     KIND_CODES,
     LEDGER_FIELDS,
@@ -42,7 +46,7 @@ def check_key(team: str, check: Check) -> str:
     return team_key(team, kind, check.scope)
 
 
-def _check_args(checks: tuple[Check, ...]) -> list[Any]:
+def _check_args(checks: tuple[Check, ...]) -> list[Arg]:
     return [x for c in checks for x in (KIND_CODES[c.kind], c.limit)]
 
 
@@ -52,17 +56,19 @@ class RedisStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0), decode_responses=False,
         )  # fmt: skip
-        self._admit = self.redis.register_script(ADMIT)
-        self._settle = self.redis.register_script(SETTLE)
-        self._renew = self.redis.register_script(RENEW)
+        self.hot = RespClient(url, timeout)
+        self._admit, self._settle, self._renew = (Script.of(s) for s in (ADMIT, SETTLE, RENEW))
 
     async def close(self) -> None:
-        await self.redis.aclose()
-
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
+            await self.hot.close()
+        finally:
+            await self.redis.aclose()
+
+    async def _run(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
+        try:
+            return await self.hot.run_script(script, keys, args)
+        except (RespError, OSError) as exc:  # Disconnected and TimeoutError are OSErrors
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def admit(
@@ -88,7 +94,7 @@ class RedisStore:
             team_key(s.team, "ledger-index"),
             *(check_key(s.team, c) for c in s.checks),
         ]
-        args = [s.day, s.model, s.request_id, s.reserved, s.used, s.prompt_tokens,
+        args: list[Arg] = [s.day, s.model, s.request_id, s.reserved, s.used, s.prompt_tokens,
                 s.completion_tokens, 1 if s.estimated else 0, *_check_args(s.checks)]  # fmt: skip
         await self._run(self._settle, keys, args)
 

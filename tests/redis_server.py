@@ -20,7 +20,8 @@ def redis_binary() -> str | None:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, persistent: bool = False):
+    def __init__(self, workdir: Path, persistent: bool = False, password: str = "",
+                 args: tuple[str, ...] = ()):  # fmt: skip
         binary = redis_binary()
         if binary is None:
             raise RuntimeError("no redis-server on PATH (.ci/run installs Debian's redis-server)")
@@ -28,6 +29,8 @@ class RedisServer:
         self.port = free_port()
         self.dir = workdir
         self.persistent = persistent
+        self.password = password
+        self.args = ("--requirepass", password, *args) if password else args
         self.process: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.start()
@@ -39,7 +42,7 @@ class RedisServer:
             "--appendonly", "no"]  # fmt: skip
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", str(self.dir), "--protected-mode", "no", *persistence],
+             "--dir", str(self.dir), "--protected-mode", "no", *persistence, *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         client = self.client()
@@ -62,7 +65,8 @@ class RedisServer:
             self.process = None
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
+                           password=self.password or None)  # fmt: skip
 
     def command_calls(self) -> dict[str, int]:
         client = self.client()

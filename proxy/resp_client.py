@@ -1,0 +1,238 @@
+"""A lean, pipelined Redis client for the limiter's hot path (admit, settle, renew).
+
+redis-py spends a few hundred µs of CPU per script call; this client does only what
+the hot path needs. One persistent connection per client, shared by every concurrent
+caller: each command is written at once and replies are matched to callers in order
+(pipelining). Scripts run by EVALSHA, with EVAL after a NOSCRIPT (a restarted Redis
+has lost its script cache). Everything off the hot path stays on redis-py.
+
+A command fails with ``RespError`` (Redis refused it; the connection is fine) or
+``Disconnected`` (no connection, the socket broke, or the oldest reply is overdue). A
+broken connection fails every command waiting on it, because their replies can no
+longer be matched; the next command opens a new one. Nothing is retried here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from proxy.resp import Arg, Parser, ProtocolError, Reply, RespError, encode
+
+
+class Disconnected(ConnectionError):
+    """The command's connection is gone (or never came); its outcome is unknown."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str = "localhost"
+    port: int = 6379
+    path: str = ""  # a unix socket, instead of host and port
+    tls: bool = False
+    username: str = ""
+    password: str = ""
+    db: int = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> Address:
+        """redis://[[user]:password@]host[:port][/db], rediss://… (TLS) or
+        unix://[[user]:password@]/path/to/socket[?db=N], as redis-py reads them."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"Redis URL must start with redis://, rediss:// or unix://: {url!r}")
+        query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+        unix = parts.scheme == "unix"
+        db = query.get("db") or ("" if unix else parts.path.strip("/")) or "0"
+        return cls(
+            host=unquote(parts.hostname or "localhost"), port=parts.port or 6379,
+            path=unquote(parts.path) if unix else "", tls=parts.scheme == "rediss",
+            username=unquote(parts.username or ""),
+            password=unquote(parts.password or query.get("password", "")), db=int(db),
+        )  # fmt: skip
+
+    def handshake(self) -> list[tuple[Arg, ...]]:
+        """What a new connection sends before anything else."""
+        commands: list[tuple[Arg, ...]] = []
+        if self.password:
+            user = (self.username,) if self.username else ()
+            commands.append(("AUTH", *user, self.password))
+        if self.db:
+            commands.append(("SELECT", self.db))
+        return commands
+
+
+@dataclass(frozen=True)
+class Script:
+    body: bytes
+    sha: str
+
+    @classmethod
+    def of(cls, text: str) -> Script:
+        body = text.encode()
+        return cls(body, hashlib.sha1(body, usedforsecurity=False).hexdigest())
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._parser = Parser()
+        self._waiting: deque[tuple[asyncio.Future[Reply], float]] = deque()
+        self._transport: asyncio.Transport | None = None
+        # One timer per connection, not one per command: it checks the oldest command's
+        # age a few times per timeout while any command waits.
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.broken: Disconnected | None = None  # once set, never used again
+        self.lost: asyncio.Future[None] = self._loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports have asyncio.Transport's methods but not its class.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def send(self, command: bytes) -> asyncio.Future[Reply]:
+        if self.broken is not None:
+            raise Disconnected(*self.broken.args)
+        assert self._transport is not None  # set before the connection is handed out
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self._waiting.append((future, self._loop.time()))
+        self._transport.write(command)
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(self._timeout / 4, self._watch)
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            replies = self._parser.feed(data)
+        except ProtocolError as exc:
+            return self.abort(f"unreadable reply from Redis: {exc}")
+        for reply in replies:
+            if not self._waiting:
+                return self.abort("a reply from Redis that no command asked for")
+            future = self._waiting.popleft()[0]
+            if future.done():  # its caller was cancelled; the reply still had to be read
+                continue
+            if isinstance(reply, RespError):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(f"connection to Redis lost: {exc or 'closed by the server'}")
+        self.lost.set_result(None)
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        if not self._waiting or self.broken is not None:
+            return
+        if self._loop.time() - self._waiting[0][1] > self._timeout:
+            return self.abort(f"no reply from Redis within {self._timeout}s")
+        self._watchdog = self._loop.call_later(self._timeout / 4, self._watch)
+
+    def abort(self, why: str) -> None:
+        self._fail(why)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        self._fail("the client was closed")
+        if self._transport is not None:
+            self._transport.close()
+
+    def _fail(self, why: str) -> None:
+        if self.broken is None:
+            self.broken = Disconnected(why)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        while self._waiting:
+            future = self._waiting.popleft()[0]
+            if not future.done():
+                future.set_exception(Disconnected(*self.broken.args))
+
+
+class RespClient:
+    def __init__(self, url: str, timeout: float) -> None:
+        self.address = Address.from_url(url)
+        self.timeout = timeout
+        self._connection: _Connection | None = None
+        self._opening: asyncio.Task[_Connection] | None = None
+        self._closed = False
+
+    async def execute(self, *args: Arg) -> Reply:
+        connection = self._connection
+        if connection is None or connection.broken is not None:
+            connection = await self._connect()
+        return await connection.send(encode(args))
+
+    async def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Reply:
+        try:
+            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except RespError as exc:
+            if not exc.message.startswith("NOSCRIPT"):
+                raise
+        # Redis lost its script cache (a restart, SCRIPT FLUSH); EVAL fills it again.
+        return await self.execute("EVAL", script.body, len(keys), *keys, *args)
+
+    async def close(self) -> None:
+        """Bounded by the timeout: an opening connection is waited for, then closed."""
+        self._closed = True
+        if self._opening is not None:
+            await asyncio.wait([self._opening])
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+            await asyncio.wait([connection.lost], timeout=self.timeout)
+
+    async def _connect(self) -> _Connection:
+        if self._closed:
+            raise Disconnected("the client was closed")
+        # Callers that find no connection share one attempt: a Redis that does not
+        # answer costs each of them one timeout, not one per caller queued before it.
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+            self._opening.add_done_callback(self._opened)
+        return await asyncio.shield(self._opening)
+
+    def _opened(self, task: asyncio.Task[_Connection]) -> None:
+        self._opening = None
+        if task.cancelled() or task.exception() is not None:
+            return
+        self._connection = task.result()
+        if self._closed:
+            self._connection.close()
+
+    async def _open(self) -> _Connection:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._handshake(await self._dial())
+        except (OSError, TimeoutError) as exc:
+            where = self.address.path or f"{self.address.host}:{self.address.port}"
+            raise Disconnected(f"cannot connect to Redis at {where}: {exc!r}") from exc
+
+    async def _dial(self) -> _Connection:
+        address, loop = self.address, asyncio.get_running_loop()
+        if address.path:
+            _, connection = await loop.create_unix_connection(
+                lambda: _Connection(self.timeout), address.path
+            )
+        else:
+            tls = ssl.create_default_context() if address.tls else None
+            _, connection = await loop.create_connection(
+                lambda: _Connection(self.timeout), address.host, address.port, ssl=tls
+            )
+        return connection
+
+    async def _handshake(self, connection: _Connection) -> _Connection:
+        try:
+            await asyncio.gather(*(connection.send(encode(c)) for c in self.address.handshake()))
+        except BaseException:
+            connection.abort("the connection's handshake failed")
+            raise
+        return connection

@@ -1,0 +1,94 @@
+"""The RESP2 codec and the URL reading of the lean client, without a server."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.resp import Parser, ProtocolError, RespError, encode
+from proxy.resp_client import Address
+
+# Every reply type, nested and null ones included, and bulk data that holds CRLF.
+STREAM = (
+    b"+OK\r\n"
+    b"-NOSCRIPT No matching script.\r\n"
+    b":-42\r\n"
+    b"$5\r\nhe\r\no\r\n"
+    b"$0\r\n\r\n"
+    b"$-1\r\n"
+    b"*-1\r\n"
+    b"*0\r\n"
+    b"*5\r\n:1\r\n:0\r\n$3\r\n0.5\r\n*2\r\n$1\r\na\r\n$-1\r\n-ERR inside\r\n"
+)
+
+
+def check(replies: list[object]) -> None:
+    assert len(replies) == 9
+    assert replies[0] == "OK"
+    assert isinstance(replies[1], RespError) and replies[1].message.startswith("NOSCRIPT")
+    assert replies[2:8] == [-42, b"he\r\no", b"", None, None, []]
+    last = replies[8]
+    assert isinstance(last, list) and last[:4] == [1, 0, b"0.5", [b"a", None]]
+    assert isinstance(last[4], RespError) and last[4].message == "ERR inside"
+
+
+def feed(chunks: list[bytes]) -> list[object]:
+    parser = Parser()
+    return [reply for chunk in chunks for reply in parser.feed(chunk)]
+
+
+def test_a_stream_parses_whole_and_split_at_every_byte():
+    check(feed([STREAM]))
+    check(feed([STREAM[i : i + 1] for i in range(len(STREAM))]))
+    for cut in range(len(STREAM) + 1):
+        check(feed([STREAM[:cut], STREAM[cut:]]))
+
+
+@given(st.lists(st.integers(0, len(STREAM)), max_size=30))
+def test_a_stream_parses_split_anywhere(cuts: list[int]):
+    bounds = [0, *sorted(cuts), len(STREAM)]
+    check(feed([STREAM[a:b] for a, b in itertools.pairwise(bounds)]))
+
+
+def test_a_command_is_an_array_of_bulk_strings():
+    command = encode(["EVALSHA", b"\x00\r\n", 2, -7, 0.25, "é"])
+    assert command == b"*6\r\n$7\r\nEVALSHA\r\n$3\r\n\x00\r\n\r\n$1\r\n2\r\n$2\r\n-7\r\n" \
+        b"$4\r\n0.25\r\n$2\r\n\xc3\xa9\r\n"  # fmt: skip
+    assert feed([command]) == [[b"EVALSHA", b"\x00\r\n", b"2", b"-7", b"0.25", "é".encode()]]
+    with pytest.raises(TypeError):
+        encode([True])
+
+
+def test_bytes_that_are_not_resp_are_refused():
+    with pytest.raises(ProtocolError):
+        Parser().feed(b"?what\r\n")
+    with pytest.raises(ProtocolError):
+        Parser().feed(b"$x\r\n")
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("redis://localhost", Address()),
+        ("redis://10.0.0.5:6380/3", Address(host="10.0.0.5", port=6380, db=3)),
+        ("redis://:p%40ss@h", Address(host="h", password="p@ss")),
+        ("redis://alice:secret@h:1/2", Address("h", 1, username="alice", password="secret", db=2)),
+        ("rediss://h:6390", Address(host="h", port=6390, tls=True)),
+        ("redis://[::1]:7000/", Address(host="::1", port=7000)),
+        ("unix:///run/redis.sock?db=4", Address(path="/run/redis.sock", db=4)),
+        ("unix://:pw@/run/redis.sock", Address(path="/run/redis.sock", password="pw")),
+    ],
+)
+def test_urls_read_as_redis_py_reads_them(url: str, address: Address):
+    assert Address.from_url(url) == address
+
+
+def test_the_handshake_authenticates_then_selects():
+    assert Address().handshake() == []
+    assert Address(password="pw", db=2).handshake() == [("AUTH", "pw"), ("SELECT", 2)]
+    assert Address(username="u", password="pw").handshake() == [("AUTH", "u", "pw")]
+    with pytest.raises(ValueError):
+        Address.from_url("http://localhost")
