@@ -89,18 +89,19 @@ class Accountant:
         self, config: Config, team: str, model: str, reserved: int, prompt: int, request_id: str
     ) -> Ticket:
         checks = self._checks_for(config, team, model)
-        ticket = Ticket(team, model, request_id, checks, reserved, prompt,
-                        Admission(True, int(time.time() // DAY)))  # fmt: skip
         if not checks:
-            return ticket
+            return Ticket(team, model, request_id, checks, reserved, prompt,
+                          Admission(True, int(time.time() // DAY)))  # fmt: skip
         try:
             with self._timed("admit"):
                 admission = await self.primary.admit(
                     team, checks, reserved, request_id, self.settings.lease_ttl
                 )
         except StoreUnavailable as exc:
+            ticket = Ticket(team, model, request_id, checks, reserved, prompt,
+                            Admission(True, int(time.time() // DAY)))  # fmt: skip
             return await self._admit_without_redis(ticket, exc)
-        ticket = replace(ticket, admission=admission)
+        ticket = Ticket(team, model, request_id, checks, reserved, prompt, admission)
         if not admission.admitted:
             raise _refusal(ticket)
         return ticket

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from proxy import access_log
 from proxy.auth import key_hash, new_key
 from proxy.config_load import ConfigError, load_config
 from proxy.server import ServeOptions, run_worker, supervise
@@ -79,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(process)d %(levelname)s %(name)s %(message)s",
     )
     _lean_log_records()
+    access_log.install(logging.getLogger().level)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -25,6 +25,7 @@ What the features built elsewhere call (all labels from routes.yaml):
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -248,6 +249,7 @@ _SUFFIXES: dict[str, Sequence[str]] = {
 
 
 @lru_cache(maxsize=1024)  # endpoints come from routes.yaml: few, and asked for every call
+@functools.lru_cache(maxsize=1024)  # endpoint URLs come from routes.yaml: few, and reused
 def endpoint_label(url: str) -> str:
     """An endpoint's URL as a label: scheme, host, port and path, never userinfo or query."""
     parts = urlsplit(url)

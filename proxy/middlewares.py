@@ -95,7 +95,8 @@ def _finish(request: web.Request, record: CallRecord) -> None:
     elapsed = record.elapsed()
     observe_call(request.app[METRICS], record, elapsed)
     if access_log.isEnabledFor(logging.INFO):
-        access_log.info("%s", json.dumps(_access_line(request, record, elapsed)))
+        # The line is the message itself, without args: a "%" in it is never formatted.
+        access_log.info(json.dumps(_access_line(request, record, elapsed)))
 
 
 def _access_line(request: web.Request, record: CallRecord, elapsed: float) -> dict[str, Any]:

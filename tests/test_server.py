@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 
 from tests.conftest import MakeProxy
-from tests.support import ProxyProcess, Upstream, dead_url, free_port, routes_yaml
+from tests.support import (
+    ProxyProcess,
+    Upstream,
+    dead_url,
+    eventually,
+    free_port,
+    routes_yaml,
+)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -99,3 +108,53 @@ async def test_serve_refuses_an_invalid_file(tmp_path: Path):
     process.stop()
     assert code == 2
     assert "providers: at least one provider is required" in process.log()
+
+
+async def test_access_log_is_one_json_line_per_call_across_workers(
+    tmp_path: Path, wandb: Upstream, prime: Upstream
+):
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_yaml(wandb, prime))
+    process = ProxyProcess(path, free_port(), "--workers", "2")
+    try:
+        await process.wait_listening(workers=2)
+
+        async def call() -> str:
+            async with aiohttp.ClientSession() as http:  # new connections: both workers
+                payload = {"model": "llama-8b", "messages": MESSAGES}
+                async with http.post(process.url + "/v1/chat/completions", json=payload) as resp:
+                    assert resp.status == 200
+                    return resp.headers["X-Proxy-Request-Id"]
+
+        ids = await asyncio.gather(*(call() for _ in range(60)))
+    finally:
+        assert process.stop() == 0
+    lines = [json.loads(line) for line in process.log().splitlines() if line.startswith("{")]
+    assert sorted(line["request_id"] for line in lines) == sorted(ids)
+    assert {line["status"] for line in lines} == {200}
+
+
+async def test_log_level_warning_turns_the_access_log_off(
+    tmp_path: Path, wandb: Upstream, prime: Upstream
+):
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_yaml(wandb, prime))
+    process = ProxyProcess(path, free_port(), "--log-level", "warning")
+    try:
+        async with aiohttp.ClientSession() as http:
+            await eventually(lambda: _answers(process.port), timeout=20)
+            payload = {"model": "llama-8b", "messages": MESSAGES}
+            async with http.post(process.url + "/v1/chat/completions", json=payload) as resp:
+                assert resp.status == 200
+    finally:
+        assert process.stop() == 0
+    assert "request_id" not in process.log()
+
+
+def _answers(port: int) -> bool:
+    """ "proxy listening" is an INFO line, not printed at warning: ask /healthz instead."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
