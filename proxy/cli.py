@@ -119,10 +119,19 @@ def _serve(args: argparse.Namespace) -> int:
 def _lean_log_records() -> None:
     """Skip what every log record collects and the format above never shows (thread and
     multiprocessing names, the caller's file and line): there is one access-log line per
-    call. The logging HOWTO's own advice ("Optimization")."""
+    call. The logging HOWTO's own advice ("Optimization"). The pid, a getpid() system
+    call per record, is filled in only for the plain lines that print it."""
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.logProcesses = False
     logging._srcfile = None
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_with_pid)
+
+
+def _with_pid(record: logging.LogRecord) -> bool:
+    record.process = os.getpid()  # not cached: --workers forks after this is set up
+    return True
 
 
 def _check(args: argparse.Namespace) -> int:

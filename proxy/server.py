@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -69,6 +70,15 @@ async def _worker(options: ServeOptions, reuse_port: bool) -> None:
         shutdown_timeout=options.shutdown_timeout,
     )
     await site.start()
+    # Everything made so far lives as long as the worker: keep it out of the cyclic
+    # collector's full passes, which otherwise walk it again and again under load
+    # (profiled: 8 % of a worker's CPU went to collections).
+    gc.freeze()
+    # A young collection walks every container still alive, and under load that is every
+    # call in flight: collecting after 10,000 allocations instead of 700 walks them far
+    # less often (profiled under load: from 6 % of a worker's CPU to none seen in 8 s).
+    # Refcounting still frees everything that is not a cycle at once.
+    gc.set_threshold(10_000, 10, 10)
     for host, port in (a[:2] for a in runner.addresses):
         log.info("proxy listening on http://%s:%s", host, port)
     stop = asyncio.Event()

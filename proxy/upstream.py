@@ -10,6 +10,7 @@ reads of the body, ``total`` for the whole call.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from multidict import CIMultiDict
 
@@ -54,11 +55,12 @@ async def open_call(
 ) -> UpstreamResponse:
     """Send the request and return once the response headers are in."""
     t = provider.timeouts
-    now = asyncio.get_running_loop().time()
+    started = time.monotonic()
     with MappedErrors(provider, "waiting for the response headers"):
-        # Connecting counts against first_byte too: its deadline runs from ``now``.
         response = await client.post(url, headers, body, min(t.connect, t.first_byte))
-        response.set_deadlines(now + t.first_byte, now + t.total)
+        # Connecting counts against first_byte and total too.
+        spent = time.monotonic() - started
+        response.set_deadlines(t.first_byte - spent, t.total - spent)
         try:
             await response.started()
         except BaseException:

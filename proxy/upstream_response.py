@@ -93,10 +93,11 @@ class UpstreamResponse:
         self._conn.done(self)
 
     def set_deadlines(self, first_byte: float, total: float) -> None:
-        """Fail with TimeoutError unless the headers are in by ``first_byte`` and the whole
-        answer by ``total`` (loop times): one timer for both, not one per phase."""
-        self._total_at = total
-        self._timer = self._loop.call_at(min(first_byte, total), self._expire)
+        """Fail with TimeoutError unless the headers are in within ``first_byte`` seconds
+        and the whole answer within ``total``: one timer for both, not one per phase."""
+        now = self._loop.time()
+        self._total_at = now + total
+        self._timer = self._loop.call_at(now + min(first_byte, total), self._expire)
 
     def _expire(self) -> None:
         if self._started.done() and self._loop.time() < self._total_at:

@@ -94,8 +94,7 @@ async def _post(
 ) -> UpstreamResponse:
     headers = CIMultiDict({"Content-Type": "application/json"})
     response = await client.post(f"http://127.0.0.1:{scripted.port}{path}", headers, b"{}", 2.0)
-    now = asyncio.get_running_loop().time()
-    response.set_deadlines(now + 2.0, now + 5.0)
+    response.set_deadlines(2.0, 5.0)
     await response.started()
     return response
 
@@ -226,8 +225,7 @@ async def test_no_headers_by_the_first_byte_deadline_raises_timeout(
         headers = CIMultiDict({"Content-Type": "application/json"})
         url = f"http://127.0.0.1:{scripted.port}/v1/x"
         response = await client.post(url, headers, b"{}", 2.0)
-        now = asyncio.get_running_loop().time()
-        response.set_deadlines(now + 0.2, now + 10.0)
+        response.set_deadlines(0.2, 10.0)
         with pytest.raises(TimeoutError):
             await response.started()
         response.close()
@@ -243,8 +241,7 @@ async def test_an_answer_still_running_at_the_total_deadline_raises_timeout(
         headers = CIMultiDict({"Content-Type": "application/json"})
         url = f"http://127.0.0.1:{scripted.port}/v1/x"
         response = await client.post(url, headers, b"{}", 2.0)
-        now = asyncio.get_running_loop().time()
-        response.set_deadlines(now + 2.0, now + 0.3)
+        response.set_deadlines(2.0, 0.3)
         await response.started()
         assert await response.readany() == b"data:"
         with pytest.raises(TimeoutError):

@@ -78,8 +78,9 @@ class Engines:
         for supervisor in list(self.supervisors.values()):
             await supervisor.unload_if_idle()
         for supervisor in [s for s in self._retired if not s.busy()]:
-            self._retired.remove(supervisor)
             await supervisor.stop()
+            # Only now: if shutdown cancels this wait, close() still finds it and waits.
+            self._retired.remove(supervisor)
 
     async def close(self) -> None:
         everything = [*self.supervisors.values(), *self._retired]

@@ -56,7 +56,11 @@ class EngineSupervisor:
 
     async def stop(self) -> None:
         self.running = False
-        self._stopping = asyncio.create_task(self._stop_all())
+        # A stop already under way is joined, not started again: a second stop would
+        # find the replicas' tasks already taken and return before their processes are
+        # reaped (the app's shutdown then closes the loop under them).
+        if self._stopping is None or self._stopping.done():
+            self._stopping = asyncio.create_task(self._stop_all())
         await asyncio.shield(self._stopping)
 
     async def _stop_all(self) -> None:
