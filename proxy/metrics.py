@@ -25,11 +25,9 @@ What the features built elsewhere call (all labels from routes.yaml):
 
 from __future__ import annotations
 
-import functools
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Generic, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -71,6 +69,23 @@ REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 M = TypeVar("M", bound=MetricWrapperBase)
 
 
+class RedisTimer:
+    """A plain class, not @contextmanager: twice per call when Redis keeps the limits."""
+
+    __slots__ = ("metrics", "operation", "start")
+
+    def __init__(self, metrics: Metrics, operation: str) -> None:
+        self.metrics, self.operation, self.start = metrics, operation, 0.0
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> None:
+        # Not CancelledError: a client going away is not a Redis error.
+        ok = kind is None or not issubclass(kind, Exception)
+        self.metrics.redis_call(self.operation, time.perf_counter() - self.start, ok=ok)
+
+
 class _Children(Generic[M]):
     """Cache of a family's labelled children: one dict lookup instead of ``labels()``."""
 
@@ -99,6 +114,7 @@ class Metrics:
         self.c_chunk_gap = _Children(self.chunk_gap)
         self.c_attempts = _Children(self.attempts)
         self.c_tokens = _Children(self.tokens)
+        self.c_redis_latency = _Children(self.redis_latency)
 
     @classmethod
     def from_env(cls) -> Metrics:
@@ -186,20 +202,13 @@ class Metrics:
 
     def redis_call(self, operation: str, seconds: float, ok: bool = True) -> None:
         """One Redis round trip (operation: admit, settle, ledger …), failed or not."""
-        self.redis_latency.labels(operation).observe(seconds)
+        self.c_redis_latency.get(operation).observe(seconds)
         if not ok:
             self.redis_errors.labels(operation).inc()
 
-    @contextmanager
-    def redis_timer(self, operation: str) -> Iterator[None]:
+    def redis_timer(self, operation: str) -> RedisTimer:
         """``with metrics.redis_timer("admit"): await script(...)``: latency, and errors."""
-        start = time.perf_counter()
-        try:
-            yield
-        except Exception:  # not CancelledError: a client going away is not a Redis error
-            self.redis_call(operation, time.perf_counter() - start, ok=False)
-            raise
-        self.redis_call(operation, time.perf_counter() - start)
+        return RedisTimer(self, operation)
 
     def circuit_changed(self, provider: str, endpoint: str, state: CircuitState) -> None:
         """A breaker changed state; ``endpoint`` is a label from ``endpoint_label()``."""
@@ -249,7 +258,6 @@ _SUFFIXES: dict[str, Sequence[str]] = {
 
 
 @lru_cache(maxsize=1024)  # endpoints come from routes.yaml: few, and asked for every call
-@functools.lru_cache(maxsize=1024)  # endpoint URLs come from routes.yaml: few, and reused
 def endpoint_label(url: str) -> str:
     """An endpoint's URL as a label: scheme, host, port and path, never userinfo or query."""
     parts = urlsplit(url)
