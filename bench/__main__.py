@@ -115,8 +115,11 @@ NOTES = """## How to read it
   second (all at once, the 500 streams' chunks would fall due at the same instants, and
   the gap would measure how long a burst of 500 chunks takes to relay). Time to first
   byte is from the request to the first SSE event, a chunk gap is the time between two
-  consecutive events of one stream. Through the proxy the upstream also sends the usage
-  chunk the proxy asks for (and strips again).
+  consecutive events of one stream. "Once all streams run" keeps the gaps that began
+  after every stream had its first event: 500 streams at once, without the ramp-up's
+  connections and first requests; the target is judged on those, the table shows both.
+  Through the proxy the upstream also sends the usage chunk the proxy asks for (and
+  strips again).
 - Memory is the RSS of the serving processes (the sum over workers; the supervisor of
   `--workers 2` is not counted).
 - Redis figures: commands per request from `INFO commandstats` before and after the

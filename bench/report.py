@@ -49,6 +49,10 @@ def _gap(f: Figures) -> tuple[float, float]:
     return f.streams.gap_p50_ms, f.streams.gap_p99_ms
 
 
+def _steady(f: Figures) -> tuple[float, float]:
+    return f.streams.steady_gap_p50_ms, f.streams.steady_gap_p99_ms
+
+
 def _ratio(f: Figures, d: Figures) -> str:
     return _f(100 * f.throughput.rps / d.throughput.rps, 1)
 
@@ -69,6 +73,8 @@ ROWS: list[tuple[str, Cell]] = [
     ("**added** TTFB p50 / p99, ms", _pair(_ttfb, added=True)),
     ("chunk gap p50 / p99, ms", _pair(_gap)),
     ("**added** chunk gap p50 / p99, ms", _pair(_gap, added=True)),
+    ("chunk gap once all streams run, p50 / p99, ms", _pair(_steady)),
+    ("**added** chunk gap once all streams run, p50 / p99, ms", _pair(_steady, added=True)),
     ("RSS idle, MB", _rss("idle")),
     ("RSS after warm-up, MB", _rss("warm")),
     ("RSS under c=64 load, MB", _rss("load")),
@@ -102,6 +108,10 @@ def _bare(proxied: list[Figures]) -> Figures | None:
     return next((f for f in proxied if f.name.startswith("bare")), None)
 
 
+def _both(pair: tuple[float, float]) -> str:
+    return f"{_f(pair[0])} / {_f(pair[1])}"
+
+
 def _direct_cell(label: str, d: Figures) -> str:
     plain = {
         "c=1 latency p50, ms": _f(d.latency.p50_ms, 3),
@@ -110,8 +120,9 @@ def _direct_cell(label: str, d: Figures) -> str:
         "c=64 latency p99, ms": _f(d.throughput.p99_ms, 2),
         "c=64 errors / non-2xx": f"{d.throughput.errors} / {d.throughput.non2xx}",
         "streams complete": f"{d.streams.complete}/{d.streams.streams}",
-        "stream TTFB p50 / p99, ms": f"{_f(d.streams.ttfb_p50_ms)} / {_f(d.streams.ttfb_p99_ms)}",
-        "chunk gap p50 / p99, ms": f"{_f(d.streams.gap_p50_ms)} / {_f(d.streams.gap_p99_ms)}",
+        "stream TTFB p50 / p99, ms": _both(_ttfb(d)),
+        "chunk gap p50 / p99, ms": _both(_gap(d)),
+        "chunk gap once all streams run, p50 / p99, ms": _both(_steady(d)),
     }
     return plain.get(label, "-")
 

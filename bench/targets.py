@@ -29,9 +29,11 @@ def check(direct: Figures, proxied: list[Figures]) -> list[str]:
             verdict(f"c=64 throughput, {name}, ≥ {floor:.0f} % of direct", ratio,
                     ratio >= floor, "%")  # fmt: skip
     for f in proxied:
-        gap = f.streams.gap_p99_ms - direct.streams.gap_p99_ms
-        verdict(f"{f.name}: added chunk gap p99 ≤ 1 ms at {f.streams.streams} streams", gap,
-                gap <= 1.0, "ms")  # fmt: skip
+        # Judged once all the streams run: "at 500 concurrent streams". The gaps of the
+        # ramp-up (connections and first requests still arriving) are in the table too.
+        gap = f.streams.steady_gap_p99_ms - direct.streams.steady_gap_p99_ms
+        verdict(f"{f.name}: added chunk gap p99 ≤ 1 ms at {f.streams.streams} concurrent "
+                "streams", gap, gap <= 1.0, "ms")  # fmt: skip
         growth = f.rss_mb["after"] - f.rss_mb["warm"]
         verdict(f"{f.name}: RSS grows < 5 MB over {f.memory_requests:,} requests", growth,
                 growth < 5.0, "MB")  # fmt: skip

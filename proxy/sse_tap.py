@@ -30,20 +30,28 @@ class SseTap:
 
     def feed(self, chunk: bytes) -> bytes:
         """Take a chunk from the upstream; return the bytes to send to the client now."""
-        data = self._pending + chunk
-        out: list[bytes] = []
-        start = 0
-        for match in _EVENT_END.finditer(data):
-            event = data[start : match.end()]
-            start = match.end()
-            out.append(self._event(event))
-        self._pending = data[start:]
+        data = self._pending + chunk if self._pending else chunk
+        if b"\r" in data:
+            out = self._events(data)
+        else:  # every provider seen ends events with LF only: split, no regex
+            *events, self._pending = data.split(b"\n\n")
+            out = [self._event(event + b"\n\n") for event in events]
         if not self.strip_usage:
             return chunk
         if len(self._pending) > _MAX_PENDING:
             out.append(self._pending)
             self._pending = b""
         return b"".join(out)
+
+    def _events(self, data: bytes) -> list[bytes]:
+        """Split at any of SSE's three line-end pairs; keep the unfinished rest pending."""
+        out: list[bytes] = []
+        start = 0
+        for match in _EVENT_END.finditer(data):
+            out.append(self._event(data[start : match.end()]))
+            start = match.end()
+        self._pending = data[start:]
+        return out
 
     def finish(self) -> bytes:
         """The bytes still held when the upstream ends (an event without its blank line)."""

@@ -1,0 +1,74 @@
+"""The SSE tap however the upstream cuts its stream: the client's bytes and the usage the
+proxy bills must not depend on where TCP reads happened to split it.
+
+The tap has two ways to find event ends (a split on LF-only data, a regex when a CR
+is in play); random streams mixing both, cut at random points, check they agree.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.sse_tap import SseTap
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+
+
+def _chunk(text: str, null_usage: bool) -> dict[str, object]:
+    payload: dict[str, object] = {"choices": [{"index": 0, "delta": {"content": text}}]}
+    if null_usage:
+        payload["usage"] = None
+    return payload
+
+
+EVENTS = st.lists(
+    st.one_of(
+        st.builds(_chunk, st.text(max_size=8), st.booleans()).map(
+            lambda p: "data: " + json.dumps(p)
+        ),
+        st.just(": keep-alive comment"),
+        st.just("event: ping"),
+    ),
+    max_size=8,
+)
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[bytes, list[int], bytes]:
+    end = draw(st.sampled_from(["\n\n", "\r\n\r\n", "\r\r"]))
+    lines = [*draw(EVENTS), "data: " + json.dumps({"choices": [], "usage": USAGE}), "data: [DONE]"]
+    data = "".join(line + end for line in lines).encode()
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
+    return data, cuts, end.encode()
+
+
+def _through(tap: SseTap, data: bytes, cuts: list[int]) -> bytes:
+    out, start = [], 0
+    for cut in [*cuts, len(data)]:
+        out.append(tap.feed(data[start:cut]))
+        start = cut
+    out.append(tap.finish())
+    return b"".join(out)
+
+
+@settings(max_examples=300)
+@given(streams())
+def test_cuts_change_neither_the_bytes_nor_the_bill(
+    stream: tuple[bytes, list[int], bytes],
+) -> None:
+    data, cuts, end = stream
+    for strip in (False, True):
+        whole, cut = SseTap(strip), SseTap(strip)
+        expected = _through(whole, data, [])
+        assert _through(cut, data, cuts) == expected
+        assert cut.usage == whole.usage and cut.usage is not None
+        assert cut.usage.completion_tokens == 5
+        assert cut.data_events == whole.data_events
+        if not strip:
+            assert expected == data  # the client gets the upstream's bytes as they are
+        else:  # only what the proxy's own request added is gone
+            assert b'"choices": []' not in expected and b'"usage": null' not in expected
+            assert expected.endswith(b"data: [DONE]" + end)
