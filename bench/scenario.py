@@ -135,11 +135,22 @@ def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> 
         done += run_wrk(url, script, 64, min(more, 60.0)).requests
     rss["after"] = proxy.rss_mb()
     streams = run_async(lambda: run_streams(port, d.streams, STREAM_EVENTS, key))
+    if streams.complete < streams.streams:
+        _say_why(setup.name, streams, None if setup.bare else tmp / "proxy.log")
     figures = Figures(setup.name, latency, throughput, streams, rss, done,
                       cpu_us=cpu / max(throughput.requests, 1) * 1e6)  # fmt: skip
     if setup.redis_port:
         figures.redis = _redis_figures(before, after, port)
     return figures
+
+
+def _say_why(name: str, streams: StreamResult, log: Path | None) -> None:
+    """An incomplete stream is a finding, not noise: show what the proxy logged."""
+    print(f"[bench] {name}: {streams.streams - streams.complete} stream(s) incomplete")
+    if log is not None and log.exists():
+        for line in log.read_text(errors="replace").splitlines():
+            if " WARNING " in line or " ERROR " in line or "stream_error" in line:
+                print(f"[bench]   {line[:400]}")
 
 
 def _redis_state(redis_port: int | None, port: int) -> dict[str, int]:
