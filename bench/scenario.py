@@ -147,6 +147,8 @@ def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> 
 def _say_why(name: str, streams: StreamResult, log: Path | None) -> None:
     """An incomplete stream is a finding, not noise: show what the proxy logged."""
     print(f"[bench] {name}: {streams.streams - streams.complete} stream(s) incomplete")
+    for short in streams.short[:3]:
+        print(f"[bench]   {short}")
     if log is not None and log.exists():
         for line in log.read_text(errors="replace").splitlines():
             if " WARNING " in line or " ERROR " in line or "stream_error" in line:

@@ -28,6 +28,7 @@ class _Probe(asyncio.Protocol):
         self.sent = 0.0
         self.events: list[float] = []
         self.tail = b""
+        self.last = b""  # the last bytes received, to show when a stream comes back short
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -43,7 +44,10 @@ class _Probe(asyncio.Protocol):
         seen = self.tail + data
         self.events.extend([now] * seen.count(b"\n\n"))
         self.tail = seen[-1:]
-        if b"[DONE]" in data and not self.done.done():
+        self.last = (self.last + data)[-300:]
+        # Done once [DONE]'s blank line is in too: the two can come in separate reads,
+        # and the stream's last event must be counted before its figures are taken.
+        if b"[DONE]\n\n" in self.last and not self.done.done():
             self.done.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -64,6 +68,7 @@ class StreamResult:
     steady_gap_p50_ms: float
     steady_gap_p99_ms: float
     seconds: float
+    short: tuple[str, ...] = ()  # for each incomplete stream: its events and last bytes
 
 
 def _request(port: int, key: str | None) -> bytes:
@@ -125,4 +130,9 @@ async def run_streams(
         steady_gap_p50_ms=percentile(steady, 50) * 1000,
         steady_gap_p99_ms=percentile(steady, 99) * 1000,
         seconds=seconds,
+        short=tuple(_short(p) for p in probes if len(p.events) < events),
     )
+
+
+def _short(probe: _Probe) -> str:
+    return f"{len(probe.events)} events, ending {probe.last!r}"
