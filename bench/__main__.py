@@ -1,6 +1,7 @@
 """``python3 -m bench``: the fake upstream, the proxy with 1 and 2 workers, with and
 without Redis, under wrk and a streaming client; one table, also written to
-docs/BENCHMARKS.md. Needs ``wrk`` (apt-get install -y wrk) and ``redis-server``."""
+docs/BENCHMARKS.md. Needs ``wrk`` (apt-get install -y wrk) and ``redis-server``; with
+``valgrind`` it also counts instructions per request (skipped by --quick)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
     require_wrk()
-    durations = Durations(1.0, 3.0, 1.0, 100, 10_000) if args.quick else Durations()
+    durations = Durations(1.0, 3.0, 1.0, 100, 10_000, False) if args.quick else Durations()
     about = machine(load_average())
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp:
@@ -105,7 +106,11 @@ NOTES = """## How to read it
   all) is the yardstick in the same run: the issue's measurement had it at 36 % of
   direct with a slower upstream, and asks the proxy, every feature on, to beat it.
 - CPU per request (user + system time of the serving processes over the c=64 run,
-  divided by the requests) moves much less with machine noise than throughput does.
+  divided by the requests) moves less with machine noise than throughput does, but
+  still by a third between runs on a shared machine. Instructions per request do not
+  move at all: callgrind counts what one serving process executes for the same calls
+  at c=1 (user space only, so system calls' kernel time is not in it), run twice with
+  200 and 1,200 calls so that start-up cancels out. Compare code changes with those.
 - The fake upstream (`bench/upstream.py`), the proxy, wrk and the streaming client
   share the machine's cores, so a proxy with 2 workers competes with its own load
   generator and upstream; the ratios are what the issue asks for, not absolute capacity.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import subprocess
@@ -53,6 +54,10 @@ def _steady(f: Figures) -> tuple[float, float]:
     return f.streams.steady_gap_p50_ms, f.streams.steady_gap_p99_ms
 
 
+def _kilo(f: Figures, d: Figures) -> str:
+    return "-" if math.isnan(f.kilo_instructions) else f"{f.kilo_instructions:,.0f}"
+
+
 def _ratio(f: Figures, d: Figures) -> str:
     return _f(100 * f.throughput.rps / d.throughput.rps, 1)
 
@@ -67,6 +72,7 @@ ROWS: list[tuple[str, Cell]] = [
     ("**c=64 throughput, % of direct**", _ratio),
     ("c=64 latency p99, ms", lambda f, d: _f(f.throughput.p99_ms, 2)),
     ("CPU per request at c=64, µs", lambda f, d: _f(f.cpu_us, 0)),
+    ("**instructions per request** at c=1 (callgrind), thousands", _kilo),
     ("c=64 errors / non-2xx", lambda f, d: f"{f.throughput.errors} / {f.throughput.non2xx}"),
     ("streams complete", lambda f, d: f"{f.streams.complete}/{f.streams.streams}"),
     ("stream TTFB p50 / p99, ms", _pair(_ttfb)),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Coroutine
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench import instructions
 from bench.procs import Child, free_port, redis_commandstats, start_bare_relay, start_proxy
 from bench.streams import StreamResult, run_streams
-from bench.wrk import WrkResult, run_wrk, write_script
+from bench.wrk import BODY, WrkResult, run_wrk, write_script
 from proxy.auth import key_hash
 
 BENCH_KEY = "sk-proxy-bench-0123456789"
@@ -32,6 +34,7 @@ class Durations:
     warmup: float = 5.0
     streams: int = 500
     memory_requests: int = 100_000
+    instructions: bool = True  # callgrind counts (about a minute per setup)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Figures:
     rss_mb: dict[str, float] = field(default_factory=dict)
     memory_requests: int = 0
     cpu_us: float = float("nan")  # CPU time of the serving processes per c=64 request
+    kilo_instructions: float = float("nan")  # per c=1 request, by callgrind (one process)
     redis: RedisFigures | None = None
 
 
@@ -110,9 +114,29 @@ def measure_proxy(setup: Setup, upstream_port: int, tmp: Path, d: Durations) -> 
     else:
         proxy = start_proxy(config, port, setup.workers, tmp / "proxy.log")
     try:
-        return _measure(setup, proxy, port, tmp, d)
+        figures = _measure(setup, proxy, port, tmp, d)
     finally:
         proxy.stop()
+    if setup.workers == 1 and d.instructions and instructions.have_valgrind():
+        figures.kilo_instructions = _instructions(setup, upstream_port, config, tmp)
+    return figures
+
+
+def _instructions(setup: Setup, upstream_port: int, config: Path, tmp: Path) -> float:
+    """The same calls, counted by callgrind (one process: workers and supervisor would
+    each need their own count)."""
+
+    def argv(port: int) -> list[str]:
+        if setup.bare:
+            return [sys.executable, "-m", "bench.bare_relay", "--port", str(port),
+                    "--upstream", f"http://127.0.0.1:{upstream_port}"]  # fmt: skip
+        return [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port",
+                str(port), "--shutdown-timeout", "1"]  # fmt: skip
+
+    headers = {"Content-Type": "application/json"}
+    if setup.redis_port:
+        headers["Authorization"] = f"Bearer {BENCH_KEY}"
+    return instructions.per_request(argv, BODY.encode(), headers, tmp)
 
 
 def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> Figures:
