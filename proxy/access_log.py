@@ -76,3 +76,11 @@ def install(level: int) -> None:
     logger.addHandler(AccessLogHandler())
     logger.propagate = False
     logger.setLevel(level)
+
+
+def flush() -> None:
+    """Write what the current loop turn gathered: a worker's last lines must not wait
+    for a turn that never comes (forked workers leave with os._exit, without logging's
+    own shutdown flush)."""
+    for handler in logging.getLogger("proxy.access").handlers:
+        handler.flush()

@@ -21,6 +21,7 @@ from types import FrameType
 from aiohttp import web
 from prometheus_client import multiprocess
 
+from proxy import access_log
 from proxy.app import make_app
 from proxy.config_load import load_config
 from proxy.metrics import MULTIPROC_ENV
@@ -89,6 +90,7 @@ async def _worker(options: ServeOptions, reuse_port: bool) -> None:
     await stop.wait()
     log.info("shutting down: draining requests in flight (up to %ss)", options.shutdown_timeout)
     await runner.cleanup()
+    access_log.flush()
 
 
 def supervise(options: ServeOptions) -> int:
