@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.access_log import write as write_access_line
 from proxy.appkeys import METRICS
 from proxy.errors import ProxyError, error_body, json_error
 from proxy.metrics import endpoint_label
@@ -95,8 +96,7 @@ def _finish(request: web.Request, record: CallRecord) -> None:
     elapsed = record.elapsed()
     observe_call(request.app[METRICS], record, elapsed)
     if access_log.isEnabledFor(logging.INFO):
-        # The line is the message itself, without args: a "%" in it is never formatted.
-        access_log.info(json.dumps(_access_line(request, record, elapsed)))
+        write_access_line(json.dumps(_access_line(request, record, elapsed)))
 
 
 def _access_line(request: web.Request, record: CallRecord, elapsed: float) -> dict[str, Any]:
