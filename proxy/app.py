@@ -28,7 +28,7 @@ from proxy.circuit import CircuitBreakers
 from proxy.circuit_sync import CircuitSync
 from proxy.engines.registry import running_engines
 from proxy.metrics import Metrics
-from proxy.middlewares import add_request_id, calls
+from proxy.middlewares import calls
 from proxy.reload import ConfigHolder, watch_file
 from proxy.routes import add_routes
 from proxy.store_memory import MemoryStore
@@ -52,7 +52,6 @@ def make_app(holder: ConfigHolder) -> web.Application:
     app.cleanup_ctx.append(_circuit_sharing)
     app.cleanup_ctx.append(_config_watcher)
     app.cleanup_ctx.append(_engines)
-    app.on_response_prepare.append(add_request_id)
     add_routes(app)
     return app
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Provider
+from proxy.record import CallRecord
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -91,3 +93,12 @@ def client_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
         (k, v) for k, v in upstream.items()
         if k.lower() not in drop and not k.lower().startswith("x-ratelimit-")
     )  # fmt: skip
+
+
+def name_the_call(response: web.StreamResponse, record: CallRecord) -> None:
+    """Every answer names the call it belongs to and carries the team's x-ratelimit-*.
+    Set where each response is made (not in an on_response_prepare signal, which cost
+    a coroutine per response): the middleware for whole answers, the relay for streams."""
+    response.headers["X-Proxy-Request-Id"] = record.request_id
+    if record.rate_headers:
+        response.headers.update(record.rate_headers)

@@ -20,6 +20,7 @@ from aiohttp.typedefs import Handler
 from proxy.access_log import write as write_access_line
 from proxy.appkeys import METRICS
 from proxy.errors import ProxyError, error_body, json_error
+from proxy.headers import name_the_call
 from proxy.metrics import endpoint_label
 from proxy.observe import observe_call
 from proxy.record import Attempt, CallRecord
@@ -53,6 +54,8 @@ async def calls(request: web.Request, handler: Handler) -> web.StreamResponse:
             500,
             error_body("The proxy failed to handle the request.", "server_error", "internal_error"),
         )
+    if not response.prepared:  # a stream's relay named it before its headers went out
+        name_the_call(response, record)
     record.status = response.status
     _finish(request, record)
     return response
@@ -82,14 +85,6 @@ def _http_error(exc: web.HTTPException) -> web.Response:
         if name in exc.headers:
             response.headers[name] = exc.headers[name]
     return response
-
-
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every answer names the call it belongs to."""
-    record = request.get(RECORD)
-    if record is not None:
-        response.headers["X-Proxy-Request-Id"] = record.request_id
-        response.headers.update(record.rate_headers)
 
 
 def _finish(request: web.Request, record: CallRecord) -> None:

@@ -19,7 +19,7 @@ from prometheus_client import Histogram
 from proxy.appkeys import METRICS
 from proxy.config import Provider
 from proxy.errors import ProxyError
-from proxy.headers import client_headers
+from proxy.headers import client_headers, name_the_call
 from proxy.record import CallRecord
 from proxy.sse_tap import SseTap
 from proxy.upstream import StreamReads, read_all
@@ -49,6 +49,7 @@ async def relay_stream(
     """Relay from ``first`` (already read, so that a dud stream could still fail over)."""
     out = web.StreamResponse(status=response.status, headers=client_headers(response.headers))
     out.headers["X-Accel-Buffering"] = "no"
+    name_the_call(out, record)
     await out.prepare(request)
     clock = _Clock(record, request.app[METRICS].c_chunk_gap.get(provider.name))
     chunk, tail = first, b"\n\n"

@@ -57,6 +57,20 @@ async def test_requests_per_minute_refuses_with_retry_after(team_proxy: MakeTeam
     assert status == 200
 
 
+async def test_every_answer_names_its_call_and_a_stream_carries_the_limits(
+    team_proxy: MakeTeamProxy,
+):
+    proxy = await team_proxy(limits="{requests_per_minute: 3}")
+    status, body, headers = await chat(proxy, stream=True)
+    assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+    assert len(headers["X-Proxy-Request-Id"]) == 32
+    assert headers["x-ratelimit-remaining-requests"] == "2"  # set before the stream began
+    status, _, headers = await chat(proxy, model="no-such-model")
+    assert status == 404 and len(headers["X-Proxy-Request-Id"]) == 32
+    status, _, headers = await chat(proxy, key="sk-proxy-wrong")
+    assert status == 401 and len(headers["X-Proxy-Request-Id"]) == 32
+
+
 async def test_tokens_are_reserved_then_corrected(team_proxy: MakeTeamProxy, wandb: Upstream):
     # Each call reserves its prompt estimate (14) + max_tokens 40 = 54 and uses what the
     # upstream reports (15 + 6 = 21): the settlement hands 33 back. Four calls then fit
