@@ -15,11 +15,10 @@ import http.client
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.procs import ROOT, free_port
+from bench.procs import ROOT, free_port, healthy, wait_for
 
 # The server's command line for a port.
 Argv = Callable[[int], list[str]]
@@ -44,7 +43,8 @@ def _count(argv: Argv, body: bytes, headers: dict[str, str], out: Path, requests
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        _wait_healthy(port)
+        # Imports under valgrind take a while.
+        wait_for(lambda: healthy(port), "the server under valgrind", timeout=180.0)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         for _ in range(requests):
             conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
@@ -57,19 +57,6 @@ def _count(argv: Argv, body: bytes, headers: dict[str, str], out: Path, requests
         server.send_signal(signal.SIGTERM)
         server.wait(120)
     return _total(out)
-
-
-def _wait_healthy(port: int, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout  # imports under valgrind take a while
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError("the server did not come up under valgrind")
 
 
 def _total(out: Path) -> int:

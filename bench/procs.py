@@ -46,7 +46,7 @@ def _accepts(port: int) -> bool:
         return True
 
 
-def _healthy(port: int) -> bool:
+def healthy(port: int) -> bool:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
         return bool(answer.status == 200)
 
@@ -114,7 +114,7 @@ def start_proxy(config: Path, port: int, workers: int, log: Path) -> Child:
          "--workers", str(workers), "--shutdown-timeout", "2"],
         log=log,
     )  # fmt: skip
-    wait_for(lambda: _healthy(port), "the proxy")
+    wait_for(lambda: healthy(port), "the proxy")
     if workers > 1:  # every worker must be listening before the load starts
         wait_for(lambda: len(child.workers()) == workers, "the proxy's workers")
         time.sleep(1.0)
@@ -124,7 +124,7 @@ def start_proxy(config: Path, port: int, workers: int, log: Path) -> Child:
 def start_bare_relay(upstream_port: int, port: int) -> Child:
     child = Child([sys.executable, "-m", "bench.bare_relay", "--port", str(port),
                    "--upstream", f"http://127.0.0.1:{upstream_port}"])  # fmt: skip
-    wait_for(lambda: _healthy(port), "the bare relay")
+    wait_for(lambda: healthy(port), "the bare relay")
     return child
 
 

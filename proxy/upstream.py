@@ -71,11 +71,10 @@ async def open_call(
 
 async def read_chunk(response: UpstreamResponse, provider: Provider) -> bytes:
     """The next bytes of the body as they arrived, or b"" at its end."""
-    content = response
     with MappedErrors(provider, "reading the response body"):
         # When the rest of the body is already in (all of a small answer; the last read
         # of any body) this read cannot wait, so it needs no idle timer.
-        return await read_chunk_timed(content, provider, content.is_eof())
+        return await read_chunk_timed(response, provider, response.is_eof())
 
 
 class StreamReads:
@@ -89,7 +88,7 @@ class StreamReads:
     """
 
     def __init__(self, response: UpstreamResponse, provider: Provider) -> None:
-        self._content = response
+        self._response = response
         self._provider = provider
         self._idle = provider.timeouts.idle
         self._loop = asyncio.get_running_loop()
@@ -100,16 +99,16 @@ class StreamReads:
 
     async def read(self) -> bytes:
         """The next bytes of the body as they arrived, or b"" at its end."""
-        content = self._content
+        response = self._response
         with MappedErrors(self._provider, "reading the response body"):
-            if content.is_eof() or self._task is None:
-                return await read_chunk_timed(content, self._provider, content.is_eof())
+            if response.is_eof() or self._task is None:
+                return await read_chunk_timed(response, self._provider, response.is_eof())
             if self._timer is None:
                 self._timer = self._loop.call_at(self._loop.time() + self._idle, self._check)
             cancelling = self._task.cancelling()
             self._waiting_since = self._loop.time()
             try:
-                return await content.readany()
+                return await response.readany()
             except asyncio.CancelledError:
                 if self._expired and self._task.uncancel() <= cancelling:
                     raise TimeoutError from None
@@ -131,12 +130,12 @@ class StreamReads:
             self._timer = None
 
 
-async def read_chunk_timed(content: UpstreamResponse, provider: Provider, complete: bool) -> bytes:
+async def read_chunk_timed(response: UpstreamResponse, provider: Provider, complete: bool) -> bytes:
     """One read under its own idle timer, unless the rest of the body is in (``complete``)."""
     if complete:
-        return await content.readany()
+        return await response.readany()
     async with asyncio.timeout(provider.timeouts.idle):
-        return await content.readany()
+        return await response.readany()
 
 
 async def read_all(response: UpstreamResponse, provider: Provider) -> bytes:

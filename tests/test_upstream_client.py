@@ -26,6 +26,9 @@ from tests.conftest import WANDB_KEY, MakeProxy
 from tests.fake_upstream import FakeUpstream
 
 JSON = b'{"ok":true}'
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
 
 
 @dataclass
@@ -89,12 +92,23 @@ async def _serve(*answers: Answer) -> tuple[Scripted, asyncio.Server]:
     return scripted, server
 
 
+async def _send(
+    client: UpstreamClient,
+    scripted: Scripted,
+    path: str = "/v1/chat/completions",
+    deadlines: tuple[float, float] = (2.0, 5.0),
+) -> UpstreamResponse:
+    """The request sent, its deadlines (first byte, total) set; its headers not awaited."""
+    headers = CIMultiDict({"Content-Type": "application/json"})
+    response = await client.post(f"http://127.0.0.1:{scripted.port}{path}", headers, b"{}", 2.0)
+    response.set_deadlines(*deadlines)
+    return response
+
+
 async def _post(
     client: UpstreamClient, scripted: Scripted, path: str = "/v1/chat/completions"
 ) -> UpstreamResponse:
-    headers = CIMultiDict({"Content-Type": "application/json"})
-    response = await client.post(f"http://127.0.0.1:{scripted.port}{path}", headers, b"{}", 2.0)
-    response.set_deadlines(2.0, 5.0)
+    response = await _send(client, scripted, path)
     await response.started()
     return response
 
@@ -222,10 +236,7 @@ async def test_no_headers_by_the_first_byte_deadline_raises_timeout(
 ) -> None:
     scripted, server = await _serve(Answer(_plain(JSON), delay=5.0))
     async with server:
-        headers = CIMultiDict({"Content-Type": "application/json"})
-        url = f"http://127.0.0.1:{scripted.port}/v1/x"
-        response = await client.post(url, headers, b"{}", 2.0)
-        response.set_deadlines(0.2, 10.0)
+        response = await _send(client, scripted, deadlines=(0.2, 10.0))
         with pytest.raises(TimeoutError):
             await response.started()
         response.close()
@@ -235,13 +246,9 @@ async def test_no_headers_by_the_first_byte_deadline_raises_timeout(
 async def test_an_answer_still_running_at_the_total_deadline_raises_timeout(
     client: UpstreamClient,
 ) -> None:
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-    scripted, server = await _serve(Answer(head + b"\r\n5\r\ndata:\r\n"))
+    scripted, server = await _serve(Answer(STREAM_HEAD + b"5\r\ndata:\r\n"))
     async with server:
-        headers = CIMultiDict({"Content-Type": "application/json"})
-        url = f"http://127.0.0.1:{scripted.port}/v1/x"
-        response = await client.post(url, headers, b"{}", 2.0)
-        response.set_deadlines(2.0, 0.3)
+        response = await _send(client, scripted, deadlines=(2.0, 0.3))
         await response.started()
         assert await response.readany() == b"data:"
         with pytest.raises(TimeoutError):
@@ -253,8 +260,7 @@ async def test_closing_an_unfinished_answer_drops_the_connection(
     client: UpstreamClient,
 ) -> None:
     # How a call the client gave up on is cancelled upstream: the upstream sees EOF.
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-    scripted, server = await _serve(Answer(head + b"\r\n5\r\ndata:\r\n"))
+    scripted, server = await _serve(Answer(STREAM_HEAD + b"5\r\ndata:\r\n"))
     async with server:
         response = await _post(client, scripted)
         assert await response.readany() == b"data:"
