@@ -18,6 +18,7 @@ from aiohttp import web
 from proxy.backoff import retry_after_seconds
 from proxy.config import Endpoint, Provider
 from proxy.errors import BadUpstreamResponse, ProxyError
+from proxy.exchange import Answer, Exchange
 from proxy.headers import upstream_headers
 from proxy.record import CallRecord
 from proxy.relay import is_stream, read_plain, relay_stream
@@ -64,15 +65,15 @@ class Upstream:
 
 
 async def attempt(
-    request: web.Request,
+    exchange: Exchange,
     client: UpstreamClient,
     upstream: Upstream,
     body: bytes,
     record: CallRecord,
     strip_usage: bool,
-) -> web.StreamResponse:
+) -> Answer:
     provider = upstream.provider
-    headers = upstream_headers(request.headers, provider, upstream.headers)
+    headers = upstream_headers(exchange.headers, provider, upstream.headers)
     url = upstream.endpoint.join(upstream.path)
     try:
         with record.waiting():
@@ -92,7 +93,7 @@ async def attempt(
             with record.waiting():
                 first = await _first_chunk(response, provider)
             return await relay_stream(
-                request, response, provider, record, first, SseTap(strip_usage)
+                exchange, response, provider, record, first, SseTap(strip_usage)
             )
         with record.waiting():
             answer = await _read(response, provider)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-
-from aiohttp import web
+from collections.abc import Mapping
 
 from proxy.config import ANONYMOUS, Config
 from proxy.errors import AdminOnly, InvalidApiKey
@@ -27,16 +26,16 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def bearer(request: web.Request) -> str | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+def bearer(headers: Mapping[str, str]) -> str | None:
+    scheme, _, token = headers.get("Authorization", "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def authenticate(request: web.Request, config: Config) -> str:
+def authenticate(headers: Mapping[str, str], config: Config) -> str:
     """The team's name; ``anonymous`` when routes.yaml configures no team at all."""
     if not config.teams:
         return ANONYMOUS
-    key = bearer(request)
+    key = bearer(headers)
     if key is None:
         raise InvalidApiKey(
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
@@ -47,10 +46,10 @@ def authenticate(request: web.Request, config: Config) -> str:
     return team
 
 
-def require_admin(request: web.Request, config: Config) -> None:
+def require_admin(headers: Mapping[str, str], config: Config) -> None:
     if not config.admin_key:
         raise AdminOnly("The admin endpoints are off: set admin_key in routes.yaml.")
-    key = bearer(request) or ""
+    key = bearer(headers) or ""
     if not hmac.compare_digest(key.encode(), config.admin_key.encode()):
         raise AdminOnly("This endpoint needs the admin key as 'Authorization: Bearer KEY'.")
 

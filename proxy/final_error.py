@@ -40,7 +40,7 @@ class Failure:
         return f"{self.provider}: {error.message if error else self.failed.detail}".rstrip(".")
 
 
-def all_failed(model: Model, failures: list[Failure]) -> web.StreamResponse:
+def all_failed(model: Model, failures: list[Failure]) -> web.Response:
     answers = [f.failed.answer for f in failures if f.failed.answer is not None]
     if answers and len({f.provider for f in failures}) == 1 and failures[-1].failed.answer:
         return failures[-1].failed.answer

@@ -15,8 +15,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from proxy.appkeys import BALANCER, BREAKERS, ENGINES, METRICS, UPSTREAM_CLIENT
 from proxy.attempt import AttemptFailed, Upstream, attempt
 from proxy.backoff import backoff_delay
@@ -26,6 +24,7 @@ from proxy.circuit import Admission
 from proxy.config import Config, Endpoint, Model, Provider, RetryPolicy, Target
 from proxy.engines.lease import served_by
 from proxy.errors import CircuitOpen, EngineUnavailable, ProviderUnavailable
+from proxy.exchange import Answer, Exchange
 from proxy.final_error import Failure, all_failed
 from proxy.metrics import endpoint_label
 from proxy.record import Attempt, CallRecord
@@ -44,11 +43,11 @@ class Call:
     provider_headers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
-async def forward(request: web.Request, call: Call, record: CallRecord) -> web.StreamResponse:
+async def forward(exchange: Exchange, call: Call, record: CallRecord) -> Answer:
     # time.monotonic, not loop.time(): asyncio.get_running_loop() costs a getpid()
     # system call per use on CPython 3.11, and this deadline meets no loop timer.
-    run = _Run(request, call, record, deadline=time.monotonic() + call.budget)
-    balancer = request.app[BALANCER]
+    run = _Run(exchange, call, record, deadline=time.monotonic() + call.budget)
+    balancer = exchange.app[BALANCER]
     targets = balancer.order(
         f"model:{call.model.id}", call.model.targets, call.model.strategy,
         key_of=_target_key, weight_of=lambda t: t.weight,
@@ -70,22 +69,22 @@ def _target_key(target: Target) -> str:
 class _Run:
     """The state of one call's attempt loop."""
 
-    def __init__(self, request: web.Request, call: Call, record: CallRecord, deadline: float):
-        self.request, self.call, self.record, self.deadline = request, call, record, deadline
+    def __init__(self, exchange: Exchange, call: Call, record: CallRecord, deadline: float):
+        self.exchange, self.call, self.record, self.deadline = exchange, call, record, deadline
         self.failures: list[Failure] = []
 
-    async def target(self, target: Target, provider: Provider) -> web.StreamResponse | None:
+    async def target(self, target: Target, provider: Provider) -> Answer | None:
         if provider.engine is None:
             return await self._target(target, provider)
         try:
             # A local engine lends one ready replica for the whole call, stream included.
-            async with served_by(self.request.app[ENGINES], provider) as served:
+            async with served_by(self.exchange.app[ENGINES], provider) as served:
                 return await self._target(target, served)
         except EngineUnavailable as exc:
             self._fail(provider, "-", "failed", AttemptFailed("engine_unavailable", error=exc))
             return None
 
-    async def _target(self, target: Target, provider: Provider) -> web.StreamResponse | None:
+    async def _target(self, target: Target, provider: Provider) -> Answer | None:
         if provider.missing_key_var:
             missing = ProviderUnavailable(
                 f"Provider '{provider.name}' has no API key: the environment variable "
@@ -109,7 +108,7 @@ class _Run:
             if provider.balance == "affinity" and len(provider.endpoints) > 1
             else None
         )
-        endpoints = self.request.app[BALANCER].order(
+        endpoints = self.exchange.app[BALANCER].order(
             f"provider:{provider.name}", provider.endpoints, provider.balance,
             key_of=lambda e: e.url, weight_of=lambda e: e.weight, affinity=affinity,
         )  # fmt: skip
@@ -134,7 +133,7 @@ class _Run:
     ) -> Endpoint | None:
         """The first endpoint from this attempt's turn on whose circuit lets a call through
         (a half-open one only if this call is elected the deployment's one probe)."""
-        breakers = self.request.app[BREAKERS]
+        breakers = self.exchange.app[BREAKERS]
         lease = provider.timeouts.total
         for i in range(len(endpoints)):
             endpoint = endpoints[(number + i) % len(endpoints)]
@@ -152,8 +151,8 @@ class _Run:
 
     async def _attempt(
         self, provider: Provider, endpoint: Endpoint, body: bytes, strip_usage: bool
-    ) -> web.StreamResponse:
-        app, breakers = self.request.app, self.request.app[BREAKERS]
+    ) -> Answer:
+        app, breakers = self.exchange.app, self.exchange.app[BREAKERS]
         self.record.provider, self.record.endpoint = provider.name, endpoint.url
         was = breakers.state(endpoint.url)
         settled = False
@@ -165,7 +164,7 @@ class _Run:
                     self.call.endpoint,
                     self.call.provider_headers.get(provider.name, {}),
                 )
-                response = await attempt(self.request, app[UPSTREAM_CLIENT], target, body,
+                response = await attempt(self.exchange, app[UPSTREAM_CLIENT], target, body,
                                          self.record, strip_usage)  # fmt: skip
             breakers.succeeded(endpoint.url)
             settled = True

@@ -68,7 +68,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def usage(request: web.Request) -> web.Response:
     """GET /v1/usage?team=&from=YYYY-MM-DD&to=YYYY-MM-DD (admin key): the ledger."""
     config = request.app[CONFIG].current
-    require_admin(request, config)
+    require_admin(request.headers, config)
     teams = [request.query["team"]] if "team" in request.query else [*config.teams, ANONYMOUS]
     first, last = day_range(request.query.get("from"), request.query.get("to"))
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Provider
@@ -67,7 +66,9 @@ def _connection_listed(headers: Mapping[str, str]) -> set[str]:
 
 
 def upstream_headers(
-    client: CIMultiDictProxy[str], provider: Provider, extra: Mapping[str, str] | None = None
+    client: CIMultiDictProxy[str] | CIMultiDict[str],
+    provider: Provider,
+    extra: Mapping[str, str] | None = None,
 ) -> CIMultiDict[str]:
     listed = _connection_listed(client)
     drop = _NOT_TO_UPSTREAM | listed if listed else _NOT_TO_UPSTREAM  # no new set per call
@@ -95,10 +96,10 @@ def client_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     )  # fmt: skip
 
 
-def name_the_call(response: web.StreamResponse, record: CallRecord) -> None:
+def name_the_call(headers: CIMultiDict[str], record: CallRecord) -> None:
     """Every answer names the call it belongs to and carries the team's x-ratelimit-*.
     Set where each response is made (not in an on_response_prepare signal, which cost
     a coroutine per response): the middleware for whole answers, the relay for streams."""
-    response.headers["X-Proxy-Request-Id"] = record.request_id
+    headers["X-Proxy-Request-Id"] = record.request_id
     if record.rate_headers:
-        response.headers.update(record.rate_headers)
+        headers.update(record.rate_headers)

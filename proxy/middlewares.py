@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -29,36 +30,55 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("proxy.access")
 
 RECORD = web.RequestKey("record", CallRecord)
+A = TypeVar("A")
 
 # Status aiohttp or the router raised → OpenAI error type.
 _HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error"}
+
+
+class CallSite(Protocol):
+    """Where a call came in: an aiohttp request or a proxied call's exchange."""
+
+    @property
+    def app(self) -> web.Application: ...
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
 
 
 @web.middleware
 async def calls(request: web.Request, handler: Handler) -> web.StreamResponse:
     record = CallRecord(request_id=request_id())
     request[RECORD] = record
+    response = await answered(handler(request), request, record)
+    if not response.prepared:  # a stream's relay named it before its headers went out
+        name_the_call(response.headers, record)
+    record.status = response.status
+    finish(request, record)
+    return response
+
+
+async def answered(work: Awaitable[A], site: CallSite, record: CallRecord) -> A | web.Response:
+    """The call's own answer, or the OpenAI-shaped error it raised."""
     try:
-        response: web.StreamResponse = await handler(request)
+        return await work
     except ProxyError as exc:
-        response = exc.response()
+        return exc.response()
     except web.HTTPException as exc:
-        response = _http_error(exc)
+        return _http_error(exc)
     except (asyncio.CancelledError, ConnectionResetError):
         record.status = 499  # the client went away; nginx's name for it
-        _finish(request, record)
+        finish(site, record)
         raise
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        response = json_error(
+        log.exception("unhandled error in %s %s", site.method, site.path)
+        return json_error(
             500,
             error_body("The proxy failed to handle the request.", "server_error", "internal_error"),
         )
-    if not response.prepared:  # a stream's relay named it before its headers went out
-        name_the_call(response, record)
-    record.status = response.status
-    _finish(request, record)
-    return response
 
 
 def request_id() -> str:
@@ -87,20 +107,21 @@ def _http_error(exc: web.HTTPException) -> web.Response:
     return response
 
 
-def _finish(request: web.Request, record: CallRecord) -> None:
+def finish(site: CallSite, record: CallRecord) -> None:
+    """The call is answered: count it, and write its access-log line."""
     elapsed = record.elapsed()
-    observe_call(request.app[METRICS], record, elapsed)
+    observe_call(site.app[METRICS], record, elapsed)
     if access_log.isEnabledFor(logging.INFO):
-        write_access_line(json.dumps(_access_line(request, record, elapsed)))
+        write_access_line(json.dumps(_access_line(site, record, elapsed)))
 
 
-def _access_line(request: web.Request, record: CallRecord, elapsed: float) -> dict[str, Any]:
+def _access_line(site: CallSite, record: CallRecord, elapsed: float) -> dict[str, Any]:
     billed = record.billed
     line: dict[str, Any] = {
         "ts": round(time.time(), 3),
         "request_id": record.request_id,
-        "method": request.method,
-        "path": request.path,
+        "method": site.method,
+        "path": site.path,
         "api": record.api,
         "team": record.team,
         "model": record.model,

@@ -19,6 +19,7 @@ from prometheus_client import Histogram
 from proxy.appkeys import METRICS
 from proxy.config import Provider
 from proxy.errors import ProxyError
+from proxy.exchange import Exchange, Streamed
 from proxy.headers import client_headers, name_the_call
 from proxy.record import CallRecord
 from proxy.sse_tap import SseTap
@@ -39,19 +40,19 @@ async def read_plain(response: UpstreamResponse, provider: Provider) -> web.Resp
 
 
 async def relay_stream(
-    request: web.Request,
+    exchange: Exchange,
     response: UpstreamResponse,
     provider: Provider,
     record: CallRecord,
     first: bytes,
     tap: SseTap,
-) -> web.StreamResponse:
+) -> Streamed:
     """Relay from ``first`` (already read, so that a dud stream could still fail over)."""
-    out = web.StreamResponse(status=response.status, headers=client_headers(response.headers))
-    out.headers["X-Accel-Buffering"] = "no"
-    name_the_call(out, record)
-    await out.prepare(request)
-    clock = _Clock(record, request.app[METRICS].c_chunk_gap.get(provider.name))
+    headers = client_headers(response.headers)
+    headers["X-Accel-Buffering"] = "no"
+    name_the_call(headers, record)
+    out = await exchange.start_stream(response.status, headers)
+    clock = _Clock(record, exchange.app[METRICS].c_chunk_gap.get(provider.name))
     chunk, tail = first, b"\n\n"
     reads = StreamReads(response, provider)
     try:
@@ -75,8 +76,8 @@ async def relay_stream(
         record.usage = tap.usage
         record.completion_estimate = tap.estimated_completion()
         record.waited += time.perf_counter() - clock.at  # the last read, or a failed one
-    await out.write_eof()
-    return out
+    await out.end()
+    return Streamed(response.status)
 
 
 class _Clock:

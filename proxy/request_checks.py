@@ -1,17 +1,16 @@
-"""Steps 2 and 3 of a call: a bounded body, the fields the proxy relies on, and the route."""
+"""Steps 2 and 3 of a call: the body's fields the proxy relies on, and the route.
+
+The body itself is read, bounded, by the exchange that carries the call (proxy/exchange.py).
+"""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from aiohttp import StreamReader, web
-
 from proxy.body import Body, parse_body
-from proxy.config import Config, Model, ServerSettings
-from proxy.errors import BodyTooLarge, InvalidRequest, ModelNotFound, RequestTimeout
-
-_READ_SIZE = 64 * 1024
+from proxy.config import Config, Model
+from proxy.errors import InvalidRequest, ModelNotFound
 
 
 @dataclass(frozen=True)
@@ -37,47 +36,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-async def read_body(request: web.Request, settings: ServerSettings) -> bytes:
-    """At most ``max_body_bytes``, within ``body_timeout``; refused early by Content-Length."""
-    limit = settings.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(_too_large(limit))
-    if request.content.is_eof():
-        # The whole body is already in (the usual case: it came with the head), so no
-        # read below can wait, and a timer per request would only cost time.
-        return await _bounded(request.content, limit)
-    try:
-        async with asyncio.timeout(settings.body_timeout):
-            return await _bounded(request.content, limit)
-    except TimeoutError:
-        raise RequestTimeout(
-            f"The request body did not arrive within {settings.body_timeout:g} seconds."
-        ) from None
-
-
-async def _bounded(content: StreamReader, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await content.read(_READ_SIZE):
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(_too_large(limit))
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def call_budget(request: web.Request, budget: float) -> float:
+def call_budget(headers: Mapping[str, str], budget: float) -> float:
     """The model's retry budget, narrowed by the client's own ``X-Request-Timeout``."""
-    asked = request.headers.get("X-Request-Timeout")
+    asked = headers.get("X-Request-Timeout")
     try:
         seconds = float(asked) if asked else budget
     except ValueError:
         return budget
     return min(budget, seconds) if seconds > 0 else budget
-
-
-def _too_large(limit: int) -> str:
-    return f"The request body is larger than this proxy accepts ({limit} bytes)."
 
 
 def checked_body(raw: bytes, endpoint: Endpoint) -> Body:
