@@ -6,13 +6,19 @@ from aiohttp import web
 
 from proxy import handlers
 from proxy.pipeline import proxied
-from proxy.request_checks import CHAT, COMPLETIONS, EMBEDDINGS
+from proxy.request_checks import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
+
+# The proxied routes, which the lean front (proxy/front.py) also serves.
+PROXIED: dict[str, Endpoint] = {
+    "/v1/chat/completions": CHAT,
+    "/v1/completions": COMPLETIONS,
+    "/v1/embeddings": EMBEDDINGS,
+}
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/chat/completions", proxied(CHAT))
-    app.router.add_post("/v1/completions", proxied(COMPLETIONS))
-    app.router.add_post("/v1/embeddings", proxied(EMBEDDINGS))
+    for path, endpoint in PROXIED.items():
+        app.router.add_post(path, proxied(endpoint))
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/v1/models/{model:.+}", handlers.get_model)
     app.router.add_get("/healthz", handlers.healthz)

@@ -23,7 +23,9 @@ from prometheus_client import multiprocess
 
 from proxy import access_log
 from proxy.app import make_app
+from proxy.appkeys import CONFIG
 from proxy.config_load import load_config
+from proxy.front import FrontSite
 from proxy.metrics import MULTIPROC_ENV
 from proxy.pdeathsig import parent_death_signal
 from proxy.reload import ConfigHolder
@@ -54,23 +56,9 @@ def run_worker(options: ServeOptions, reuse_port: bool | None = None) -> None:
 
 async def _worker(options: ServeOptions, reuse_port: bool) -> None:
     holder = ConfigHolder(load_config(options.config_path), options.config_path)
-    # handler_cancellation: a client that disconnects cancels its handler, which
-    # closes the upstream call at once instead of when the next chunk fails to write.
-    # keepalive_timeout also bounds how long a client may take to send a request head
-    # (aiohttp closes a connection whose first request is not complete by then).
-    runner = web.AppRunner(
-        make_app(holder), handler_cancellation=True, access_log=None,
-        keepalive_timeout=holder.current.server.keepalive_timeout,
-    )  # fmt: skip
-    await runner.setup()
-    site = web.TCPSite(
-        runner,
-        options.host,
-        options.port,
-        reuse_port=reuse_port,
-        shutdown_timeout=options.shutdown_timeout,
+    runner = await start_server(
+        make_app(holder), options.host, options.port, reuse_port, options.shutdown_timeout
     )
-    await site.start()
     # Everything made so far lives as long as the worker: keep it out of the cyclic
     # collector's full passes, which otherwise walk it again and again under load
     # (profiled: 8 % of a worker's CPU went to collections).
@@ -91,6 +79,25 @@ async def _worker(options: ServeOptions, reuse_port: bool) -> None:
     log.info("shutting down: draining requests in flight (up to %ss)", options.shutdown_timeout)
     await runner.cleanup()
     access_log.flush()
+
+
+async def start_server(
+    app: web.Application, host: str, port: int, reuse_port: bool = False,
+    shutdown_timeout: float = 30.0,
+) -> web.AppRunner:  # fmt: skip
+    """The proxy's app on a port: the lean front first, aiohttp for the rest."""
+    # handler_cancellation: a client that disconnects cancels its handler, which
+    # closes the upstream call at once instead of when the next chunk fails to write.
+    # keepalive_timeout also bounds how long a client may take to send a request head
+    # (aiohttp closes a connection whose first request is not complete by then).
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=app[CONFIG].current.server.keepalive_timeout,
+    )  # fmt: skip
+    await runner.setup()
+    site = FrontSite(runner, host, port, reuse_port=reuse_port, shutdown_timeout=shutdown_timeout)
+    await site.start()
+    return runner
 
 
 def supervise(options: ServeOptions) -> int:

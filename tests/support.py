@@ -16,17 +16,21 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy.appkeys import CONFIG
+from proxy.server import start_server
 from tests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
-    # handler_cancellation as in production, so a closed connection cancels the handler.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    if CONFIG in app:  # the proxy itself: served as in production, the front first
+        runner = await start_server(app, "127.0.0.1", 0)
+    else:
+        # handler_cancellation as in production, so a closed connection cancels the handler.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
     host, port = runner.addresses[0][:2]
     return runner, f"http://{host}:{port}"
 

@@ -1,0 +1,158 @@
+"""The lean front (proxy/front.py) on raw connections: whatever it hands to aiohttp, and
+however a client frames, splits or pipelines its requests, every request gets its
+answer, in order, on a connection that stays usable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from tests.conftest import MakeProxy, Proxy
+from tests.support import Upstream, routes_yaml
+
+Answer = tuple[int, dict[str, str], bytes]
+UPSTREAM_MODEL = {"same-name": "same-name", "llama-8b": "meta-llama/Llama-3.1-8B-Instruct"}
+
+
+def _request(model: str, *, extra: str = "", version: str = "1.1") -> bytes:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    return (
+        f"POST /v1/chat/completions HTTP/{version}\r\nHost: proxy\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n{body}"
+    ).encode()
+
+
+async def _answer(reader: asyncio.StreamReader) -> Answer:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status_line, *lines = head.rstrip("\r\n").split("\r\n")
+    status = int(status_line.split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    if status < 200:  # 100 Continue: a head alone
+        return status, headers, b""
+    if "content-length" in headers:
+        return status, headers, await reader.readexactly(int(headers["content-length"]))
+    body = b""
+    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)
+    await reader.readexactly(2)
+    return status, headers, body
+
+
+def _model(answer: Answer) -> Any:
+    status, _, body = answer
+    assert status == 200, body
+    return json.loads(body)["model"]
+
+
+async def _connect(proxy: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, _, port = proxy.url.removeprefix("http://").partition(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def test_a_connection_moves_to_aiohttp_and_keeps_serving_calls(proxy: Proxy):
+    reader, writer = await _connect(proxy)
+    writer.write(_request("llama-8b"))
+    assert _model(await _answer(reader)) == "meta-llama/Llama-3.1-8B-Instruct"
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n")  # not the front's
+    status, _, body = await _answer(reader)
+    assert status == 200 and len(json.loads(body)["data"]) == 3
+    for model, upstream_model in UPSTREAM_MODEL.items():  # aiohttp's, on the same socket
+        writer.write(_request(model))
+        assert _model(await _answer(reader)) == upstream_model
+    writer.close()
+
+
+async def test_pipelined_calls_are_answered_in_order(proxy: Proxy):
+    reader, writer = await _connect(proxy)
+    writer.write(_request("llama-8b") + _request("same-name") + _request("llama-8b"))
+    models = [_model(await _answer(reader)) for _ in range(3)]
+    assert models == ["meta-llama/Llama-3.1-8B-Instruct", "same-name",
+                      "meta-llama/Llama-3.1-8B-Instruct"]  # fmt: skip
+    writer.close()
+
+
+async def test_a_head_and_body_split_anywhere_make_the_same_call(proxy: Proxy, wandb: Upstream):
+    raw = _request("same-name")
+    for cut in (1, 20, raw.index(b"\r\n\r\n") + 2, raw.index(b"\r\n\r\n") + 4, len(raw) - 1):
+        reader, writer = await _connect(proxy)
+        writer.write(raw[:cut])
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.write(raw[cut:])
+        assert _model(await _answer(reader)) == "same-name"
+        assert json.loads(wandb.fake.last.body)["messages"][0]["content"] == "hi"
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ("X-Note: caf\u00e9\r\n", 200),  # a value beyond ASCII
+        ("Expect: 100-continue\r\n", 100),  # then 200: the body came with the head
+        ("Transfer-Encoding: identity\r\n", 400),  # beside Content-Length: ambiguous
+        ("X-Folded: a\r\n b\r\n", 400),  # obsolete line folding
+    ],
+)
+async def test_requests_the_front_does_not_take_get_aiohttp_s_answer(
+    proxy: Proxy, extra: str, status: int
+):
+    reader, writer = await _connect(proxy)
+    writer.write(_request("same-name", extra=extra))
+    answer = await _answer(reader)
+    assert answer[0] == status
+    if status == 100:
+        answer = await _answer(reader)
+    if status != 400:
+        assert _model(answer) == "same-name"
+    writer.close()
+
+
+async def test_http_1_0_gets_its_answer_and_the_connection_closes(proxy: Proxy):
+    reader, writer = await _connect(proxy)
+    writer.write(_request("same-name", version="1.0"))
+    assert _model(await _answer(reader)) == "same-name"
+    assert await reader.read() == b""
+    writer.close()
+
+
+async def test_connection_close_is_honoured(proxy: Proxy):
+    reader, writer = await _connect(proxy)
+    writer.write(_request("same-name", extra="Connection: close\r\n"))
+    answer = await _answer(reader)
+    assert _model(answer) == "same-name" and answer[1]["connection"] == "close"
+    assert await reader.read() == b""
+    writer.close()
+
+
+async def test_a_body_over_the_limit_is_refused_without_reading_it(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    small = routes_yaml(wandb, prime).replace("server:\n", "server:\n  max_body_bytes: 1KiB\n")
+    proxy = await make_proxy(small)
+    reader, writer = await _connect(proxy)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 50000000\r\n\r\n{")
+    status, headers, body = await _answer(reader)
+    assert status == 413 and headers["connection"] == "close"
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert await reader.read() == b""  # the rest of that body is never read
+    writer.close()
+
+
+async def test_an_idle_connection_is_closed_after_keepalive_timeout(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    idle = routes_yaml(wandb, prime).replace("server:\n", "server:\n  keepalive_timeout: 1s\n")
+    proxy = await make_proxy(idle)
+    reader, writer = await _connect(proxy)
+    writer.write(_request("same-name"))
+    assert _model(await _answer(reader)) == "same-name"
+    await asyncio.sleep(0.6)
+    writer.write(_request("same-name"))  # a call resets the idle clock
+    assert _model(await _answer(reader)) == "same-name"
+    async with asyncio.timeout(3):
+        assert await reader.read() == b""  # closed once idle for keepalive_timeout
+    writer.close()
