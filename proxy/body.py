@@ -1,11 +1,11 @@
 """The request body: parsed once to read what the proxy needs, rewritten only where it must.
 
-Bytes through, not objects: the top-level object is scanned key by key with the
-stdlib's C scanner, remembering where the ``model`` and ``stream_options`` values sit
-in the text and where the object closes. The upstream receives the client's text
-unchanged except at those spans, so every field the proxy does not know (tools,
-response_format, logit_bias, big integers, floats, key order, whitespace) arrives
-exactly as the client wrote it.
+Bytes through, not objects: the fields are read with one ``json.loads``; only a body
+that must change is scanned key by key with the stdlib's C scanner, to find where the
+``model`` and ``stream_options`` values sit in the text and where the object closes.
+The upstream receives the client's text unchanged except at those spans, so every
+field the proxy does not know (tools, response_format, logit_bias, big integers,
+floats, key order, whitespace) arrives exactly as the client wrote it.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ _SPLICED = ("model", "stream_options")
 class Body:
     text: str
     fields: dict[str, Any]
-    spans: tuple[tuple[str, int, int], ...]  # (key, start, end) of spliceable values
-    close: int  # index of the closing brace of the top-level object
 
     def wants_usage(self) -> bool:
         """Whether the client itself asked for the usage chunk of a stream."""
@@ -46,17 +44,18 @@ class Body:
             append_usage = False
         if not changes and not append_usage:
             return self.text.encode()
+        spans, close = _spliceable(self.text)
         parts: list[str] = []
         last = 0
-        for key, start, end in self.spans:
+        for key, start, end in spans:
             if key in changes:
                 parts += [self.text[last:start], json.dumps(changes[key], ensure_ascii=False)]
                 last = end
-        parts.append(self.text[last : self.close])
+        parts.append(self.text[last:close])
         if append_usage:
             comma = "," if self.fields else ""
             parts.append(f'{comma}"stream_options":{{"include_usage":true}}')
-        parts.append(self.text[self.close :])
+        parts.append(self.text[close:])
         return "".join(parts).encode()
 
 
@@ -66,7 +65,9 @@ def parse_body(raw: bytes) -> Body:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"The request body is not valid UTF-8 (byte {exc.start}).") from None
     try:
-        fields, spans, close = _scan_object(text)
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise json.JSONDecodeError("Expecting a JSON object", text, _skip(text, 0))
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc.msg} "
@@ -74,7 +75,7 @@ def parse_body(raw: bytes) -> Body:
         ) from None
     except RecursionError:
         raise InvalidRequest("The JSON body of your request is nested too deeply.") from None
-    return Body(text=text, fields=fields, spans=tuple(spans), close=close)
+    return Body(text=text, fields=fields)
 
 
 def _skip(text: str, pos: int) -> int:
@@ -89,8 +90,9 @@ def _expect(text: str, pos: int, char: str, what: str) -> int:
     return pos + 1
 
 
-def _scan_object(text: str) -> tuple[dict[str, Any], list[tuple[str, int, int]], int]:
-    fields: dict[str, Any] = {}
+def _spliceable(text: str) -> tuple[list[tuple[str, int, int]], int]:
+    """(key, start, end) of the values the proxy may replace, and where the object
+    closes: the object is valid JSON already, so only positions are found here."""
     spans: list[tuple[str, int, int]] = []
     pos = _skip(text, _expect(text, _skip(text, 0), "{", "a JSON object"))
     if pos >= len(text) or text[pos] != "}":
@@ -98,23 +100,19 @@ def _scan_object(text: str) -> tuple[dict[str, Any], list[tuple[str, int, int]],
             pos = _expect(text, pos, '"', "property name enclosed in double quotes")
             key, pos = json.decoder.scanstring(text, pos)  # type: ignore[attr-defined]
             pos = _skip(text, _expect(text, _skip(text, pos), ":", "':' delimiter"))
-            value, end = _value(text, pos)
+            end = _value_end(text, pos)
             if key in _SPLICED:
                 spans.append((key, pos, end))
-            fields[key] = value
             pos = _skip(text, end)
             if pos < len(text) and text[pos] == "}":
                 break
             pos = _skip(text, _expect(text, pos, ",", "',' delimiter"))
-    close = pos
-    if _skip(text, pos + 1) != len(text):
-        raise json.JSONDecodeError("Extra data", text, pos + 1)
-    return fields, spans, close
+    return spans, pos
 
 
-def _value(text: str, pos: int) -> tuple[Any, int]:
+def _value_end(text: str, pos: int) -> int:
     try:
-        value, end = _DECODER.scan_once(text, pos)  # type: ignore[attr-defined]
+        _, end = _DECODER.scan_once(text, pos)  # type: ignore[attr-defined]
     except StopIteration:
         raise json.JSONDecodeError("Expecting value", text, pos) from None
-    return value, end
+    return int(end)

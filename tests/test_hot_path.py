@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.accounting import Accountant
+from proxy.body import parse_body
 from proxy.config import RedisSettings
 from proxy.config_load import parse_config
 from proxy.errors import RateLimited
@@ -59,3 +64,37 @@ async def test_limits_of_a_reloaded_config_apply_at_once():
     await accountant.admit(reloaded, "t", "m", 1, 1, "c")
     with pytest.raises(RateLimited):
         await accountant.admit(reloaded, "t", "m", 1, 1, "d")
+
+
+KEYS = st.sampled_from(["model", "messages", "stream_options", "tools", "mod\\u0065l", "x"])
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
+    max_leaves=12,
+)
+SPACES = st.sampled_from(["", " ", "\n  ", "\t"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.dictionaries(KEYS, VALUES, max_size=5), space=SPACES, usage=st.booleans())
+def test_a_rewritten_body_changes_the_model_and_the_usage_option_only(
+    fields: dict[str, Any], space: str, usage: bool
+):
+    raw = json.dumps({**fields, "model": "client-name"}, indent=space or None)
+    body = parse_body(raw.encode())
+    assert body.fields == json.loads(raw)
+    sent = json.loads(body.rewritten("upstream-name", include_usage=usage))
+    expected = {**json.loads(raw), "model": "upstream-name"}
+    if usage:
+        options = expected.get("stream_options")
+        expected["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                      "include_usage": True}  # fmt: skip
+    assert sent == expected
+    assert body.rewritten("client-name") == raw.encode()  # unchanged: the client's bytes
+
+
+def test_a_model_key_written_with_an_escape_is_still_the_model():
+    body = parse_body(b'{"mod\\u0065l": "client-name", "x": {"model": 1}}')
+    assert json.loads(body.rewritten("upstream-name")) == {
+        "model": "upstream-name", "x": {"model": 1}
+    }  # fmt: skip
