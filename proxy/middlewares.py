@@ -8,7 +8,6 @@ request's headers is written.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -18,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.access_log import encode as encode_access_line
 from proxy.access_log import write as write_access_line
 from proxy.appkeys import METRICS
 from proxy.errors import ProxyError, error_body, json_error
@@ -112,7 +112,7 @@ def finish(site: CallSite, record: CallRecord) -> None:
     elapsed = record.elapsed()
     observe_call(site.app[METRICS], record, elapsed)
     if access_log.isEnabledFor(logging.INFO):
-        write_access_line(json.dumps(_access_line(site, record, elapsed)))
+        write_access_line(encode_access_line(_access_line(site, record, elapsed)))
 
 
 def _access_line(site: CallSite, record: CallRecord, elapsed: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.access_log import encode
 from proxy.accounting import Accountant
 from proxy.body import parse_body
 from proxy.config import RedisSettings
@@ -98,3 +99,10 @@ def test_a_model_key_written_with_an_escape_is_still_the_model():
     assert json.loads(body.rewritten("upstream-name")) == {
         "model": "upstream-name", "x": {"model": 1}
     }  # fmt: skip
+
+
+def test_the_access_log_encoder_writes_what_json_dumps_writes():
+    line = {"ts": 1795322614.42, "path": "/v1/chat/completions", "team": "caf\u00e9 \"x\"",
+            "model": None, "status": 200, "attempts": [{"outcome": "ok", "detail": "200"}],
+            "tokens_estimated": False, "duration_ms": 0.1 + 0.2, "big": 10**30}  # fmt: skip
+    assert encode(line) == json.dumps(line)
