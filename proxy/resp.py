@@ -34,20 +34,31 @@ class ProtocolError(Exception):
 def encode(args: Sequence[Arg]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bool):  # an int, but "True" is never what a caller meant
-            raise TypeError("bool is not a Redis argument; send 0 or 1")
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        elif isinstance(arg, float):
-            data = repr(arg).encode()  # the shortest text that reads back the same
+        # Exact types first (the limiter's arguments are all str, int or float; this
+        # runs for every argument of every call), subclasses through isinstance.
+        kind = type(arg)
+        if kind is str:
+            data = arg.encode()  # type: ignore[union-attr]
+        elif kind is int or kind is float:
+            data = str(arg).encode()  # a float's str is the shortest that reads back
         else:
-            raise TypeError(f"{type(arg).__name__} is not a Redis argument")
+            data = _other(arg)
         parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+def _other(arg: Arg) -> bytes:
+    if isinstance(arg, bytes):
+        return arg
+    if isinstance(arg, str):
+        return arg.encode()
+    if isinstance(arg, bool):  # an int, but "True" is never what a caller meant
+        raise TypeError("bool is not a Redis argument; send 0 or 1")
+    if isinstance(arg, int):
+        return b"%d" % arg
+    if isinstance(arg, float):
+        return repr(arg).encode()
+    raise TypeError(f"{type(arg).__name__} is not a Redis argument")
 
 
 class Parser:

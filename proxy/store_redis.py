@@ -40,10 +40,12 @@ def team_key(team: str, *parts: str) -> str:
     return ":".join((PREFIX, f"{{{team}}}", *parts))
 
 
+_KEY_KINDS = {"requests_per_minute": "rpm", "tokens_per_minute": "tpm", "concurrent": "conc",
+              "tokens_per_day": "tpd"}  # fmt: skip
+
+
 def check_key(team: str, check: Check) -> str:
-    kind = {"requests_per_minute": "rpm", "tokens_per_minute": "tpm", "concurrent": "conc",
-            "tokens_per_day": "tpd"}[check.kind]  # fmt: skip
-    return team_key(team, kind, check.scope)
+    return team_key(team, _KEY_KINDS[check.kind], check.scope)
 
 
 def _check_args(checks: tuple[Check, ...]) -> list[Arg]:
