@@ -29,6 +29,15 @@ class Sink(Protocol):
 
     async def end(self) -> None: ...
 
+    def push(self, data: bytes) -> asyncio.Future[None] | None:
+        """Write now, from a callback: None, or a future done once the client's full
+        buffer drained. Only where ``can_push``; bytes for a client gone are dropped
+        (its call is being cancelled)."""
+        ...
+
+    @property
+    def can_push(self) -> bool: ...
+
 
 class Exchange(Protocol):
     @property
@@ -109,10 +118,17 @@ class AiohttpExchange:
 
 
 class _StreamResponseSink:
+    """aiohttp's writes are coroutines: this sink cannot take pushed bytes."""
+
     __slots__ = ("out",)
+
+    can_push = False
 
     def __init__(self, out: web.StreamResponse) -> None:
         self.out = out
+
+    def push(self, data: bytes) -> asyncio.Future[None] | None:
+        raise NotImplementedError("aiohttp's stream writes are awaited")
 
     async def write(self, data: bytes) -> None:
         await self.out.write(data)

@@ -295,5 +295,13 @@ class FrontExchange:
     async def write(self, data: bytes) -> None:
         await self.connection.write(chunk(data))
 
+    can_push = True
+
+    def push(self, data: bytes) -> asyncio.Future[None] | None:
+        transport = self.connection.transport
+        if not transport.is_closing():
+            transport.write(chunk(data))
+        return self.connection.drained
+
     async def end(self) -> None:
         await self.connection.write(LAST_CHUNK)

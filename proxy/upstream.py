@@ -116,6 +116,12 @@ class StreamReads:
             finally:
                 self._waiting_since = None
 
+    def touch(self) -> None:
+        """Bytes arrived during a read that lasts a whole piped stream: its idle wait
+        starts again."""
+        if self._waiting_since is not None:
+            self._waiting_since = self._loop.time()
+
     def _check(self) -> None:
         now, since = self._loop.time(), self._waiting_since
         if since is not None and now - since >= self._idle and self._task is not None:

@@ -6,11 +6,16 @@ The connection (upstream_client.py) parses the bytes and calls ``begin``, ``body
 and always ends with ``close()``, which hands the connection back or drops it. A body
 that stops short raises ``UpstreamConnectionError`` at the read that would have had
 the rest; a deadline that passes raises TimeoutError.
+
+A stream's relay may instead ``pipe`` the body: each piece then goes to its receiver
+the moment the connection parsed it, without waking the relay's task per piece, and
+``readany()`` only waits for the end (b"") or the failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from multidict import CIMultiDictProxy
@@ -29,8 +34,8 @@ class UpstreamConnectionError(Exception):
 
 class UpstreamResponse:
     __slots__ = ("_buffer", "_buffered", "_complete", "_conn", "_error", "_loop", "_paused",
-                 "_started", "_timer", "_total_at", "_waiter", "headers", "keep_alive",
-                 "status")  # fmt: skip
+                 "_receiver", "_started", "_timer", "_total_at", "_waiter", "headers",
+                 "keep_alive", "status")  # fmt: skip
 
     def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
         self._conn = conn
@@ -40,6 +45,7 @@ class UpstreamResponse:
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._paused = False
+        self._receiver: Callable[[bytes], None] | None = None
         self._complete = False
         self._error: Exception | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -86,7 +92,30 @@ class UpstreamResponse:
         """Read to its end, and both sides keep the connection alive."""
         return self._complete and self.keep_alive and self._error is None
 
+    def pipe(self, receiver: Callable[[bytes], None]) -> None:
+        """Hand every piece of the body to ``receiver`` as it arrives, what is already
+        kept first. The receiver must not raise: it runs inside the connection's parser."""
+        self._receiver = receiver
+        if self._buffer:
+            data = b"".join(self._buffer)
+            self._buffer.clear()
+            self._buffered = 0
+            receiver(data)
+        if self._paused:
+            self._paused = False
+            self._conn.resume_reading()
+
+    def hold(self, until: asyncio.Future[None]) -> None:
+        """Read no more until ``until`` is done: the client is slower than the upstream."""
+        self._conn.pause_reading()
+        until.add_done_callback(self._release)
+
+    def _release(self, _: asyncio.Future[None]) -> None:
+        if self._receiver is not None:  # not closed meanwhile
+            self._conn.resume_reading()
+
     def close(self) -> None:
+        self._receiver = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -116,6 +145,9 @@ class UpstreamResponse:
             self._started.set_result(None)
 
     def body(self, data: bytes) -> None:
+        if self._receiver is not None:
+            self._receiver(data)
+            return
         self._buffer.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER and not self._paused:

@@ -1,8 +1,8 @@
 """The front's HTTP/1.1: read an ordinary request head, write an answer's head.
 
 "Ordinary" is deliberately narrow: ``POST`` to a proxied path, ``HTTP/1.1``, header
-lines of token names and printable ASCII values, one decimal Content-Length, and no
-Transfer-Encoding, Expect or Upgrade. One regular expression checks a whole head.
+lines of token names and printable ASCII values, one Host, one decimal Content-Length,
+and no Transfer-Encoding, Expect or Upgrade. One regular expression checks a whole head.
 Anything else is not parsed more leniently here: it is left to aiohttp's parser
 (proxy/front.py hands it the connection), so the two can never frame a request
 differently.
@@ -55,6 +55,8 @@ def read_head(buffer: bytearray) -> Head | None:
         headers.add(name, value.strip(" \t"))
     lengths = headers.getall("Content-Length", ())
     if len(lengths) != 1 or not lengths[0].isdigit() or any(h in headers for h in _NOT_ORDINARY):
+        return None
+    if len(headers.getall("Host", ())) != 1:  # RFC 9112 §3.2: aiohttp answers 400
         return None
     connection = headers.get("Connection", "").lower()
     if "upgrade" in connection:

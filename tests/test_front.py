@@ -34,12 +34,12 @@ async def _answer(reader: asyncio.StreamReader) -> Answer:
         return status, headers, b""
     if "content-length" in headers:
         return status, headers, await reader.readexactly(int(headers["content-length"]))
-    body = b""
+    parts = []
     while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-        body += await reader.readexactly(size)
+        parts.append(await reader.readexactly(size))
         await reader.readexactly(2)
     await reader.readexactly(2)
-    return status, headers, body
+    return status, headers, b"".join(parts)
 
 
 def _model(answer: Answer) -> Any:
@@ -95,6 +95,7 @@ async def test_a_head_and_body_split_anywhere_make_the_same_call(proxy: Proxy, w
         ("Expect: 100-continue\r\n", 100),  # then 200: the body came with the head
         ("Transfer-Encoding: identity\r\n", 400),  # beside Content-Length: ambiguous
         ("X-Folded: a\r\n b\r\n", 400),  # obsolete line folding
+        ("Host: second\r\n", 400),  # two Host headers
     ],
 )
 async def test_requests_the_front_does_not_take_get_aiohttp_s_answer(
@@ -134,7 +135,8 @@ async def test_a_body_over_the_limit_is_refused_without_reading_it(
     small = routes_yaml(wandb, prime).replace("server:\n", "server:\n  max_body_bytes: 1KiB\n")
     proxy = await make_proxy(small)
     reader, writer = await _connect(proxy)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 50000000\r\n\r\n{")
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\n")
+    writer.write(b"Content-Length: 50000000\r\n\r\n{")
     status, headers, body = await _answer(reader)
     assert status == 413 and headers["connection"] == "close"
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
@@ -155,4 +157,24 @@ async def test_an_idle_connection_is_closed_after_keepalive_timeout(
     assert _model(await _answer(reader)) == "same-name"
     async with asyncio.timeout(3):
         assert await reader.read() == b""  # closed once idle for keepalive_timeout
+    writer.close()
+
+
+@pytest.mark.parametrize("extra", ["", "X-Note: caf\u00e9\r\n"], ids=["front", "aiohttp"])
+async def test_a_client_slower_than_its_stream_gets_every_byte(
+    proxy: Proxy, wandb: Upstream, extra: str
+):
+    # 8 MB of events as fast as the upstream can send them, to a client that reads
+    # nothing for a while: the proxy must hold the upstream back, then relay it all,
+    # whether the front pipes the stream or aiohttp (a head beyond ASCII) carries it.
+    events = [b'data: {"n":%d,"pad":"%s"}\n\n' % (n, b"x" * 4000) for n in range(2000)]
+    wandb.fake.stream_script = [*events, b"data: [DONE]\n\n"]
+    reader, writer = await _connect(proxy)
+    body = json.dumps({"model": "same-name", "stream": True, "messages": []}).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: {len(body)}\r\n"
+    writer.write(f"{head}{extra}\r\n".encode() + body)
+    await asyncio.sleep(1.0)  # every buffer on the way fills up meanwhile
+    status, headers, streamed = await _answer(reader)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert streamed == b"".join(wandb.fake.stream_script)  # type: ignore[arg-type]
     writer.close()
