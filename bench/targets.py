@@ -1,4 +1,9 @@
-"""The issue's targets, checked against one run's figures."""
+"""The issue's targets, checked against one run's figures.
+
+A target on an "added" figure is proxied minus direct, so it is only judged when the
+direct run itself was undisturbed: on a machine busy enough to slow the fake upstream
+down, the difference can come out negative and would pass any target.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +14,38 @@ def _by_name(proxied: list[Figures], name: str) -> Figures | None:
     return next((f for f in proxied if f.name == name), None)
 
 
-def check(direct: Figures, proxied: list[Figures]) -> list[str]:
+# Direct to the fake upstream, an undisturbed machine stays well inside these.
+_QUIET_C1_P99_MS = 1.0
+_QUIET_GAP_OVER_PACE_MS = 5.0
+
+
+def check(direct: Figures, proxied: list[Figures], pace_ms: float) -> list[str]:
     """One line per target: met or not, with the figure it was judged on."""
     lines: list[str] = []
 
-    def verdict(what: str, value: float, ok: bool, unit: str) -> None:
-        lines.append(f"- {'met' if ok else '**not met**'}: {what} (measured {value:.3g} {unit})")
+    def verdict(what: str, value: float, ok: bool, unit: str, disturbed: str = "") -> None:
+        if disturbed:
+            lines.append(f"- not judged: {what} (measured {value:.3g} {unit}; {disturbed})")
+        else:
+            lines.append(f"- {'met' if ok else '**not met**'}: {what} "
+                         f"(measured {value:.3g} {unit})")  # fmt: skip
 
+    c1 = direct.latency.p99_ms
+    c1_disturbed = (
+        f"direct c=1 p99 was {c1:.3g} ms: the machine was too busy" if c1 > _QUIET_C1_P99_MS
+        else ""
+    )  # fmt: skip
+    gap = direct.streams.steady_gap_p99_ms
+    gap_disturbed = (
+        f"direct chunk gap p99 was {gap:.3g} ms for a {pace_ms:g} ms pace: the machine "
+        "was too busy" if gap > pace_ms + _QUIET_GAP_OVER_PACE_MS else ""
+    )  # fmt: skip
     one = _by_name(proxied, "1 worker")
     if one is not None:
         p50 = one.latency.p50_ms - direct.latency.p50_ms
         p99 = one.latency.p99_ms - direct.latency.p99_ms
-        verdict("added latency at c=1, p50 ≤ 0.15 ms", p50, p50 <= 0.15, "ms")
-        verdict("added latency at c=1, p99 ≤ 0.5 ms", p99, p99 <= 0.5, "ms")
+        verdict("added latency at c=1, p50 ≤ 0.15 ms", p50, p50 <= 0.15, "ms", c1_disturbed)
+        verdict("added latency at c=1, p99 ≤ 0.5 ms", p99, p99 <= 0.5, "ms", c1_disturbed)
     for name, floor in (("2 workers", 50.0), ("2 workers + Redis", 40.0)):
         f = _by_name(proxied, name)
         if f is not None:
@@ -31,9 +55,9 @@ def check(direct: Figures, proxied: list[Figures]) -> list[str]:
     for f in proxied:
         # Judged once all the streams run: "at 500 concurrent streams". The gaps of the
         # ramp-up (connections and first requests still arriving) are in the table too.
-        gap = f.streams.steady_gap_p99_ms - direct.streams.steady_gap_p99_ms
+        added = f.streams.steady_gap_p99_ms - gap
         verdict(f"{f.name}: added chunk gap p99 ≤ 1 ms at {f.streams.streams} concurrent "
-                "streams", gap, gap <= 1.0, "ms")  # fmt: skip
+                "streams", added, added <= 1.0, "ms", gap_disturbed)  # fmt: skip
         growth = f.rss_mb["after"] - f.rss_mb["warm"]
         verdict(f"{f.name}: RSS grows < 5 MB over {f.memory_requests:,} requests", growth,
                 growth < 5.0, "MB")  # fmt: skip
