@@ -70,19 +70,24 @@ def complete(buffer: bytearray) -> bool:
 
 
 class HeadWriter:
-    """Answer heads, with a Date that is formatted once a second, not once a call."""
+    """Answer heads, with a Date that is formatted once a second and status lines made
+    once per status, not once a call."""
 
-    __slots__ = ("_date", "_second")
+    __slots__ = ("_date", "_second", "_status_lines")
 
     def __init__(self) -> None:
         self._second = -1
         self._date = ""
+        self._status_lines: dict[int, str] = {}
 
     def head(
         self, status: int, headers: CIMultiDict[str], length: int | None, keep_alive: bool
     ) -> bytes:
         """``length`` None: a chunked body follows."""
-        lines = [f"HTTP/1.1 {status} {_reason(status)}"]
+        status_line = self._status_lines.get(status)
+        if status_line is None:
+            status_line = self._status_lines[status] = f"HTTP/1.1 {status} {_reason(status)}"
+        lines = [status_line]
         lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in _FRAMING]
         if "Content-Type" not in headers:
             lines.append("Content-Type: application/octet-stream")  # as aiohttp does
