@@ -39,7 +39,9 @@ class Sink(Protocol):
     def can_push(self) -> bool: ...
 
 
-class Exchange(Protocol):
+class CallSite(Protocol):
+    """Where a call came in: an aiohttp request, or a proxied call's exchange."""
+
     @property
     def app(self) -> web.Application: ...
 
@@ -49,6 +51,8 @@ class Exchange(Protocol):
     @property
     def path(self) -> str: ...
 
+
+class Exchange(CallSite, Protocol):
     @property
     def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]: ...
 

@@ -89,7 +89,11 @@ class FrontSite(web.BaseSite):
         assert runner.server is not None
         self.front = FrontServer(runner.app, runner.server)
         self._server = await asyncio.get_running_loop().create_server(
-            self.front, self.host, self.port, reuse_port=self.reuse_port
+            self.front,
+            self.host,
+            self.port,
+            reuse_port=self.reuse_port,
+            backlog=self._backlog,  # aiohttp's 128, not asyncio's 100
         )
 
     async def stop(self) -> None:

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -21,6 +21,7 @@ from proxy.access_log import encode as encode_access_line
 from proxy.access_log import write as write_access_line
 from proxy.appkeys import METRICS
 from proxy.errors import ProxyError, error_body, json_error
+from proxy.exchange import CallSite
 from proxy.headers import name_the_call
 from proxy.metrics import endpoint_label
 from proxy.observe import observe_call
@@ -34,19 +35,6 @@ A = TypeVar("A")
 
 # Status aiohttp or the router raised → OpenAI error type.
 _HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error"}
-
-
-class CallSite(Protocol):
-    """Where a call came in: an aiohttp request or a proxied call's exchange."""
-
-    @property
-    def app(self) -> web.Application: ...
-
-    @property
-    def method(self) -> str: ...
-
-    @property
-    def path(self) -> str: ...
 
 
 @web.middleware
