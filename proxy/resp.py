@@ -9,7 +9,7 @@ bytes, so that costs less than keeping a resumable parser state would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TypeAlias
 
 Arg: TypeAlias = bytes | str | int | float
@@ -32,7 +32,13 @@ class ProtocolError(Exception):
 
 
 def encode(args: Sequence[Arg]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
+    return b"*%d\r\n" % len(args) + encode_items(args)
+
+
+def encode_items(args: Iterable[Arg]) -> bytes:
+    """The bulk strings of ``args`` without the array's header: the parts of a command
+    that are the same on every call can be encoded once, and joined to the rest."""
+    parts = []
     for arg in args:
         # Exact types first (the limiter's arguments are all str, int or float; this
         # runs for every argument of every call), subclasses through isinstance.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from proxy.resp import Arg, Parser, ProtocolError, Reply, RespError, encode
+from proxy.resp import Arg, Parser, ProtocolError, Reply, RespError, encode, encode_items
 
 
 class Disconnected(ConnectionError):
@@ -72,11 +72,15 @@ class Address:
 class Script:
     body: bytes
     sha: str
+    # A call's first two elements, encoded: EVALSHA and the digest, or EVAL and the body.
+    by_sha: bytes
+    by_body: bytes
 
     @classmethod
     def of(cls, text: str) -> Script:
         body = text.encode()
-        return cls(body, hashlib.sha1(body, usedforsecurity=False).hexdigest())
+        sha = hashlib.sha1(body, usedforsecurity=False).hexdigest()
+        return cls(body, sha, encode_items(("EVALSHA", sha)), encode_items(("EVAL", body)))
 
 
 class _Connection(asyncio.Protocol):
@@ -177,19 +181,29 @@ class RespClient:
         self._closed = False
 
     async def execute(self, *args: Arg) -> Reply:
-        connection = self._connection
-        if connection is None or connection.broken is not None:
-            connection = await self._connect()
-        return await connection.send(encode(args))
+        return await self._send(encode(args))
 
     async def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Reply:
+        items = (len(keys), *keys, *args)
+        return await self.run_encoded(script, len(items), encode_items(items))
+
+    async def run_encoded(self, script: Script, count: int, items: bytes) -> Reply:
+        """A script call whose ``count`` items after the script (numkeys, the keys, the
+        arguments) are encoded already (``resp.encode_items``)."""
+        head = b"*%d\r\n" % (count + 2)
         try:
-            return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self._send(head + script.by_sha + items)
         except RespError as exc:
             if not exc.message.startswith("NOSCRIPT"):
                 raise
         # Redis lost its script cache (a restart, SCRIPT FLUSH); EVAL fills it again.
-        return await self.execute("EVAL", script.body, len(keys), *keys, *args)
+        return await self._send(head + script.by_body + items)
+
+    async def _send(self, command: bytes) -> Reply:
+        connection = self._connection
+        if connection is None or connection.broken is not None:
+            connection = await self._connect()
+        return await connection.send(command)
 
     async def close(self) -> None:
         """Bounded by the timeout: an opening connection is waited for, then closed."""

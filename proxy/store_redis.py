@@ -11,6 +11,7 @@ several.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -18,7 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from proxy.resp import Arg, RespError
+from proxy.resp import Arg, RespError, encode_items
 from proxy.resp_client import RespClient, Script
 from proxy.store import (
     KIND_CODES,
@@ -52,6 +53,47 @@ def _check_args(checks: tuple[Check, ...]) -> list[Arg]:
     return [x for c in checks for x in (KIND_CODES[c.kind], c.limit)]
 
 
+@dataclass(frozen=True)
+class TeamParts:
+    """What the script calls of one team's checks have in common, encoded once: every
+    call then encodes only what is its own (request id, tokens, day). Encoding all of a
+    call's keys and arguments anew was the largest Python cost of the Redis path."""
+
+    checks: tuple[Check, ...]
+    admit_keys: bytes  # numkeys and the checks' keys
+    settle_keys: bytes  # the ledger index and the checks' keys, after the call's own keys
+    check_args: bytes  # each check's kind code and limit
+
+    @classmethod
+    def of(cls, team: str, checks: tuple[Check, ...]) -> TeamParts:
+        keys = [check_key(team, c) for c in checks]
+        return cls(
+            checks, encode_items((len(keys), *keys)),
+            encode_items((team_key(team, "ledger-index"), *keys)),
+            encode_items(_check_args(checks)),
+        )  # fmt: skip
+
+
+def admit_items(parts: TeamParts, lease: str, lease_ttl: float, reserved: int) -> tuple[int, bytes]:
+    """ADMIT's numkeys, keys and arguments: KEYS = the checks' keys, ARGV = lease,
+    lease ttl, reserved tokens, then kind code and limit per check."""
+    n = len(parts.checks)
+    items = encode_items((lease, lease_ttl, reserved))
+    return 1 + n + 3 + 2 * n, parts.admit_keys + items + parts.check_args
+
+
+def settle_items(parts: TeamParts, s: Settlement) -> tuple[int, bytes]:
+    """SETTLE's: KEYS = done marker, ledger hash, ledger index, the checks' keys; ARGV =
+    day, model, request id, reserved, used, prompt and completion tokens, estimated,
+    then kind code and limit per check."""
+    n = len(parts.checks)
+    own_keys = encode_items((3 + n, team_key(s.team, "done", s.request_id),
+                             team_key(s.team, "ledger", str(s.day), s.model)))  # fmt: skip
+    args = encode_items((s.day, s.model, s.request_id, s.reserved, s.used, s.prompt_tokens,
+                         s.completion_tokens, 1 if s.estimated else 0))  # fmt: skip
+    return 1 + 3 + n + 8 + 2 * n, own_keys + parts.settle_keys + args + parts.check_args
+
+
 class RedisStore:
     def __init__(self, url: str, timeout: float):
         self.redis = aioredis.Redis.from_url(
@@ -60,6 +102,8 @@ class RedisStore:
         )  # fmt: skip
         self.hot = RespClient(url, timeout)
         self._admit, self._settle, self._renew = (Script.of(s) for s in (ADMIT, SETTLE, RENEW))
+        # (team, id(checks)) → parts; checks tuples are made once per config and team.
+        self._parts: dict[tuple[str, int], TeamParts] = {}
 
     async def close(self) -> None:
         try:
@@ -67,19 +111,25 @@ class RedisStore:
         finally:
             await self.redis.aclose()
 
-    async def _run(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
+    async def _run(self, script: Script, items: tuple[int, bytes]) -> Any:
         try:
-            return await self.hot.run_script(script, keys, args)
+            return await self.hot.run_encoded(script, *items)
         except (RespError, OSError) as exc:  # Disconnected and TimeoutError are OSErrors
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _team_parts(self, team: str, checks: tuple[Check, ...]) -> TeamParts:
+        parts = self._parts.get((team, id(checks)))
+        if parts is None or parts.checks is not checks:  # new, or an id reused
+            if len(self._parts) > 4096:  # reloads leave old tuples behind: bound it
+                self._parts.clear()
+            parts = self._parts[(team, id(checks))] = TeamParts.of(team, checks)
+        return parts
 
     async def admit(
         self, team: str, checks: tuple[Check, ...], reserved: int, lease: str, lease_ttl: float
     ) -> Admission:
-        keys = [check_key(team, c) for c in checks]
-        reply = await self._run(
-            self._admit, keys, [lease, lease_ttl, reserved, *_check_args(checks)]
-        )
+        parts = self._team_parts(team, checks)
+        reply = await self._run(self._admit, admit_items(parts, lease, lease_ttl, reserved))
         admitted, day, refused = int(reply[0]), int(reply[1]), int(reply[2])
         retry, now = float(reply[3]), float(reply[4])
         levels = [float(v) for v in reply[5:]]
@@ -90,20 +140,13 @@ class RedisStore:
         return Admission(False, day, states, refused=checks[refused - 1], retry_after=retry)
 
     async def settle(self, s: Settlement) -> None:
-        keys = [
-            team_key(s.team, "done", s.request_id),
-            team_key(s.team, "ledger", str(s.day), s.model),
-            team_key(s.team, "ledger-index"),
-            *(check_key(s.team, c) for c in s.checks),
-        ]
-        args: list[Arg] = [s.day, s.model, s.request_id, s.reserved, s.used, s.prompt_tokens,
-                s.completion_tokens, 1 if s.estimated else 0, *_check_args(s.checks)]  # fmt: skip
-        await self._run(self._settle, keys, args)
+        await self._run(self._settle, settle_items(self._team_parts(s.team, s.checks), s))
 
     async def renew(self, team: str, checks: tuple[Check, ...], lease: str, ttl: float) -> None:
         keys = [check_key(team, c) for c in checks if c.kind == "concurrent"]
         if keys:
-            await self._run(self._renew, keys, [lease, math.ceil(ttl)])
+            items: list[Arg] = [len(keys), *keys, lease, math.ceil(ttl)]
+            await self._run(self._renew, (len(items), encode_items(items)))
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
         try:

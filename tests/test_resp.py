@@ -9,7 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.resp import Parser, ProtocolError, RespError, encode
-from proxy.resp_client import Address
+from proxy.resp_client import Address, Script
+from proxy.store import KIND_CODES, Check, Settlement
+from proxy.store_redis import TeamParts, admit_items, check_key, settle_items
 
 # Every reply type, nested and null ones included, and bulk data that holds CRLF.
 STREAM = (
@@ -92,3 +94,30 @@ def test_the_handshake_authenticates_then_selects():
     assert Address(username="u", password="pw").handshake() == [("AUTH", "u", "pw")]
     with pytest.raises(ValueError):
         Address.from_url("http://localhost")
+
+
+@pytest.mark.parametrize("limited", [True, False])
+def test_a_script_call_from_cached_parts_sends_what_encoding_it_whole_sends(limited: bool):
+    """The Redis store encodes a team's keys and limits once; every call must still send,
+    byte for byte, the command its whole argument list encodes to."""
+    checks = (
+        (Check("*", "requests_per_minute", 100), Check("gpt", "concurrent", 3),
+         Check("*", "tokens_per_day", 10**9))
+        if limited else ()
+    )  # fmt: skip
+    parts = TeamParts.of("team-a", checks)
+    script = Script.of("return 1")
+    keys = [check_key("team-a", c) for c in checks]
+    limits = [x for c in checks for x in (KIND_CODES[c.kind], c.limit)]
+
+    def sent(items: tuple[int, bytes]) -> bytes:
+        return b"*%d\r\n" % (items[0] + 2) + script.by_sha + items[1]
+
+    admit = sent(admit_items(parts, "req-9", 30.0, 1234))
+    assert admit == encode(["EVALSHA", script.sha, len(keys), *keys, "req-9", 30.0, 1234, *limits])
+    settlement = Settlement("req-9", "team-a", "gpt", 20000, checks, 1234, 12, 7, True)
+    assert sent(settle_items(parts, settlement)) == encode([
+        "EVALSHA", script.sha, 3 + len(keys), "llmproxy:{team-a}:done:req-9",
+        "llmproxy:{team-a}:ledger:20000:gpt", "llmproxy:{team-a}:ledger-index", *keys,
+        20000, "gpt", "req-9", 1234, 19, 12, 7, 1, *limits,
+    ])  # fmt: skip

@@ -134,6 +134,26 @@ async def test_access_log_is_one_json_line_per_call_across_workers(
     assert {line["status"] for line in lines} == {200}
 
 
+async def test_access_lines_are_written_while_the_proxy_runs(
+    tmp_path: Path, wandb: Upstream, prime: Upstream
+):
+    """Lines are gathered to share writes, but none waits for more traffic or for the
+    shutdown: a quiet proxy's last call is in the log within a fraction of a second."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_yaml(wandb, prime))
+    process = ProxyProcess(path, free_port())
+    try:
+        await process.wait_listening()
+        async with aiohttp.ClientSession() as http:
+            payload = {"model": "llama-8b", "messages": MESSAGES}
+            async with http.post(process.url + "/v1/chat/completions", json=payload) as resp:
+                assert resp.status == 200
+                request_id = resp.headers["X-Proxy-Request-Id"]
+        await eventually(lambda: request_id in process.log(), timeout=2.0)
+    finally:
+        assert process.stop() == 0
+
+
 async def test_log_level_warning_turns_the_access_log_off(
     tmp_path: Path, wandb: Upstream, prime: Upstream
 ):
