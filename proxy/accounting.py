@@ -151,13 +151,27 @@ class Accountant:
 
     async def settle_surely(self, ticket: Ticket, usage: Usage) -> None:
         """Settle even if the caller is cancelled meanwhile: a client that went away must
-        not cancel its own billing."""
+        not cancel its own billing.
+
+        Against Redis the caller does not wait for the round trip: the settlement runs
+        as a task of its own (shutdown and ledger reads wait for it), so a call's answer
+        does not carry a second Redis round trip, nor its task a shield and another
+        wake-up. Ready callbacks run in the order they were scheduled, and before this
+        process reads more from its sockets, so the task sends its script before any
+        later call of this process sends its admission: on the shared connection Redis
+        runs them in that order, and a team at its concurrency limit finds the slot of
+        the call it was just answered freed."""
         if isinstance(self.primary, MemoryStore):
-            # No I/O: settle() never suspends, so nothing can interrupt it; a task and a
-            # shield per call would only cost time.
+            # No I/O: settle() never suspends, so nothing can interrupt it; a task per
+            # call would only cost time.
             await self.settle(ticket, usage)
         else:
-            await asyncio.shield(self.track(self.settle(ticket, usage)))
+            self.track(self.settle(ticket, usage))
+
+    async def settled(self) -> None:
+        """Wait for the settlements this process has started."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
 
     async def flush(self) -> bool:
         """Write queued settlements in order; True when the queue is empty."""

@@ -71,8 +71,10 @@ async def usage(request: web.Request) -> web.Response:
     require_admin(request.headers, config)
     teams = [request.query["team"]] if "team" in request.query else [*config.teams, ANONYMOUS]
     first, last = day_range(request.query.get("from"), request.query.get("to"))
+    accountant = request.app[ACCOUNTANT]
+    await accountant.settled()  # every call this process answered is in what it reads
     try:
-        rows = await request.app[ACCOUNTANT].primary.ledger(teams, first, last)
+        rows = await accountant.primary.ledger(teams, first, last)
     except StoreUnavailable as exc:
         raise LimiterUnavailable(f"The ledger cannot be read now: {exc}") from None
     return web.json_response(ledger_report(rows, first, last))

@@ -102,6 +102,16 @@ async def test_concurrency_slots(team_proxy: MakeTeamProxy, wandb: Upstream):
     assert status == 200
 
 
+async def test_back_to_back_calls_at_the_concurrency_limit_all_pass(team_proxy: MakeTeamProxy):
+    """The answer no longer waits for its settlement's round trip, yet the slot it held
+    is free before the same client's next call asks for it, and the proxy's own ledger
+    read includes every call answered before it."""
+    proxy = await team_proxy(limits="{concurrent: 1}")
+    statuses = [(await chat(proxy))[0] for _ in range(30)]
+    assert statuses == [200] * 30
+    assert (await ledger(proxy, team="research"))["totals"]["requests"] == 30
+
+
 async def test_model_limits_apply_to_their_model_only(team_proxy: MakeTeamProxy):
     proxy = await team_proxy(model_limits="{llama-70b: {requests_per_minute: 1}}")
     assert (await chat(proxy, model="llama-70b"))[0] == 200
