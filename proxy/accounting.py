@@ -82,8 +82,15 @@ class Accountant:
         """Run ``work`` to the end even if its caller is cancelled; shutdown waits for it."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._tracked_done)
         return task
+
+    def _tracked_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # Nobody awaits the task: an error it did not handle itself is logged here, not
+        # left to the garbage collector's "exception was never retrieved".
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("settlement failed", exc_info=error)
 
     async def admit(
         self, config: Config, team: str, model: str, reserved: int, prompt: int, request_id: str
