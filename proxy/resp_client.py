@@ -173,9 +173,14 @@ class _Connection(asyncio.Protocol):
 
 
 class RespClient:
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, scripts: Sequence[Script] = ()) -> None:
         self.address = Address.from_url(url)
         self.timeout = timeout
+        # Loaded on every new connection, before any command: a script call then never
+        # meets NOSCRIPT in the ordinary course. The EVAL it would take instead leaves a
+        # round trip later, after commands sent meanwhile, and a settlement overtaken by
+        # the next admission would leave that admission to find the slot still taken.
+        self.scripts = tuple(scripts)
         self._connection: _Connection | None = None
         self._opening: asyncio.Task[_Connection] | None = None
         self._closed = False
@@ -255,8 +260,15 @@ class RespClient:
         return connection
 
     async def _handshake(self, connection: _Connection) -> _Connection:
+        loads = [("SCRIPT", "LOAD", script.body) for script in self.scripts]
         try:
             await asyncio.gather(*(connection.send(encode(c)) for c in self.address.handshake()))
+            for outcome in await asyncio.gather(
+                *(connection.send(encode(c)) for c in loads), return_exceptions=True
+            ):
+                # Refused (an ACL without SCRIPT, say): calls still work, by EVAL.
+                if isinstance(outcome, BaseException) and not isinstance(outcome, RespError):
+                    raise outcome
         except BaseException:
             connection.abort("the connection's handshake failed")
             raise

@@ -104,12 +104,18 @@ return 1
 """
 )
 
-# KEYS: concurrency keys. ARGV: lease, ttl. Keeps a long call's slots alive.
+# KEYS: concurrency keys. ARGV: lease, ttl. Keeps a long call's slots alive: the lease's
+# expiry, and the set's own, which ADMIT set to twice the ttl from the last admission (a
+# call outliving it would otherwise lose its slot with the whole set). Only a lease still
+# there extends the set (CH: ZADD counts the score it changed).
 RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[2])
 for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+  if redis.call('ZADD', KEYS[i], 'XX', 'CH', now + ttl, ARGV[1]) == 1 then
+    redis.call('EXPIRE', KEYS[i], math.ceil(ttl * 2))
+  end
 end
 return 1
 """

@@ -100,8 +100,8 @@ class RedisStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0), decode_responses=False,
         )  # fmt: skip
-        self.hot = RespClient(url, timeout)
         self._admit, self._settle, self._renew = (Script.of(s) for s in (ADMIT, SETTLE, RENEW))
+        self.hot = RespClient(url, timeout, scripts=(self._admit, self._settle, self._renew))
         # (team, id(checks)) → parts; checks tuples are made once per config and team.
         self._parts: dict[tuple[str, int], TeamParts] = {}
 

@@ -20,10 +20,10 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def team_yaml(limits: str = "{}", model_limits: str = "{}", redis_url: str = "",
-              on_error: str = "fail_open") -> str:  # fmt: skip
+              on_error: str = "fail_open", lease_ttl: str = "60s") -> str:  # fmt: skip
     return f"""
 admin_key: {ADMIN_KEY}
-redis: {{url: "{redis_url}", on_error: {on_error}, timeout: 2s}}
+redis: {{url: "{redis_url}", on_error: {on_error}, timeout: 2s, lease_ttl: {lease_ttl}}}
 accounting: {{default_max_tokens: 50}}
 teams:
   research:

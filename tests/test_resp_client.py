@@ -55,6 +55,26 @@ async def test_concurrent_callers_share_one_connection_and_get_their_own_replies
     assert connections_received(server) - before == 2  # the client's one and this count's
 
 
+async def test_scripts_are_loaded_on_connecting_so_the_first_call_keeps_its_place(
+    server: RedisServer,
+):
+    """Without the script in Redis's cache a call goes out again as EVAL, a round trip
+    later, behind commands sent meanwhile. Loaded on connecting, the first call is one
+    EVALSHA, in the order it was sent."""
+    client = RespClient(server.url, PATIENT, scripts=(ECHO,))
+    try:
+        first = client.run_script(ECHO, ["k"], ["first"])
+        second = client.execute("ECHO", "second")
+        assert list(await asyncio.gather(first, second)) == [[b"k", b"first"], b"second"]
+        stats = await client.execute("INFO", "commandstats")
+        assert isinstance(stats, bytes)
+        evalsha = next(line for line in stats.decode().splitlines() if "evalsha" in line)
+        assert "calls=1," in evalsha and "failed_calls=0" in evalsha
+        assert b"cmdstat_eval:" not in stats
+    finally:
+        await client.close()
+
+
 async def test_a_flushed_script_cache_is_filled_again(server: RedisServer):
     client = RespClient(server.url, PATIENT)
     try:
