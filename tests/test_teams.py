@@ -84,14 +84,21 @@ async def test_tokens_are_reserved_then_corrected(team_proxy: MakeTeamProxy, wan
     assert headers["x-ratelimit-limit-tokens"] == "120"
 
 
-async def test_concurrency_slots(team_proxy: MakeTeamProxy, wandb: Upstream):
-    proxy = await team_proxy(limits="{concurrent: 1}")
+@pytest.mark.parametrize("lease_ttl, held_for", [("60s", 0.0), ("500ms", 1.5)])
+async def test_concurrency_slots(
+    team_proxy: MakeTeamProxy, wandb: Upstream, lease_ttl: str, held_for: float
+):
+    """A slot is a lease that expires after lease_ttl, so that a proxy that dies frees
+    its slots; a live call renews its own for as long as it runs (held_for: three lease
+    lifetimes, less than the upstream idle timeout)."""
+    proxy = await team_proxy(limits="{concurrent: 1}", lease_ttl=lease_ttl)
     release = asyncio.Event()
     wandb.fake.stream_script = [b"data: {}\n\n", release, b"data: [DONE]\n\n"]
     held = await proxy.http.post(proxy.url + "/v1/chat/completions", json={
         "model": "llama-8b", "messages": [], "stream": True},
         headers={"Authorization": f"Bearer {RESEARCH_KEY}"})  # fmt: skip
     assert held.status == 200
+    await asyncio.sleep(held_for)
     status, body, _ = await chat(proxy)
     assert status == 429 and json.loads(body)["error"]["param"] == "concurrent"
     release.set()
@@ -100,28 +107,6 @@ async def test_concurrency_slots(team_proxy: MakeTeamProxy, wandb: Upstream):
     wandb.fake.stream_script = None
     status, _, _ = await chat(proxy)
     assert status == 200
-
-
-async def test_a_call_longer_than_its_lease_keeps_its_slot(
-    team_proxy: MakeTeamProxy, wandb: Upstream
-):
-    """A concurrency slot is a lease that expires after lease_ttl, so that a proxy that
-    dies frees its slots; a live call renews its own while it runs."""
-    proxy = await team_proxy(limits="{concurrent: 1}", lease_ttl="500ms")
-    release = asyncio.Event()
-    wandb.fake.stream_script = [b"data: {}\n\n", release, b"data: [DONE]\n\n"]
-    held = await proxy.http.post(proxy.url + "/v1/chat/completions", json={
-        "model": "llama-8b", "messages": [], "stream": True},
-        headers={"Authorization": f"Bearer {RESEARCH_KEY}"})  # fmt: skip
-    assert held.status == 200
-    await asyncio.sleep(1.5)  # three lease lifetimes, less than the idle timeout
-    status, body, _ = await chat(proxy)
-    assert status == 429 and json.loads(body)["error"]["param"] == "concurrent"
-    release.set()
-    await held.read()
-    held.close()
-    wandb.fake.stream_script = None
-    assert (await chat(proxy))[0] == 200
 
 
 async def test_back_to_back_calls_at_the_concurrency_limit_all_pass(team_proxy: MakeTeamProxy):
