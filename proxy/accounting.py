@@ -163,11 +163,11 @@ class Accountant:
         Against Redis the caller does not wait for the round trip: the settlement runs
         as a task of its own (shutdown and ledger reads wait for it), so a call's answer
         does not carry a second Redis round trip, nor its task a shield and another
-        wake-up. Ready callbacks run in the order they were scheduled, and before this
-        process reads more from its sockets, so the task sends its script before any
-        later call of this process sends its admission: on the shared connection Redis
-        runs them in that order, and a team at its concurrency limit finds the slot of
-        the call it was just answered freed."""
+        wake-up. The task's first step is queued now, and whatever the process reads
+        meanwhile only queues steps behind it (the loop runs ready callbacks in order),
+        so the task sends its script before any later call of this process sends its
+        admission: on the shared connection Redis runs them in that order, and a team
+        at its concurrency limit finds the slot of the call it was just answered freed."""
         if isinstance(self.primary, MemoryStore):
             # No I/O: settle() never suspends, so nothing can interrupt it; a task per
             # call would only cost time.

@@ -119,7 +119,9 @@ class RedisStore:
 
     def _team_parts(self, team: str, checks: tuple[Check, ...]) -> TeamParts:
         parts = self._parts.get((team, id(checks)))
-        if parts is None or parts.checks is not checks:  # new, or an id reused
+        # The entry keeps its tuple alive, so no other tuple can have its id meanwhile;
+        # the identity check only guards that reasoning.
+        if parts is None or parts.checks is not checks:
             if len(self._parts) > 4096:  # reloads leave old tuples behind: bound it
                 self._parts.clear()
             parts = self._parts[(team, id(checks))] = TeamParts.of(team, checks)
