@@ -11,6 +11,7 @@ several.
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from proxy.resp import Arg, RespError, encode_items
+from proxy.resp import Arg, Reply, RespError, encode_items
 from proxy.resp_client import RespClient, Script
 from proxy.store import (
     KIND_CODES,
@@ -111,9 +112,9 @@ class RedisStore:
         finally:
             await self.redis.aclose()
 
-    async def _run(self, script: Script, items: tuple[int, bytes]) -> Any:
+    async def _run(self, call: Awaitable[Reply]) -> Any:
         try:
-            return await self.hot.run_encoded(script, *items)
+            return await call
         except (RespError, OSError) as exc:  # Disconnected and TimeoutError are OSErrors
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -131,7 +132,8 @@ class RedisStore:
         self, team: str, checks: tuple[Check, ...], reserved: int, lease: str, lease_ttl: float
     ) -> Admission:
         parts = self._team_parts(team, checks)
-        reply = await self._run(self._admit, admit_items(parts, lease, lease_ttl, reserved))
+        items = admit_items(parts, lease, lease_ttl, reserved)
+        reply = await self._run(self.hot.run_encoded(self._admit, *items))
         admitted, day, refused = int(reply[0]), int(reply[1]), int(reply[2])
         retry, now = float(reply[3]), float(reply[4])
         levels = [float(v) for v in reply[5:]]
@@ -142,13 +144,13 @@ class RedisStore:
         return Admission(False, day, states, refused=checks[refused - 1], retry_after=retry)
 
     async def settle(self, s: Settlement) -> None:
-        await self._run(self._settle, settle_items(self._team_parts(s.team, s.checks), s))
+        items = settle_items(self._team_parts(s.team, s.checks), s)
+        await self._run(self.hot.run_encoded(self._settle, *items))
 
     async def renew(self, team: str, checks: tuple[Check, ...], lease: str, ttl: float) -> None:
         keys = [check_key(team, c) for c in checks if c.kind == "concurrent"]
         if keys:
-            items: list[Arg] = [len(keys), *keys, lease, math.ceil(ttl)]
-            await self._run(self._renew, (len(items), encode_items(items)))
+            await self._run(self.hot.run_script(self._renew, keys, [lease, math.ceil(ttl)]))
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
         try:
