@@ -9,7 +9,9 @@ bytes, so that costs less than keeping a resumable parser state would.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TypeAlias
 
 Arg: TypeAlias = bytes | str | int | float
@@ -51,6 +53,21 @@ def encode_items(args: Iterable[Arg]) -> bytes:
             data = _other(arg)
         parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+@dataclass(frozen=True)
+class Script:
+    body: bytes
+    sha: str
+    # A call's first two elements, encoded: EVALSHA and the digest, or EVAL and the body.
+    by_sha: bytes
+    by_body: bytes
+
+    @classmethod
+    def of(cls, text: str) -> Script:
+        body = text.encode()
+        sha = hashlib.sha1(body, usedforsecurity=False).hexdigest()
+        return cls(body, sha, encode_items(("EVALSHA", sha)), encode_items(("EVAL", body)))
 
 
 def _other(arg: Arg) -> bytes:

@@ -15,15 +15,15 @@ longer be matched; the next command opens a new one. Nothing is retried here.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from proxy.resp import Arg, Parser, ProtocolError, Reply, RespError, encode, encode_items
+from proxy.resp import Arg, Parser, ProtocolError, Reply, RespError, Script, encode, encode_items
+from proxy.resp_batch import Batch, BatchShape, Receiver
 
 
 class Disconnected(ConnectionError):
@@ -68,31 +68,19 @@ class Address:
         return commands
 
 
-@dataclass(frozen=True)
-class Script:
-    body: bytes
-    sha: str
-    # A call's first two elements, encoded: EVALSHA and the digest, or EVAL and the body.
-    by_sha: bytes
-    by_body: bytes
-
-    @classmethod
-    def of(cls, text: str) -> Script:
-        body = text.encode()
-        sha = hashlib.sha1(body, usedforsecurity=False).hexdigest()
-        return cls(body, sha, encode_items(("EVALSHA", sha)), encode_items(("EVAL", body)))
-
-
 class _Connection(asyncio.Protocol):
     def __init__(self, timeout: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._timeout = timeout
         self._parser = Parser()
-        self._waiting: deque[tuple[asyncio.Future[Reply], float]] = deque()
+        self._waiting: deque[tuple[Receiver, float]] = deque()
         # Commands sent in one loop turn leave in one write: under load the calls of a
         # turn share a system call (a loopback write, which also wakes Redis, was the
         # costliest single step of a call with limits on).
-        self._unsent: list[bytes] = []
+        self._unsent: list[bytes | Batch] = []
+        # The batch each ordering domain may still add calls to: its last command of
+        # this turn, if that is a batch (resp_batch.py).
+        self._open: dict[Hashable, Batch] = {}
         self._transport: asyncio.Transport | None = None
         # One timer per connection, not one per command: it checks the oldest command's
         # age a few times per timeout while any command waits.
@@ -105,22 +93,36 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def send(self, command: bytes) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self.enqueue(command, future)
+        return future
+
+    def join(self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes
+             ) -> asyncio.Future[Reply]:  # fmt: skip
+        """A script call, in the batch of its domain and shape open in this turn."""
+        batch = self._open.get(domain)
+        if batch is None or batch.shape is not shape or batch.full():
+            batch = self._open[domain] = Batch(shape, self.enqueue)
+            self.enqueue(batch, batch)
+        return batch.add(keys, args)
+
+    def enqueue(self, command: bytes | Batch, receiver: Receiver) -> None:
         if self.broken is not None:
             raise Disconnected(*self.broken.args)
         assert self._transport is not None  # set before the connection is handed out
-        future: asyncio.Future[Reply] = self._loop.create_future()
-        self._waiting.append((future, self._loop.time()))
+        self._waiting.append((receiver, self._loop.time()))
         if not self._unsent:
             self._loop.call_soon(self._write)
         self._unsent.append(command)
         if self._watchdog is None:
             self._watchdog = self._loop.call_later(self._timeout / 4, self._watch)
-        return future
 
     def _write(self) -> None:
         unsent, self._unsent = self._unsent, []
+        self._open.clear()  # what is written takes no more calls
         if self.broken is None and self._transport is not None:
-            self._transport.write(b"".join(unsent))
+            self._transport.write(b"".join([c if type(c) is bytes else c.encode()  # type: ignore[union-attr]
+                                            for c in unsent]))  # fmt: skip
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -130,13 +132,13 @@ class _Connection(asyncio.Protocol):
         for reply in replies:
             if not self._waiting:
                 return self.abort("a reply from Redis that no command asked for")
-            future = self._waiting.popleft()[0]
-            if future.done():  # its caller was cancelled; the reply still had to be read
+            receiver = self._waiting.popleft()[0]
+            if receiver.done():  # its caller was cancelled; the reply still had to be read
                 continue
             if isinstance(reply, RespError):
-                future.set_exception(reply)
+                receiver.set_exception(reply)
             else:
-                future.set_result(reply)
+                receiver.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(f"connection to Redis lost: {exc or 'closed by the server'}")
@@ -167,9 +169,9 @@ class _Connection(asyncio.Protocol):
             self._watchdog.cancel()
             self._watchdog = None
         while self._waiting:
-            future = self._waiting.popleft()[0]
-            if not future.done():
-                future.set_exception(Disconnected(*self.broken.args))
+            receiver = self._waiting.popleft()[0]
+            if not receiver.done():
+                receiver.set_exception(Disconnected(*self.broken.args))
 
 
 class RespClient:
@@ -203,6 +205,15 @@ class RespClient:
                 raise
         # Redis lost its script cache (a restart, SCRIPT FLUSH); EVAL fills it again.
         return await self._send(head + script.by_body + items)
+
+    async def run_batched(self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes
+                          ) -> Reply:  # fmt: skip
+        """A script call gathered with the calls of ``domain`` to the same script and
+        shape made in this loop turn (resp_batch.py); its own reply comes back."""
+        connection = self._connection
+        if connection is None or connection.broken is not None:
+            connection = await self._connect()
+        return await connection.join(domain, shape, keys, args)
 
     async def _send(self, command: bytes) -> Reply:
         connection = self._connection

@@ -24,83 +24,144 @@ local function store_bucket(key, limit, left)
 end
 """
 
-# KEYS[i]: state key of check i. ARGV: lease, lease_ttl, reserved, then kind and limit
-# per check. Returns {admitted, day, refused index, retry_after, now, level per check}.
+# KEYS[i]: the state key of check i. ARGV: the number of calls, kind and limit per check,
+# then per call: lease, lease ttl, reserved tokens (resp_batch.py gathers the calls).
+# Each check's state is read once and written once; the calls are taken in order, each
+# against what the calls before it left, as separate runs at one instant would be.
+# Returns per call {admitted, day, refused index, retry_after, now, level per check},
+# the levels as the call found them.
 ADMIT = (
     _COMMON
     + """
 local day = math.floor(tonumber(t[1]) / 86400)
-local lease, ttl, reserved = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local refused, retry = 0, 0
-local levels = {}
-for i = 1, #KEYS do
-  local kind, limit = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
-  local wait = nil
+local n, calls = #KEYS, tonumber(ARGV[1])
+local kinds, limits, levels = {}, {}, {}
+for i = 1, n do
+  local kind, limit = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  kinds[i], limits[i] = kind, limit
   if kind == 3 then
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
     levels[i] = redis.call('ZCARD', KEYS[i])
-    if levels[i] >= limit then wait = 1 end
   elseif kind == 4 then
     levels[i] = tonumber(redis.call('GET', KEYS[i] .. ':' .. day) or '0')
-    if reserved > limit or levels[i] + reserved > limit then wait = (day + 1) * 86400 - now end
   else
-    local need = reserved
-    if kind == 1 then need = 1 end
     levels[i] = available(KEYS[i], limit)
-    if need > limit then wait = 60
-    elseif levels[i] < need then wait = (need - levels[i]) / (limit / 60) end
   end
-  if wait and refused == 0 then refused, retry = i, wait end
 end
-if refused == 0 then
-  for i = 1, #KEYS do
-    local kind, limit = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+local out, admitted, ttl, taken = {}, 0, 0, 0
+for c = 1, calls do
+  local at = 2 * n + 3 * c - 1
+  local lease, reserved = ARGV[at], tonumber(ARGV[at + 2])
+  local refused, retry = 0, 0
+  local reply = {1, day, 0, '0', tostring(now)}
+  for i = 1, n do
+    local kind, limit, level = kinds[i], limits[i], levels[i]
+    local wait = nil
     if kind == 3 then
-      redis.call('ZADD', KEYS[i], now + ttl, lease)
-      redis.call('EXPIRE', KEYS[i], math.ceil(ttl * 2))
+      if level >= limit then wait = 1 end
     elseif kind == 4 then
-      redis.call('INCRBY', KEYS[i] .. ':' .. day, reserved)
-      redis.call('EXPIRE', KEYS[i] .. ':' .. day, 172800)
+      if reserved > limit or level + reserved > limit then wait = (day + 1) * 86400 - now end
     else
       local need = reserved
       if kind == 1 then need = 1 end
-      store_bucket(KEYS[i], limit, levels[i] - need)
+      if need > limit then wait = 60
+      elseif level < need then wait = (need - level) / (limit / 60) end
+    end
+    if wait and refused == 0 then refused, retry = i, wait end
+    reply[5 + i] = tostring(level)
+  end
+  if refused == 0 then
+    admitted, ttl, taken = admitted + 1, tonumber(ARGV[at + 1]), taken + reserved
+    for i = 1, n do
+      local kind = kinds[i]
+      if kind == 3 then
+        redis.call('ZADD', KEYS[i], now + ttl, lease)
+        levels[i] = levels[i] + 1
+      elseif kind == 4 then levels[i] = levels[i] + reserved
+      elseif kind == 1 then levels[i] = levels[i] - 1
+      else levels[i] = levels[i] - reserved end
+    end
+  else
+    reply[1], reply[3], reply[4] = 0, refused, tostring(retry)
+  end
+  out[c] = reply
+end
+if admitted > 0 then
+  for i = 1, n do
+    local kind = kinds[i]
+    if kind == 3 then
+      redis.call('EXPIRE', KEYS[i], math.ceil(ttl * 2))
+    elseif kind == 4 then
+      redis.call('INCRBY', KEYS[i] .. ':' .. day, taken)
+      redis.call('EXPIRE', KEYS[i] .. ':' .. day, 172800)
+    else
+      store_bucket(KEYS[i], limits[i], levels[i])
     end
   end
 end
-local out = {refused == 0 and 1 or 0, day, refused, tostring(retry), tostring(now)}
-for i = 1, #KEYS do out[#out + 1] = tostring(levels[i]) end
 return out
 """
 )
 
-# KEYS: done marker, ledger hash, ledger index, then the state key of each check.
-# ARGV: day, model, lease, reserved, used, prompt, completion, estimated, then kind and
-# limit per check. Returns 0 if this request was already settled, else 1.
+# KEYS: the ledger index, the state key of each check, then per call its done marker and
+# its ledger hash. ARGV: the number of calls, kind and limit per check, then per call:
+# day, model, lease, reserved, used, prompt, completion, estimated. A call whose done
+# marker is set already was settled before and is skipped. Ledger counts are added up
+# per hash and written once; the token buckets take each call's correction in order, as
+# separate runs would. Returns per call 1, or 0 if it had been settled already.
 SETTLE = (
     _COMMON
     + """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 86400) then return 0 end
-local day, model, lease = ARGV[1], ARGV[2], ARGV[3]
-local delta = tonumber(ARGV[5]) - tonumber(ARGV[4])
-local prefix = ''
-if ARGV[8] == '1' then prefix = 'estimated_' end
-redis.call('HINCRBY', KEYS[2], 'requests', 1)
-if ARGV[6] ~= '0' then redis.call('HINCRBY', KEYS[2], prefix .. 'prompt_tokens', ARGV[6]) end
-if ARGV[7] ~= '0' then redis.call('HINCRBY', KEYS[2], prefix .. 'completion_tokens', ARGV[7]) end
-redis.call('SADD', KEYS[3], day .. ':' .. model)
-for i = 4, #KEYS do
-  local j = i - 3
-  local kind, limit = tonumber(ARGV[7 + 2 * j]), tonumber(ARGV[8 + 2 * j])
-  if kind == 3 then
-    redis.call('ZREM', KEYS[i], lease)
-  elseif kind == 4 then
-    redis.call('INCRBY', KEYS[i] .. ':' .. day, delta)
-  elseif kind == 2 then
-    store_bucket(KEYS[i], limit, math.min(limit, available(KEYS[i], limit) - delta))
+local calls = tonumber(ARGV[1])
+local n = #KEYS - 1 - 2 * calls
+local fields = {'requests', 'prompt_tokens', 'completion_tokens', 'estimated_prompt_tokens',
+                'estimated_completion_tokens'}
+local out, leases, deltas, days, books = {}, {}, {}, {}, {}
+for c = 1, calls do
+  local at, key = 2 * n + 8 * c - 6, n + 2 * c
+  if redis.call('SET', KEYS[key], '1', 'NX', 'EX', 86400) then
+    out[c] = 1
+    local day, model = ARGV[at], ARGV[at + 1]
+    local delta = tonumber(ARGV[at + 4]) - tonumber(ARGV[at + 3])
+    leases[#leases + 1] = ARGV[at + 2]
+    deltas[#deltas + 1] = delta
+    days[day] = (days[day] or 0) + delta
+    local book = books[KEYS[key + 1]]
+    if not book then
+      book = {0, 0, 0, 0, 0}
+      books[KEYS[key + 1]] = book
+      redis.call('SADD', KEYS[1], day .. ':' .. model)
+    end
+    local first = 2
+    if ARGV[at + 7] == '1' then first = 4 end
+    book[1] = book[1] + 1
+    book[first] = book[first] + tonumber(ARGV[at + 5])
+    book[first + 1] = book[first + 1] + tonumber(ARGV[at + 6])
+  else
+    out[c] = 0
   end
 end
-return 1
+if #leases == 0 then return out end
+for hash, book in pairs(books) do
+  for f = 1, 5 do
+    if book[f] ~= 0 then redis.call('HINCRBY', hash, fields[f], book[f]) end
+  end
+end
+for i = 1, n do
+  local kind, limit = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  if kind == 3 then
+    redis.call('ZREM', KEYS[1 + i], unpack(leases))
+  elseif kind == 4 then
+    for day, delta in pairs(days) do
+      if delta ~= 0 then redis.call('INCRBY', KEYS[1 + i] .. ':' .. day, delta) end
+    end
+  elseif kind == 2 then
+    local level = available(KEYS[1 + i], limit)
+    for _, delta in ipairs(deltas) do level = math.min(limit, level - delta) end
+    store_bucket(KEYS[1 + i], limit, level)
+  end
+end
+return out
 """
 )
 

@@ -1,7 +1,9 @@
 """The limiter and ledger in Redis, shared by every proxy replica.
 
-Every call is one script round trip (EVALSHA; EVAL once after a Redis restart). The
-hot path (admit, settle, renew) runs on the lean pipelined client of resp_client.py;
+Every call is one script round trip (EVALSHA; EVAL once after a Redis restart); the
+admissions (and the settlements) of a team made in one loop turn share one
+(resp_batch.py). The hot path (admit, settle, renew) runs on the lean pipelined client
+of resp_client.py;
 ledger reads, rare and off the hot path, on redis-py. Any Redis or socket error
 becomes ``StoreUnavailable``: the caller falls back or refuses, and queues
 settlements. Neither client retries, so a down Redis costs one short timeout, not
@@ -20,8 +22,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from proxy.resp import Arg, Reply, RespError, encode_items
-from proxy.resp_client import RespClient, Script
+from proxy.resp import Arg, Reply, RespError, Script, encode_items
+from proxy.resp_batch import BatchShape
+from proxy.resp_client import RespClient
 from proxy.store import (
     KIND_CODES,
     LEDGER_FIELDS,
@@ -61,38 +64,34 @@ class TeamParts:
     call's keys and arguments anew was the largest Python cost of the Redis path."""
 
     checks: tuple[Check, ...]
-    admit_keys: bytes  # numkeys and the checks' keys
-    settle_keys: bytes  # the ledger index and the checks' keys, after the call's own keys
-    check_args: bytes  # each check's kind code and limit
+    admit: BatchShape  # KEYS: the checks' keys; ARGV: kind code and limit per check
+    settle: BatchShape  # KEYS: the ledger index, the checks' keys; ARGV: as admit's
 
     @classmethod
-    def of(cls, team: str, checks: tuple[Check, ...]) -> TeamParts:
+    def of(cls, team: str, checks: tuple[Check, ...], admit: Script, settle: Script) -> TeamParts:
         keys = [check_key(team, c) for c in checks]
+        limits = _check_args(checks)
+        n = len(checks)
         return cls(
-            checks, encode_items((len(keys), *keys)),
-            encode_items((team_key(team, "ledger-index"), *keys)),
-            encode_items(_check_args(checks)),
+            checks,
+            BatchShape(admit, encode_items(keys), n, encode_items(limits), 2 * n, 0, 3),
+            BatchShape(settle, encode_items((team_key(team, "ledger-index"), *keys)), 1 + n,
+                       encode_items(limits), 2 * n, 2, 8),
         )  # fmt: skip
 
 
-def admit_items(parts: TeamParts, lease: str, lease_ttl: float, reserved: int) -> tuple[int, bytes]:
-    """ADMIT's numkeys, keys and arguments: KEYS = the checks' keys, ARGV = lease,
-    lease ttl, reserved tokens, then kind code and limit per check."""
-    n = len(parts.checks)
-    items = encode_items((lease, lease_ttl, reserved))
-    return 1 + n + 3 + 2 * n, parts.admit_keys + items + parts.check_args
+def admit_args(lease: str, lease_ttl: float, reserved: int) -> bytes:
+    """A call's own ADMIT arguments (it has no keys of its own)."""
+    return encode_items((lease, lease_ttl, reserved))
 
 
-def settle_items(parts: TeamParts, s: Settlement) -> tuple[int, bytes]:
-    """SETTLE's: KEYS = done marker, ledger hash, ledger index, the checks' keys; ARGV =
-    day, model, request id, reserved, used, prompt and completion tokens, estimated,
-    then kind code and limit per check."""
-    n = len(parts.checks)
-    own_keys = encode_items((3 + n, team_key(s.team, "done", s.request_id),
-                             team_key(s.team, "ledger", str(s.day), s.model)))  # fmt: skip
+def settle_parts(s: Settlement) -> tuple[bytes, bytes]:
+    """A call's own SETTLE keys (done marker, ledger hash) and arguments."""
+    keys = encode_items((team_key(s.team, "done", s.request_id),
+                         team_key(s.team, "ledger", str(s.day), s.model)))  # fmt: skip
     args = encode_items((s.day, s.model, s.request_id, s.reserved, s.used, s.prompt_tokens,
                          s.completion_tokens, 1 if s.estimated else 0))  # fmt: skip
-    return 1 + 3 + n + 8 + 2 * n, own_keys + parts.settle_keys + args + parts.check_args
+    return keys, args
 
 
 class RedisStore:
@@ -125,15 +124,17 @@ class RedisStore:
         if parts is None or parts.checks is not checks:
             if len(self._parts) > 4096:  # reloads leave old tuples behind: bound it
                 self._parts.clear()
-            parts = self._parts[(team, id(checks))] = TeamParts.of(team, checks)
+            parts = self._parts[(team, id(checks))] = TeamParts.of(
+                team, checks, self._admit, self._settle
+            )
         return parts
 
     async def admit(
         self, team: str, checks: tuple[Check, ...], reserved: int, lease: str, lease_ttl: float
     ) -> Admission:
-        parts = self._team_parts(team, checks)
-        items = admit_items(parts, lease, lease_ttl, reserved)
-        reply = await self._run(self.hot.run_encoded(self._admit, *items))
+        shape = self._team_parts(team, checks).admit
+        args = admit_args(lease, lease_ttl, reserved)
+        reply = await self._run(self.hot.run_batched(team, shape, b"", args))
         admitted, day, refused = int(reply[0]), int(reply[1]), int(reply[2])
         retry, now = float(reply[3]), float(reply[4])
         levels = [float(v) for v in reply[5:]]
@@ -144,8 +145,8 @@ class RedisStore:
         return Admission(False, day, states, refused=checks[refused - 1], retry_after=retry)
 
     async def settle(self, s: Settlement) -> None:
-        items = settle_items(self._team_parts(s.team, s.checks), s)
-        await self._run(self.hot.run_encoded(self._settle, *items))
+        shape = self._team_parts(s.team, s.checks).settle
+        await self._run(self.hot.run_batched(s.team, shape, *settle_parts(s)))
 
     async def renew(self, team: str, checks: tuple[Check, ...], lease: str, ttl: float) -> None:
         keys = [check_key(team, c) for c in checks if c.kind == "concurrent"]

@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.resp import Parser, ProtocolError, RespError, encode
-from proxy.resp_client import Address, Script
+from proxy.resp import Parser, ProtocolError, RespError, Script, encode
+from proxy.resp_batch import Batch
+from proxy.resp_client import Address
 from proxy.store import KIND_CODES, Check, Settlement
-from proxy.store_redis import TeamParts, admit_items, check_key, settle_items
+from proxy.store_redis import TeamParts, admit_args, check_key, settle_parts
 
 # Every reply type, nested and null ones included, and bulk data that holds CRLF.
 STREAM = (
@@ -97,27 +98,39 @@ def test_the_handshake_authenticates_then_selects():
 
 
 @pytest.mark.parametrize("limited", [True, False])
-def test_a_script_call_from_cached_parts_sends_what_encoding_it_whole_sends(limited: bool):
-    """The Redis store encodes a team's keys and limits once; every call must still send,
-    byte for byte, the command its whole argument list encodes to."""
+@pytest.mark.parametrize("calls", [1, 3])
+async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
+    limited: bool, calls: int
+):
+    """The Redis store encodes a team's keys and limits once and its calls' own parts
+    when they come; a batch must still send, byte for byte, the command its whole
+    argument list encodes to: shared keys, the calls' keys, the call count, shared
+    arguments, the calls' arguments."""
     checks = (
         (Check("*", "requests_per_minute", 100), Check("gpt", "concurrent", 3),
          Check("*", "tokens_per_day", 10**9))
         if limited else ()
     )  # fmt: skip
-    parts = TeamParts.of("team-a", checks)
-    script = Script.of("return 1")
+    admit, settle = Script.of("return 1"), Script.of("return 2")
+    parts = TeamParts.of("team-a", checks, admit, settle)
     keys = [check_key("team-a", c) for c in checks]
     limits = [x for c in checks for x in (KIND_CODES[c.kind], c.limit)]
+    ids = [f"req-{i}" for i in range(calls)]
 
-    def sent(items: tuple[int, bytes]) -> bytes:
-        return b"*%d\r\n" % (items[0] + 2) + script.by_sha + items[1]
+    batch = Batch(parts.admit, lambda command, receiver: None)
+    for i in ids:
+        batch.add(b"", admit_args(i, 30.0, 1234))
+    assert batch.encode() == encode([
+        "EVALSHA", admit.sha, len(keys), *keys, calls, *limits,
+        *(x for i in ids for x in (i, 30.0, 1234)),
+    ])  # fmt: skip
 
-    admit = sent(admit_items(parts, "req-9", 30.0, 1234))
-    assert admit == encode(["EVALSHA", script.sha, len(keys), *keys, "req-9", 30.0, 1234, *limits])
-    settlement = Settlement("req-9", "team-a", "gpt", 20000, checks, 1234, 12, 7, True)
-    assert sent(settle_items(parts, settlement)) == encode([
-        "EVALSHA", script.sha, 3 + len(keys), "llmproxy:{team-a}:done:req-9",
-        "llmproxy:{team-a}:ledger:20000:gpt", "llmproxy:{team-a}:ledger-index", *keys,
-        20000, "gpt", "req-9", 1234, 19, 12, 7, 1, *limits,
+    batch = Batch(parts.settle, lambda command, receiver: None)
+    for i in ids:
+        batch.add(*settle_parts(Settlement(i, "team-a", "gpt", 20000, checks, 1234, 12, 7, True)))
+    assert batch.encode(by_body=True) == encode([
+        "EVAL", b"return 2", 1 + len(keys) + 2 * calls, "llmproxy:{team-a}:ledger-index", *keys,
+        *(k for i in ids for k in (f"llmproxy:{{team-a}}:done:{i}",
+                                   "llmproxy:{team-a}:ledger:20000:gpt")),
+        calls, *limits, *(x for i in ids for x in (20000, "gpt", i, 1234, 19, 12, 7, 1)),
     ])  # fmt: skip

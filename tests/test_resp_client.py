@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 import uvloop
 
-from proxy.resp import RespError
-from proxy.resp_client import Disconnected, RespClient, Script
+from proxy.resp import RespError, Script
+from proxy.resp_client import Disconnected, RespClient
 from tests.redis_server import RedisServer
 from tests.teams_setup import need_redis
 
@@ -20,16 +19,8 @@ PATIENT = 30.0
 ECHO = Script.of("return {KEYS[1], ARGV[1]}")
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    need_redis()
-    server = RedisServer(tmp_path)
-    yield server
-    server.kill()
-
-
-def connections_received(server: RedisServer) -> int:
-    client = server.client()
+def connections_received(private_redis: RedisServer) -> int:
+    client = private_redis.client()
     try:
         return int(client.info("stats")["total_connections_received"])
     finally:
@@ -37,10 +28,10 @@ def connections_received(server: RedisServer) -> int:
 
 
 async def test_concurrent_callers_share_one_connection_and_get_their_own_replies(
-    server: RedisServer,
+    private_redis: RedisServer,
 ):
-    client = RespClient(server.url, PATIENT)
-    before = connections_received(server)
+    client = RespClient(private_redis.url, PATIENT)
+    before = connections_received(private_redis)
 
     async def caller(n: int) -> list[object]:
         return [await client.execute("INCRBY", f"k{n}", n) for _ in range(20)]
@@ -52,16 +43,16 @@ async def test_concurrent_callers_share_one_connection_and_get_their_own_replies
         assert replies == [str(n).encode() for n in range(500)]
     finally:
         await client.close()
-    assert connections_received(server) - before == 2  # the client's one and this count's
+    assert connections_received(private_redis) - before == 2  # the client's one and this count's
 
 
 async def test_scripts_are_loaded_on_connecting_so_the_first_call_keeps_its_place(
-    server: RedisServer,
+    private_redis: RedisServer,
 ):
     """Without the script in Redis's cache a call goes out again as EVAL, a round trip
     later, behind commands sent meanwhile. Loaded on connecting, the first call is one
     EVALSHA, in the order it was sent."""
-    client = RespClient(server.url, PATIENT, scripts=(ECHO,))
+    client = RespClient(private_redis.url, PATIENT, scripts=(ECHO,))
     try:
         first = client.run_script(ECHO, ["k"], ["first"])
         second = client.execute("ECHO", "second")
@@ -75,8 +66,8 @@ async def test_scripts_are_loaded_on_connecting_so_the_first_call_keeps_its_plac
         await client.close()
 
 
-async def test_a_flushed_script_cache_is_filled_again(server: RedisServer):
-    client = RespClient(server.url, PATIENT)
+async def test_a_flushed_script_cache_is_filled_again(private_redis: RedisServer):
+    client = RespClient(private_redis.url, PATIENT)
     try:
         assert await client.run_script(ECHO, ["k"], [1]) == [b"k", b"1"]
         assert await client.execute("SCRIPT", "FLUSH") == "OK"
@@ -92,28 +83,28 @@ async def test_a_flushed_script_cache_is_filled_again(server: RedisServer):
 
 
 async def test_a_stopped_redis_fails_at_once_and_a_restarted_one_is_used_again(
-    server: RedisServer,
+    private_redis: RedisServer,
 ):
-    client = RespClient(server.url, PATIENT)
+    client = RespClient(private_redis.url, PATIENT)
     try:
         waiting = asyncio.ensure_future(client.execute("BLPOP", "never", 0))
         assert await client.execute("PING") == "PONG"  # the BLPOP is in; PING waits behind
-        server.kill()
+        private_redis.kill()
         async with asyncio.timeout(PATIENT / 2):  # sooner than the client's own timeout
             with pytest.raises(Disconnected):
                 await waiting
             with pytest.raises(Disconnected):
                 await client.execute("PING")
-        server.start()
+        private_redis.start()
         assert await client.execute("PING") == "PONG"
     finally:
         await client.close()
 
 
 async def test_an_overdue_reply_fails_every_waiting_command_and_the_next_reconnects(
-    server: RedisServer,
+    private_redis: RedisServer,
 ):
-    client = RespClient(server.url, 0.2)
+    client = RespClient(private_redis.url, 0.2)
     try:
         blocked = [client.execute("BLPOP", "never", 0), client.execute("ECHO", "behind")]
         results = await asyncio.gather(*blocked, return_exceptions=True)
@@ -124,8 +115,8 @@ async def test_an_overdue_reply_fails_every_waiting_command_and_the_next_reconne
         await client.close()
 
 
-async def test_a_closed_client_fails_what_waits_and_refuses_more(server: RedisServer):
-    client = RespClient(server.url, PATIENT)
+async def test_a_closed_client_fails_what_waits_and_refuses_more(private_redis: RedisServer):
+    client = RespClient(private_redis.url, PATIENT)
     waiting = asyncio.ensure_future(client.execute("BLPOP", "never", 0))
     assert await client.execute("PING") == "PONG"
     await client.close()
@@ -162,8 +153,8 @@ async def test_a_password_and_a_database_from_the_url(tmp_path: Path):
         server.kill()
 
 
-def stored(server: RedisServer, db: int) -> str:
-    client = redis.Redis(port=server.port, password=server.password, db=db)
+def stored(private_redis: RedisServer, db: int) -> str:
+    client = redis.Redis(port=private_redis.port, password=private_redis.password, db=db)
     try:
         value = client.get("where")
         assert isinstance(value, bytes)
@@ -185,10 +176,10 @@ async def test_a_unix_socket(tmp_path: Path):
         server.kill()
 
 
-def test_on_uvloop_the_proxy_s_own_loop(server: RedisServer):
+def test_on_uvloop_the_proxy_s_own_loop(private_redis: RedisServer):
     # uvloop's transports are not asyncio's classes; the proxy serves on uvloop.
     async def echoes() -> list[object]:
-        client = RespClient(server.url, PATIENT)
+        client = RespClient(private_redis.url, PATIENT)
         try:
             await client.execute("SCRIPT", "FLUSH")
             echoes = await asyncio.gather(*(client.execute("ECHO", n) for n in range(100)))
