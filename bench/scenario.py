@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import instructions
-from bench.procs import Child, free_port, redis_commandstats, start_bare_relay, start_proxy
+from bench.procs import Child, free_port, redis_stats, start_bare_relay, start_proxy
 from bench.streams import StreamResult, run_streams
 from bench.wrk import BODY, WrkResult, run_wrk, write_script
 from proxy.auth import key_hash
@@ -47,8 +47,10 @@ class Setup:
 
 @dataclass
 class RedisFigures:
-    evalsha_per_request: float
-    commands_per_request: float
+    scripts_per_request_c1: float  # script calls (EVALSHA, EVAL) per call, sequential
+    scripts_per_request: float  # the same at c=64, where a team's calls share scripts
+    commands_per_request: float  # at c=64, the scripts' own commands included
+    cpu_us: float  # Redis's CPU time per c=64 request
     admit_ms: float
     settle_ms: float
 
@@ -146,6 +148,7 @@ def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> 
     rss = {"idle": proxy.rss_mb()}
     run_wrk(url, script, 64, d.warmup)
     rss["warm"] = proxy.rss_mb()
+    sequential = _redis_state(setup.redis_port, port)
     latency = run_wrk(url, script, 1, d.latency)
     before = _redis_state(setup.redis_port, port)
     cpu = proxy.cpu_seconds()
@@ -164,7 +167,7 @@ def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> 
     figures = Figures(setup.name, latency, throughput, streams, rss, done,
                       cpu_us=cpu / max(throughput.requests, 1) * 1e6)  # fmt: skip
     if setup.redis_port:
-        figures.redis = _redis_figures(before, after, port)
+        figures.redis = _redis_figures((sequential, before), (before, after), port)
     return figures
 
 
@@ -179,30 +182,39 @@ def _say_why(name: str, streams: StreamResult, log: Path | None) -> None:
                 print(f"[bench]   {line[:400]}")
 
 
-def _redis_state(redis_port: int | None, port: int) -> dict[str, int]:
-    """Redis's command counts and the proxy's own count of calls, once every call in
-    flight has settled: calls wrk cut off at its end are admitted and settled too."""
+State = dict[str, float]
+
+
+def _redis_state(redis_port: int | None, port: int) -> State:
+    """Redis's command counts and CPU, and the proxy's own count of calls, once every
+    call in flight has settled: calls wrk cut off at its end are admitted and settled
+    too."""
     if redis_port is None:
         return {}
     time.sleep(0.5)
-    state = redis_commandstats(redis_port)
-    state["proxied calls"] = int(sum(float(v) for v in _REQUESTS.findall(_scrape(port))))
+    state = redis_stats(redis_port)
+    state["proxied calls"] = sum(float(v) for v in _REQUESTS.findall(_scrape(port)))
     return state
 
 
 _REQUESTS = re.compile(r"^llm_proxy_requests_total\{[^}]*\} (\S+)$", re.MULTILINE)
 
 
-def _redis_figures(before: dict[str, int], after: dict[str, int], port: int) -> RedisFigures:
-    def delta(name: str) -> int:
-        return after.get(name, 0) - before.get(name, 0)
+def _redis_figures(
+    sequential: tuple[State, State], loaded: tuple[State, State], port: int
+) -> RedisFigures:
+    def per_request(states: tuple[State, State], *names: str) -> float:
+        before, after = states
+        calls = after["proxied calls"] - before["proxied calls"]
+        return sum(after.get(n, 0) - before.get(n, 0) for n in names) / max(calls, 1)
 
-    requests = delta("proxied calls")
-    commands = sum(delta(name) for name in after if name not in ("info", "proxied calls"))
+    commands = [n for n in loaded[1] if n not in ("info", "proxied calls", "cpu")]
     metrics = _scrape(port)
     return RedisFigures(
-        evalsha_per_request=(delta("evalsha") + delta("eval")) / max(requests, 1),
-        commands_per_request=commands / max(requests, 1),
+        scripts_per_request_c1=per_request(sequential, "evalsha", "eval"),
+        scripts_per_request=per_request(loaded, "evalsha", "eval"),
+        commands_per_request=per_request(loaded, *commands),
+        cpu_us=per_request(loaded, "cpu") * 1e6,
         admit_ms=_mean_ms(metrics, "admit"),
         settle_ms=_mean_ms(metrics, "settle"),
     )
