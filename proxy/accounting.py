@@ -26,6 +26,7 @@ from proxy.metrics import Metrics
 from proxy.rate_headers import describe_refusal, rate_headers
 from proxy.store import DAY, Admission, Check, Settlement, Store, StoreUnavailable
 from proxy.store_memory import MemoryStore
+from proxy.store_redis import RedisStore
 from proxy.usage import Usage
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class Accountant:
         self.fallback_admissions = 0
         self._last_warning = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sending: set[asyncio.Future[Any]] = set()  # settlements sent without a task
         # checks_for() per (team, model) of the running config: it is the same every call.
         self._checks_of: Config | None = None
         self._checks: dict[tuple[str, str], tuple[Check, ...]] = {}
@@ -137,12 +139,9 @@ class Accountant:
         return ticket
 
     async def settle(self, ticket: Ticket, usage: Usage) -> None:
-        settlement = Settlement(
-            request_id=ticket.request_id, team=ticket.team, model=ticket.model,
-            day=ticket.admission.day, checks=ticket.checks, reserved=ticket.reserved,
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            estimated=usage.estimated,
-        )  # fmt: skip
+        await self._settle(ticket, _settlement(ticket, usage))
+
+    async def _settle(self, ticket: Ticket, settlement: Settlement) -> None:
         if ticket.fallback and self.fallback is not None:
             await self.fallback.settle(settlement)  # its limits live here; the ledger does not
             settlement = replace(settlement, checks=())
@@ -160,25 +159,50 @@ class Accountant:
         """Settle even if the caller is cancelled meanwhile: a client that went away must
         not cancel its own billing.
 
-        Against Redis the caller does not wait for the round trip: the settlement runs
-        as a task of its own (shutdown and ledger reads wait for it), so a call's answer
-        does not carry a second Redis round trip, nor its task a shield and another
-        wake-up. The task's first step is queued now, and whatever the process reads
-        meanwhile only queues steps behind it (the loop runs ready callbacks in order),
-        so the task sends its script before any later call of this process sends its
-        admission: on the shared connection Redis runs them in that order, and a team
-        at its concurrency limit finds the slot of the call it was just answered freed."""
+        Against Redis the caller does not wait for the round trip, so a call's answer
+        does not carry a second one: the settlement's script call joins this loop
+        turn's batch at once and a callback takes its outcome (a task does the work when
+        no connection is open yet, or while settlements are queued). Shutdown and ledger
+        reads wait for what is in flight. Joined now, the settlement goes out before any
+        admission this process makes later: on the shared connection Redis runs them in
+        that order, and a team at its concurrency limit finds the slot of the call it
+        was just answered freed. A task's first step is queued now too, and what the
+        process reads meanwhile only queues steps behind it."""
         if isinstance(self.primary, MemoryStore):
             # No I/O: settle() never suspends, so nothing can interrupt it; a task per
             # call would only cost time.
-            await self.settle(ticket, usage)
-        else:
-            self.track(self.settle(ticket, usage))
+            return await self.settle(ticket, usage)
+        settlement = _settlement(ticket, usage)
+        if ticket.fallback or self.queue or not self._send(settlement):
+            self.track(self._settle(ticket, settlement))
+
+    def _send(self, settlement: Settlement) -> bool:
+        """The common case without a task: the script call joins this turn's batch now
+        and a callback takes its outcome. False when it cannot (no Redis connection yet:
+        the task opens one)."""
+        if not isinstance(self.primary, RedisStore):
+            return False
+        start = time.perf_counter()
+
+        def done(error: StoreUnavailable | None) -> None:
+            self._sending.discard(future)
+            if self.redis_metrics is not None:
+                self.redis_metrics.redis_call("settle", time.perf_counter() - start,
+                                              ok=error is None)  # fmt: skip
+            if error is not None:
+                self._redis_failed("settlement", error)
+                self.queue.append(settlement)
+
+        future = self.primary.settle_soon(settlement, done)
+        if future is None:
+            return False
+        self._sending.add(future)
+        return True
 
     async def settled(self) -> None:
         """Wait for the settlements this process has started."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        if self._tasks or self._sending:
+            await asyncio.wait({*self._tasks, *self._sending})
 
     async def flush(self) -> bool:
         """Write queued settlements in order; True when the queue is empty."""
@@ -200,8 +224,8 @@ class Accountant:
     async def drain(self, deadline: float) -> None:
         """On shutdown: finish settlements, flush what is queued, log what cannot be."""
         end = time.monotonic() + deadline
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=deadline)
+        if self._tasks or self._sending:
+            await asyncio.wait({*self._tasks, *self._sending}, timeout=deadline)
         while not await self.flush() and time.monotonic() < end:  # noqa: ASYNC110 - polls Redis
             await asyncio.sleep(0.2)
         for settlement in self.queue:
@@ -219,6 +243,15 @@ class Accountant:
             self._last_warning = now
             log.warning("redis failed during %s (%d errors so far): %s", what,
                         self.redis_errors, exc)  # fmt: skip
+
+
+def _settlement(ticket: Ticket, usage: Usage) -> Settlement:
+    return Settlement(
+        request_id=ticket.request_id, team=ticket.team, model=ticket.model,
+        day=ticket.admission.day, checks=ticket.checks, reserved=ticket.reserved,
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+        estimated=usage.estimated,
+    )  # fmt: skip
 
 
 def _refusal(ticket: Ticket) -> RateLimited:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.resp import Reply, RespError, Script, encode_items
+from proxy.resp import Reply, RespError, Script
 
 MAX_CALLS = 64  # per batch: Lua's unpack() and the reply stay small
 
@@ -57,8 +57,11 @@ Resend = Callable[[bytes, Receiver], None]
 
 
 class Batch:
-    def __init__(self, shape: BatchShape, resend: Resend) -> None:
+    __slots__ = ("_args", "_futures", "_keys", "_loop", "_resend", "_retried", "shape")
+
+    def __init__(self, shape: BatchShape, loop: asyncio.AbstractEventLoop, resend: Resend) -> None:
         self.shape = shape
+        self._loop = loop  # not get_running_loop() per call: on 3.11 it costs a getpid()
         self._resend = resend
         self._keys: list[bytes] = []
         self._args: list[bytes] = []
@@ -66,7 +69,7 @@ class Batch:
         self._retried = False
 
     def add(self, keys: bytes, args: bytes) -> asyncio.Future[Reply]:
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Reply] = self._loop.create_future()
         self._keys.append(keys)
         self._args.append(args)
         self._futures.append(future)
@@ -81,14 +84,17 @@ class Batch:
         items = 2 + key_count + shape.arg_count + shape.call_args * calls
         script = shape.script.by_body if by_body else shape.script.by_sha
         return b"".join((
-            b"*%d\r\n" % (items + 2), script, encode_items((key_count,)), shape.keys,
-            *self._keys, encode_items((calls,)), shape.args, *self._args,
+            b"*%d\r\n" % (items + 2), script, _number(key_count), shape.keys, *self._keys,
+            _number(calls), shape.args, *self._args,
         ))  # fmt: skip
 
     # The Receiver side: the connection hands the batch its one reply.
 
     def done(self) -> bool:
-        return all(future.done() for future in self._futures)
+        for future in self._futures:  # noqa: SIM110 - no generator: this runs per reply
+            if not future.done():
+                return False
+        return True
 
     def set_result(self, reply: Reply) -> None:
         if not isinstance(reply, list) or len(reply) != len(self._futures):
@@ -114,3 +120,9 @@ class Batch:
             if not future.done():
                 # One exception object per caller: each raises it with its own traceback.
                 future.set_exception(type(exc)(*exc.args))
+
+
+def _number(n: int) -> bytes:
+    """``n`` as a bulk string (``encode_items((n,))``, without its generality)."""
+    digits = b"%d" % n
+    return b"$%d\r\n%b\r\n" % (len(digits), digits)

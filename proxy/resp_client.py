@@ -102,7 +102,7 @@ class _Connection(asyncio.Protocol):
         """A script call, in the batch of its domain and shape open in this turn."""
         batch = self._open.get(domain)
         if batch is None or batch.shape is not shape or batch.full():
-            batch = self._open[domain] = Batch(shape, self.enqueue)
+            batch = self._open[domain] = Batch(shape, self._loop, self.enqueue)
             self.enqueue(batch, batch)
         return batch.add(keys, args)
 
@@ -214,6 +214,15 @@ class RespClient:
         if connection is None or connection.broken is not None:
             connection = await self._connect()
         return await connection.join(domain, shape, keys, args)
+
+    def join_now(self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes
+                 ) -> asyncio.Future[Reply] | None:  # fmt: skip
+        """``run_batched`` for a caller that does not wait: the call's reply future, or
+        None (nothing sent) when no connection is open; ``run_batched`` opens one."""
+        connection = self._connection
+        if connection is None or connection.broken is not None:
+            return None
+        return connection.join(domain, shape, keys, args)
 
     async def _send(self, command: bytes) -> Reply:
         connection = self._connection

@@ -12,8 +12,9 @@ several.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,25 @@ def settle_parts(s: Settlement) -> tuple[bytes, bytes]:
     return keys, args
 
 
+_FAILURES = (RespError, OSError)  # Disconnected and TimeoutError are OSErrors
+
+
+def _store_unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+
+
+def _unavailable(future: asyncio.Future[Reply]) -> StoreUnavailable | None:
+    """A finished call's failure as the store reports it; anything else is a bug, raised."""
+    error = future.exception()
+    if error is None:
+        return None
+    if isinstance(error, _FAILURES):
+        unavailable = _store_unavailable(error)
+        unavailable.__cause__ = error
+        return unavailable
+    raise error
+
+
 class RedisStore:
     def __init__(self, url: str, timeout: float):
         self.redis = aioredis.Redis.from_url(
@@ -114,8 +134,8 @@ class RedisStore:
     async def _run(self, call: Awaitable[Reply]) -> Any:
         try:
             return await call
-        except (RespError, OSError) as exc:  # Disconnected and TimeoutError are OSErrors
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except _FAILURES as exc:
+            raise _store_unavailable(exc) from exc
 
     def _team_parts(self, team: str, checks: tuple[Check, ...]) -> TeamParts:
         parts = self._parts.get((team, id(checks)))
@@ -147,6 +167,17 @@ class RedisStore:
     async def settle(self, s: Settlement) -> None:
         shape = self._team_parts(s.team, s.checks).settle
         await self._run(self.hot.run_batched(s.team, shape, *settle_parts(s)))
+
+    def settle_soon(self, s: Settlement, done: Callable[[StoreUnavailable | None], None]
+                    ) -> asyncio.Future[Reply] | None:  # fmt: skip
+        """``settle`` for a caller that does not wait for it: the script call joins this
+        turn's batch at once and ``done`` gets its outcome. Returns the call's future, or
+        None (nothing sent) when no connection is open yet."""
+        shape = self._team_parts(s.team, s.checks).settle
+        future = self.hot.join_now(s.team, shape, *settle_parts(s))
+        if future is not None:
+            future.add_done_callback(lambda f: done(_unavailable(f)))
+        return future
 
     async def renew(self, team: str, checks: tuple[Check, ...], lease: str, ttl: float) -> None:
         keys = [check_key(team, c) for c in checks if c.kind == "concurrent"]

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import MakeProxy
+from tests.metrics_support import scrape
 from tests.redis_server import Monitor, RedisServer
 from tests.support import ProxyProcess, Upstream, free_port, routes_yaml
 from tests.teams_setup import ADMIN_KEY, RESEARCH_KEY, chat, need_redis, team_yaml
@@ -118,6 +119,10 @@ async def test_at_most_two_redis_round_trips_per_call(
     assert len(sent) <= 2 * 50, Counter(sent)
     assert Counter(sent) == {"evalsha": 100}
     assert after["evalsha"] - before["evalsha"] == 100  # INFO commandstats agrees
+    # Each round trip is timed, the settlements (which no answer waits for) too.
+    m = await scrape(proxy.http, proxy.url)
+    for operation in ("admit", "settle"):
+        assert m.value("llm_proxy_redis_latency_seconds_count", operation=operation) == 55
 
 
 async def test_redis_killed_and_restarted_under_load_loses_and_doubles_nothing(

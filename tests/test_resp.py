@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
@@ -117,7 +118,7 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
     limits = [x for c in checks for x in (KIND_CODES[c.kind], c.limit)]
     ids = [f"req-{i}" for i in range(calls)]
 
-    batch = Batch(parts.admit, lambda command, receiver: None)
+    batch = Batch(parts.admit, asyncio.get_running_loop(), lambda command, receiver: None)
     for i in ids:
         batch.add(b"", admit_args(i, 30.0, 1234))
     assert batch.encode() == encode([
@@ -125,7 +126,7 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
         *(x for i in ids for x in (i, 30.0, 1234)),
     ])  # fmt: skip
 
-    batch = Batch(parts.settle, lambda command, receiver: None)
+    batch = Batch(parts.settle, asyncio.get_running_loop(), lambda command, receiver: None)
     for i in ids:
         batch.add(*settle_parts(Settlement(i, "team-a", "gpt", 20000, checks, 1234, 12, 7, True)))
     assert batch.encode(by_body=True) == encode([
