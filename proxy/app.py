@@ -52,8 +52,14 @@ def make_app(holder: ConfigHolder) -> web.Application:
     app.cleanup_ctx.append(_circuit_sharing)
     app.cleanup_ctx.append(_config_watcher)
     app.cleanup_ctx.append(_engines)
+    # Last: what the calls and the settlements of the drain recorded reaches the values.
+    app.on_cleanup.append(_flush_metrics)
     add_routes(app)
     return app
+
+
+async def _flush_metrics(app: web.Application) -> None:
+    app[METRICS].flush()
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:

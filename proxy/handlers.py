@@ -83,8 +83,9 @@ async def usage(request: web.Request) -> web.Response:
 async def scrape_metrics(request: web.Request) -> web.Response:
     exported = request.app[METRICS]
     # Multiprocess mode reads every worker's files: keep that off the event loop.
-    scrape = exported.scrape
-    text = await asyncio.to_thread(scrape) if exported.multiproc_dir else scrape()
+    exported.flush()  # here, in the loop's thread; rendering may go to another
+    render = exported.render
+    text = await asyncio.to_thread(render) if exported.multiproc_dir else render()
     # This process's engines: their state, and their own metrics with an engine label.
     engines = request.app[ENGINES]
     text += engine_status_text(engines).encode() + (await engine_metrics_text(engines)).encode()

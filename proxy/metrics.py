@@ -43,6 +43,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
+from proxy.metrics_tally import TalliedCount, TalliedHistogram, Tally
+
 PREFIX = "llm_proxy_"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNKNOWN_MODEL = "unknown"
@@ -67,6 +69,7 @@ CHUNK_GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
 REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1)
 
 M = TypeVar("M", bound=MetricWrapperBase)
+W = TypeVar("W", TalliedCount, TalliedHistogram)
 
 
 class RedisTimer:
@@ -86,17 +89,22 @@ class RedisTimer:
         self.metrics.redis_call(self.operation, time.perf_counter() - self.start, ok=ok)
 
 
-class _Children(Generic[M]):
-    """Cache of a family's labelled children: one dict lookup instead of ``labels()``."""
+class _Children(Generic[M, W]):
+    """Cache of a family's labelled children, each updated through the tally: one dict
+    lookup instead of ``labels()``."""
 
-    def __init__(self, family: M) -> None:
+    def __init__(self, family: M, tallied: Callable[[M, Tally], W], tally: Tally) -> None:
         self._labels: Callable[..., M] = family.labels
-        self._cache: dict[tuple[str, ...], M] = {}
+        self._tallied: Callable[[M, Tally], W] = tallied
+        self._tally = tally
+        self._cache: dict[tuple[str, ...], W] = {}
 
-    def get(self, *label_values: str) -> M:
+    def get(self, *label_values: str) -> W:
         child = self._cache.get(label_values)
         if child is None:
-            child = self._cache[label_values] = self._labels(*label_values)
+            child = self._cache[label_values] = self._tallied(
+                self._labels(*label_values), self._tally
+            )
         return child
 
 
@@ -107,14 +115,17 @@ class Metrics:
         self._define_calls(self.registry)
         self._define_upstreams(self.registry)
         self._define_teams_and_operations(self.registry)
-        # The children used on every call, cached (see _Children).
-        self.c_requests = _Children(self.requests)
-        self.c_duration = _Children(self.duration)
-        self.c_ttft = _Children(self.ttft)
-        self.c_chunk_gap = _Children(self.chunk_gap)
-        self.c_attempts = _Children(self.attempts)
-        self.c_tokens = _Children(self.tokens)
-        self.c_redis_latency = _Children(self.redis_latency)
+        # What every call updates, through the tally (metrics_tally.py), children cached.
+        self.tally = tally = Tally()
+        self.c_requests = _Children(self.requests, TalliedCount, tally)
+        self.c_duration = _Children(self.duration, TalliedHistogram, tally)
+        self.c_ttft = _Children(self.ttft, TalliedHistogram, tally)
+        self.c_chunk_gap = _Children(self.chunk_gap, TalliedHistogram, tally)
+        self.c_attempts = _Children(self.attempts, TalliedCount, tally)
+        self.c_tokens = _Children(self.tokens, TalliedCount, tally)
+        self.c_redis_latency = _Children(self.redis_latency, TalliedHistogram, tally)
+        self.c_overhead = TalliedHistogram(self.overhead, tally)
+        self.c_in_flight = TalliedCount(self.in_flight, tally)
 
     @classmethod
     def from_env(cls) -> Metrics:
@@ -234,7 +245,17 @@ class Metrics:
 
     # -- exposition
 
+    def flush(self) -> None:
+        """Add what the tally gathered to the exported values (in the loop's thread)."""
+        self.tally.flush()
+
     def scrape(self) -> bytes:
+        """Everything, this process's updates to this instant included."""
+        self.flush()
+        return self.render()
+
+    def render(self) -> bytes:
+        """Everything as the values hold it now (safe off the loop's thread)."""
         if self.multiproc_dir is None:
             return generate_latest(self.registry)
         # Every worker's files, merged: one scrape of any worker is the whole server.

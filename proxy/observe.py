@@ -20,7 +20,7 @@ def observe_call(metrics: Metrics, record: CallRecord, elapsed: float) -> None:
     metrics.c_duration.get(team, model, provider).observe(elapsed)
     if record.first_byte is not None:
         metrics.c_ttft.get(model, provider).observe(record.first_byte - record.started)
-    metrics.overhead.observe(max(0.0, elapsed - record.waited))
+    metrics.c_overhead.observe(max(0.0, elapsed - record.waited))
     for attempt in record.attempts:
         metrics.c_attempts.get(attempt.provider, attempt.outcome).inc()
     if record.billed is not None:

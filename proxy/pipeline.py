@@ -39,7 +39,7 @@ def proxied(endpoint: Endpoint) -> Handler:
 
 async def proxied_call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> Answer:
     record.api = endpoint.path
-    in_flight = exchange.app[METRICS].in_flight
+    in_flight = exchange.app[METRICS].c_in_flight
     in_flight.inc()
     try:
         return await _call(exchange, endpoint, record)

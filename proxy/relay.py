@@ -14,13 +14,13 @@ import logging
 import time
 
 from aiohttp import web
-from prometheus_client import Histogram
 
 from proxy.appkeys import METRICS
 from proxy.config import Provider
 from proxy.errors import ProxyError
 from proxy.exchange import Exchange, Sink, Streamed
 from proxy.headers import client_headers, name_the_call
+from proxy.metrics_tally import TalliedHistogram
 from proxy.record import CallRecord
 from proxy.sse_tap import SseTap
 from proxy.upstream import StreamReads, read_all
@@ -133,7 +133,7 @@ class _Clock:
 
     __slots__ = ("at", "gaps", "previous", "record")
 
-    def __init__(self, record: CallRecord, gaps: Histogram) -> None:
+    def __init__(self, record: CallRecord, gaps: TalliedHistogram) -> None:
         self.record = record
         self.gaps = gaps
         self.previous: float | None = None

@@ -156,6 +156,38 @@ def test_recording_functions_for_later_features() -> None:
     assert "llm_proxy_requests_total" in metrics.series_names()
 
 
+async def test_a_tally_writes_what_the_library_s_own_calls_write() -> None:
+    """The hot path's updates reach prometheus-client through a tally (metrics_tally.py),
+    which adds histogram observations through the library's value objects: the result
+    must be what its own observe(), inc() and dec() write."""
+    tallied, direct = Metrics(), Metrics()
+    # On bounds, between them, below the first and beyond the last.
+    for seconds in (0.0, 0.00005, 0.0001, 0.00017, 0.7, 1.0, 30.0, 299.9, 5000.0):
+        tallied.c_duration.get("t", "m", "p").observe(seconds)
+        direct.duration.labels("t", "m", "p").observe(seconds)
+        tallied.c_overhead.observe(seconds / 1000)
+        direct.overhead.observe(seconds / 1000)
+        tallied.c_chunk_gap.get("p").observe(seconds)
+        direct.chunk_gap.labels("p").observe(seconds)
+        tallied.redis_call("settle", seconds / 100)
+        direct.redis_latency.labels("settle").observe(seconds / 100)
+    for amount in (1, 1, 250):
+        tallied.c_tokens.get("t", "m", "prompt", "reported").inc(amount)
+        direct.tokens.labels("t", "m", "prompt", "reported").inc(amount)
+    tallied.c_in_flight.inc()
+    tallied.c_in_flight.inc()
+    tallied.c_in_flight.dec()
+    direct.in_flight.inc()
+    assert b"le=" in direct.render() and b"reported" in direct.render()
+    assert _samples(tallied.render()) != _samples(direct.render())  # nothing added yet
+    assert _samples(tallied.scrape()) == _samples(direct.render())
+
+
+def _samples(text: bytes) -> list[bytes]:
+    """The exposition without the series' creation times, which differ by registry."""
+    return [line for line in text.splitlines() if b"_created" not in line]
+
+
 def test_endpoint_label_drops_credentials_and_query() -> None:
     assert endpoint_label("https://u:p@host.example:8443/v1/?k=s") == "https://host.example:8443/v1"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import tempfile
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
+from proxy.metrics_tally import FLUSH_AFTER
 from tests.metrics_support import scrape
 from tests.support import ProxyProcess, Upstream, free_port, routes_yaml
 
@@ -33,6 +35,9 @@ async def test_one_scrape_counts_the_calls_of_every_worker(
                     assert resp.status == 200
                 async with http.get(process.url + "/healthz") as resp:
                     pids.add((await resp.json())["pid"])
+        # The worker that serves a scrape adds its own counts first; the others' are at
+        # most FLUSH_AFTER behind.
+        await asyncio.sleep(FLUSH_AFTER * 4)
         async with aiohttp.ClientSession() as http:
             m = await scrape(http, process.url)
         assert len(pids) >= 2  # the calls really went to several workers
