@@ -141,12 +141,14 @@ NOTES = """## How to read it
   strips again).
 - Memory is the RSS of the serving processes (the sum over workers; the supervisor of
   `--workers 2` is not counted).
-- Redis figures: commands per request from `INFO commandstats` before and after the
-  c=64 run: every call the proxy makes is one script (`EVALSHA`, one round trip), and
-  commandstats also counts the commands those scripts run inside Redis, which cost no
-  round trip (reported on their own row). A few calls in flight at the edges of the
-  window count too, hence slightly more than 2.00. Round-trip times are the proxy's own
-  `llm_proxy_redis_latency_seconds` means over the whole run."""
+- Redis figures: from `INFO commandstats` and `INFO cpu` before and after the c=1 and
+  the c=64 runs. Every script call (`EVALSHA`) is one round trip. At c=1 a call makes
+  two, its admission and its settlement; under load the admissions (and the
+  settlements) of a team that a worker makes in one loop turn share one script call,
+  hence far fewer script calls than proxied calls at c=64. commandstats also counts
+  the commands those scripts run inside Redis, which cost no round trip (their own
+  row). Redis's CPU (user + system) per request is over the c=64 run. Round-trip times
+  are the proxy's own `llm_proxy_redis_latency_seconds` means over the whole run."""
 
 
 if __name__ == "__main__":
