@@ -4,7 +4,8 @@ redis-py spends a few hundred µs of CPU per script call; this client does only 
 the hot path needs. One persistent connection per client, shared by every concurrent
 caller: each command is written at once and replies are matched to callers in order
 (pipelining). Scripts run by EVALSHA, with EVAL after a NOSCRIPT (a restarted Redis
-has lost its script cache). Everything off the hot path stays on redis-py.
+has lost its script cache); calls to one script can be gathered per loop turn into one
+command (``run_batched``, resp_batch.py). Everything off the hot path stays on redis-py.
 
 A command fails with ``RespError`` (Redis refused it; the connection is fine) or
 ``Disconnected`` (no connection, the socket broke, or the oldest reply is overdue). A

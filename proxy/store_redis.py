@@ -1,13 +1,12 @@
 """The limiter and ledger in Redis, shared by every proxy replica.
 
-Every call is one script round trip (EVALSHA; EVAL once after a Redis restart); the
-admissions (and the settlements) of a team made in one loop turn share one
+Every call is one script round trip (EVALSHA; EVAL once after a Redis restart), and
+the admissions (and the settlements) of a team made in one loop turn share one
 (resp_batch.py). The hot path (admit, settle, renew) runs on the lean pipelined client
-of resp_client.py;
-ledger reads, rare and off the hot path, on redis-py. Any Redis or socket error
-becomes ``StoreUnavailable``: the caller falls back or refuses, and queues
-settlements. Neither client retries, so a down Redis costs one short timeout, not
-several.
+of resp_client.py; ledger reads, rare and off the hot path, on redis-py. Any Redis or
+socket error becomes ``StoreUnavailable``: the caller falls back or refuses, and
+queues settlements. Neither client retries, so a down Redis costs one short timeout,
+not several.
 """
 
 from __future__ import annotations
