@@ -138,9 +138,6 @@ class Accountant:
             raise _refusal(ticket)
         return ticket
 
-    async def settle(self, ticket: Ticket, usage: Usage) -> None:
-        await self._settle(ticket, _settlement(ticket, usage))
-
     async def _settle(self, ticket: Ticket, settlement: Settlement) -> None:
         if ticket.fallback and self.fallback is not None:
             await self.fallback.settle(settlement)  # its limits live here; the ledger does not
@@ -166,13 +163,14 @@ class Accountant:
         reads wait for what is in flight. Joined now, the settlement goes out before any
         admission this process makes later: on the shared connection Redis runs them in
         that order, and a team at its concurrency limit finds the slot of the call it
-        was just answered freed. A task's first step is queued now too, and what the
-        process reads meanwhile only queues steps behind it."""
-        if isinstance(self.primary, MemoryStore):
-            # No I/O: settle() never suspends, so nothing can interrupt it; a task per
-            # call would only cost time.
-            return await self.settle(ticket, usage)
+        was just answered freed. When a task does the work instead, its first step is
+        queued now and what the process reads meanwhile only queues steps behind it,
+        so the same order holds."""
         settlement = _settlement(ticket, usage)
+        if isinstance(self.primary, MemoryStore):
+            # No I/O: it never suspends, so nothing can interrupt it; a task per call
+            # would only cost time.
+            return await self._settle(ticket, settlement)
         if ticket.fallback or self.queue or not self._send(settlement):
             self.track(self._settle(ticket, settlement))
 
@@ -199,10 +197,13 @@ class Accountant:
         self._sending.add(future)
         return True
 
+    def _in_flight(self) -> set[asyncio.Future[Any]]:
+        return {*self._tasks, *self._sending}
+
     async def settled(self) -> None:
         """Wait for the settlements this process has started."""
-        if self._tasks or self._sending:
-            await asyncio.wait({*self._tasks, *self._sending})
+        if in_flight := self._in_flight():
+            await asyncio.wait(in_flight)
 
     async def flush(self) -> bool:
         """Write queued settlements in order; True when the queue is empty."""
@@ -224,8 +225,8 @@ class Accountant:
     async def drain(self, deadline: float) -> None:
         """On shutdown: finish settlements, flush what is queued, log what cannot be."""
         end = time.monotonic() + deadline
-        if self._tasks or self._sending:
-            await asyncio.wait({*self._tasks, *self._sending}, timeout=deadline)
+        if in_flight := self._in_flight():
+            await asyncio.wait(in_flight, timeout=deadline)
         while not await self.flush() and time.monotonic() < end:  # noqa: ASYNC110 - polls Redis
             await asyncio.sleep(0.2)
         for settlement in self.queue:
