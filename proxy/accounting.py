@@ -76,6 +76,8 @@ class Accountant:
         self._last_warning = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._sending: set[asyncio.Future[Any]] = set()  # settlements sent without a task
+        self._queued = 0  # settle_soon() callbacks not run yet
+        self._loop: asyncio.AbstractEventLoop | None = None  # not get_running_loop() per call
         # checks_for() per (team, model) of the running config: it is the same every call.
         self._checks_of: Config | None = None
         self._checks: dict[tuple[str, str], tuple[Check, ...]] = {}
@@ -152,32 +154,35 @@ class Accountant:
             self._redis_failed("settlement", exc)
             self.queue.append(settlement)
 
-    async def settle_surely(self, ticket: Ticket, usage: Usage) -> None:
-        """Settle even if the caller is cancelled meanwhile: a client that went away must
-        not cancel its own billing.
+    def settle_soon(self, ticket: Ticket, usage: Usage) -> None:
+        """Settle once the loop's current step is over: after the answer this step
+        writes, before anything the process reads later. A client that went away cannot
+        cancel its own billing (nothing here waits), and the answer does not wait for
+        the bookkeeping, nor, against Redis, for a second round trip.
 
-        Against Redis the caller does not wait for the round trip, so a call's answer
-        does not carry a second one: the settlement's script call joins this loop
-        turn's batch at once and a callback takes its outcome (a task does the work when
-        no connection is open yet, or while settlements are queued). Shutdown and ledger
-        reads wait for what is in flight. Joined now, the settlement goes out before any
-        admission this process makes later: on the shared connection Redis runs them in
-        that order, and a team at its concurrency limit finds the slot of the call it
-        was just answered freed. When a task does the work instead, its first step is
-        queued now and what the process reads meanwhile only queues steps behind it,
-        so the same order holds."""
-        settlement = _settlement(ticket, usage)
+        The callback is queued now; what the process reads meanwhile only queues work
+        behind it (the loop runs ready callbacks in order). So a settlement is applied,
+        or against Redis joins this turn's batch, before any later call of this process
+        is admitted: on the shared connection Redis runs them in that order, and a team
+        at its concurrency limit finds the slot of the call it was just answered freed.
+        Shutdown and ledger reads wait for what is in flight."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._queued += 1
+        self._loop.call_soon(self._settle_queued, ticket, _settlement(ticket, usage))
+
+    def _settle_queued(self, ticket: Ticket, settlement: Settlement) -> None:
+        self._queued -= 1
         if isinstance(self.primary, MemoryStore):
-            # No I/O: it never suspends, so nothing can interrupt it; a task per call
-            # would only cost time.
-            return await self._settle(ticket, settlement)
-        if ticket.fallback or self.queue or not self._send(settlement):
+            self.primary.settle_now(settlement)  # no I/O, nothing to wait for
+        elif ticket.fallback or self.queue or not self._send(settlement):
+            # Fallback limits, queued settlements or no connection yet: a task does it.
             self.track(self._settle(ticket, settlement))
 
     def _send(self, settlement: Settlement) -> bool:
-        """The common case without a task: the script call joins this turn's batch now
-        and a callback takes its outcome. False when it cannot (no Redis connection yet:
-        the task opens one)."""
+        """The common case against Redis, without a task: the script call joins this
+        turn's batch and a callback takes its outcome. False when it cannot (no Redis
+        connection yet: the task opens one)."""
         if not isinstance(self.primary, RedisStore):
             return False
         start = time.perf_counter()
@@ -197,12 +202,16 @@ class Accountant:
         self._sending.add(future)
         return True
 
-    def _in_flight(self) -> set[asyncio.Future[Any]]:
+    async def _in_flight(self) -> set[asyncio.Future[Any]]:
+        """The settlements under way, once the settle_soon() callbacks queued so far ran
+        (they are ahead of this coroutine's next step)."""
+        if self._queued:
+            await asyncio.sleep(0)
         return {*self._tasks, *self._sending}
 
     async def settled(self) -> None:
         """Wait for the settlements this process has started."""
-        if in_flight := self._in_flight():
+        if in_flight := await self._in_flight():
             await asyncio.wait(in_flight)
 
     async def flush(self) -> bool:
@@ -225,7 +234,7 @@ class Accountant:
     async def drain(self, deadline: float) -> None:
         """On shutdown: finish settlements, flush what is queued, log what cannot be."""
         end = time.monotonic() + deadline
-        if in_flight := self._in_flight():
+        if in_flight := await self._in_flight():
             await asyncio.wait(in_flight, timeout=deadline)
         while not await self.flush() and time.monotonic() < end:  # noqa: ASYNC110 - polls Redis
             await asyncio.sleep(0.2)

@@ -74,4 +74,4 @@ async def _call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> A
             return await forward(exchange, call, record)  # 5
     finally:
         record.billed = final_usage(ticket, record.usage, record.completion_estimate)
-        await accountant.settle_surely(ticket, record.billed)  # 6
+        accountant.settle_soon(ticket, record.billed)  # 6, once the answer is out

@@ -87,6 +87,10 @@ class MemoryStore:
         return min(float(check.limit), tokens + (now - last) * check.limit / PER_MINUTE)
 
     async def settle(self, s: Settlement) -> None:
+        self.settle_now(s)
+
+    def settle_now(self, s: Settlement) -> None:
+        """``settle`` for a caller outside a coroutine: it does no I/O."""
         now = self._clock()
         self._forget_settled(now)
         if s.request_id in self._done:
