@@ -15,11 +15,12 @@ nginx's ``access_log ... buffer= flush=``, lines now wait until a block is full 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
 from typing import Any, TextIO
+
+from proxy.flush_later import FlushLater
 
 # POSIX: a write of at most PIPE_BUF bytes to a pipe is atomic. Linux's is 4096.
 _ATOMIC = 4096
@@ -52,7 +53,7 @@ class AccessLogHandler(logging.Handler):
         self._stream = stream
         self._lines: list[str] = []
         self._size = 0  # bytes gathered in _lines, newlines included
-        self._scheduled = False
+        self._later = FlushLater(FLUSH_AFTER, self.flush)
 
     def handle(self, record: logging.LogRecord) -> bool:
         # No filters, no formatter, no lock: one thread writes, and the message is the line.
@@ -67,16 +68,8 @@ class AccessLogHandler(logging.Handler):
         self._size += len(line) + 1  # JSON with ensure_ascii: one byte per character
         if self._size >= _ATOMIC:
             self.flush()
-        elif not self._scheduled:
-            try:
-                asyncio.get_running_loop().call_later(FLUSH_AFTER, self._flush_due)
-                self._scheduled = True
-            except RuntimeError:  # no loop running (shutdown, a command): write it now
-                self.flush()
-
-    def _flush_due(self) -> None:
-        self._scheduled = False
-        self.flush()
+        else:
+            self._later.request()
 
     def flush(self) -> None:
         if not self._lines:

@@ -16,11 +16,12 @@ own ``observe()`` writes.
 
 from __future__ import annotations
 
-import asyncio
 from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from proxy.flush_later import FlushLater
 
 FLUSH_AFTER = 0.05  # seconds
 
@@ -31,24 +32,12 @@ Value = Any
 class Tally:
     def __init__(self) -> None:
         self._pending: dict[Value, float] = {}
-        self._scheduled = False
+        self._later = FlushLater(FLUSH_AFTER, self.flush)
 
     def add(self, value: Value, amount: float) -> None:
         pending = self._pending
         pending[value] = pending.get(value, 0.0) + amount
-        if not self._scheduled:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        try:
-            asyncio.get_running_loop().call_later(FLUSH_AFTER, self._flush_due)
-            self._scheduled = True
-        except RuntimeError:  # no loop running (a command, a test): add it now
-            self.flush()
-
-    def _flush_due(self) -> None:
-        self._scheduled = False
-        self.flush()
+        self._later.request()
 
     def flush(self) -> None:
         pending, self._pending = self._pending, {}
