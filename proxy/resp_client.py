@@ -211,25 +211,24 @@ class RespClient:
                           ) -> Reply:  # fmt: skip
         """A script call gathered with the calls of ``domain`` to the same script and
         shape made in this loop turn (resp_batch.py); its own reply comes back."""
-        connection = self._connection
-        if connection is None or connection.broken is not None:
-            connection = await self._connect()
+        connection = self._ready() or await self._connect()
         return await connection.join(domain, shape, keys, args)
 
     def join_now(self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes
                  ) -> asyncio.Future[Reply] | None:  # fmt: skip
         """``run_batched`` for a caller that does not wait: the call's reply future, or
         None (nothing sent) when no connection is open; ``run_batched`` opens one."""
-        connection = self._connection
-        if connection is None or connection.broken is not None:
-            return None
-        return connection.join(domain, shape, keys, args)
+        connection = self._ready()
+        return None if connection is None else connection.join(domain, shape, keys, args)
 
     async def _send(self, command: bytes) -> Reply:
-        connection = self._connection
-        if connection is None or connection.broken is not None:
-            connection = await self._connect()
+        connection = self._ready() or await self._connect()
         return await connection.send(command)
+
+    def _ready(self) -> _Connection | None:
+        """The open connection, if there is one that is not broken."""
+        connection = self._connection
+        return None if connection is None or connection.broken is not None else connection
 
     async def close(self) -> None:
         """Bounded by the timeout: an opening connection is waited for, then closed."""
