@@ -108,6 +108,12 @@ def start_upstream(port: int, chunks: int, interval_ms: float) -> Child:
     return child
 
 
+def start_aiohttp_upstream(port: int) -> Child:
+    child = Child([sys.executable, "-m", "bench.aiohttp_upstream", "--port", str(port)])
+    wait_for(lambda: _accepts(port), "the aiohttp fake upstream")
+    return child
+
+
 def start_proxy(config: Path, port: int, workers: int, log: Path) -> Child:
     child = Child(
         [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),

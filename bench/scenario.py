@@ -107,14 +107,19 @@ def routes_yaml(upstream_port: int, redis_port: int | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure_proxy(setup: Setup, upstream_port: int, tmp: Path, d: Durations) -> Figures:
+def _start(setup: Setup, upstream_port: int, tmp: Path) -> tuple[Child, int, Path]:
+    """The proxy (or the bare relay) of a setup, in front of the upstream on a port:
+    the process, the port it serves and its routes.yaml."""
     config = tmp / f"routes-{setup.workers}-{setup.redis_port or 0}.yaml"
     config.write_text(routes_yaml(upstream_port, setup.redis_port))
     port = free_port()
     if setup.bare:
-        proxy = start_bare_relay(upstream_port, port)
-    else:
-        proxy = start_proxy(config, port, setup.workers, tmp / "proxy.log")
+        return start_bare_relay(upstream_port, port), port, config
+    return start_proxy(config, port, setup.workers, tmp / "proxy.log"), port, config
+
+
+def measure_proxy(setup: Setup, upstream_port: int, tmp: Path, d: Durations) -> Figures:
+    proxy, port, config = _start(setup, upstream_port, tmp)
     try:
         figures = _measure(setup, proxy, port, tmp, d)
     finally:
@@ -122,6 +127,40 @@ def measure_proxy(setup: Setup, upstream_port: int, tmp: Path, d: Durations) -> 
     if setup.workers == 1 and d.instructions and instructions.have_valgrind():
         figures.kilo_instructions = _instructions(setup, upstream_port, config, tmp)
     return figures
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """c=64 throughput in front of bench/aiohttp_upstream.py: direct, then per setup."""
+
+    direct: WrkResult
+    proxied: tuple[tuple[str, WrkResult], ...]
+
+    def share(self, name: str, of: str = "direct") -> float:
+        """A setup's throughput as a percentage of direct's, or of another setup's."""
+        results = dict(self.proxied)
+        base = self.direct if of == "direct" else results[of]
+        return 100 * results[name].rps / base.rps
+
+
+def measure_calibrated(
+    setups: list[Setup], upstream_port: int, tmp: Path, d: Durations
+) -> Calibrated:
+    url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
+    script = write_script(tmp, None)
+    run_wrk(url, script, 64, d.warmup / 2)
+    direct = run_wrk(url, script, 64, d.throughput)
+    proxied = []
+    for setup in setups:
+        proxy, port, _ = _start(setup, upstream_port, tmp)
+        try:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            script = write_script(tmp, BENCH_KEY if setup.redis_port else None)
+            run_wrk(url, script, 64, d.warmup / 2)
+            proxied.append((setup.name, run_wrk(url, script, 64, d.throughput)))
+        finally:
+            proxy.stop()
+    return Calibrated(direct, tuple(proxied))
 
 
 def _instructions(setup: Setup, upstream_port: int, config: Path, tmp: Path) -> float:

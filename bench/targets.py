@@ -7,7 +7,7 @@ down, the difference can come out negative and would pass any target.
 
 from __future__ import annotations
 
-from bench.scenario import Figures
+from bench.scenario import Calibrated, Figures
 
 
 def _by_name(proxied: list[Figures], name: str) -> Figures | None:
@@ -112,4 +112,21 @@ def against_relay(direct: Figures, proxied: list[Figures]) -> list[str]:
             what = (f"c=64 throughput, {name}, ≥ {floor:g}/{_ISSUE_RELAY_SHARE:g} = "
                     f"{factor:.2f} times the relay's")  # fmt: skip
             verdict(what, ratio, ratio >= factor, " times")
+    return lines
+
+
+def check_calibrated(c: Calibrated) -> list[str]:
+    """The throughput floors in front of the aiohttp upstream, with the relay's share
+    beside them: the issue's run had the relay keep 36 % of direct."""
+    names = {name for name, _ in c.proxied}
+    lines = []
+    relay = next((name for name in names if name.startswith("bare")), None)
+    if relay is not None:
+        lines.append(f"- calibration: the bare relay kept {c.share(relay):.3g} % of direct here, "
+                     f"{_ISSUE_RELAY_SHARE:g} % in the issue's run")  # fmt: skip
+    for name, floor in _THROUGHPUT_FLOORS:
+        if name in names:
+            ratio = c.share(name)
+            lines.append(f"- {'met' if ratio >= floor else '**not met**'}: c=64 throughput, "
+                         f"{name}, ≥ {floor:.0f} % of direct (measured {ratio:.3g} %)")  # fmt: skip
     return lines
