@@ -116,7 +116,6 @@ def table(direct: Figures, proxied: list[Figures]) -> str:
 def calibrated_table(c: Calibrated) -> str:
     """The c=64 pass in front of the aiohttp upstream: req/s, % of direct, % of the relay."""
     names = [name for name, _ in c.proxied]
-    relay = next((name for name in names if name.startswith("bare")), None)
     rows = [
         ("c=64 throughput, req/s", f"{c.direct.rps:,.0f}",
          [f"{result.rps:,.0f}" for _, result in c.proxied]),
@@ -124,9 +123,9 @@ def calibrated_table(c: Calibrated) -> str:
         ("c=64 errors / non-2xx", f"{c.direct.errors} / {c.direct.non2xx}",
          [f"{r.errors} / {r.non2xx}" for _, r in c.proxied]),
     ]  # fmt: skip
-    if relay is not None:
+    if c.relay is not None:
         rows.insert(2, ("c=64 throughput, % of the bare relay", "-",
-                        [_f(c.share(n, relay), 1) for n in names]))  # fmt: skip
+                        [_f(c.share(n, c.relay), 1) for n in names]))  # fmt: skip
     lines = ["| | direct | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     lines += [f"| {label} | {direct} | {' | '.join(cells)} |" for label, direct, cells in rows]
     return "\n".join(lines)

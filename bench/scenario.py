@@ -135,6 +135,7 @@ class Calibrated:
 
     direct: WrkResult
     proxied: tuple[tuple[str, WrkResult], ...]
+    relay: str | None  # the name of the bare relay's setup, if it ran
 
     def share(self, name: str, of: str = "direct") -> float:
         """A setup's throughput as a percentage of direct's, or of another setup's."""
@@ -160,7 +161,8 @@ def measure_calibrated(
             proxied.append((setup.name, run_wrk(url, script, 64, d.throughput)))
         finally:
             proxy.stop()
-    return Calibrated(direct, tuple(proxied))
+    relay = next((setup.name for setup in setups if setup.bare), None)
+    return Calibrated(direct, tuple(proxied), relay)
 
 
 def _instructions(setup: Setup, upstream_port: int, config: Path, tmp: Path) -> float:

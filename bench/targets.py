@@ -120,9 +120,8 @@ def check_calibrated(c: Calibrated) -> list[str]:
     beside them: the issue's run had the relay keep 36 % of direct."""
     names = {name for name, _ in c.proxied}
     lines = []
-    relay = next((name for name in names if name.startswith("bare")), None)
-    if relay is not None:
-        lines.append(f"- calibration: the bare relay kept {c.share(relay):.3g} % of direct here, "
+    if c.relay is not None:
+        lines.append(f"- calibration: the bare relay kept {c.share(c.relay):.3g} % of direct here, "
                      f"{_ISSUE_RELAY_SHARE:g} % in the issue's run")  # fmt: skip
     for name, floor in _THROUGHPUT_FLOORS:
         if name in names:
