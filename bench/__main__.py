@@ -181,7 +181,8 @@ NOTES = """## How to read it
   after every stream had its first event: 500 streams at once, without the ramp-up's
   connections and first requests; the target is judged on those, the table shows both.
   Through the proxy the upstream also sends the usage chunk the proxy asks for (and
-  strips again).
+  strips again). "Streams complete" counts the streams that delivered every event with
+  the upstream's numbered tokens in order: a token lost, doubled or overtaken shows there.
 - Memory is the RSS of the serving processes (the sum over workers; the supervisor of
   `--workers 2` is not counted).
 - Redis figures: from `INFO commandstats` and `INFO cpu` before and after the c=1 and

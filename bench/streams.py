@@ -8,13 +8,16 @@ burst of TCP handshakes against a listen backlog; then the requests go out evenl
 would be due at the same instants, and the figure would be how long a burst of 500
 chunks takes, not what one chunk's relay adds.)
 The client is the same for direct and proxied runs, so its own cost cancels out of the
-differences the table reports.
+differences the table reports. A stream counts as complete when every event arrived
+and the upstream's numbered tokens ("t1 ", "t2 ", ...) arrived in order, checked on
+the raw bytes once the run is over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import cast
@@ -29,6 +32,7 @@ class _Probe(asyncio.Protocol):
         self.events: list[float] = []
         self.tail = b""
         self.last = b""  # the last bytes received, to show when a stream comes back short
+        self.raw = bytearray()  # all of them, to check the tokens' order after the run
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -41,6 +45,7 @@ class _Probe(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
+        self.raw += data
         seen = self.tail + data
         self.events.extend([now] * seen.count(b"\n\n"))
         self.tail = seen[-1:]
@@ -58,7 +63,7 @@ class _Probe(asyncio.Protocol):
 @dataclass(frozen=True)
 class StreamResult:
     streams: int
-    complete: int  # streams that delivered every event
+    complete: int  # streams that delivered every event, their tokens in order
     ttfb_p50_ms: float
     ttfb_p99_ms: float
     gap_p50_ms: float
@@ -120,9 +125,10 @@ async def run_streams(
     for probe in probes:
         if probe.transport is not None:
             probe.transport.close()
+    faults = [_fault(p, events) for p in probes]
     return StreamResult(
         streams=count,
-        complete=sum(1 for p in probes if len(p.events) >= events),
+        complete=faults.count(None),
         ttfb_p50_ms=percentile(ttfb, 50) * 1000,
         ttfb_p99_ms=percentile(ttfb, 99) * 1000,
         gap_p50_ms=percentile(gaps, 50) * 1000,
@@ -130,9 +136,34 @@ async def run_streams(
         steady_gap_p50_ms=percentile(steady, 50) * 1000,
         steady_gap_p99_ms=percentile(steady, 99) * 1000,
         seconds=seconds,
-        short=tuple(_short(p) for p in probes if len(p.events) < events),
+        short=tuple(fault for fault in faults if fault is not None),
     )
 
 
-def _short(probe: _Probe) -> str:
-    return f"{len(probe.events)} events, ending {probe.last!r}"
+_TOKEN = re.compile(rb'"content":"t(\d+) "')
+
+
+def _fault(probe: _Probe, events: int) -> str | None:
+    """What is wrong with a probe's stream, or None: every event, tokens in order."""
+    if len(probe.events) < events:
+        return f"{len(probe.events)} events, ending {probe.last!r}"
+    tokens = [int(n) for n in _TOKEN.findall(dechunked(bytes(probe.raw)))]
+    if tokens != list(range(1, events - 1)):  # less the role chunk and [DONE]
+        return f"tokens out of order: {tokens[:12]}..."
+    return None
+
+
+def dechunked(raw: bytes) -> bytes:
+    """The body of a chunked HTTP/1.1 answer (the head and the framing removed)."""
+    at = raw.find(b"\r\n\r\n") + 4
+    parts: list[bytes] = []
+    while at < len(raw):
+        line_end = raw.find(b"\r\n", at)
+        if line_end < 0:
+            break
+        size = int(raw[at:line_end].split(b";")[0], 16)
+        if size == 0:
+            break
+        parts.append(raw[line_end + 2 : line_end + 2 + size])
+        at = line_end + 2 + size + 2
+    return b"".join(parts)
