@@ -22,6 +22,7 @@ from typing import Any
 
 from proxy.config import Config, RedisSettings
 from proxy.errors import LimiterUnavailable, RateLimited
+from proxy.leases import LeaseRenewer
 from proxy.metrics import Metrics
 from proxy.rate_headers import describe_refusal, rate_headers
 from proxy.store import DAY, Admission, Check, Settlement, Store, StoreUnavailable
@@ -75,6 +76,7 @@ class Accountant:
         self.fallback_admissions = 0
         self._last_warning = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.leases = LeaseRenewer(settings.lease_ttl)
         self._sending: set[asyncio.Future[Any]] = set()  # settlements sent without a task
         self._queued = 0  # settle_soon() callbacks not run yet
         self._loop: asyncio.AbstractEventLoop | None = None  # not get_running_loop() per call
@@ -295,38 +297,25 @@ def final_usage(ticket: Ticket, reported: Usage | None, completion_estimate: int
 
 
 class LeaseKeeper:
-    """Renews a long call's concurrency lease every third of its lifetime; short calls
-    end before the first renewal and cost no extra round trip."""
+    """``with LeaseKeeper(accountant, ticket):`` keeps the call's concurrency leases
+    alive while it runs (proxy/leases.py); short calls end before the first renewal
+    and cost no extra round trip."""
+
+    __slots__ = ("_accountant", "_held", "_ticket")
 
     def __init__(self, accountant: Accountant, ticket: Ticket):
         self._accountant, self._ticket = accountant, ticket
-        self._interval = accountant.settings.lease_ttl / 3
-        self._handle: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._held = False
 
     def __enter__(self) -> LeaseKeeper:
-        if any(c.kind == "concurrent" for c in self._ticket.checks):
-            self._schedule()
+        ticket, accountant = self._ticket, self._accountant
+        if any(c.kind == "concurrent" for c in ticket.checks):
+            fallback = accountant.fallback
+            store = fallback if ticket.fallback and fallback else accountant.primary
+            accountant.leases.hold(store, ticket.team, ticket.checks, ticket.request_id)
+            self._held = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        if self._task is not None:
-            self._task.cancel()
-
-    def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._handle = loop.call_later(self._interval, self._fire)
-
-    def _fire(self) -> None:
-        self._task = asyncio.ensure_future(self._renew())
-        self._schedule()
-
-    async def _renew(self) -> None:
-        ticket, store = self._ticket, self._accountant
-        target = store.fallback if ticket.fallback and store.fallback else store.primary
-        # If Redis is down the lease expires: a slot is freed early, never leaked.
-        with contextlib.suppress(StoreUnavailable):
-            await target.renew(ticket.team, ticket.checks, ticket.request_id,
-                               store.settings.lease_ttl)  # fmt: skip
+        if self._held:
+            self._accountant.leases.release(self._ticket.request_id)
