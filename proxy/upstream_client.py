@@ -15,6 +15,7 @@ gave up on is cancelled upstream. Idle connections are kept ``keepalive`` second
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 import zlib
@@ -26,6 +27,8 @@ from httptools import HttpParserError, HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.upstream_response import UpstreamConnectionError, UpstreamResponse
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -183,13 +186,24 @@ class Connection(asyncio.Protocol):
         if response is None or response.is_eof():  # nothing may come outside an answer
             if response is not None:
                 response.keep_alive = False
-            self.transport.close()
+            self._stray(len(data))
             return
         try:
             self._parser.feed_data(data)
         except HttpParserError as exc:
+            if response.is_eof():  # the answer was whole: what followed it is the fault
+                self._stray(len(data))
+                return
             response.fail(UpstreamConnectionError(f"the answer is not HTTP/1.1: {exc}"))
             self.transport.close()
+
+    def _stray(self, size: int) -> None:
+        """Bytes outside an answer: the upstream broke HTTP/1.1 (a client that sends one
+        request at a time expects nothing else). The answer before them stands, the
+        connection goes, and the log says why, since the client cannot tell."""
+        log.warning("upstream %s sent bytes outside an answer (in a read of %d bytes); "
+                    "connection dropped", self.origin.host_header, size)  # fmt: skip
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         response = self.response
@@ -211,6 +225,10 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     # llhttp's callbacks, while ``response`` is set (data_received makes sure of it).
+
+    def on_message_begin(self) -> None:
+        if self.response is not None and self.response.is_eof():  # a second answer
+            raise UpstreamConnectionError("an answer that no request asked for")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))

@@ -36,6 +36,7 @@ class Answer:
     data: bytes
     close: bool = False  # close the connection after sending
     delay: float = 0.0  # wait this long before sending
+    later: bytes = b""  # sent a moment after ``data``, on its own
 
 
 @dataclass
@@ -60,6 +61,9 @@ class Scripted:
                     return
                 writer.write(answer.data)
                 await writer.drain()
+                if answer.later:
+                    await asyncio.sleep(0.05)
+                    writer.write(answer.later)
                 if answer.close:
                     break
         except asyncio.IncompleteReadError:
@@ -190,6 +194,30 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(
         await asyncio.sleep(0.2)  # the close reaches the client's pool
         assert await _body(await _post(client, scripted)) == b"[2]"
     assert scripted.connections == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Answer(_plain(JSON) + b"junk"),
+        Answer(_plain(JSON) + _plain(b"[2]")),
+        Answer(_plain(JSON), later=b"junk"),
+    ],
+    ids=["junk-after", "second-answer", "junk-while-idle"],
+)
+async def test_bytes_outside_an_answer_drop_the_connection_and_are_logged(
+    client: UpstreamClient, answer: Answer, caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted, server = await _serve(answer, Answer(_plain(b"[3]")))
+    async with server:
+        assert await _body(await _post(client, scripted)) == JSON  # the answer stands
+        await asyncio.sleep(0.2)  # the stray bytes reach the client
+        assert await _body(await _post(client, scripted)) == b"[3]"
+    assert scripted.connections == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"upstream 127.0.0.1:{scripted.port} sent bytes outside an answer "
+        f"(in a read of {len(answer.later or answer.data)} bytes); connection dropped"
+    ]
 
 
 async def test_a_gzipped_answer_is_inflated_and_another_encoding_refused(
