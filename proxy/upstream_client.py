@@ -226,14 +226,13 @@ class Connection(asyncio.Protocol):
 
     # llhttp's callbacks, while ``response`` is set (data_received makes sure of it).
 
-    def on_message_begin(self) -> None:
-        if self.response is not None and self.response.is_eof():  # a second answer
-            raise UpstreamConnectionError("an answer that no request asked for")
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
 
     def on_headers_complete(self) -> None:
+        assert self.response is not None
+        if self.response.is_eof():  # a second answer in the read that ended the first
+            raise UpstreamConnectionError("an answer that no request asked for")
         status, raw = self._parser.get_status_code(), self._headers
         self._headers = []
         if 100 <= status < 200:  # 100 Continue and the like: the answer follows
@@ -243,7 +242,6 @@ class Connection(asyncio.Protocol):
             "Content-Length" not in headers
             and "chunked" not in headers.get("Transfer-Encoding", "").lower()
         )
-        assert self.response is not None
         encoding = headers.get("Content-Encoding", "identity").strip().lower()
         self._decoder = None
         if encoding in _ZLIB_ENCODINGS:
