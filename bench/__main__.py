@@ -6,11 +6,14 @@ docs/BENCHMARKS.md. Needs ``wrk`` (apt-get install -y wrk) and ``redis-server``;
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from bench.nginx import INSTALL_HINT as NGINX_HINT
+from bench.nginx import have_nginx
 from bench.procs import (
     ROOT,
     Child,
@@ -29,7 +32,7 @@ from bench.scenario import (
     measure_direct,
     measure_proxy,
 )
-from bench.targets import against_relay, check, check_calibrated
+from bench.targets import against_relay, check, check_calibrated, compiled_reference
 from bench.wrk import require_wrk
 
 CHUNKS, INTERVAL_MS = 100, 20.0
@@ -69,7 +72,7 @@ def _run(tmp: Path, d: Durations) -> tuple[Figures, list[Figures], Calibrated]:
         _say("direct to the fake upstream")
         direct = measure_direct(upstream_port, tmp, d)
         proxied = []
-        setups = [Setup("bare aiohttp relay", 1, bare=True),
+        setups = [*_references(),
                   Setup("1 worker", 1), Setup("2 workers", 2),
                   Setup("1 worker + Redis", 1, redis_port),
                   Setup("2 workers + Redis", 2, redis_port)]  # fmt: skip
@@ -86,6 +89,16 @@ def _run(tmp: Path, d: Durations) -> tuple[Figures, list[Figures], Calibrated]:
         for child in children:
             child.stop()
         shutil.rmtree(tmp / "redis", ignore_errors=True)
+
+
+def _references() -> list[Setup]:
+    """The setups the proxy is measured against: nginx when it is installed (a compiled
+    proxy: what the machine leaves to any proxy), and the bare aiohttp relay."""
+    relay = Setup("bare aiohttp relay", 1, kind="relay")
+    if not have_nginx():
+        _say(f"nginx is not installed: no compiled reference ({NGINX_HINT})")
+        return [relay]
+    return [Setup(f"nginx ({os.cpu_count()} workers)", os.cpu_count() or 1, kind="nginx"), relay]
 
 
 def _say(what: str) -> None:
@@ -125,6 +138,7 @@ def _document(
         "(see below):",
         "",
         *against_relay(direct, proxied),
+        *compiled_reference(direct, proxied),
         "",
         "## Throughput in front of an aiohttp upstream",
         "",
@@ -152,6 +166,13 @@ NOTES = """## How to read it
   of direct" becomes "at least 50/36 (40/36) of the relay's throughput in this run".
   Both readings are printed; the first is the issue's wording, the second what
   carries over to an upstream of another speed.
+- nginx, a compiled reverse proxy (one worker per core, keep-alive to the upstream,
+  streams unbuffered, no access log), is measured in the same way, as the issue's run
+  measured Envoy: what a proxy that spends next to nothing in user space per call gets
+  on this machine, with wrk, the fake upstream and the stream client on the same cores.
+  The line under the targets sets Envoy's figures from the issue's run beside its own.
+  Where nginx itself misses a target, that target asks more of this machine than it
+  gives any proxy; its verdicts on the streams and memory are printed like the others.
 - The third reading swaps the fast upstream for an aiohttp app (`bench/aiohttp_upstream.py`,
   on uvloop, one process), the kind of upstream with which a bare relay keeps about
   the issue's 36 %: the relay's share is printed beside it, so the calibration can be

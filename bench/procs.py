@@ -41,7 +41,7 @@ def wait_for(check: object, what: str, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def _accepts(port: int) -> bool:
+def accepts(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=1):
         return True
 
@@ -55,10 +55,14 @@ class Child:
     """A child process in its own process group, so that stopping it stops its workers."""
 
     def __init__(self, argv: list[str], log: Path | None = None) -> None:
-        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
-        self.process = subprocess.Popen(
-            argv, cwd=ROOT, stdout=out, stderr=out, start_new_session=True
-        )
+        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+        try:
+            self.process = subprocess.Popen(
+                argv, cwd=ROOT, stdout=out, stderr=out, start_new_session=True
+            )
+        finally:
+            if not isinstance(out, int):  # the child has its own copy of the file
+                out.close()
         self.pid = self.process.pid
 
     def stop(self) -> None:
@@ -104,13 +108,13 @@ def _cpu_ticks(pid: int) -> int:
 def start_upstream(port: int, chunks: int, interval_ms: float) -> Child:
     child = Child([sys.executable, "-m", "bench.upstream", "--port", str(port),
                    "--chunks", str(chunks), "--interval-ms", str(interval_ms)])  # fmt: skip
-    wait_for(lambda: _accepts(port), "the fake upstream")
+    wait_for(lambda: accepts(port), "the fake upstream")
     return child
 
 
 def start_aiohttp_upstream(port: int) -> Child:
     child = Child([sys.executable, "-m", "bench.aiohttp_upstream", "--port", str(port)])
-    wait_for(lambda: _accepts(port), "the aiohttp fake upstream")
+    wait_for(lambda: accepts(port), "the aiohttp fake upstream")
     return child
 
 
@@ -140,7 +144,7 @@ def start_redis(port: int, workdir: Path) -> Child:
         raise RuntimeError("no redis-server on PATH: apt-get install -y redis-server")
     child = Child([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                    "--appendonly", "no", "--dir", str(workdir)])  # fmt: skip
-    wait_for(lambda: _accepts(port), "redis-server")
+    wait_for(lambda: accepts(port), "redis-server")
     return child
 
 

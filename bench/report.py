@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 
+from bench.nginx import have_nginx
 from bench.scenario import Calibrated, Figures
 
 Cell = Callable[[Figures, Figures], str]
@@ -132,7 +133,7 @@ def calibrated_table(c: Calibrated) -> str:
 
 
 def _bare(proxied: list[Figures]) -> Figures | None:
-    return next((f for f in proxied if f.name.startswith("bare")), None)
+    return next((f for f in proxied if f.kind == "relay"), None)
 
 
 def _both(pair: tuple[float, float]) -> str:
@@ -172,6 +173,7 @@ def machine(load_before: str) -> Machine:
         f"Python {platform.python_version()}",
         *(f"{name} {version(name)}" for name in ("aiohttp", "uvloop", "redis")),
         _first_line(["wrk", "-v"], 2), _first_line(["redis-server", "--version"], 3),
+        *([_first_line(["nginx", "-v"], 3).split()[-1]] if have_nginx() else []),
     ])  # fmt: skip
     return Machine(
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -14,9 +14,10 @@ import urllib.request
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from bench import instructions
+from bench.nginx import start_nginx
 from bench.procs import Child, free_port, redis_stats, start_bare_relay, start_proxy
 from bench.streams import StreamResult, run_streams
 from bench.wrk import BODY, WrkResult, run_wrk, write_script
@@ -25,6 +26,9 @@ from proxy.auth import key_hash
 BENCH_KEY = "sk-proxy-bench-0123456789"
 STREAM_EVENTS = 102  # the role chunk, the paced chunks (100), [DONE]
 T = TypeVar("T")
+# What serves a setup: the proxy, or one of the two references it is measured against,
+# bench/bare_relay.py (the least an aiohttp relay does) and nginx (a compiled proxy).
+Kind = Literal["proxy", "relay", "nginx"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class Setup:
     name: str
     workers: int
     redis_port: int | None = None
-    bare: bool = False  # bench/bare_relay.py instead of the proxy
+    kind: Kind = "proxy"
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Figures:
     cpu_us: float = float("nan")  # CPU time of the serving processes per c=64 request
     kilo_instructions: float = float("nan")  # per c=1 request, by callgrind (one process)
     redis: RedisFigures | None = None
+    kind: Kind = "proxy"
 
 
 def run_async(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -108,13 +113,15 @@ def routes_yaml(upstream_port: int, redis_port: int | None) -> str:
 
 
 def _start(setup: Setup, upstream_port: int, tmp: Path) -> tuple[Child, int, Path]:
-    """The proxy (or the bare relay) of a setup, in front of the upstream on a port:
-    the process, the port it serves and its routes.yaml."""
+    """What serves a setup, in front of the upstream on a port: the process, the port
+    it serves and the proxy's routes.yaml (written for every kind, read by the proxy)."""
     config = tmp / f"routes-{setup.workers}-{setup.redis_port or 0}.yaml"
     config.write_text(routes_yaml(upstream_port, setup.redis_port))
     port = free_port()
-    if setup.bare:
+    if setup.kind == "relay":
         return start_bare_relay(upstream_port, port), port, config
+    if setup.kind == "nginx":
+        return start_nginx(upstream_port, port, tmp), port, config
     return start_proxy(config, port, setup.workers, tmp / "proxy.log"), port, config
 
 
@@ -124,7 +131,8 @@ def measure_proxy(setup: Setup, upstream_port: int, tmp: Path, d: Durations) -> 
         figures = _measure(setup, proxy, port, tmp, d)
     finally:
         proxy.stop()
-    if setup.workers == 1 and d.instructions and instructions.have_valgrind():
+    counted = setup.workers == 1 and setup.kind != "nginx"  # one process, Python
+    if counted and d.instructions and instructions.have_valgrind():
         figures.kilo_instructions = _instructions(setup, upstream_port, config, tmp)
     return figures
 
@@ -136,6 +144,7 @@ class Calibrated:
     direct: WrkResult
     proxied: tuple[tuple[str, WrkResult], ...]
     relay: str | None  # the name of the bare relay's setup, if it ran
+    nginx: str | None = None  # and nginx's
 
     def share(self, name: str, of: str = "direct") -> float:
         """A setup's throughput as a percentage of direct's, or of another setup's."""
@@ -161,8 +170,8 @@ def measure_calibrated(
             proxied.append((setup.name, run_wrk(url, script, 64, d.throughput)))
         finally:
             proxy.stop()
-    relay = next((setup.name for setup in setups if setup.bare), None)
-    return Calibrated(direct, tuple(proxied), relay)
+    names = {setup.kind: setup.name for setup in setups}
+    return Calibrated(direct, tuple(proxied), names.get("relay"), names.get("nginx"))
 
 
 def _instructions(setup: Setup, upstream_port: int, config: Path, tmp: Path) -> float:
@@ -170,7 +179,7 @@ def _instructions(setup: Setup, upstream_port: int, config: Path, tmp: Path) -> 
     each need their own count)."""
 
     def argv(port: int) -> list[str]:
-        if setup.bare:
+        if setup.kind == "relay":
             return [sys.executable, "-m", "bench.bare_relay", "--port", str(port),
                     "--upstream", f"http://127.0.0.1:{upstream_port}"]  # fmt: skip
         return [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port",
@@ -204,9 +213,9 @@ def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> 
     rss["after"] = proxy.rss_mb()
     streams = run_async(lambda: run_streams(port, d.streams, STREAM_EVENTS, key))
     if streams.complete < streams.streams:
-        _say_why(setup.name, streams, None if setup.bare else tmp / "proxy.log")
+        _say_why(setup.name, streams, tmp / "proxy.log" if setup.kind == "proxy" else None)
     figures = Figures(setup.name, latency, throughput, streams, rss, done,
-                      cpu_us=cpu / max(throughput.requests, 1) * 1e6)  # fmt: skip
+                      cpu_us=cpu / max(throughput.requests, 1) * 1e6, kind=setup.kind)  # fmt: skip
     if setup.redis_port:
         figures.redis = _redis_figures((sequential, before), (before, after), port)
     return figures
