@@ -1,7 +1,9 @@
 """``python3 -m bench``: the fake upstream, the proxy with 1 and 2 workers, with and
-without Redis, under wrk and a streaming client; one table, also written to
-docs/BENCHMARKS.md. Needs ``wrk`` (apt-get install -y wrk) and ``redis-server``; with
-``valgrind`` it also counts instructions per request (skipped by --quick)."""
+without Redis, and two references (nginx, a bare aiohttp relay), under wrk and a
+streaming client; one table, also written to docs/BENCHMARKS.md. Needs ``wrk``
+(apt-get install -y wrk) and ``redis-server``; with ``valgrind`` it also counts
+instructions per request (skipped by --quick), and without ``nginx`` it runs without
+the compiled reference."""
 
 from __future__ import annotations
 
