@@ -100,8 +100,10 @@ async def _circuit_sharing(app: web.Application) -> AsyncIterator[None]:
     if not settings.url:
         yield
         return
-    client = aioredis.Redis.from_url(settings.url, socket_connect_timeout=settings.timeout)
-    sync = CircuitSync(client, app[BREAKERS], settings.timeout)
+    client = aioredis.Redis.from_url(
+        settings.url, socket_connect_timeout=settings.timeout, socket_timeout=settings.timeout
+    )
+    sync = CircuitSync(settings.url, client, app[BREAKERS], settings.timeout)
     follower = asyncio.create_task(sync.follow())
     yield
     follower.cancel()

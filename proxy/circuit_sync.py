@@ -4,7 +4,9 @@ Off the hot path: a process publishes only when one of its circuits opens, grows
 closes (PUBLISH, plus a hash that a process starting later reads once), and applies
 what the others publish from a subscription. The one Redis call a call may make is
 when an endpoint is half-open: ``SET NX`` elects the single probe of the deployment.
-Redis being down never blocks a call: each process then decides alone.
+Redis being down never blocks a call: each process then decides alone. The
+subscription has a connection of its own (redis_subscription.py), so that cancelling
+it at shutdown ends at once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.circuit import Change, CircuitBreakers
+from proxy.redis_subscription import Subscription
+from proxy.resp import ProtocolError, RespError
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,11 @@ _RETRY = 1.0
 
 
 class CircuitSync:
-    def __init__(self, redis: aioredis.Redis, breakers: CircuitBreakers, timeout: float):
-        self.redis = redis  # no socket timeout: the subscription waits as long as it must
+    def __init__(
+        self, url: str, redis: aioredis.Redis, breakers: CircuitBreakers, timeout: float
+    ) -> None:
+        self.url = url  # for the subscription; ``redis`` for the commands
+        self.redis = redis
         self.breakers = breakers
         self.timeout = timeout  # for the commands
         self.origin = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -89,21 +96,24 @@ class CircuitSync:
         while True:
             try:
                 await self._listen()
-            except (RedisError, OSError) as exc:
-                log.warning("circuit sharing paused, Redis failed: %s", exc)
-                await asyncio.sleep(_RETRY)
+            except (RedisError, OSError, TimeoutError, RespError, ProtocolError) as exc:
+                log.warning("circuit sharing paused, Redis failed: %r", exc)
+            await asyncio.sleep(_RETRY)
 
     async def _load(self) -> None:
-        for raw in (await self.redis.hgetall(STATES)).values():
+        async with asyncio.timeout(self.timeout):
+            states = await self.redis.hgetall(STATES)
+        for raw in states.values():
             self._apply(raw)
 
     async def _listen(self) -> None:
-        async with self.redis.pubsub() as pubsub:
-            await pubsub.subscribe(CHANNEL)
+        subscription = await Subscription.open(self.url, CHANNEL, self.timeout)
+        try:
             await self._load()  # after subscribing: no change falls between the two
-            async for message in pubsub.listen():
-                if message.get("type") == "message":
-                    self._apply(message["data"])
+            while True:
+                self._apply(await subscription.message())
+        finally:
+            subscription.close()
 
     def _apply(self, raw: bytes | str) -> None:
         try:

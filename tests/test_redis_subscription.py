@@ -1,0 +1,119 @@
+"""The circuit sharing's subscription: messages in, and a cancellation that ends it at
+once, whatever Redis is doing (a follower that stayed pending once held a shutdown up)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.circuit import CircuitBreakers
+from proxy.circuit_sync import CHANNEL, CircuitSync
+from proxy.redis_subscription import Subscription
+from proxy.resp import RespError
+from tests.redis_server import RedisServer
+from tests.teams_setup import need_redis
+
+
+def publish(server: RedisServer, channel: str, message: bytes | str) -> None:
+    client = server.client()
+    try:
+        client.publish(channel, message)
+    finally:
+        client.close()
+
+
+def subscribers(server: RedisServer) -> int:
+    client = server.client()
+    try:
+        return int(dict(client.pubsub_numsub(CHANNEL)).get(CHANNEL.encode(), 0))
+    finally:
+        client.close()
+
+
+async def test_messages_arrive_with_a_password_and_a_database(tmp_path: Path):
+    need_redis()
+    server = RedisServer(tmp_path, password="s3cret")
+    try:
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/2"
+        subscription = await Subscription.open(url, CHANNEL, 5.0)
+        try:
+            publish(server, CHANNEL, b"one")
+            publish(server, "another channel", b"not this")
+            publish(server, CHANNEL, b"two")
+            assert [await subscription.message() for _ in range(2)] == [b"one", b"two"]
+        finally:
+            subscription.close()
+        with pytest.raises(RespError, match=r"WRONGPASS|invalid password"):
+            await Subscription.open(f"redis://:wrong@127.0.0.1:{server.port}", CHANNEL, 5.0)
+    finally:
+        server.kill()
+
+
+async def test_a_stopped_redis_ends_the_wait_with_an_error(private_redis: RedisServer):
+    subscription = await Subscription.open(private_redis.url, CHANNEL, 5.0)
+    try:
+        waiting = asyncio.ensure_future(subscription.message())
+        await asyncio.sleep(0.05)
+        private_redis.kill()
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(waiting, 10)
+    finally:
+        subscription.close()
+
+
+@pytest.fixture
+async def silent_redis() -> AsyncIterator[str]:
+    """Accepts connections and never answers, like a Redis that hangs."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    for writer in held:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize("state", ["subscribed", "silent", "stopped"])
+async def test_a_cancelled_follower_ends_at_once(
+    state: str, private_redis: RedisServer, silent_redis: str
+):
+    url = silent_redis if state == "silent" else private_redis.url
+    client = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    breakers = CircuitBreakers()
+    sync = CircuitSync(url, client, breakers, timeout=0.5)
+    follower = asyncio.ensure_future(sync.follow())
+    try:
+        if state != "silent":
+            await _until(lambda: subscribers(private_redis) == 1)
+            change = {"origin": "another", "key": "k", "opened": 1, "until": time.time() + 60}
+            publish(private_redis, CHANNEL, json.dumps(change))
+            await _until(lambda: breakers.state("k") == "open")  # it follows
+        if state == "stopped":
+            private_redis.kill()
+        await asyncio.sleep(0.7)  # a timeout, a failure and a retry's sleep may fall here
+        follower.cancel()
+        done, _ = await asyncio.wait([follower], timeout=5)
+        assert done == {follower}
+        if state == "subscribed":
+            await _until(lambda: subscribers(private_redis) == 0)  # its connection closed
+    finally:
+        follower.cancel()
+        await client.aclose()
+
+
+async def _until(check: object) -> None:
+    for _ in range(250):
+        if callable(check) and check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("never came true")
