@@ -97,6 +97,11 @@ class CircuitSync:
             try:
                 await self._listen()
             except (RedisError, OSError, TimeoutError, RespError, ProtocolError) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # A cancellation that a client library turned into an error of its
+                    # own: the follower must still end, or shutdown waits on it.
+                    raise asyncio.CancelledError from exc
                 log.warning("circuit sharing paused, Redis failed: %r", exc)
             await asyncio.sleep(_RETRY)
 
