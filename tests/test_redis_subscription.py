@@ -17,6 +17,7 @@ from proxy.circuit_sync import CHANNEL, CircuitSync
 from proxy.redis_subscription import Subscription
 from proxy.resp import RespError
 from tests.redis_server import RedisServer
+from tests.support import eventually
 from tests.teams_setup import need_redis
 
 
@@ -94,10 +95,10 @@ async def test_a_cancelled_follower_ends_at_once(
     follower = asyncio.ensure_future(sync.follow())
     try:
         if state != "silent":
-            await _until(lambda: subscribers(private_redis) == 1)
+            await eventually(lambda: subscribers(private_redis) == 1, 5.0)
             change = {"origin": "another", "key": "k", "opened": 1, "until": time.time() + 60}
             publish(private_redis, CHANNEL, json.dumps(change))
-            await _until(lambda: breakers.state("k") == "open")  # it follows
+            await eventually(lambda: breakers.state("k") == "open", 5.0)  # it follows
         if state == "stopped":
             private_redis.kill()
         await asyncio.sleep(0.7)  # a timeout, a failure and a retry's sleep may fall here
@@ -105,15 +106,7 @@ async def test_a_cancelled_follower_ends_at_once(
         done, _ = await asyncio.wait([follower], timeout=5)
         assert done == {follower}
         if state == "subscribed":
-            await _until(lambda: subscribers(private_redis) == 0)  # its connection closed
+            await eventually(lambda: subscribers(private_redis) == 0, 5.0)  # its socket closed
     finally:
         follower.cancel()
         await client.aclose()
-
-
-async def _until(check: object) -> None:
-    for _ in range(250):
-        if callable(check) and check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("never came true")
