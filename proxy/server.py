@@ -25,6 +25,7 @@ from proxy import access_log
 from proxy.app import make_app
 from proxy.appkeys import CONFIG
 from proxy.config_load import load_config
+from proxy.exposure import Exposure
 from proxy.front import FrontSite
 from proxy.metrics import MULTIPROC_ENV
 from proxy.pdeathsig import parent_death_signal
@@ -42,6 +43,8 @@ class ServeOptions:
     shutdown_timeout: float = 30.0
     # Let another proxy bind the same port, for a rolling restart on one host.
     reuse_port: bool = False
+    # Serve without teams on a non-loopback host; checked again on every reload.
+    allow_anonymous: bool = False
 
 
 def run_worker(options: ServeOptions, reuse_port: bool | None = None) -> None:
@@ -55,7 +58,8 @@ def run_worker(options: ServeOptions, reuse_port: bool | None = None) -> None:
 
 
 async def _worker(options: ServeOptions, reuse_port: bool) -> None:
-    holder = ConfigHolder(load_config(options.config_path), options.config_path)
+    exposure = Exposure(options.host, options.allow_anonymous)
+    holder = ConfigHolder(load_config(options.config_path), options.config_path, exposure)
     runner = await start_server(
         make_app(holder), options.host, options.port, reuse_port, options.shutdown_timeout
     )
