@@ -12,7 +12,7 @@ from typing import TextIO
 from proxy import access_log
 from proxy.auth import key_hash, new_key
 from proxy.config_load import ConfigError, load_config
-from proxy.exposure import Exposure
+from proxy.exposure import Exposure, load_to_serve
 from proxy.server import ServeOptions, run_worker, supervise
 from proxy.usage_cli import show_usage
 
@@ -82,14 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
     _lean_log_records()
     access_log.install(logging.getLogger().level)
     try:
-        config = load_config(args.config)
+        config = load_to_serve(args.config, Exposure(args.host, args.allow_anonymous))
     except ConfigError as exc:
         _print_errors(args.config, exc, sys.stderr)
-        return 2
-    exposure = Exposure(args.host, args.allow_anonymous)
-    problem = exposure.problem(config)
-    if problem:
-        print(problem, file=sys.stderr)
         return 2
     if args.workers < 1:
         print("--workers must be at least 1", file=sys.stderr)

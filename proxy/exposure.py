@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 
 from proxy.config import Config
+from proxy.config_load import ConfigError, load_config
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,16 @@ class Exposure:
             "your provider keys. Add teams (python -m proxy keygen TEAM) or pass "
             "--allow-anonymous."
         )
+
+
+def load_to_serve(path: Path, exposure: Exposure) -> Config:
+    """The file's config, refused like an invalid file if this address must not serve it:
+    at start, on a reload, and when the supervisor starts a worker again."""
+    config = load_config(path)
+    problem = exposure.problem(config)
+    if problem:
+        raise ConfigError([problem])
+    return config
 
 
 def loopback(host: str) -> bool:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from proxy.config import Config
-from proxy.config_load import ConfigError, load_config
-from proxy.exposure import Exposure
+from proxy.config_load import ConfigError
+from proxy.exposure import Exposure, load_to_serve
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,9 @@ class ConfigHolder:
             return False
         self._stamp = _stamp(self.path)
         try:
-            config = load_config(self.path)
+            config = load_to_serve(self.path, self.exposure)
         except ConfigError as exc:
             return self._refuse(exc.errors)
-        problem = self.exposure.problem(config)
-        if problem:
-            return self._refuse([problem])
         self.current = config
         self.reloads["ok"] += 1
         self._tell(True)

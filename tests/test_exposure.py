@@ -4,6 +4,9 @@ at start and on every reload, unless --allow-anonymous."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +66,29 @@ async def test_allow_anonymous_serves_without_teams_on_a_public_address(
     finally:
         assert process.stop() == 0
     assert "refused" not in process.log()
+
+
+async def test_a_worker_started_again_does_not_serve_a_file_without_teams(
+    tmp_path: Path, wandb: Upstream, prime: Upstream
+):
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_yaml(wandb, prime) + TEAMS)
+    process = ProxyProcess(path, free_port(), "--host", "0.0.0.0", "--workers", "2")
+    try:
+        await process.wait_listening(workers=2)
+        path.write_text(routes_yaml(wandb, prime))
+        await eventually(lambda: process.log().count(f"config reload of {path} refused") == 2, 20)
+        pid = re.findall(r" (\d+) INFO proxy.server proxy listening on", process.log())[0]
+        os.kill(int(pid), signal.SIGKILL)  # the supervisor starts another worker
+        await eventually(lambda: f"worker not started, {path} refused: " in process.log(), 20)
+        # Each call on a new connection, so that the kernel spreads them over every
+        # listening worker.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            assert [await _chat(http, process.url) for _ in range(20)] == [401] * 20
+        assert "proxy listening on" not in process.log().split(f"pid {pid} exited")[1]
+    finally:
+        assert process.stop() == 0
 
 
 @pytest.mark.parametrize(
