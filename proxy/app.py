@@ -21,6 +21,7 @@ from proxy.appkeys import (
     CONFIG,
     ENGINES,
     METRICS,
+    PROBES,
     UPSTREAM_CLIENT,
 )
 from proxy.balance import Balancer
@@ -29,6 +30,7 @@ from proxy.circuit_sync import CircuitSync
 from proxy.engines.registry import running_engines
 from proxy.metrics import Metrics
 from proxy.middlewares import calls
+from proxy.readiness import Probes
 from proxy.reload import ConfigHolder, watch_file
 from proxy.routes import add_routes
 from proxy.store_memory import MemoryStore
@@ -46,6 +48,7 @@ def make_app(holder: ConfigHolder) -> web.Application:
     app[BALANCER] = Balancer()
     app[BREAKERS] = CircuitBreakers()
     app[METRICS] = metrics = Metrics.from_env()
+    app[PROBES] = Probes()
     holder.on_reload = metrics.config_reloaded
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_accounting)

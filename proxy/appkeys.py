@@ -10,6 +10,7 @@ from proxy.balance import Balancer
 from proxy.circuit import CircuitBreakers
 from proxy.engines.registry import Engines
 from proxy.metrics import Metrics
+from proxy.readiness import Probes
 from proxy.reload import ConfigHolder
 from proxy.upstream_client import UpstreamClient
 
@@ -23,3 +24,4 @@ BREAKERS = web.AppKey("breakers", CircuitBreakers)
 ACCOUNTANT = web.AppKey("accountant", Accountant)
 METRICS = web.AppKey("metrics", Metrics)
 ENGINES = web.AppKey("engines", Engines)
+PROBES = web.AppKey("probes", Probes)  # /readyz's TCP probes, shared within a second

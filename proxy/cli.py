@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
@@ -13,6 +12,7 @@ from typing import TextIO
 from proxy import access_log
 from proxy.auth import key_hash, new_key
 from proxy.config_load import ConfigError, load_config
+from proxy.exposure import Exposure, load_to_serve
 from proxy.server import ServeOptions, run_worker, supervise
 from proxy.usage_cli import show_usage
 
@@ -82,14 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
     _lean_log_records()
     access_log.install(logging.getLogger().level)
     try:
-        config = load_config(args.config)
+        config = load_to_serve(args.config, Exposure(args.host, args.allow_anonymous))
     except ConfigError as exc:
         _print_errors(args.config, exc, sys.stderr)
-        return 2
-    if not config.teams and not _loopback(args.host) and not args.allow_anonymous:
-        print(f"routes.yaml configures no team, so anyone who reaches {args.host} could use "
-              "your provider keys. Add teams (python -m proxy keygen TEAM) or pass "
-              "--allow-anonymous.", file=sys.stderr)  # fmt: skip
         return 2
     if args.workers < 1:
         print("--workers must be at least 1", file=sys.stderr)
@@ -105,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = ServeOptions(
         config_path=args.config,
         host=args.host,
+        allow_anonymous=args.allow_anonymous,
         port=args.port,
         workers=args.workers,
         shutdown_timeout=args.shutdown_timeout,
@@ -152,13 +148,6 @@ def _keygen(args: argparse.Namespace) -> int:
     print("add its hash to routes.yaml:")
     print(f'teams:\n  {args.team}:\n    keys: ["{key_hash(key)}"]')
     return 0
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _print_errors(path: Path, exc: ConfigError, stream: TextIO) -> None:

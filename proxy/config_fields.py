@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy.envsubst import expand
+from proxy.envsubst import RecordingEnv, expand, unexpand
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -23,8 +23,13 @@ class FieldReader:
     """Each method returns the parsed value, or None after recording an error at ``path``."""
 
     def __init__(self, env: Mapping[str, str]):
-        self.env = env
+        self.env = RecordingEnv(env)
         self.errors: list[str] = []
+
+    def reported_errors(self) -> list[str]:
+        """The errors as they may be printed and logged: no value from the environment
+        (a key, a password in a URL) in them, only the ``${VAR}`` it came from."""
+        return [unexpand(error, self.env.used) for error in self.errors]
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(f"{path}: {message}")
@@ -68,9 +73,18 @@ class FieldReader:
         url = self.string(raw, path)
         if url is None:
             return None
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            self.error(path, "is not a valid URL (check the host and the port)")
+            return None
+        if "@" in parts.netloc:
+            # Never sent (the upstream clients drop userinfo), and never echoed.
+            self.error(path, "credentials in the URL are not allowed; use api_key or headers")
+            return None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            self.error(path, f"must be an http(s) URL with a host, got {url!r}")
+            self.error(path, f"must be an http(s) URL with a host, got {shown(url)}")
             return None
         if parts.query or parts.fragment:
             self.error(path, "must not have a query or fragment")
@@ -117,6 +131,11 @@ class FieldReader:
             self.error(path, f"must be a positive size such as 16MiB, got {raw!r}")
             return None
         return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def shown(url: str) -> str:
+    """A URL for an error message, unless it may hold credentials (``user:pass@``)."""
+    return "(not shown: it has an '@')" if "@" in url else repr(url)
 
 
 def hint(name: str, known: set[str]) -> str:

@@ -76,7 +76,7 @@ def parse_config(text: str, env: Mapping[str, str]) -> Config:
     reader = _Reader(env)
     config = reader.config(raw)
     if reader.errors or config is None:
-        raise ConfigError(reader.errors or ["the file is empty"])
+        raise ConfigError(reader.reported_errors() or ["the file is empty"])
     return config
 
 

@@ -17,7 +17,7 @@ from proxy.config import (
     Team,
     frozen_map,
 )
-from proxy.config_fields import FieldReader, hint
+from proxy.config_fields import FieldReader, hint, shown
 
 TEAM_KEYS = {"keys", "limits", "model_limits", "headers"}
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -103,7 +103,8 @@ def read_redis(reader: FieldReader, raw: Any) -> RedisSettings:
     on_error = reader.choice(node.get("on_error", "fail_open"), "redis.on_error",
                              ("fail_open", "fail_closed")) or "fail_open"  # fmt: skip
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
-        reader.error("redis.url", f"must start with redis://, rediss:// or unix://, got {url!r}")
+        schemes = "redis://, rediss:// or unix://"
+        reader.error("redis.url", f"must start with {schemes}, got {shown(url)}")
     return replace(RedisSettings(url=url, on_error=on_error), **fields)
 
 

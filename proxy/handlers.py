@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.appkeys import ACCOUNTANT, CONFIG, ENGINES, METRICS
+from proxy.appkeys import ACCOUNTANT, CONFIG, ENGINES, METRICS, PROBES
 from proxy.auth import require_admin
 from proxy.config import ANONYMOUS, Config, Provider
 from proxy.engines.metrics_export import engine_metrics_text, engine_status_text
@@ -55,7 +55,7 @@ async def readyz(request: web.Request) -> web.Response:
     def probed(provider: Provider, reached: bool) -> None:
         metrics.endpoint_health(provider.name, endpoint_label(provider.base_url), reached)
 
-    problems = await readiness(config, request.app[ENGINES], probed)
+    problems = await readiness(config, request.app[ENGINES], request.app[PROBES], probed)
     status = 503 if problems else 200
     body = {
         "status": "not ready" if problems else "ready",

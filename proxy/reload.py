@@ -2,7 +2,8 @@
 
 A request reads ``holder.current`` once when it starts and keeps that object, so a
 swap never changes a call in flight. A new file is validated as a whole before it
-replaces the old one; a bad file is refused with every error in the log.
+replaces the old one; a bad file is refused with every error in the log. A file the
+worker's address must not serve (no teams on a public address) is refused the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from proxy.config import Config
-from proxy.config_load import ConfigError, load_config
+from proxy.config_load import ConfigError
+from proxy.exposure import Exposure, load_to_serve
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +32,11 @@ def _stamp(path: Path) -> Stamp:
 
 
 class ConfigHolder:
-    def __init__(self, config: Config, path: Path | None = None):
+    def __init__(self, config: Config, path: Path | None = None, exposure: Exposure | None = None):
         self.current = config
         self.path = path
+        # Where this worker listens: a reload must pass the same guard as the start.
+        self.exposure = exposure or Exposure()
         self._stamp = _stamp(path) if path else None
         self.reloads = {"ok": 0, "error": 0}
         # Told the result of every reload (the app points it at its metrics).
@@ -44,21 +48,25 @@ class ConfigHolder:
             return False
         self._stamp = _stamp(self.path)
         try:
-            config = load_config(self.path)
+            config = load_to_serve(self.path, self.exposure)
         except ConfigError as exc:
-            self.reloads["error"] += 1
-            self._tell(False)
-            log.error(
-                "config reload refused, the running config stays: %s",
-                "; ".join(exc.errors),
-            )
-            return False
+            return self._refuse(exc.errors)
         self.current = config
         self.reloads["ok"] += 1
         self._tell(True)
         log.info("config reloaded from %s: %d models", self.path, len(config.models))
         log_warnings(config)
         return True
+
+    def _refuse(self, errors: list[str]) -> bool:
+        self.reloads["error"] += 1
+        self._tell(False)
+        log.error(
+            "config reload of %s refused, the running config stays: %s",
+            self.path,
+            "; ".join(errors),
+        )
+        return False
 
     def _tell(self, ok: bool) -> None:
         if self.on_reload is not None:

@@ -24,7 +24,8 @@ from prometheus_client import multiprocess
 from proxy import access_log
 from proxy.app import make_app
 from proxy.appkeys import CONFIG
-from proxy.config_load import load_config
+from proxy.config_load import ConfigError
+from proxy.exposure import Exposure, load_to_serve
 from proxy.front import FrontSite
 from proxy.metrics import MULTIPROC_ENV
 from proxy.pdeathsig import parent_death_signal
@@ -42,6 +43,8 @@ class ServeOptions:
     shutdown_timeout: float = 30.0
     # Let another proxy bind the same port, for a rolling restart on one host.
     reuse_port: bool = False
+    # Serve without teams on a non-loopback host; checked again on every reload.
+    allow_anonymous: bool = False
 
 
 def run_worker(options: ServeOptions, reuse_port: bool | None = None) -> None:
@@ -55,7 +58,10 @@ def run_worker(options: ServeOptions, reuse_port: bool | None = None) -> None:
 
 
 async def _worker(options: ServeOptions, reuse_port: bool) -> None:
-    holder = ConfigHolder(load_config(options.config_path), options.config_path)
+    # Checked again here: a worker the supervisor starts again reads the file as it is now.
+    exposure = Exposure(options.host, options.allow_anonymous)
+    config = load_to_serve(options.config_path, exposure)
+    holder = ConfigHolder(config, options.config_path, exposure)
     runner = await start_server(
         make_app(holder), options.host, options.port, reuse_port, options.shutdown_timeout
     )
@@ -160,7 +166,13 @@ def _worker_process(options: ServeOptions, die_with_parent: Callable[[], None]) 
     # A parent killed with SIGKILL cannot stop its workers: the kernel sends them SIGTERM,
     # and they shut down as usual, their local engines included.
     die_with_parent()
-    run_worker(options, reuse_port=True)
+    try:
+        run_worker(options, reuse_port=True)
+    except ConfigError as exc:
+        # The file changed since the start (the running workers refused it on reload):
+        # this one does not serve it either; the supervisor tries again later.
+        log.error("worker not started, %s refused: %s", options.config_path, "; ".join(exc.errors))
+        raise SystemExit(2) from None
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,13 +125,14 @@ def test_literal_dollar_and_sizes():
     assert config.server.max_body_bytes == 2 * 1024 * 1024
 
 
-def _check(path: Path) -> subprocess.CompletedProcess[str]:
+def _check(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxy", "check", str(path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -151,3 +153,75 @@ def test_check_command(tmp_path: Path):
 def test_shipped_routes_yaml_is_valid():
     result = _check(ROOT / "routes.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("url", ["http://[::1/v1", "http://h:port/v1", "http://h:99999/v1"])
+def test_url_that_does_not_parse_is_an_error(url: str):
+    text = (
+        f"providers:\n  p: {{base_url: '{url}'}}\n"
+        "models:\n  m: {targets: [{provider: p, model: x}]}"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, {})
+    assert "providers.p.base_url: is not a valid URL (check the host and the port)" in (
+        caught.value.errors
+    )
+
+
+CREDENTIALS = "credentials in the URL are not allowed; use api_key or headers"
+USERINFO_URLS = """
+providers:
+  one:
+    base_url: https://user:pass-LITERAL@api.example/v1
+  two:
+    endpoints:
+      - https://api.example/v1
+      - https://:pass-LITERAL@api.example/v1
+      - {url: "https://user:pass-LITERAL@api.example/v1", weight: 2}
+models:
+  m: {targets: [{provider: one, model: x}, {provider: two, model: x}]}
+"""
+
+
+def test_check_refuses_credentials_in_urls_without_printing_them(tmp_path: Path):
+    path = tmp_path / "routes.yaml"
+    path.write_text(USERINFO_URLS)
+    result = _check(path)
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.splitlines()[1:4] == [
+        f"providers.one.base_url: {CREDENTIALS}",
+        f"providers.two.endpoints[1]: {CREDENTIALS}",
+        f"providers.two.endpoints[2].url: {CREDENTIALS}",
+    ]
+    assert "pass-LITERAL" not in result.stdout + result.stderr
+
+
+SECRET = "S3cr3t-Value-xyz"
+# Each of these errors echoes the value it refuses; the values come from the environment.
+ECHOING = """
+redis: {url: "redis//:${T_SECRET}@localhost:6379"}
+providers:
+  p:
+    base_url: "ftp://${T_SECRET}.example/v1"
+    balance: "${T_SECRET}"
+    api_key: ${T_SECRET}
+    headers: {X-Key: "${T_SECRET}"}
+  q:
+    endpoints: ["${T_URL}", {url: "http://h:${T_SECRET}/v1"}]
+models:
+  m: {targets: [{provider: "${T_SECRET}", model: x}, {provider: p, model: "${T_SECRET}"}]}
+"""
+SECRET_ENV = {"T_SECRET": SECRET, "T_URL": f"https://admin:{SECRET}@api.example/v1"}
+
+
+def test_check_never_prints_a_value_from_the_environment(tmp_path: Path):
+    path = tmp_path / "routes.yaml"
+    path.write_text(ECHOING)
+    result = _check(path, SECRET_ENV)
+    assert result.returncode == 1, result.stdout
+    assert SECRET not in result.stdout + result.stderr
+    errors = result.stdout.splitlines()[1:]
+    assert len(errors) == 6, errors  # all but api_key, headers and the model id
+    shown = "got 'ftp://${T_SECRET}.example/v1'"
+    assert f"providers.p.base_url: must be an http(s) URL with a host, {shown}" in errors
+    assert any(e.startswith("providers.p.balance: unknown balance '${T_SECRET}'") for e in errors)

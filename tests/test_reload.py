@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Proxy
-from tests.support import ProxyProcess, Upstream, free_port, routes_yaml
+from tests.support import ProxyProcess, Upstream, eventually, free_port, routes_yaml
+from tests.test_config import CREDENTIALS, ECHOING, SECRET, SECRET_ENV, USERINFO_URLS
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -128,3 +129,33 @@ async def test_sighup_reloads_a_running_process(tmp_path: Path, wandb: Upstream,
     finally:
         assert process.stop() == 0
     assert "config reloaded" in process.log()
+
+
+async def _refused_reload(tmp_path: Path, good: str, bad: str) -> str:
+    """A proxy process started on ``good``, given ``bad``: its log once it refused it."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(good)
+    process = ProxyProcess(path, free_port(), env=SECRET_ENV)
+    try:
+        await process.wait_listening()
+        path.write_text(bad)
+        refused = f"config reload of {path} refused, the running config stays: "
+        await eventually(lambda: refused in process.log(), 20)
+    finally:
+        assert process.stop() == 0
+    return process.log()
+
+
+async def test_reload_refuses_credentials_in_urls(tmp_path: Path, wandb: Upstream, prime: Upstream):
+    log = await _refused_reload(tmp_path, routes_yaml(wandb, prime), USERINFO_URLS)
+    assert f"providers.one.base_url: {CREDENTIALS}" in log
+    assert f"providers.two.endpoints[2].url: {CREDENTIALS}" in log
+    assert "pass-LITERAL" not in log
+
+
+async def test_reload_errors_never_log_a_value_from_the_environment(
+    tmp_path: Path, wandb: Upstream, prime: Upstream
+):
+    log = await _refused_reload(tmp_path, routes_yaml(wandb, prime), ECHOING)
+    assert "providers.p.balance: unknown balance '${T_SECRET}'" in log
+    assert SECRET not in log
