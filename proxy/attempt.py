@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -98,7 +97,7 @@ async def attempt(
         with record.waiting():
             answer = await _read(response, provider)
         if response.status == 200 and response.content_type == "application/json":
-            _note_usage(record, _parsed_json(answer, provider))
+            _note_usage(record, answer, provider)
         return answer
     finally:
         # Closing (not releasing) drops the connection if the body was not read to
@@ -127,15 +126,16 @@ async def _first_chunk(response: UpstreamResponse, provider: Provider) -> bytes:
     return first
 
 
-def _parsed_json(answer: web.Response, provider: Provider) -> Any:
+def _note_usage(record: CallRecord, answer: web.Response, provider: Provider) -> None:
+    """Read the usage of a JSON 200, which must parse: it is retried like a dud if not.
+    RecursionError too: JSON nested thousands deep (json's C code and ``usage``'s
+    walk both recurse) is the upstream's fault, not a reason for a 500."""
     try:
-        return json.loads(answer.body)  # type: ignore[arg-type]
-    except ValueError:
+        payload = json.loads(answer.body)  # type: ignore[arg-type]
+        record.usage = reported(payload)
+        record.completion_estimate = estimate_completion(payload)
+    except (ValueError, RecursionError):
         raise AttemptFailed("bad_upstream_response", error=BadUpstreamResponse(
-            f"Provider '{provider.name}' answered 200 with a body that is not valid JSON."
+            f"Provider '{provider.name}' answered 200 with a body that is not valid JSON "
+            "(or is nested too deeply)."
         )) from None  # fmt: skip
-
-
-def _note_usage(record: CallRecord, payload: Any) -> None:
-    record.usage = reported(payload)
-    record.completion_estimate = estimate_completion(payload)
