@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from dataclasses import replace
 from email.utils import formatdate
 from typing import Any
 
+import aiohttp
 import pytest
 
-from tests.conftest import MakeProxy, Proxy
+from proxy.app import make_app
+from proxy.config import Endpoint
+from proxy.config_load import parse_config
+from proxy.reload import ConfigHolder
+from tests.conftest import MakeProxy, Proxy, StartApp
 from tests.fake_upstream import OK, REPLY, FakeUpstream, Fault
 from tests.support import Upstream, eventually, routes_yaml
 
@@ -151,6 +158,28 @@ async def test_every_attempt_is_in_the_access_log(
     assert [(a["provider"], a["outcome"], a["detail"]) for a in line["attempts"]] == [
         ("prime", "retried", "503"), ("prime", "failed", "429"), ("wandb", "ok", "200"),
     ]  # fmt: skip
+
+
+async def test_no_log_line_carries_userinfo_of_an_endpoint_url(
+    start_app: StartApp, wandb: Upstream, prime: Upstream, caplog: pytest.LogCaptureFixture
+):
+    # The config is built here, not loaded: whether the loader lets userinfo into a URL
+    # or not, the access log must not write it out.
+    text = routes_yaml(wandb, prime, retry="{attempts: 2, base_delay: 10ms}")
+    config = parse_config(text, os.environ)
+    secret = wandb.url.replace("http://", "http://user:s3cret-pw@")
+    providers = dict(config.providers)
+    providers["wandb"] = replace(providers["wandb"], endpoints=(Endpoint(secret),))
+    app = make_app(ConfigHolder(replace(config, providers=providers)))
+    url = await start_app(app)
+    caplog.set_level(logging.INFO)
+    wandb.fake.faults = [Fault(status=503)]
+    async with aiohttp.ClientSession() as http, http.post(url + CHAT, json=PLAIN) as resp:
+        assert resp.status == 200
+    line = json.loads([r for r in caplog.records if r.name == "proxy.access"][-1].getMessage())
+    assert [a["endpoint"] for a in line["attempts"]] == [wandb.url, wandb.url]
+    assert line["endpoint"] == wandb.url
+    assert "s3cret-pw" not in caplog.text
 
 
 DEEP = b"[" * 100_000 + b"]" * 100_000  # parses in no JSON parser with a recursion limit
