@@ -20,7 +20,7 @@ from proxy.errors import BadUpstreamResponse, ProxyError
 from proxy.exchange import Answer, Exchange
 from proxy.headers import upstream_headers
 from proxy.record import CallRecord
-from proxy.relay import is_stream, read_plain, relay_stream
+from proxy.relay import read_plain, relay_stream
 from proxy.sse_tap import SseTap
 from proxy.upstream import open_call, read_chunk
 from proxy.upstream_client import UpstreamClient
@@ -54,13 +54,14 @@ class AttemptFailed(Exception):
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where an attempt goes: the provider, one of its endpoints, the API path, and the
-    caller's extra headers for this provider."""
+    """Where an attempt goes: the provider, one of its endpoints, the API path, the
+    caller's extra headers for this provider, and the most a whole answer may hold."""
 
     provider: Provider
     endpoint: Endpoint
     path: str
     headers: Mapping[str, str]
+    max_answer_bytes: int
 
 
 async def attempt(
@@ -76,7 +77,9 @@ async def attempt(
     url = upstream.endpoint.join(upstream.path)
     try:
         with record.waiting():
-            response = await open_call(client, provider, url, body, headers)
+            response = await open_call(
+                client, provider, url, body, headers, upstream.max_answer_bytes
+            )
     except ProxyError as exc:
         raise AttemptFailed(exc.code or "error", error=exc) from None
     try:
@@ -88,7 +91,7 @@ async def attempt(
                 retry_after=retry_after_seconds(response.headers.get("Retry-After")),
                 endpoint_fault=response.status != 429,
             )  # fmt: skip
-        if is_stream(response):
+        if response.is_stream:
             with record.waiting():
                 first = await _first_chunk(response, provider)
             return await relay_stream(
