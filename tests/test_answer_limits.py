@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.config_load import parse_config
 from tests.support import ProxyProcess, eventually, free_port
 
 MiB = 1024 * 1024
@@ -179,3 +180,14 @@ async def test_a_stream_over_the_limit_is_relayed_whole(
     ):
         assert resp.status == 200
         assert len(await resp.read()) == 2 * LIMIT // MiB * (len(PIECE) + 8)
+
+
+def test_the_limit_is_64_mib_unless_set() -> None:
+    text = (
+        "providers: {p: {base_url: 'http://127.0.0.1:1/v1'}}\n"
+        "models: {m: {targets: [{provider: p, model: m}]}}\n"
+    )
+    assert parse_config(text, {}).server.max_answer_bytes == 64 * MiB
+    assert (
+        parse_config("server: {max_answer_bytes: 1KB}\n" + text, {}).server.max_answer_bytes == 1000
+    )
