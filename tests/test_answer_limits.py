@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from proxy.config_load import parse_config
+from tests.metrics_support import scrape
 from tests.support import ProxyProcess, eventually, free_port
 
 MiB = 1024 * 1024
@@ -123,7 +124,8 @@ models:
 
 
 def _access_lines(proxy: ProxyProcess) -> list[dict[str, Any]]:
-    return [json.loads(s) for s in proxy.log().splitlines() if s.startswith('{"ts"')]
+    lines = [json.loads(s) for s in proxy.log().splitlines() if s.startswith('{"ts"')]
+    return [line for line in lines if line["path"] == "/v1/chat/completions"]
 
 
 def _status_kib(pid: int, field_name: str) -> int:
@@ -158,6 +160,9 @@ async def test_an_answer_over_the_limit_is_a_bad_answer_and_memory_stays_bounded
         assert len(lazy.sent) == 3 and max(lazy.sent[1:]) < HUGE // 4, lazy.sent
         lazy.modes = [mode, "ok"]  # a retry still gets the next answer
         assert (await _call(http, proxy))[0] == 200
+        counted = await scrape(http, proxy.url)
+    attempts = "llm_proxy_upstream_attempts_total"
+    assert [counted.value(attempts, outcome=o) for o in ("ok", "retried", "failed")] == [2, 2, 1]
     await eventually(lambda: len(_access_lines(proxy)) == 3)
     assert "the answer exceeded server.max_answer_bytes (8388608 bytes); connection dropped" in (
         proxy.log()
