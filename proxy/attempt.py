@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -21,7 +20,7 @@ from proxy.errors import BadUpstreamResponse, ProxyError
 from proxy.exchange import Answer, Exchange
 from proxy.headers import upstream_headers
 from proxy.record import CallRecord
-from proxy.relay import is_stream, read_plain, relay_stream
+from proxy.relay import read_plain, relay_stream
 from proxy.sse_tap import SseTap
 from proxy.upstream import open_call, read_chunk
 from proxy.upstream_client import UpstreamClient
@@ -55,13 +54,14 @@ class AttemptFailed(Exception):
 
 @dataclass(frozen=True)
 class Upstream:
-    """Where an attempt goes: the provider, one of its endpoints, the API path, and the
-    caller's extra headers for this provider."""
+    """Where an attempt goes: the provider, one of its endpoints, the API path, the
+    caller's extra headers for this provider, and the most a whole answer may hold."""
 
     provider: Provider
     endpoint: Endpoint
     path: str
     headers: Mapping[str, str]
+    max_answer_bytes: int
 
 
 async def attempt(
@@ -77,7 +77,9 @@ async def attempt(
     url = upstream.endpoint.join(upstream.path)
     try:
         with record.waiting():
-            response = await open_call(client, provider, url, body, headers)
+            response = await open_call(
+                client, provider, url, body, headers, upstream.max_answer_bytes
+            )
     except ProxyError as exc:
         raise AttemptFailed(exc.code or "error", error=exc) from None
     try:
@@ -89,7 +91,7 @@ async def attempt(
                 retry_after=retry_after_seconds(response.headers.get("Retry-After")),
                 endpoint_fault=response.status != 429,
             )  # fmt: skip
-        if is_stream(response):
+        if response.is_stream:
             with record.waiting():
                 first = await _first_chunk(response, provider)
             return await relay_stream(
@@ -98,7 +100,7 @@ async def attempt(
         with record.waiting():
             answer = await _read(response, provider)
         if response.status == 200 and response.content_type == "application/json":
-            _note_usage(record, _parsed_json(answer, provider))
+            _note_usage(record, answer, provider)
         return answer
     finally:
         # Closing (not releasing) drops the connection if the body was not read to
@@ -127,15 +129,16 @@ async def _first_chunk(response: UpstreamResponse, provider: Provider) -> bytes:
     return first
 
 
-def _parsed_json(answer: web.Response, provider: Provider) -> Any:
+def _note_usage(record: CallRecord, answer: web.Response, provider: Provider) -> None:
+    """Read the usage of a JSON 200, which must parse: it is retried like a dud if not.
+    RecursionError too: JSON nested thousands deep (json's C code and ``usage``'s
+    walk both recurse) is the upstream's fault, not a reason for a 500."""
     try:
-        return json.loads(answer.body)  # type: ignore[arg-type]
-    except ValueError:
+        payload = json.loads(answer.body)  # type: ignore[arg-type]
+        record.usage = reported(payload)
+        record.completion_estimate = estimate_completion(payload)
+    except (ValueError, RecursionError):
         raise AttemptFailed("bad_upstream_response", error=BadUpstreamResponse(
-            f"Provider '{provider.name}' answered 200 with a body that is not valid JSON."
+            f"Provider '{provider.name}' answered 200 with a body that is not valid JSON "
+            "(or is nested too deeply)."
         )) from None  # fmt: skip
-
-
-def _note_usage(record: CallRecord, payload: Any) -> None:
-    record.usage = reported(payload)
-    record.completion_estimate = estimate_completion(payload)

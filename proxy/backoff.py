@@ -19,16 +19,19 @@ def backoff_delay(
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds (RFC 9110 §10.2.3: delta-seconds or an HTTP date)."""
+    """Retry-After as seconds (RFC 9110 §10.2.3: delta-seconds or an HTTP date), or None
+    when it is neither: an upstream's header must never fail the call, so anything
+    unparseable is ignored and full-jitter backoff applies. A huge value is honoured
+    as such (inf, beyond any ``max_retry_after``: the next target, at once)."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():  # not "²" or "٣": str.isdigit takes those
+        return float(value)  # inf for hundreds of digits, which compares as it should
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            return None
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.circuit import Change, CircuitBreakers
+from proxy.metrics import endpoint_label
 from proxy.redis_subscription import Subscription
 from proxy.resp import ProtocolError, RespError
 
@@ -79,7 +80,7 @@ class CircuitSync:
                 pipe.publish(CHANNEL, message)
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("could not share circuit change of %s: %s", change.key, exc)
+            log.warning("could not share circuit change of %s: %s", endpoint_label(change.key), exc)
 
     async def claim_probe(self, key: str, lease: float) -> bool:
         """Whether this process may send the deployment's one probe to ``key``."""

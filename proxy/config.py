@@ -116,6 +116,8 @@ class ServerSettings:
     # keep-alive time (read once at start, like the port).
     body_timeout: float = 30.0
     keepalive_timeout: float = 75.0
+    # The most an upstream's non-streamed answer may hold (decoded): it is read whole.
+    max_answer_bytes: int = 64 * 1024 * 1024
 
 
 LIMIT_KINDS = ("requests_per_minute", "tokens_per_minute", "concurrent", "tokens_per_day")

@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.attempt import AttemptFailed
 from proxy.config import Model
 from proxy.errors import (
+    BadUpstreamResponse,
     CircuitOpen,
     ProviderUnavailable,
     ProxyError,
@@ -57,8 +58,8 @@ def _proxy_error(errors: list[ProxyError], message: str) -> ProxyError:
     if errors and all(isinstance(e, ProviderUnavailable | CircuitOpen) for e in errors):
         kind = type(errors[-1])
         return kind(message)
-    if errors and isinstance(errors[-1], UpstreamTimeout):
-        return UpstreamTimeout(message)
+    if errors and isinstance(errors[-1], UpstreamTimeout | BadUpstreamResponse):
+        return type(errors[-1])(message)
     return UpstreamUnreachable(message)
 
 
@@ -75,7 +76,7 @@ def _like_answer(answer: web.Response, message: str) -> web.Response:
 def _error_fields(answer: web.Response) -> dict[str, Any]:
     try:
         error = json.loads(answer.body)["error"]  # type: ignore[arg-type]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # the upstream's body: anything
         return {}
     return error if isinstance(error, dict) else {"message": str(error)}
 

@@ -163,6 +163,7 @@ class _Run:
                     endpoint,
                     self.call.endpoint,
                     self.call.provider_headers.get(provider.name, {}),
+                    self.call.config.server.max_answer_bytes,
                 )
                 response = await attempt(self.exchange, app[UPSTREAM_CLIENT], target, body,
                                          self.record, strip_usage)  # fmt: skip

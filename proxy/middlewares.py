@@ -132,7 +132,9 @@ def _attempt(a: Attempt) -> dict[str, str]:
     # By hand: dataclasses.asdict deep-copies recursively, at a cost on every call.
     return {
         "provider": a.provider,
-        "endpoint": a.endpoint,
+        # Through endpoint_label like the line's own "endpoint": a URL's userinfo (a
+        # password) must not reach the log. "-" (no endpoint was tried) stays as it is.
+        "endpoint": endpoint_label(a.endpoint) if "://" in a.endpoint else a.endpoint,
         "outcome": a.outcome,
         "detail": a.detail,
     }

@@ -29,10 +29,6 @@ from proxy.upstream_response import UpstreamResponse
 log = logging.getLogger(__name__)
 
 
-def is_stream(response: UpstreamResponse) -> bool:
-    return response.content_type == "text/event-stream"
-
-
 async def read_plain(response: UpstreamResponse, provider: Provider) -> web.Response:
     """Read the whole body first, so that a body cut short can still fall back."""
     body = await read_all(response, provider)

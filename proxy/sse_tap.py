@@ -84,6 +84,6 @@ def _payload(event: bytes) -> dict[str, Any]:
     lines = [line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:")]
     try:
         payload = json.loads(b"\n".join(lines))
-    except ValueError:
+    except (ValueError, RecursionError):  # JSON nested thousands deep: no usage in it
         return {}
     return payload if isinstance(payload, dict) else {}

@@ -1,7 +1,8 @@
 """One call to one upstream: open it, read it, and map transport errors at one boundary.
 
 The client's exceptions never leave this module: a connection that cannot be made or
-breaks becomes ``UpstreamUnreachable`` (502), a deadline that passes becomes
+breaks becomes ``UpstreamUnreachable`` (502), one whose answer breaks the proxy's limits
+(head size, body size) ``BadUpstreamResponse`` (502), a deadline that passes becomes
 ``UpstreamTimeout`` (504). Timeouts are the provider's: ``connect`` for the TCP/TLS
 handshake, ``first_byte`` until the response headers arrive, ``idle`` between two
 reads of the body, ``total`` for the whole call.
@@ -15,9 +16,9 @@ import time
 from multidict import CIMultiDict
 
 from proxy.config import Provider
-from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from proxy.upstream_client import UpstreamClient
-from proxy.upstream_response import UpstreamConnectionError, UpstreamResponse
+from proxy.upstream_response import AnswerRefused, UpstreamConnectionError, UpstreamResponse
 
 
 class MappedErrors:
@@ -40,6 +41,11 @@ class MappedErrors:
             raise UpstreamTimeout(
                 f"Provider '{self.provider.name}' did not answer in time ({self.phase})."
             ) from None
+        if issubclass(kind, AnswerRefused):
+            raise BadUpstreamResponse(
+                f"Provider '{self.provider.name}' sent an answer the proxy refuses "
+                f"({self.phase}): {exc}"
+            ) from None
         if issubclass(kind, (UpstreamConnectionError, OSError)):
             raise UpstreamUnreachable(
                 f"Provider '{self.provider.name}' could not be reached ({self.phase}): {exc}"
@@ -52,12 +58,14 @@ async def open_call(
     url: str,
     body: bytes,
     headers: CIMultiDict[str],
+    max_held: int = 0,
 ) -> UpstreamResponse:
-    """Send the request and return once the response headers are in."""
+    """Send the request and return once the response headers are in. An answer that is
+    not a stream may hold at most ``max_held`` bytes (0: any), since it is read whole."""
     t = provider.timeouts
     started = time.monotonic()
     with MappedErrors(provider, "waiting for the response headers"):
-        response = await client.post(url, headers, body, min(t.connect, t.first_byte))
+        response = await client.post(url, headers, body, min(t.connect, t.first_byte), max_held)
         # Connecting counts against first_byte and total too.
         spent = time.monotonic() - started
         response.set_deadlines(t.first_byte - spent, t.total - spent)
@@ -146,6 +154,13 @@ async def read_chunk_timed(response: UpstreamResponse, provider: Provider, compl
 
 async def read_all(response: UpstreamResponse, provider: Provider) -> bytes:
     parts: list[bytes] = []
-    while chunk := await read_chunk(response, provider):
-        parts.append(chunk)
+    try:
+        while chunk := await read_chunk(response, provider):
+            parts.append(chunk)
+    except BaseException:
+        # The error's traceback holds this frame, and a failed attempt's error is kept
+        # until the call ends: without this, each one would keep what it had read
+        # (up to server.max_answer_bytes per attempt).
+        parts.clear()
+        raise
     return b"".join(parts)

@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 from httptools import HttpParserError, HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.upstream_response import UpstreamConnectionError, UpstreamResponse
+from proxy.inflate import Inflater
+from proxy.upstream_response import AnswerRefused, UpstreamConnectionError, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,14 @@ def split_url(url: str) -> Target:
 
 # The proxy asks for identity; these are inflated if an upstream compresses anyway.
 _ZLIB_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
+# An answer's head: status line and header fields, 1xx heads included. aiohttp's client
+# allows 128 fields of 8190 bytes each, h11 (httpx) 16 KiB for the whole head, and
+# nginx as a proxy 4 or 8 KiB (proxy_buffer_size); hosted APIs send about 30 fields.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 128
+_HEAD_TOO_LARGE = (
+    f"the answer's head is larger than {MAX_HEAD_BYTES} bytes or has more than {MAX_HEADERS} fields"
+)
 
 
 class UpstreamClient:
@@ -71,14 +80,20 @@ class UpstreamClient:
         self._tls: ssl.SSLContext | None = None
 
     async def post(
-        self, url: str, headers: CIMultiDict[str], body: bytes, connect_timeout: float
+        self,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        connect_timeout: float,
+        max_held: int = 0,
     ) -> UpstreamResponse:
-        """Send the request; the answer's headers are awaited with ``response.started()``."""
+        """Send the request; the answer's headers are awaited with ``response.started()``.
+        An answer other than a stream fails once its body passes ``max_held`` bytes."""
         target = self._target(url)
         head = _head(target, headers, len(body))
         conn = self._pooled(target.origin) or await self._connect(target.origin, connect_timeout)
         self._busy.add(conn)
-        return conn.send(head, body)
+        return conn.send(head, body, max_held)
 
     def release(self, conn: Connection) -> None:
         self._busy.discard(conn)
@@ -162,13 +177,17 @@ class Connection(asyncio.Protocol):
         self._parser = HttpResponseParser(self)
         self._headers: list[tuple[str, str]] = []
         self._until_close = False  # the answer's body ends when the connection does
-        self._decoder: zlib._Decompress | None = None
+        self._inflater: Inflater | None = None
+        self._paused = False  # reading paused: the reader has enough for now
+        self._head_read = 0  # bytes read while the answer's head was unfinished
+        self._head_size = 0  # the sizes of its fields, for a head that came in one read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # create_connection: TCP
 
-    def send(self, head: bytes, body: bytes) -> UpstreamResponse:
-        self.response = UpstreamResponse(self, self._loop)
+    def send(self, head: bytes, body: bytes, max_held: int = 0) -> UpstreamResponse:
+        self.response = UpstreamResponse(self, self._loop, max_held)
+        self._head_read = self._head_size = 0
         self.transport.write(head + body)
         return self.response
 
@@ -181,7 +200,16 @@ class Connection(asyncio.Protocol):
             self.transport.close()
         self.client.release(self)
 
+    def refuse(self, reason: str) -> None:
+        """The answer broke a limit: it fails, the connection goes, and the log says why."""
+        log.warning("upstream %s: %s; connection dropped", self.origin.host_header, reason)
+        if self.response is not None:
+            self.response.fail(AnswerRefused(reason))
+        self.transport.close()
+
     def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():  # dropped already: the rest is moot
+            return
         response = self.response
         if response is None or response.is_eof():  # nothing may come outside an answer
             if response is not None:
@@ -196,6 +224,11 @@ class Connection(asyncio.Protocol):
                 return
             response.fail(UpstreamConnectionError(f"the answer is not HTTP/1.1: {exc}"))
             self.transport.close()
+            return
+        if not response.status:  # llhttp holds an unfinished head: it must not grow unbounded
+            self._head_read += len(data)
+            if self._head_read > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self.refuse(_HEAD_TOO_LARGE)
 
     def _stray(self, size: int) -> None:
         """Bytes outside an answer: the upstream broke HTTP/1.1 (a client that sends one
@@ -210,7 +243,7 @@ class Connection(asyncio.Protocol):
         if response is None:
             return
         if exc is None and self._until_close and response.status:
-            response.end()  # a body framed by the close has just ended
+            self._body_ended(response)  # a body framed by the close has just ended
             return
         phase = "its body" if response.status else "its headers"
         reason = f": {exc}" if exc else ""
@@ -218,19 +251,31 @@ class Connection(asyncio.Protocol):
                                               f"{phase}{reason}"))  # fmt: skip
 
     def pause_reading(self) -> None:
+        self._paused = True
         self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if not self.transport.is_closing():
+        self._paused = False
+        if self._inflater is not None and self.response is not None:
+            self._inflate(self.response)  # what waits still compressed comes first
+        if not self._paused and not self.transport.is_closing():
             self.transport.resume_reading()
 
     # llhttp's callbacks, while ``response`` is set (data_received makes sure of it).
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # A head that came in one read is counted here, field by field.
+        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
+        if len(self._headers) >= MAX_HEADERS or self._head_size > MAX_HEAD_BYTES:
+            if not self.transport.is_closing():
+                self.refuse(_HEAD_TOO_LARGE)
+            return
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
 
     def on_headers_complete(self) -> None:
         assert self.response is not None
+        if self.transport.is_closing():  # refused while its head was read
+            return
         if self.response.is_eof():  # a second answer in the read that ended the first
             raise UpstreamConnectionError("an answer that no request asked for")
         status, raw = self._parser.get_status_code(), self._headers
@@ -243,9 +288,9 @@ class Connection(asyncio.Protocol):
             and "chunked" not in headers.get("Transfer-Encoding", "").lower()
         )
         encoding = headers.get("Content-Encoding", "identity").strip().lower()
-        self._decoder = None
+        self._inflater = None
         if encoding in _ZLIB_ENCODINGS:
-            self._decoder = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib header
+            self._inflater = Inflater()
         elif encoding != "identity":
             self.response.fail(UpstreamConnectionError(
                 f"the answer is encoded with {encoding!r}, though the proxy asked for identity"
@@ -256,17 +301,35 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         assert self.response is not None
-        if self._decoder is not None:
-            try:
-                body = self._decoder.decompress(body)
-            except zlib.error as exc:
-                self.response.fail(UpstreamConnectionError(f"the body does not inflate: {exc}"))
-                self.transport.close()
-                return
-        self.response.body(body)
+        if self._inflater is None:
+            self.response.body(body)
+            return
+        self._inflater.feed(body)
+        self._inflate(self.response)
 
     def on_message_complete(self) -> None:
         if self.response is not None and self.response.status:  # not the end of a 1xx
-            if self._decoder is not None and (rest := self._decoder.flush()):
-                self.response.body(rest)
-            self.response.end()
+            self._body_ended(self.response)
+
+    def _body_ended(self, response: UpstreamResponse) -> None:
+        if self._inflater is None:
+            response.end()
+            return
+        self._inflater.ended = True
+        self._inflate(response)
+
+    def _inflate(self, response: UpstreamResponse) -> None:
+        """Inflate what waits while the reader takes it (not paused, not failed); end the
+        answer once the whole body is out."""
+        inflater = self._inflater
+        assert inflater is not None
+        try:
+            for piece in inflater.pieces(lambda: not self._paused and not response.is_eof()):
+                response.body(piece)
+        except zlib.error as exc:
+            response.fail(UpstreamConnectionError(f"the body does not inflate: {exc}"))
+            self.transport.close()
+            return
+        if inflater.finished:
+            self._inflater = None
+            response.end()

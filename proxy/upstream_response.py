@@ -32,12 +32,19 @@ class UpstreamConnectionError(Exception):
     """The connection could not be made, broke, or carried something that is not HTTP."""
 
 
-class UpstreamResponse:
-    __slots__ = ("_buffer", "_buffered", "_complete", "_conn", "_error", "_loop", "_paused",
-                 "_receiver", "_started", "_timer", "_total_at", "_waiter", "headers",
-                 "keep_alive", "status")  # fmt: skip
+class AnswerRefused(UpstreamConnectionError):
+    """The answer broke one of the proxy's limits (its head's size, its body's): the
+    connection is dropped, and the attempt is a bad answer, not an unreachable upstream."""
 
-    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+
+class UpstreamResponse:
+    __slots__ = ("_buffer", "_buffered", "_complete", "_conn", "_error", "_limit", "_loop",
+                 "_max_held", "_paused", "_received", "_receiver", "_started", "_timer",
+                 "_total_at", "_waiter", "headers", "keep_alive", "status")  # fmt: skip
+
+    def __init__(
+        self, conn: Connection, loop: asyncio.AbstractEventLoop, max_held: int = 0
+    ) -> None:
         self._conn = conn
         self._loop = loop
         self._started: asyncio.Future[None] = loop.create_future()
@@ -50,6 +57,9 @@ class UpstreamResponse:
         self._error: Exception | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._total_at = 0.0
+        self._received = 0  # body bytes, decoded
+        self._max_held = max_held  # the most an answer read whole may hold; 0: no limit
+        self._limit = 0  # the body's limit, once the headers say it is not a stream
         self.status = 0
         self.keep_alive = False
         self.headers: CIMultiDictProxy[str]
@@ -58,6 +68,11 @@ class UpstreamResponse:
     def content_type(self) -> str:
         value = self.headers.get("Content-Type", "application/octet-stream")
         return value.partition(";")[0].strip().lower()
+
+    @property
+    def is_stream(self) -> bool:
+        """An SSE stream is relayed as it comes; any other answer is read whole first."""
+        return self.content_type == "text/event-stream"
 
     async def started(self) -> None:
         """Wait for the status line and the headers."""
@@ -141,10 +156,23 @@ class UpstreamResponse:
 
     def begin(self, status: int, headers: CIMultiDictProxy[str], keep_alive: bool) -> None:
         self.status, self.headers, self.keep_alive = status, headers, keep_alive
+        if self._max_held and not self.is_stream:
+            # Set before the first byte of the body, which may be in this very read.
+            self._limit = self._max_held
+            declared = headers.get("Content-Length", "").strip()
+            if declared.isascii() and declared.isdigit() and int(declared) > self._limit:
+                self._too_large()  # said up front: not a byte of it is read
+                return
         if not self._started.done():
             self._started.set_result(None)
 
     def body(self, data: bytes) -> None:
+        if self._error is not None:  # refused or timed out: the rest of this read is moot
+            return
+        self._received += len(data)
+        if self._limit and self._received > self._limit:
+            self._too_large()
+            return
         if self._receiver is not None:
             self._receiver(data)
             return
@@ -168,6 +196,10 @@ class UpstreamResponse:
             self._started.set_exception(error)
             self._started.exception()  # nobody may be waiting any more: not "never retrieved"
         self._wake()
+
+    def _too_large(self) -> None:
+        """Fail, and drop the connection: an answer read whole must fit in memory."""
+        self._conn.refuse(f"the answer exceeded server.max_answer_bytes ({self._limit} bytes)")
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

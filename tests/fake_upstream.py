@@ -43,6 +43,7 @@ class Fault:
     reset_after_first: bool = False  # stream: send one event, then reset the connection
     malformed_json: bool = False  # 200 application/json that does not parse
     invalid_sse: bool = False  # 200 text/event-stream whose body is not SSE
+    body: bytes | None = None  # answer ``status`` (200 if 0) with these bytes as JSON
 
 
 OK = Fault()
@@ -133,6 +134,10 @@ class FakeUpstream:
         return web.json_response(answer, headers=self.extra_headers)
 
     async def misbehave(self, request: web.Request, fault: Fault) -> web.StreamResponse:
+        if fault.body is not None:
+            return web.Response(
+                status=fault.status or 200, body=fault.body, content_type="application/json"
+            )
         if fault.status:
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
             body = _error(f"fault {fault.status}", "server_error")

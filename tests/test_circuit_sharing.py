@@ -6,9 +6,13 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import pytest
+import redis.asyncio as aioredis
 
+from proxy.circuit import Change, CircuitBreakers
+from proxy.circuit_sync import CircuitSync
 from tests.redis_server import RedisServer
-from tests.support import ProxyProcess, free_port
+from tests.support import ProxyProcess, dead_url, eventually, free_port
 from tests.teams_setup import need_redis
 from tests.test_balance import Replicas, replicas  # noqa: F401  (the fixture)
 
@@ -81,3 +85,18 @@ models:
         first.stop()
         second.stop()
         redis.kill()
+
+
+async def test_a_circuit_change_that_cannot_be_shared_is_logged_without_userinfo(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Redis refuses the connection (a bound port that never listens): the warning names
+    # the endpoint as its metrics label does, never with the password in its URL.
+    redis_url = dead_url("").replace("http://", "redis://")
+    redis = aioredis.Redis.from_url(redis_url)
+    sync = CircuitSync(redis_url, redis, CircuitBreakers(), timeout=1.0)
+    sync.publish(Change("http://user:s3cret-pw@10.0.0.5:8000/v1", 1, 0.0))
+    await eventually(lambda: "could not share circuit change" in caplog.text, timeout=5.0)
+    await redis.aclose()
+    assert "http://10.0.0.5:8000/v1" in caplog.text
+    assert "s3cret-pw" not in caplog.text

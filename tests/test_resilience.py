@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from dataclasses import replace
 from email.utils import formatdate
 from typing import Any
 
+import aiohttp
 import pytest
 
-from tests.conftest import MakeProxy, Proxy
+from proxy.app import make_app
+from proxy.config import Endpoint
+from proxy.config_load import parse_config
+from proxy.reload import ConfigHolder
+from tests.conftest import MakeProxy, Proxy, StartApp
 from tests.fake_upstream import OK, REPLY, FakeUpstream, Fault
 from tests.support import Upstream, eventually, routes_yaml
 
@@ -151,3 +158,92 @@ async def test_every_attempt_is_in_the_access_log(
     assert [(a["provider"], a["outcome"], a["detail"]) for a in line["attempts"]] == [
         ("prime", "retried", "503"), ("prime", "failed", "429"), ("wandb", "ok", "200"),
     ]  # fmt: skip
+
+
+async def test_no_log_line_carries_userinfo_of_an_endpoint_url(
+    start_app: StartApp, wandb: Upstream, prime: Upstream, caplog: pytest.LogCaptureFixture
+):
+    # The config is built here, not loaded: whether the loader lets userinfo into a URL
+    # or not, the access log must not write it out.
+    text = routes_yaml(wandb, prime, retry="{attempts: 2, base_delay: 10ms}")
+    config = parse_config(text, os.environ)
+    secret = wandb.url.replace("http://", "http://user:s3cret-pw@")
+    providers = dict(config.providers)
+    providers["wandb"] = replace(providers["wandb"], endpoints=(Endpoint(secret),))
+    app = make_app(ConfigHolder(replace(config, providers=providers)))
+    url = await start_app(app)
+    caplog.set_level(logging.INFO)
+    wandb.fake.faults = [Fault(status=503)]
+    async with aiohttp.ClientSession() as http, http.post(url + CHAT, json=PLAIN) as resp:
+        assert resp.status == 200
+    line = json.loads([r for r in caplog.records if r.name == "proxy.access"][-1].getMessage())
+    assert [a["endpoint"] for a in line["attempts"]] == [wandb.url, wandb.url]
+    assert line["endpoint"] == wandb.url
+    assert "s3cret-pw" not in caplog.text
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # parses in no JSON parser with a recursion limit
+
+
+async def test_json_nested_too_deeply_is_a_bad_answer_and_retried(proxy: Proxy, wandb: Upstream):
+    wandb.fake.faults = [Fault(body=DEEP)]
+    status, body, _ = await _call(proxy, PLAIN)
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == REPLY
+    assert len(wandb.fake.seen) == 2
+
+
+async def test_json_nested_too_deeply_on_every_attempt_is_a_502(proxy: Proxy, wandb: Upstream):
+    wandb.fake.faults = [Fault(body=DEEP)] * 3
+    status, body, _ = await _call(proxy, PLAIN)
+    assert (status, json.loads(body)["error"]["code"]) == (502, "bad_upstream_response")
+    assert len(wandb.fake.seen) == 3
+
+
+async def test_error_answers_nested_too_deeply_are_still_named(
+    proxy: Proxy, wandb: Upstream, prime: Upstream
+):
+    prime.fake.faults = [Fault(status=503, body=DEEP)] * 3
+    wandb.fake.faults = [Fault(status=503, body=DEEP)] * 3
+    status, body, _ = await _call(proxy, {**PLAIN, "model": "llama-70b"})
+    assert status == 503
+    assert json.loads(body)["error"]["message"].startswith("All targets of model 'llama-70b'")
+
+
+async def test_a_deeply_nested_stream_event_is_relayed(proxy: Proxy, wandb: Upstream):
+    event = b'data: {"usage": ' + DEEP + b"}\n\n"  # "usage" in it: the tap parses it
+    wandb.fake.stream_script = [event, b"data: [DONE]\n\n"]
+    status, body, _ = await _call(proxy, STREAM)
+    assert status == 200 and body == event + b"data: [DONE]\n\n"
+
+
+# An unparseable Retry-After is ignored (full jitter applies, and the retry succeeds);
+# one beyond max_retry_after (2s here) moves on at once, and this model has no other
+# target, so the 429 is relayed; one in the past means now.
+@pytest.mark.parametrize(
+    ("retry_after", "status", "calls"),
+    [
+        ("\u00b2", 200, 2),
+        ("\u0663", 200, 2),
+        ("-5", 200, 2),
+        ("nan", 200, 2),
+        ("inf", 200, 2),
+        ("-inf", 200, 2),
+        ("1e3", 200, 2),
+        ("1.5", 200, 2),
+        ("soon", 200, 2),
+        ("Wed, 01 Jan 99999 00:00:00 GMT", 200, 2),
+        ("Sun, 06 Nov 1994 08:49:37 +9999", 200, 2),
+        ("Mon, 01 Jan 0001 00:00:00 GMT", 200, 2),
+        ("Thu, 01 Jan 1970 00:00:00 GMT", 200, 2),
+        ("9" * 400, 429, 1),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 429, 1),
+    ],
+)
+async def test_any_retry_after_is_survived(
+    proxy: Proxy, wandb: Upstream, retry_after: str, status: int, calls: int
+):
+    wandb.fake.faults = [Fault(status=429, retry_after=retry_after)]
+    got, _, headers = await _call(proxy, PLAIN)
+    assert (got, len(wandb.fake.seen)) == (status, calls)
+    if status == 429:
+        assert headers["Retry-After"] == retry_after

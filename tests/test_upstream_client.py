@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import ssl
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,7 @@ class Scripted:
                     writer.write(answer.later)
                 if answer.close:
                     break
-        except asyncio.IncompleteReadError:
+        except (asyncio.IncompleteReadError, ConnectionError):
             self.closed_by_client.set()
         finally:
             writer.close()
@@ -233,6 +234,27 @@ async def test_a_gzipped_answer_is_inflated_and_another_encoding_refused(
             await _post(client, scripted)
 
 
+@pytest.mark.parametrize("framing", [b"Content-Length", b"close"])
+@pytest.mark.parametrize("wbits", [31, 15], ids=["gzip", "deflate"])
+async def test_a_compressed_answer_larger_than_a_read_inflates_whole(
+    client: UpstreamClient, framing: bytes, wbits: int
+) -> None:
+    # Megabytes inflated from one read: more than the reader takes at once, so some of
+    # it waits compressed until the reader has taken the rest; the end comes after it.
+    text = b"".join(b'{"n": %d, "text": "%s"}\n' % (i, b"ab" * (i % 50)) for i in range(40_000))
+    packer = zlib.compressobj(wbits=wbits)
+    packed = packer.compress(text) + packer.flush()
+    name = b"gzip" if wbits == 31 else b"deflate"
+    if framing == b"close":
+        head = b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\n\r\n" % name
+        answer = Answer(head + packed, close=True)
+    else:
+        answer = Answer(_plain(packed, b"Content-Encoding: %s\r\n" % name))
+    scripted, server = await _serve(answer)
+    async with server:
+        assert await _body(await _post(client, scripted)) == text
+
+
 async def test_interim_100_continue_is_skipped(client: UpstreamClient) -> None:
     answer = b"HTTP/1.1 100 Continue\r\n\r\n" + _plain(JSON, b"X-Real: yes\r\n")
     scripted, server = await _serve(Answer(answer))
@@ -354,3 +376,67 @@ async def test_https_upstream_with_an_untrusted_certificate_is_refused(
         assert resp.status == 502
         assert "CERTIFICATE_VERIFY_FAILED" in (await resp.json())["error"]["message"]
     assert fake.seen == []
+
+
+def _raw_routes(port: int) -> str:
+    return f"""
+retry: {{attempts: 2, base_delay: 10ms, max_delay: 10ms}}
+providers:
+  raw: {{base_url: "http://127.0.0.1:{port}/v1"}}
+models:
+  m: {{targets: [{{provider: raw, model: upstream-m}}]}}
+"""
+
+
+def _with_fields(fields: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: %d\r\n\r\n%s" % (len(JSON), JSON)
+
+
+HEADS = {
+    "one 2 MB field": _with_fields(b"X-Big: " + b"a" * 2_000_000 + b"\r\n"),
+    "20000 fields": _with_fields(b"".join(b"X-F%d: v\r\n" % i for i in range(20_000))),
+    "129 fields": _with_fields(b"".join(b"X-F%d: v\r\n" % i for i in range(128))),
+    "70 KB in 100 fields": _with_fields(
+        b"".join(b"X-F%02d: %s\r\n" % (i, b"v" * 700) for i in range(100))
+    ),
+}
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+async def test_an_answer_head_over_the_limits_is_a_bad_answer_and_retried(
+    make_proxy: MakeProxy, head: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 64 KiB and 128 fields at most (Content-Length is the 129th field above).
+    scripted, server = await _serve(Answer(HEADS[head]), Answer(HEADS[head]), Answer(_plain(JSON)))
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with server:
+        proxy = await make_proxy(_raw_routes(scripted.port))
+        async with proxy.http.post(proxy.url + "/v1/chat/completions", json=payload) as resp:
+            assert resp.status == 502
+            error = (await resp.json())["error"]
+        assert error["code"] == "bad_upstream_response"
+        assert "head is larger than 65536 bytes or has more than 128 fields" in error["message"]
+        async with proxy.http.post(proxy.url + "/v1/chat/completions", json=payload) as resp:
+            assert (resp.status, await resp.read()) == (200, JSON)
+    assert scripted.connections == 3  # each refused answer's connection was dropped
+    warnings = [r.getMessage() for r in caplog.records if r.name == "proxy.upstream_client"]
+    assert (
+        warnings
+        == [
+            f"upstream 127.0.0.1:{scripted.port}: the answer's head is larger than 65536 bytes "
+            "or has more than 128 fields; connection dropped"
+        ]
+        * 2
+    )
+
+
+async def test_an_answer_head_within_the_limits_is_taken(make_proxy: MakeProxy) -> None:
+    # 60 KB: aiohttp's client (the test's) takes no more than 128 fields, so fewer here.
+    fields = b"".join(b"X-F%03d: %s\r\n" % (i, b"v" * 600) for i in range(100))
+    scripted, server = await _serve(Answer(_with_fields(fields)))
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with server:
+        proxy = await make_proxy(_raw_routes(scripted.port))
+        async with proxy.http.post(proxy.url + "/v1/chat/completions", json=payload) as resp:
+            assert (resp.status, await resp.read()) == (200, JSON)
+            assert resp.headers["X-F099"] == "v" * 600
