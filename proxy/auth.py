@@ -19,7 +19,9 @@ KEY_PREFIX = "sk-proxy-"
 
 
 def key_hash(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    # aiohttp decodes a header's bytes as UTF-8 with surrogateescape: encoding them back
+    # the same way hashes the very bytes sent, and never fails on a byte that is not UTF-8.
+    return "sha256:" + hashlib.sha256(key.encode(errors="surrogateescape")).hexdigest()
 
 
 def new_key() -> str:
@@ -40,6 +42,8 @@ def authenticate(headers: Mapping[str, str], config: Config) -> str:
         raise InvalidApiKey(
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
         )
+    if not key.isascii():  # keys are ASCII; and the message must not echo a stray byte
+        raise InvalidApiKey("Incorrect API key provided: it is not ASCII.")
     team = config.key_index.get(key_hash(key))
     if team is None:
         raise InvalidApiKey(f"Incorrect API key provided: {_redacted(key)}.")
@@ -50,7 +54,8 @@ def require_admin(headers: Mapping[str, str], config: Config) -> None:
     if not config.admin_key:
         raise AdminOnly("The admin endpoints are off: set admin_key in routes.yaml.")
     key = bearer(headers) or ""
-    if not hmac.compare_digest(key.encode(), config.admin_key.encode()):
+    presented, admin_key = (k.encode(errors="surrogateescape") for k in (key, config.admin_key))
+    if not hmac.compare_digest(presented, admin_key):
         raise AdminOnly("This endpoint needs the admin key as 'Authorization: Bearer KEY'.")
 
 

@@ -11,6 +11,7 @@ floats, key order, whitespace) arrives exactly as the client wrote it.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,11 @@ def parse_body(raw: bytes) -> Body:
         ) from None
     except RecursionError:
         raise InvalidRequest("The JSON body of your request is nested too deeply.") from None
+    except ValueError:  # Python's own bound on int(): an integer of more than 4300 digits
+        raise InvalidRequest(
+            f"The JSON body of your request has an integer of more than "
+            f"{sys.get_int_max_str_digits()} digits."
+        ) from None
     return Body(text=text, fields=fields)
 
 

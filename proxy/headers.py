@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Provider
+from proxy.errors import InvalidRequest
 from proxy.record import CallRecord
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
@@ -47,6 +49,20 @@ _NOT_TO_UPSTREAM = HOP_BY_HOP | {
     "x-real-ip",
 }
 
+# Headers that choose which account, project or team of the provider a call is billed
+# to. The proxy calls with its own key, so with teams configured a client must not pick
+# them (one team could bill another's project), unless its team's client_headers allow it.
+SCOPING_HEADERS = frozenset({"openai-project", "openai-organization", "x-prime-team-id"})
+NOT_TO_UPSTREAM: AbstractSet[str] = _NOT_TO_UPSTREAM
+
+
+@functools.cache
+def not_forwarded(allowed: frozenset[str]) -> frozenset[str]:
+    """The client headers a team's calls drop: the scoping ones it may not set, too.
+    Cached: one set per distinct ``client_headers`` list, not one per call."""
+    return frozenset(_NOT_TO_UPSTREAM | (SCOPING_HEADERS - allowed))
+
+
 # Upstream headers the client must not see: aiohttp sets its own framing, date and
 # server, and the body it relays is already decoded.
 _NOT_TO_CLIENT = HOP_BY_HOP | {
@@ -70,10 +86,12 @@ def upstream_headers(
     client: CIMultiDictProxy[str] | CIMultiDict[str],
     provider: Provider,
     extra: Mapping[str, str] | None = None,
+    dropped: AbstractSet[str] = _NOT_TO_UPSTREAM,
 ) -> CIMultiDict[str]:
+    """``dropped``: the client headers not forwarded (``not_forwarded`` for a team)."""
     listed = _connection_listed(client)
-    drop = _NOT_TO_UPSTREAM | listed if listed else _NOT_TO_UPSTREAM  # no new set per call
-    out = _kept(client, drop)
+    drop = dropped | listed if listed else dropped  # no new set per call
+    out = _kept(client, drop, from_client=True)
     for name, value in provider.headers.items():
         out[name] = value
     for name, value in (extra or {}).items():
@@ -96,7 +114,7 @@ def client_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def _kept(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: AbstractSet[str],
-    prefix: tuple[str, ...] = (),
+    prefix: tuple[str, ...] = (), from_client: bool = False,
 ) -> CIMultiDict[str]:  # fmt: skip
     """The headers whose lower-case name is not in ``drop`` and does not start with
     one of ``prefix``. A list, not a generator: multidict builds from a generator at a third of
@@ -105,8 +123,21 @@ def _kept(
     for name, value in headers.items():
         lower = name.lower()
         if lower not in drop and not lower.startswith(prefix):
+            if from_client and not value.isascii():
+                _check_utf8(name, value)
             kept.append((name, value))
     return CIMultiDict(kept)
+
+
+def _check_utf8(name: str, value: str) -> None:
+    """aiohttp reads a header's bytes as UTF-8, a byte that is not UTF-8 as a surrogate
+    escape: such a value cannot be written to the upstream as the client sent it."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            f"The value of header '{name}' is not valid UTF-8; send ASCII header values."
+        ) from None
 
 
 def name_the_call(headers: CIMultiDict[str], record: CallRecord) -> None:

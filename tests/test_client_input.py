@@ -1,0 +1,147 @@
+"""Hostile client input, through a real proxy: bytes in headers, numbers and keys in the
+body, headers that scope the provider account. A clear 4xx (or a clean 429), never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import Proxy
+from tests.support import Upstream
+from tests.teams_setup import ADMIN_KEY, MESSAGES, RESEARCH_KEY, MakeTeamProxy, chat
+
+BODY = json.dumps({"model": "llama-8b", "messages": MESSAGES}).encode()
+
+
+async def raw_call(
+    proxy: Proxy,
+    head_lines: list[bytes],
+    body: bytes = b"",
+    method: bytes = b"POST",
+    path: bytes = b"/v1/chat/completions",
+) -> tuple[int, Any]:
+    """One request written byte for byte (clients will not send invalid UTF-8 in a
+    header); the status and the JSON answer."""
+    host, port = urlsplit(proxy.url).hostname, urlsplit(proxy.url).port
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        framing = [b"Host: proxy", b"Connection: close", b"Content-Length: %d" % len(body)]
+        head = [method + b" " + path + b" HTTP/1.1", *framing, *head_lines]
+        writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        reply = await reader.read()
+    finally:
+        writer.close()
+    status_line, _, rest = reply.partition(b"\r\n")
+    answer = rest.partition(b"\r\n\r\n")[2]
+    return int(status_line.split()[1]), json.loads(answer)
+
+
+def assert_error(answer: Any, type_: str, param: str | None = None) -> str:
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == type_ and error["param"] == param, error
+    message: str = error["message"]
+    return message
+
+
+# 1. Bytes that are not UTF-8 in headers.
+
+
+async def test_a_key_that_is_not_ascii_is_an_unknown_key(
+    team_proxy: MakeTeamProxy, wandb: Upstream
+):
+    proxy = await team_proxy()
+    not_ascii = (b"sk-proxy-\xff\xfe", b"sk-proxy-caf\xc3\xa9", RESEARCH_KEY.encode() + b"\x80")
+    for key in not_ascii:
+        status, answer = await raw_call(proxy, [b"Authorization: Bearer " + key], BODY)
+        assert status == 401, answer
+        assert answer["error"]["code"] == "invalid_api_key"
+        assert answer["error"]["message"].isascii()
+    admin = [b"Authorization: Bearer \xff" + ADMIN_KEY.encode()]
+    status, answer = await raw_call(proxy, admin, method=b"GET", path=b"/v1/usage")
+    assert status == 403 and answer["error"]["code"] == "admin_key_required"
+    assert not wandb.fake.seen
+
+
+async def test_a_header_that_is_not_utf8_is_refused_by_name(
+    team_proxy: MakeTeamProxy, wandb: Upstream
+):
+    proxy = await team_proxy()
+    auth = b"Authorization: Bearer " + RESEARCH_KEY.encode()
+    status, answer = await raw_call(proxy, [auth, b"X-Title: caf\xe9"], BODY)
+    assert status == 400, answer
+    assert "X-Title" in assert_error(answer, "invalid_request_error")
+    assert not wandb.fake.seen
+    # Valid UTF-8 is not refused: it reaches the upstream byte for byte, as before.
+    status, answer = await raw_call(proxy, [auth, b"X-Title: caf\xc3\xa9"], BODY)
+    assert status == 200, answer
+    assert wandb.fake.last.headers["X-Title"] == "café"
+
+
+# 1. Numbers too big for Python's int parsing, and for the admission's arithmetic.
+
+
+async def post_text(proxy: Proxy, text: str, key: str = RESEARCH_KEY) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    url = proxy.url + "/v1/chat/completions"
+    async with proxy.http.post(url, data=text.encode(), headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_an_integer_of_more_than_4300_digits_is_refused(
+    team_proxy: MakeTeamProxy, wandb: Upstream
+):
+    proxy = await team_proxy()
+    for field in ("seed", "max_tokens"):
+        text = BODY.decode()[:-1] + f', "{field}": {"9" * 4301}}}'
+        status, answer = await post_text(proxy, text)
+        assert status == 400, answer
+        assert "4300 digits" in assert_error(answer, "invalid_request_error")
+    assert not wandb.fake.seen
+
+
+HUGE = [
+    {"max_tokens": 10**30},
+    {"n": 10**30},
+    {"max_completion_tokens": 10**30, "n": 3},
+    {"max_tokens": 10**4000, "n": 10**4000},
+]
+
+
+@pytest.mark.parametrize("fields", HUGE)
+async def test_huge_max_tokens_or_n_are_refused_whatever_the_limits(
+    team_proxy: MakeTeamProxy, wandb: Upstream, fields: dict[str, Any]
+):
+    limits = "{tokens_per_minute: 1000, tokens_per_day: 100000}"
+    proxy = await team_proxy(limits=limits, model_limits="{llama-8b: {tokens_per_minute: 500}}")
+    status, body, _ = await chat(proxy, **fields)
+    assert status == 400, body
+    message = assert_error(json.loads(body), "invalid_request_error", next(iter(fields)))
+    assert "must be at most 2147483647" in message
+    assert not wandb.fake.seen
+
+
+LARGEST = [
+    {"max_tokens": 2**31 - 1, "n": 128},
+    {"n": 2**31 - 1},
+    {"max_completion_tokens": 2**31 - 1, "n": 2**31 - 1},
+]
+
+
+@pytest.mark.parametrize("fields", LARGEST)
+async def test_the_largest_max_tokens_and_n_get_a_clean_429(
+    team_proxy: MakeTeamProxy, wandb: Upstream, fields: dict[str, Any]
+):
+    proxy = await team_proxy(limits="{tokens_per_minute: 1000, tokens_per_day: 100000}")
+    status, body, headers = await chat(proxy, **fields)
+    assert status == 429, body
+    message = assert_error(json.loads(body), "rate_limit_error", "tokens_per_minute")
+    assert "Lower max_tokens" in message
+    assert headers["Retry-After"]
+    assert not wandb.fake.seen
+    status, _, _ = await chat(proxy, max_tokens=10)  # the refusal took nothing
+    assert status == 200
