@@ -145,3 +145,50 @@ async def test_the_largest_max_tokens_and_n_get_a_clean_429(
     assert not wandb.fake.seen
     status, _, _ = await chat(proxy, max_tokens=10)  # the refusal took nothing
     assert status == 200
+
+
+# 2. A field the proxy reads, given twice.
+
+
+def with_repeat(name: str, first: str, last: str) -> str:
+    """A chat body that gives ``name`` twice, the ``first`` value before the others."""
+    return f'{{"{name}": {first}, "model": "llama-8b", "messages": [], "{name}": {last}}}'
+
+
+REPEATS = [
+    ("model", '"llama-70b"', '"llama-8b"'),
+    ("model", '"llama-8b"', '"llama-8b"'),
+    ("mod\\u0065l", '"llama-70b"', '"llama-8b"'),
+    ("stream", "true", "false"),
+    ("max_tokens", "100000", "1"),
+    ("max_completion_tokens", "100000", "1"),
+    ("n", "100", "1"),
+    ("stream_options", '{"include_usage": false}', '{"include_usage": true}'),
+    ("messages", '[{"role": "user", "content": "a long prompt"}]', "[]"),
+]
+
+
+@pytest.mark.parametrize(("name", "first", "last"), REPEATS)
+async def test_a_field_the_proxy_reads_given_twice_is_refused(
+    team_proxy: MakeTeamProxy, wandb: Upstream, name: str, first: str, last: str
+):
+    proxy = await team_proxy()
+    status, answer = await post_text(proxy, with_repeat(name, first, last))
+    assert status == 400, answer
+    field = json.loads(f'"{name}"')
+    message = assert_error(answer, "invalid_request_error", field)
+    assert f"'{field}' more than once" in message
+    assert not wandb.fake.seen
+
+
+async def test_repeats_elsewhere_are_the_upstreams_business(
+    team_proxy: MakeTeamProxy, wandb: Upstream
+):
+    proxy = await team_proxy()
+    text = (
+        '{"model": "same-name", "seed": 1, "seed": 2, "messages": '
+        '[{"role": "user", "content": "hi", "content": "ho"}], "user": "a", "user": "b"}'
+    )
+    status, answer = await post_text(proxy, text)
+    assert status == 200, answer
+    assert wandb.fake.last.body == text.encode()  # forwarded as written
