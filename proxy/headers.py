@@ -52,7 +52,8 @@ _NOT_TO_UPSTREAM = HOP_BY_HOP | {
 # Headers that choose which account, project or team of the provider a call is billed
 # to. The proxy calls with its own key, so with teams configured a client must not pick
 # them (one team could bill another's project), unless its team's client_headers allow it.
-SCOPING_HEADERS = frozenset({"openai-project", "openai-organization", "x-prime-team-id"})
+SCOPING_NAMES = ("OpenAI-Project", "OpenAI-Organization", "X-Prime-Team-ID")
+SCOPING_HEADERS = frozenset(name.lower() for name in SCOPING_NAMES)
 NOT_TO_UPSTREAM: AbstractSet[str] = _NOT_TO_UPSTREAM
 
 

@@ -13,6 +13,7 @@ from proxy.auth import authenticate
 from proxy.errors import RateLimited
 from proxy.exchange import AiohttpExchange, Answer, Exchange, Streamed
 from proxy.forward import Call, forward
+from proxy.headers import NOT_TO_UPSTREAM, not_forwarded
 from proxy.middlewares import RECORD
 from proxy.rate_headers import rate_headers
 from proxy.record import CallRecord
@@ -66,9 +67,10 @@ async def _call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> A
         app[METRICS].rate_limit_rejected(record.team, refused.param or "unknown")
         raise
     record.rate_headers = rate_headers(ticket.admission)
-    team = config.teams.get(record.team)
-    call = Call(config, model, endpoint.path, body, call_budget(exchange.headers, model.budget),
-                provider_headers=team.headers if team else {})  # fmt: skip
+    team = config.teams.get(record.team)  # None only when no team is configured
+    dropped = not_forwarded(team.client_headers) if team else NOT_TO_UPSTREAM
+    budget = call_budget(exchange.headers, model.budget)
+    call = Call(config, model, endpoint.path, body, budget, team.headers if team else {}, dropped)
     try:
         with LeaseKeeper(accountant, ticket):
             return await forward(exchange, call, record)  # 5

@@ -10,9 +10,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import Proxy
-from tests.support import Upstream
-from tests.teams_setup import ADMIN_KEY, MESSAGES, RESEARCH_KEY, MakeTeamProxy, chat
+from proxy.auth import key_hash
+from proxy.config_load import ConfigError, parse_config
+from tests.conftest import MakeProxy, Proxy
+from tests.support import Upstream, routes_yaml
+from tests.teams_setup import ADMIN_KEY, MESSAGES, OPS_KEY, RESEARCH_KEY, MakeTeamProxy, chat
 
 BODY = json.dumps({"model": "llama-8b", "messages": MESSAGES}).encode()
 
@@ -192,3 +194,82 @@ async def test_repeats_elsewhere_are_the_upstreams_business(
     status, answer = await post_text(proxy, text)
     assert status == 200, answer
     assert wandb.fake.last.body == text.encode()  # forwarded as written
+
+
+# 3. Headers that pick the provider's account, project or team.
+
+SCOPING = {
+    "OpenAI-Project": "acme/other-team",
+    "OpenAI-Organization": "org-other",
+    "X-Prime-Team-ID": "t-other",
+}
+
+
+def scoping_teams(allowed: str) -> str:
+    return f"""
+teams:
+  research:
+    keys: ["{key_hash(RESEARCH_KEY)}"]
+    headers: {{wandb: {{OpenAI-Project: acme/research-team}}}}
+    client_headers: {allowed}
+  ops:
+    keys: ["{key_hash(OPS_KEY)}"]
+"""
+
+
+async def call_with(proxy: Proxy, key: str | None, model: str) -> Any:
+    headers = {**SCOPING, **({"Authorization": f"Bearer {key}"} if key else {})}
+    payload = {"model": model, "messages": MESSAGES}
+    url = proxy.url + "/v1/chat/completions"
+    async with proxy.http.post(url, json=payload, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_with_teams_a_client_does_not_choose_the_providers_project(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    # wandb sets OpenAI-Project itself, prime sets X-Prime-Team-ID: the other two are
+    # what a client could choose for each; only research may, and not the organization.
+    routes = routes_yaml(wandb, prime) + scoping_teams("[OpenAI-Project, x-prime-team-id]")
+    proxy = await make_proxy(routes)
+    await call_with(proxy, OPS_KEY, "llama-8b")
+    seen = wandb.fake.last.headers
+    assert seen["OpenAI-Project"] == "acme/research"  # the provider's
+    assert "OpenAI-Organization" not in seen and "X-Prime-Team-ID" not in seen
+    await call_with(proxy, OPS_KEY, "llama-70b")
+    seen = prime.fake.last.headers
+    assert seen["X-Prime-Team-ID"] == "team-42"  # the provider's
+    assert "OpenAI-Organization" not in seen and "OpenAI-Project" not in seen
+    await call_with(proxy, RESEARCH_KEY, "llama-70b")
+    seen = prime.fake.last.headers
+    assert seen["OpenAI-Project"] == "acme/other-team"  # allowed
+    assert seen["X-Prime-Team-ID"] == "team-42"  # allowed, but the provider's wins
+    assert "OpenAI-Organization" not in seen
+    await call_with(proxy, RESEARCH_KEY, "llama-8b")
+    seen = wandb.fake.last.headers
+    assert seen["X-Prime-Team-ID"] == "t-other"  # allowed
+    assert seen["OpenAI-Project"] == "acme/research-team"  # allowed, but the team's wins
+    assert "OpenAI-Organization" not in seen
+
+
+async def test_without_teams_the_client_headers_pass_as_before(proxy: Proxy, prime: Upstream):
+    await call_with(proxy, None, "llama-70b")
+    seen = prime.fake.last.headers
+    assert seen["OpenAI-Project"] == "acme/other-team"
+    assert seen["OpenAI-Organization"] == "org-other"
+    assert seen["X-Prime-Team-ID"] == "team-42"  # the provider's
+
+
+def test_client_headers_names_only_scoping_headers() -> None:
+    routes = (
+        "providers: {wandb: {base_url: 'http://h'}}\n"
+        "models: {m: {targets: [{provider: wandb, model: x}]}}"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(routes + scoping_teams("[OpenAI-Projekt, X-Title]"), {})
+    assert caught.value.errors == [
+        "teams.research.client_headers[0]: not a provider-scoping header: 'OpenAI-Projekt' "
+        "(did you mean 'OpenAI-Project'?)",
+        "teams.research.client_headers[1]: not a provider-scoping header: 'X-Title' (known: "
+        "OpenAI-Organization, OpenAI-Project, X-Prime-Team-ID)",
+    ]
