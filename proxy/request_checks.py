@@ -35,8 +35,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "stream_options": (dict,),
 }
 # Counts the proxy multiplies into a token reservation. No model generates 2**31 tokens;
-# bounded, max_tokens x n stays a number every store (Lua's doubles included) holds
-# exactly and a refusal can print, where 10**30 or a 4000-digit n was a 500.
+# bounded, max_tokens x n stays below 2**62, which both stores take (Lua compares it as a
+# double) and a refusal prints, where a 4000-digit n was a 500.
 _COUNTS = ("max_tokens", "max_completion_tokens", "n")
 MAX_COUNT = 2**31 - 1
 

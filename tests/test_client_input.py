@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -13,6 +14,7 @@ import pytest
 from proxy.auth import key_hash
 from proxy.config_load import ConfigError, parse_config
 from tests.conftest import MakeProxy, Proxy
+from tests.metrics_support import scrape
 from tests.support import Upstream, routes_yaml
 from tests.teams_setup import ADMIN_KEY, MESSAGES, OPS_KEY, RESEARCH_KEY, MakeTeamProxy, chat
 
@@ -167,6 +169,8 @@ REPEATS = [
     ("n", "100", "1"),
     ("stream_options", '{"include_usage": false}', '{"include_usage": true}'),
     ("messages", '[{"role": "user", "content": "a long prompt"}]', "[]"),
+    ("prompt", '"a long prompt"', '"a"'),
+    ("input", '"a long input"', '"a"'),
 ]
 
 
@@ -273,3 +277,24 @@ def test_client_headers_names_only_scoping_headers() -> None:
         "teams.research.client_headers[1]: not a provider-scoping header: 'X-Title' (known: "
         "OpenAI-Organization, OpenAI-Project, X-Prime-Team-ID)",
     ]
+
+
+# 4. A client's model id in the log and the metrics.
+
+
+async def test_a_long_model_id_is_cut_in_the_log_and_never_a_label(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    url = proxy.url + "/v1/chat/completions"
+    for model in ("x" * 256, "y" * 100_000):
+        async with proxy.http.post(url, json={"model": model, "messages": []}) as resp:
+            assert resp.status == 404
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "proxy.access"]
+    assert [line["model"] for line in lines] == [
+        "x" * 256,
+        "y" * 256 + "...[truncated, 100000 chars]",
+    ]
+    metrics = await scrape(proxy.http, proxy.url)
+    assert "xxxx" not in metrics.text and "yyyy" not in metrics.text
+    assert metrics.value("llm_proxy_requests_total", model="unknown", status="404") == 2
