@@ -16,7 +16,15 @@ from proxy.config_load import ConfigError, parse_config
 from tests.conftest import MakeProxy, Proxy
 from tests.metrics_support import scrape
 from tests.support import Upstream, routes_yaml
-from tests.teams_setup import ADMIN_KEY, MESSAGES, OPS_KEY, RESEARCH_KEY, MakeTeamProxy, chat
+from tests.teams_setup import (
+    ADMIN_KEY,
+    MESSAGES,
+    OPS_KEY,
+    RESEARCH_KEY,
+    MakeTeamProxy,
+    chat,
+    ledger,
+)
 
 BODY = json.dumps({"model": "llama-8b", "messages": MESSAGES}).encode()
 
@@ -298,3 +306,18 @@ async def test_a_long_model_id_is_cut_in_the_log_and_never_a_label(
     metrics = await scrape(proxy.http, proxy.url)
     assert "xxxx" not in metrics.text and "yyyy" not in metrics.text
     assert metrics.value("llm_proxy_requests_total", model="unknown", status="404") == 2
+
+
+async def test_the_largest_reservation_passes_limits_that_count_no_tokens(
+    team_proxy: MakeTeamProxy, wandb: Upstream
+):
+    """max_tokens x n near 2**62 reaches the stores (above Lua's exact doubles): limits
+    that count requests and slots take it, and each call is settled and booked."""
+    proxy = await team_proxy(limits="{requests_per_minute: 10, concurrent: 2}")
+    wandb.fake.status = 400  # the fake would otherwise build its 2**31 - 1 choices
+    for _ in range(3):
+        status, body, _ = await chat(proxy, max_tokens=2**31 - 1, n=2**31 - 1)
+        assert status == 400 and b"upstream failure" in body  # the upstream's own answer
+    assert len(wandb.fake.seen) == 3
+    assert json.loads(wandb.fake.last.body)["n"] == 2**31 - 1
+    assert (await ledger(proxy))["totals"]["requests"] == 3
