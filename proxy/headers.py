@@ -92,7 +92,7 @@ def upstream_headers(
     """``dropped``: the client headers not forwarded (``not_forwarded`` for a team)."""
     listed = _connection_listed(client)
     drop = dropped | listed if listed else dropped  # no new set per call
-    out = _kept(client, drop, from_client=True)
+    out = _kept(client, drop)
     for name, value in provider.headers.items():
         out[name] = value
     for name, value in (extra or {}).items():
@@ -115,7 +115,7 @@ def client_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def _kept(
     headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: AbstractSet[str],
-    prefix: tuple[str, ...] = (), from_client: bool = False,
+    prefix: tuple[str, ...] = (),
 ) -> CIMultiDict[str]:  # fmt: skip
     """The headers whose lower-case name is not in ``drop`` and does not start with
     one of ``prefix``. A list, not a generator: multidict builds from a generator at a third of
@@ -124,21 +124,23 @@ def _kept(
     for name, value in headers.items():
         lower = name.lower()
         if lower not in drop and not lower.startswith(prefix):
-            if from_client and not value.isascii():
-                _check_utf8(name, value)
             kept.append((name, value))
     return CIMultiDict(kept)
 
 
-def _check_utf8(name: str, value: str) -> None:
-    """aiohttp reads a header's bytes as UTF-8, a byte that is not UTF-8 as a surrogate
-    escape: such a value cannot be written to the upstream as the client sent it."""
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        raise InvalidRequest(
-            f"The value of header '{name}' is not valid UTF-8; send ASCII header values."
-        ) from None
+def check_forwardable(client: Mapping[str, str], dropped: AbstractSet[str]) -> None:
+    """400 for a client header to forward whose value is not UTF-8. aiohttp reads a
+    header's bytes as UTF-8, a byte that is not as a surrogate escape, and such a value
+    cannot be written to the upstream as the client sent it. Checked before admission,
+    so the refused call takes nothing from the team's limits."""
+    for name, value in client.items():
+        if not value.isascii() and name.lower() not in dropped:
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise InvalidRequest(
+                    f"The value of header '{name}' is not valid UTF-8; send ASCII header values."
+                ) from None
 
 
 def name_the_call(headers: CIMultiDict[str], record: CallRecord) -> None:

@@ -82,16 +82,21 @@ async def test_a_key_that_is_not_ascii_is_an_unknown_key(
 async def test_a_header_that_is_not_utf8_is_refused_by_name(
     team_proxy: MakeTeamProxy, wandb: Upstream
 ):
-    proxy = await team_proxy()
+    proxy = await team_proxy(limits="{requests_per_minute: 1}")
     auth = b"Authorization: Bearer " + RESEARCH_KEY.encode()
     status, answer = await raw_call(proxy, [auth, b"X-Title: caf\xe9"], BODY)
     assert status == 400, answer
     assert "X-Title" in assert_error(answer, "invalid_request_error")
     assert not wandb.fake.seen
-    # Valid UTF-8 is not refused: it reaches the upstream byte for byte, as before.
+    # Refused before admission: the one request a minute is still there, and only the
+    # call below is in the ledger. Valid UTF-8 reaches the upstream byte for byte.
     status, answer = await raw_call(proxy, [auth, b"X-Title: caf\xc3\xa9"], BODY)
     assert status == 200, answer
     assert wandb.fake.last.headers["X-Title"] == "café"
+    assert (await ledger(proxy))["totals"]["requests"] == 1
+    # A header the proxy does not forward is not checked.
+    status, answer = await raw_call(proxy, [auth, b"Cookie: caf\xe9"], BODY)
+    assert status == 429, answer
 
 
 # 1. Numbers too big for Python's int parsing, and for the admission's arithmetic.
