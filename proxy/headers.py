@@ -32,7 +32,7 @@ HOP_BY_HOP = frozenset(
 # Client headers the upstream must not see: the client's credentials for the proxy,
 # headers the transport sets for the new request, and forwarding headers a client
 # could use to pose as someone else.
-_NOT_TO_UPSTREAM = HOP_BY_HOP | {
+NOT_TO_UPSTREAM = HOP_BY_HOP | {
     "authorization",
     "api-key",
     "x-api-key",
@@ -54,14 +54,13 @@ _NOT_TO_UPSTREAM = HOP_BY_HOP | {
 # them (one team could bill another's project), unless its team's client_headers allow it.
 SCOPING_NAMES = ("OpenAI-Project", "OpenAI-Organization", "X-Prime-Team-ID")
 SCOPING_HEADERS = frozenset(name.lower() for name in SCOPING_NAMES)
-NOT_TO_UPSTREAM: AbstractSet[str] = _NOT_TO_UPSTREAM
 
 
 @functools.cache
 def not_forwarded(allowed: frozenset[str]) -> frozenset[str]:
     """The client headers a team's calls drop: the scoping ones it may not set, too.
     Cached: one set per distinct ``client_headers`` list, not one per call."""
-    return frozenset(_NOT_TO_UPSTREAM | (SCOPING_HEADERS - allowed))
+    return NOT_TO_UPSTREAM | (SCOPING_HEADERS - allowed)
 
 
 # Upstream headers the client must not see: aiohttp sets its own framing, date and
@@ -87,7 +86,7 @@ def upstream_headers(
     client: CIMultiDictProxy[str] | CIMultiDict[str],
     provider: Provider,
     extra: Mapping[str, str] | None = None,
-    dropped: AbstractSet[str] = _NOT_TO_UPSTREAM,
+    dropped: AbstractSet[str] = NOT_TO_UPSTREAM,
 ) -> CIMultiDict[str]:
     """``dropped``: the client headers not forwarded (``not_forwarded`` for a team)."""
     listed = _connection_listed(client)
