@@ -40,6 +40,18 @@ if _C_ENCODER is not None:
     )
 
 
+# A client's model id is logged as sent, up to this many characters: it is bounded only
+# by the body's size, and one call must not write a megabyte of log.
+MODEL_CHARS = 256
+
+
+def logged_model(model: str | None) -> str | None:
+    """The model id for the log line; a longer one cut, and marked with its length."""
+    if model is None or len(model) <= MODEL_CHARS:
+        return model
+    return f"{model[:MODEL_CHARS]}...[truncated, {len(model)} chars]"
+
+
 def encode(line: dict[str, Any]) -> str:
     """``json.dumps(line)`` for a line of strings, numbers, None, lists and dicts."""
     if _ENCODER is None:  # pragma: no cover - CPython always has the C encoder

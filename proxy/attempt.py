@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -18,7 +19,7 @@ from proxy.backoff import retry_after_seconds
 from proxy.config import Endpoint, Provider
 from proxy.errors import BadUpstreamResponse, ProxyError
 from proxy.exchange import Answer, Exchange
-from proxy.headers import upstream_headers
+from proxy.headers import NOT_TO_UPSTREAM, upstream_headers
 from proxy.record import CallRecord
 from proxy.relay import read_plain, relay_stream
 from proxy.sse_tap import SseTap
@@ -55,13 +56,15 @@ class AttemptFailed(Exception):
 @dataclass(frozen=True)
 class Upstream:
     """Where an attempt goes: the provider, one of its endpoints, the API path, the
-    caller's extra headers for this provider, and the most a whole answer may hold."""
+    caller's extra headers for this provider, the client headers it does not get, and
+    the most a whole answer may hold."""
 
     provider: Provider
     endpoint: Endpoint
     path: str
     headers: Mapping[str, str]
     max_answer_bytes: int
+    not_forwarded: AbstractSet[str] = NOT_TO_UPSTREAM
 
 
 async def attempt(
@@ -73,7 +76,7 @@ async def attempt(
     strip_usage: bool,
 ) -> Answer:
     provider = upstream.provider
-    headers = upstream_headers(exchange.headers, provider, upstream.headers)
+    headers = upstream_headers(exchange.headers, provider, upstream.headers, upstream.not_forwarded)
     url = upstream.endpoint.join(upstream.path)
     try:
         with record.waiting():

@@ -40,6 +40,8 @@ def authenticate(headers: Mapping[str, str], config: Config) -> str:
         raise InvalidApiKey(
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
         )
+    if not key.isascii():  # keys are ASCII; and the message must not echo a stray byte
+        raise InvalidApiKey("Incorrect API key provided: it is not ASCII.")
     team = config.key_index.get(key_hash(key))
     if team is None:
         raise InvalidApiKey(f"Incorrect API key provided: {_redacted(key)}.")
@@ -50,7 +52,10 @@ def require_admin(headers: Mapping[str, str], config: Config) -> None:
     if not config.admin_key:
         raise AdminOnly("The admin endpoints are off: set admin_key in routes.yaml.")
     key = bearer(headers) or ""
-    if not hmac.compare_digest(key.encode(), config.admin_key.encode()):
+    # aiohttp decodes a header's bytes as UTF-8 with surrogateescape: encoding them back
+    # the same way compares the very bytes sent, and never fails on a byte that is not.
+    presented, admin_key = (k.encode(errors="surrogateescape") for k in (key, config.admin_key))
+    if not hmac.compare_digest(presented, admin_key):
         raise AdminOnly("This endpoint needs the admin key as 'Authorization: Bearer KEY'.")
 
 

@@ -11,6 +11,7 @@ floats, key order, whitespace) arrives exactly as the client wrote it.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,36 @@ from proxy.errors import InvalidRequest
 _DECODER = json.JSONDecoder()
 _WHITESPACE = " \t\n\r"
 _SPLICED = ("model", "stream_options")
+# The top-level fields the proxy reads. Given twice, the proxy would route, limit and
+# bill on the last, and an upstream that keeps the first would serve what was never
+# routed (a model outside the team's model_limits, say): refused.
+READ_FIELDS = frozenset(
+    ("model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n")
+).union(("messages", "prompt", "input"))  # these three for the token estimate
+
+
+class _Repeated(dict[str, Any]):
+    """An object that gave some key more than once (its last value kept, as json does)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        seen: set[str] = set()
+        self.repeated: set[str] = set()
+        for key, _ in pairs:
+            (self.repeated if key in seen else seen).add(key)
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a dict, marked when a key repeats. The hook runs for
+    every object, nested ones too (their repeats are the upstream's business). Measured
+    with timeit (CPython 3.11), it adds about 3 us to json.loads of a 2 KB chat body (6
+    objects; 4 us without it) and 10 us to a 2.3 KB body with 6 tools (32 objects; 11
+    us without it). The cheap tests tried instead cost as much: counting each field's
+    quoted name (and backslash-u escapes, which can spell one) is a scan of the body per
+    name, 5 to 7 us on the chat body; one regular expression for all of them, 7 us; a
+    loop over the top-level keys alone, scanning each value in C, 16 us."""
+    obj = dict(pairs)
+    return obj if len(obj) == len(pairs) else _Repeated(pairs)
 
 
 @dataclass(frozen=True)
@@ -65,7 +96,7 @@ def parse_body(raw: bytes) -> Body:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"The request body is not valid UTF-8 (byte {exc.start}).") from None
     try:
-        fields = json.loads(text)
+        fields = json.loads(text, object_pairs_hook=_object)
         if not isinstance(fields, dict):
             raise json.JSONDecodeError("Expecting a JSON object", text, _skip(text, 0))
     except json.JSONDecodeError as exc:
@@ -75,7 +106,23 @@ def parse_body(raw: bytes) -> Body:
         ) from None
     except RecursionError:
         raise InvalidRequest("The JSON body of your request is nested too deeply.") from None
+    except ValueError:  # Python's own bound on int(): an integer of more than 4300 digits
+        raise InvalidRequest(
+            f"The JSON body of your request has an integer of more than "
+            f"{sys.get_int_max_str_digits()} digits."
+        ) from None
+    if type(fields) is _Repeated:
+        _refuse_repeated(fields.repeated)
     return Body(text=text, fields=fields)
+
+
+def _refuse_repeated(repeated: set[str]) -> None:
+    read = sorted(repeated & READ_FIELDS)
+    if read:
+        raise InvalidRequest(
+            f"The JSON body of your request gives '{read[0]}' more than once; give it once.",
+            param=read[0],
+        )
 
 
 def _skip(text: str, pos: int) -> int:

@@ -145,6 +145,8 @@ class Team:
     model_limits: Mapping[str, Limits] = field(default_factory=frozen_map)
     # provider name → headers sent to that provider for this team's calls
     headers: Mapping[str, Mapping[str, str]] = field(default_factory=frozen_map)
+    # the provider-scoping headers (OpenAI-Project, …) its clients may set, lower-case
+    client_headers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

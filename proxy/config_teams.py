@@ -18,8 +18,9 @@ from proxy.config import (
     frozen_map,
 )
 from proxy.config_fields import FieldReader, hint, shown
+from proxy.headers import SCOPING_HEADERS, SCOPING_NAMES
 
-TEAM_KEYS = {"keys", "limits", "model_limits", "headers"}
+TEAM_KEYS = {"keys", "limits", "model_limits", "headers", "client_headers"}
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 LIMIT_FIELDS = dict.fromkeys(LIMIT_KINDS, "count")
 REDIS_FIELDS = {"lease_ttl": "duration", "timeout": "duration"}
@@ -71,6 +72,7 @@ def _team(
         limits=_limits(reader, node.get("limits"), f"{path}.limits"),
         model_limits=frozen_map(model_limits),
         headers=_headers(reader, node.get("headers"), f"{path}.headers", providers),
+        client_headers=_client_headers(reader, node.get("client_headers"), path),
     )  # fmt: skip
 
 
@@ -93,6 +95,24 @@ def _headers(
                 values[str(key)] = text
         out[str(provider)] = frozen_map(values)
     return frozen_map(out)
+
+
+def _client_headers(reader: FieldReader, raw: Any, team_path: str) -> frozenset[str]:
+    """The provider-scoping headers this team's clients may send themselves."""
+    path = f"{team_path}.client_headers"
+    if raw is None:
+        return frozenset()
+    if not isinstance(raw, list):
+        reader.error(path, f"must be a list of header names, got {type(raw).__name__}")
+        return frozenset()
+    allowed: set[str] = set()
+    for i, name in enumerate(raw):
+        if not isinstance(name, str) or name.lower() not in SCOPING_HEADERS:
+            known = hint(str(name), set(SCOPING_NAMES))
+            reader.error(f"{path}[{i}]", f"not a provider-scoping header: {name!r}{known}")
+            continue
+        allowed.add(name.lower())
+    return frozenset(allowed)
 
 
 def read_redis(reader: FieldReader, raw: Any) -> RedisSettings:

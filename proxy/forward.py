@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from proxy.appkeys import BALANCER, BREAKERS, ENGINES, METRICS, UPSTREAM_CLIENT
@@ -26,6 +27,7 @@ from proxy.engines.lease import served_by
 from proxy.errors import CircuitOpen, EngineUnavailable, ProviderUnavailable
 from proxy.exchange import Answer, Exchange
 from proxy.final_error import Failure, all_failed
+from proxy.headers import NOT_TO_UPSTREAM
 from proxy.metrics import endpoint_label
 from proxy.record import Attempt, CallRecord
 
@@ -41,6 +43,8 @@ class Call:
     budget: float
     # provider name → extra headers for this caller (a team's OpenAI-Project, …)
     provider_headers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # the client headers never forwarded; a team's also drop the scoping ones (headers.py)
+    not_forwarded: AbstractSet[str] = NOT_TO_UPSTREAM
 
 
 async def forward(exchange: Exchange, call: Call, record: CallRecord) -> Answer:
@@ -164,6 +168,7 @@ class _Run:
                     self.call.endpoint,
                     self.call.provider_headers.get(provider.name, {}),
                     self.call.config.server.max_answer_bytes,
+                    self.call.not_forwarded,
                 )
                 response = await attempt(self.exchange, app[UPSTREAM_CLIENT], target, body,
                                          self.record, strip_usage)  # fmt: skip

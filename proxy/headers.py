@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Provider
+from proxy.errors import InvalidRequest
 from proxy.record import CallRecord
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
@@ -30,7 +32,7 @@ HOP_BY_HOP = frozenset(
 # Client headers the upstream must not see: the client's credentials for the proxy,
 # headers the transport sets for the new request, and forwarding headers a client
 # could use to pose as someone else.
-_NOT_TO_UPSTREAM = HOP_BY_HOP | {
+NOT_TO_UPSTREAM = HOP_BY_HOP | {
     "authorization",
     "api-key",
     "x-api-key",
@@ -46,6 +48,20 @@ _NOT_TO_UPSTREAM = HOP_BY_HOP | {
     "x-forwarded-proto",
     "x-real-ip",
 }
+
+# Headers that choose which account, project or team of the provider a call is billed
+# to. The proxy calls with its own key, so with teams configured a client must not pick
+# them (one team could bill another's project), unless its team's client_headers allow it.
+SCOPING_NAMES = ("OpenAI-Project", "OpenAI-Organization", "X-Prime-Team-ID")
+SCOPING_HEADERS = frozenset(name.lower() for name in SCOPING_NAMES)
+
+
+@functools.cache
+def not_forwarded(allowed: frozenset[str]) -> frozenset[str]:
+    """The client headers a team's calls drop: the scoping ones it may not set, too.
+    Cached: one set per distinct ``client_headers`` list, not one per call."""
+    return NOT_TO_UPSTREAM | (SCOPING_HEADERS - allowed)
+
 
 # Upstream headers the client must not see: aiohttp sets its own framing, date and
 # server, and the body it relays is already decoded.
@@ -70,9 +86,11 @@ def upstream_headers(
     client: CIMultiDictProxy[str] | CIMultiDict[str],
     provider: Provider,
     extra: Mapping[str, str] | None = None,
+    dropped: AbstractSet[str] = NOT_TO_UPSTREAM,
 ) -> CIMultiDict[str]:
+    """``dropped``: the client headers not forwarded (``not_forwarded`` for a team)."""
     listed = _connection_listed(client)
-    drop = _NOT_TO_UPSTREAM | listed if listed else _NOT_TO_UPSTREAM  # no new set per call
+    drop = dropped | listed if listed else dropped  # no new set per call
     out = _kept(client, drop)
     for name, value in provider.headers.items():
         out[name] = value
@@ -107,6 +125,21 @@ def _kept(
         if lower not in drop and not lower.startswith(prefix):
             kept.append((name, value))
     return CIMultiDict(kept)
+
+
+def check_forwardable(client: Mapping[str, str], dropped: AbstractSet[str]) -> None:
+    """400 for a client header to forward whose value is not UTF-8. aiohttp reads a
+    header's bytes as UTF-8, a byte that is not as a surrogate escape, and such a value
+    cannot be written to the upstream as the client sent it. Checked before admission,
+    so the refused call takes nothing from the team's limits."""
+    for name, value in client.items():
+        if not value.isascii() and name.lower() not in dropped:
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise InvalidRequest(
+                    f"The value of header '{name}' is not valid UTF-8; send ASCII header values."
+                ) from None
 
 
 def name_the_call(headers: CIMultiDict[str], record: CallRecord) -> None:

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy.access_log import encode as encode_access_line
+from proxy.access_log import logged_model
 from proxy.access_log import write as write_access_line
 from proxy.appkeys import METRICS
 from proxy.errors import ProxyError, error_body, json_error
@@ -112,7 +113,7 @@ def _access_line(site: CallSite, record: CallRecord, elapsed: float) -> dict[str
         "path": site.path,
         "api": record.api,
         "team": record.team,
-        "model": record.model,
+        "model": logged_model(record.model),
         "provider": record.provider,
         "endpoint": endpoint_label(record.endpoint) if record.endpoint else None,
         "status": record.status,

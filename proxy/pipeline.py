@@ -13,6 +13,7 @@ from proxy.auth import authenticate
 from proxy.errors import RateLimited
 from proxy.exchange import AiohttpExchange, Answer, Exchange, Streamed
 from proxy.forward import Call, forward
+from proxy.headers import NOT_TO_UPSTREAM, check_forwardable, not_forwarded
 from proxy.middlewares import RECORD
 from proxy.rate_headers import rate_headers
 from proxy.record import CallRecord
@@ -52,6 +53,9 @@ async def _call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> A
     config = app[CONFIG].current  # this call's config, even if a reload swaps it
     accountant = app[ACCOUNTANT]
     record.team = authenticate(exchange.headers, config)  # 1
+    team = config.teams.get(record.team)  # None only when no team is configured
+    dropped = not_forwarded(team.client_headers) if team else NOT_TO_UPSTREAM
+    check_forwardable(exchange.headers, dropped)
     body = checked_body(await exchange.read_body(config.server), endpoint)  # 2
     record.model = body.fields["model"]
     model = route(config, body.fields["model"])  # 3
@@ -66,9 +70,8 @@ async def _call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> A
         app[METRICS].rate_limit_rejected(record.team, refused.param or "unknown")
         raise
     record.rate_headers = rate_headers(ticket.admission)
-    team = config.teams.get(record.team)
-    call = Call(config, model, endpoint.path, body, call_budget(exchange.headers, model.budget),
-                provider_headers=team.headers if team else {})  # fmt: skip
+    budget = call_budget(exchange.headers, model.budget)
+    call = Call(config, model, endpoint.path, body, budget, team.headers if team else {}, dropped)
     try:
         with LeaseKeeper(accountant, ticket):
             return await forward(exchange, call, record)  # 5

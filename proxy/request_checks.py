@@ -34,6 +34,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "n": (int,),
     "stream_options": (dict,),
 }
+# Counts the proxy multiplies into a token reservation. No model generates 2**31 tokens;
+# bounded, max_tokens x n stays below 2**62, which both stores take (Lua compares it as a
+# double) and a refusal prints, where a 4000-digit n was a 500.
+_COUNTS = ("max_tokens", "max_completion_tokens", "n")
+MAX_COUNT = 2**31 - 1
 
 
 def call_budget(headers: Mapping[str, str], budget: float) -> float:
@@ -67,6 +72,10 @@ def checked_body(raw: bytes, endpoint: Endpoint) -> Body:
                 f"Invalid type for '{name}': expected {expected}, got {type(value).__name__}.",
                 param=name,
             )
+    for name in _COUNTS:
+        value = fields.get(name)
+        if isinstance(value, int) and value > MAX_COUNT:
+            raise InvalidRequest(f"'{name}' must be at most {MAX_COUNT}.", param=name)
     return body
 
 
