@@ -178,3 +178,35 @@ async def test_a_client_slower_than_its_stream_gets_every_byte(
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     assert streamed == b"".join(wandb.fake.stream_script)  # type: ignore[arg-type]
     writer.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\nHost: p\nContent-Length: 2\n\n{}",  # bare LFs
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\nContent-Length: 2\r\n",  # one, unended
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\rContent-Length: 2\r\n",  # a stray CR
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\x00\r\n",  # a NUL, the head unended
+    ],
+    ids=["bare-lf", "one-bare-lf", "stray-cr", "nul"],
+)
+async def test_a_head_the_front_never_takes_is_answered_at_once(proxy: Proxy, head: bytes):
+    # keepalive_timeout is 75 s: a 400 within 5 s is aiohttp's own, given the head at once.
+    reader, writer = await _connect(proxy)
+    writer.write(head)
+    async with asyncio.timeout(5):
+        status, _, _ = await _answer(reader)
+        assert status == 400
+        assert await reader.read() == b""
+    writer.close()
+
+
+async def test_a_content_length_of_thousands_of_digits_gets_400(proxy: Proxy):
+    # int() refuses strings of over 4,300 digits: the front must not try.
+    reader, writer = await _connect(proxy)
+    length = b"Content-Length: " + b"1" * 5000
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\n%b\r\n\r\n{}" % length)
+    status, _, body = await _answer(reader)
+    assert status == 400 and b"Content-Length" in body
+    assert await reader.read() == b""
+    writer.close()
