@@ -31,8 +31,9 @@ _HEAD = re.compile(
 # goes to aiohttp at once, which answers 400 at once, rather than waiting for a CRLF
 # blank line that may never come.
 _NEVER_ORDINARY = re.compile(rb"[^\t\r\n\x20-\x7e]|(?<!\r)\n|\r(?!\n|\Z)")
-# A longer Content-Length is left to aiohttp's parser (no int() of thousands of digits).
-_LENGTH = re.compile(r"[0-9]{1,18}")
+# A longer Content-Length is left to aiohttp's parser (no int() of thousands of digits,
+# nor of more than 64 bits, which aiohttp refuses).
+_LENGTH_DIGITS = 18
 # Their presence makes a request something the front leaves to aiohttp.
 _NOT_ORDINARY = ("Transfer-Encoding", "Expect", "Upgrade")
 # Set by the writer for every answer, whatever the answer's headers say.
@@ -62,7 +63,8 @@ def read_head(buffer: bytearray) -> Head | None:
         name, _, value = line.partition(":")
         headers.add(name, value.strip(" \t"))
     lengths = headers.getall("Content-Length", ())
-    if len(lengths) != 1 or not _LENGTH.fullmatch(lengths[0]):
+    # isdigit() is true of ASCII digits only here: the head's values are printable ASCII.
+    if len(lengths) != 1 or len(lengths[0]) > _LENGTH_DIGITS or not lengths[0].isdigit():
         return None
     if any(h in headers for h in _NOT_ORDINARY):
         return None
