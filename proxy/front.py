@@ -9,6 +9,11 @@ the connection, with every byte not yet consumed, to aiohttp's own protocol, whi
 serves it from then on. Requests are served one at a time per connection: a pipelined
 request waits in the buffer until the answer before it is out.
 
+What one connection may make the process hold is bounded, as in aiohttp's server: the
+front reads at most ``_READ_AHEAD`` bytes beyond the request being served, and while the
+transport holds more than ``_WRITE_BUFFER`` unsent bytes (a client that does not read its
+answers) it neither serves the next pipelined request nor reads on.
+
 What aiohttp's server does for a call, the front does too: a client that goes away
 cancels its call, an idle connection closes after ``keepalive_timeout`` (also the time a
 client has to send a whole head), a shutdown lets calls in flight finish.
@@ -36,6 +41,9 @@ from proxy.wire import LAST_CHUNK, Head, HeadWriter, chunk, complete, read_head
 
 # Read no further ahead than this beyond the request being served.
 _READ_AHEAD = 64 * 1024
+# Unsent answer bytes above which the transport pauses the front's writing (asyncio's and
+# uvloop's default, set here so that the bound is the front's own).
+_WRITE_BUFFER = 64 * 1024
 
 
 class FrontServer:
@@ -120,17 +128,19 @@ class FrontConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.set_write_buffer_limits(high=_WRITE_BUFFER)
         self.server.connections.add(self)
         self.idle_timer = self.loop.call_later(self.server.keepalive, self._idle_check)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if self.task is None:
+        if self.arrived is not None:
+            if len(self.buffer) >= self.wanted:
+                self.arrived.set_result(None)
+                self.arrived = None
+        elif self.task is None and self.drained is None:
             self._next()
-        elif self.arrived is not None and len(self.buffer) >= self.wanted:
-            self.arrived.set_result(None)
-            self.arrived = None
-        elif len(self.buffer) > self.wanted + _READ_AHEAD:
+        if len(self.buffer) > self.wanted + _READ_AHEAD:
             self.transport.pause_reading()
             self.reading = False
 
@@ -150,6 +160,8 @@ class FrontConnection(asyncio.Protocol):
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
         self.drained = None
+        if self.task is None and not self.transport.is_closing():
+            self._go_on()  # the pipelined requests that waited for the client to read
 
     # serving
 
@@ -202,11 +214,18 @@ class FrontConnection(asyncio.Protocol):
         del self.buffer[: self.wanted]
         self.wanted = 0
         self.idle_since = time.monotonic()
-        if not self.reading:
+        if self.drained is None:  # else resume_writing goes on, once the client reads
+            self._go_on()
+
+    def _go_on(self) -> None:
+        """Serve a pipelined request, and read on while the buffer has room."""
+        if self.buffer:
+            self._next()
+        if self.transport.get_protocol() is not self:  # handed over to aiohttp
+            return
+        if not self.reading and len(self.buffer) <= self.wanted + _READ_AHEAD:
             self.transport.resume_reading()
             self.reading = True
-        if self.buffer:  # a pipelined request
-            self._next()
 
     def _hand_over(self) -> None:
         """aiohttp serves this connection from here on, from the unconsumed bytes."""

@@ -24,6 +24,7 @@ from prometheus_client import multiprocess
 from proxy import access_log
 from proxy.app import make_app
 from proxy.appkeys import CONFIG
+from proxy.bad_requests import server_logger
 from proxy.config_load import ConfigError
 from proxy.exposure import Exposure, load_to_serve
 from proxy.front import FrontSite
@@ -96,9 +97,11 @@ async def start_server(
     # closes the upstream call at once instead of when the next chunk fails to write.
     # keepalive_timeout also bounds how long a client may take to send a request head
     # (aiohttp closes a connection whose first request is not complete by then).
+    # logger: aiohttp's own would log a malformed request's raw head (proxy/bad_requests.py).
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout,
         keepalive_timeout=app[CONFIG].current.server.keepalive_timeout,
+        logger=server_logger(),
     )  # fmt: skip
     await runner.setup()
     site = FrontSite(runner, host, port, reuse_port=reuse_port, shutdown_timeout=shutdown_timeout)

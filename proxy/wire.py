@@ -1,8 +1,9 @@
 """The front's HTTP/1.1: read an ordinary request head, write an answer's head.
 
 "Ordinary" is deliberately narrow: ``POST`` to a proxied path, ``HTTP/1.1``, header
-lines of token names and printable ASCII values, one Host, one decimal Content-Length,
-and no Transfer-Encoding, Expect or Upgrade. One regular expression checks a whole head.
+lines of token names and printable ASCII values, one Host, one Content-Length of at most
+18 decimal digits, and no Transfer-Encoding, Expect or Upgrade. One regular expression
+checks a whole head.
 Anything else is not parsed more leniently here: it is left to aiohttp's parser
 (proxy/front.py hands it the connection), so the two can never frame a request
 differently.
@@ -25,6 +26,14 @@ _HEAD = re.compile(
     r"POST (/v1/(?:chat/completions|completions|embeddings)) HTTP/1\.1\r\n"
     r"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*\r\n)*)\r\n"
 )
+# Bytes no head the front takes can hold before its blank line: a bare LF, a CR not
+# before an LF, a control character, a byte beyond ASCII. A partial head that holds one
+# goes to aiohttp at once, which answers 400 at once, rather than waiting for a CRLF
+# blank line that may never come.
+_NEVER_ORDINARY = re.compile(rb"[^\t\r\n\x20-\x7e]|(?<!\r)\n|\r(?!\n|\Z)")
+# A longer Content-Length is left to aiohttp's parser (no int() of thousands of digits,
+# nor of more than 64 bits, which aiohttp refuses).
+_LENGTH_DIGITS = 18
 # Their presence makes a request something the front leaves to aiohttp.
 _NOT_ORDINARY = ("Transfer-Encoding", "Expect", "Upgrade")
 # Set by the writer for every answer, whatever the answer's headers say.
@@ -54,7 +63,10 @@ def read_head(buffer: bytearray) -> Head | None:
         name, _, value = line.partition(":")
         headers.add(name, value.strip(" \t"))
     lengths = headers.getall("Content-Length", ())
-    if len(lengths) != 1 or not lengths[0].isdigit() or any(h in headers for h in _NOT_ORDINARY):
+    # isdigit() is true of ASCII digits only here: the head's values are printable ASCII.
+    if len(lengths) != 1 or len(lengths[0]) > _LENGTH_DIGITS or not lengths[0].isdigit():
+        return None
+    if any(h in headers for h in _NOT_ORDINARY):
         return None
     if len(headers.getall("Host", ())) != 1:  # RFC 9112 §3.2: aiohttp answers 400
         return None
@@ -65,8 +77,11 @@ def read_head(buffer: bytearray) -> Head | None:
 
 
 def complete(buffer: bytearray) -> bool:
-    """Whether ``buffer`` holds a whole head (ordinary or not)."""
-    return buffer.find(b"\r\n\r\n") >= 0 or len(buffer) > MAX_HEAD
+    """Whether ``buffer`` holds a whole head, or enough of one to know that it is not
+    ordinary."""
+    if buffer.find(b"\r\n\r\n") >= 0 or len(buffer) > MAX_HEAD:
+        return True
+    return _NEVER_ORDINARY.search(buffer) is not None
 
 
 class HeadWriter:

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import MakeProxy, Proxy
+from tests.raw_http import Answer, read_answer
 from tests.support import Upstream, routes_yaml
 
-Answer = tuple[int, dict[str, str], bytes]
 UPSTREAM_MODEL = {"same-name": "same-name", "llama-8b": "meta-llama/Llama-3.1-8B-Instruct"}
 
 
@@ -23,23 +23,6 @@ def _request(model: str, *, extra: str = "", version: str = "1.1") -> bytes:
         f"POST /v1/chat/completions HTTP/{version}\r\nHost: proxy\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n{body}"
     ).encode()
-
-
-async def _answer(reader: asyncio.StreamReader) -> Answer:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    status_line, *lines = head.rstrip("\r\n").split("\r\n")
-    status = int(status_line.split()[1])
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    if status < 200:  # 100 Continue: a head alone
-        return status, headers, b""
-    if "content-length" in headers:
-        return status, headers, await reader.readexactly(int(headers["content-length"]))
-    parts = []
-    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-        parts.append(await reader.readexactly(size))
-        await reader.readexactly(2)
-    await reader.readexactly(2)
-    return status, headers, b"".join(parts)
 
 
 def _model(answer: Answer) -> Any:
@@ -56,20 +39,20 @@ async def _connect(proxy: Proxy) -> tuple[asyncio.StreamReader, asyncio.StreamWr
 async def test_a_connection_moves_to_aiohttp_and_keeps_serving_calls(proxy: Proxy):
     reader, writer = await _connect(proxy)
     writer.write(_request("llama-8b"))
-    assert _model(await _answer(reader)) == "meta-llama/Llama-3.1-8B-Instruct"
+    assert _model(await read_answer(reader)) == "meta-llama/Llama-3.1-8B-Instruct"
     writer.write(b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\n\r\n")  # not the front's
-    status, _, body = await _answer(reader)
+    status, _, body = await read_answer(reader)
     assert status == 200 and len(json.loads(body)["data"]) == 3
     for model, upstream_model in UPSTREAM_MODEL.items():  # aiohttp's, on the same socket
         writer.write(_request(model))
-        assert _model(await _answer(reader)) == upstream_model
+        assert _model(await read_answer(reader)) == upstream_model
     writer.close()
 
 
 async def test_pipelined_calls_are_answered_in_order(proxy: Proxy):
     reader, writer = await _connect(proxy)
     writer.write(_request("llama-8b") + _request("same-name") + _request("llama-8b"))
-    models = [_model(await _answer(reader)) for _ in range(3)]
+    models = [_model(await read_answer(reader)) for _ in range(3)]
     assert models == ["meta-llama/Llama-3.1-8B-Instruct", "same-name",
                       "meta-llama/Llama-3.1-8B-Instruct"]  # fmt: skip
     writer.close()
@@ -83,7 +66,7 @@ async def test_a_head_and_body_split_anywhere_make_the_same_call(proxy: Proxy, w
         await writer.drain()
         await asyncio.sleep(0.02)
         writer.write(raw[cut:])
-        assert _model(await _answer(reader)) == "same-name"
+        assert _model(await read_answer(reader)) == "same-name"
         assert json.loads(wandb.fake.last.body)["messages"][0]["content"] == "hi"
         writer.close()
 
@@ -103,10 +86,10 @@ async def test_requests_the_front_does_not_take_get_aiohttp_s_answer(
 ):
     reader, writer = await _connect(proxy)
     writer.write(_request("same-name", extra=extra))
-    answer = await _answer(reader)
+    answer = await read_answer(reader)
     assert answer[0] == status
     if status == 100:
-        answer = await _answer(reader)
+        answer = await read_answer(reader)
     if status != 400:
         assert _model(answer) == "same-name"
     writer.close()
@@ -115,7 +98,7 @@ async def test_requests_the_front_does_not_take_get_aiohttp_s_answer(
 async def test_http_1_0_gets_its_answer_and_the_connection_closes(proxy: Proxy):
     reader, writer = await _connect(proxy)
     writer.write(_request("same-name", version="1.0"))
-    assert _model(await _answer(reader)) == "same-name"
+    assert _model(await read_answer(reader)) == "same-name"
     assert await reader.read() == b""
     writer.close()
 
@@ -123,7 +106,7 @@ async def test_http_1_0_gets_its_answer_and_the_connection_closes(proxy: Proxy):
 async def test_connection_close_is_honoured(proxy: Proxy):
     reader, writer = await _connect(proxy)
     writer.write(_request("same-name", extra="Connection: close\r\n"))
-    answer = await _answer(reader)
+    answer = await read_answer(reader)
     assert _model(answer) == "same-name" and answer[1]["connection"] == "close"
     assert await reader.read() == b""
     writer.close()
@@ -137,7 +120,7 @@ async def test_a_body_over_the_limit_is_refused_without_reading_it(
     reader, writer = await _connect(proxy)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\n")
     writer.write(b"Content-Length: 50000000\r\n\r\n{")
-    status, headers, body = await _answer(reader)
+    status, headers, body = await read_answer(reader)
     assert status == 413 and headers["connection"] == "close"
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
     assert await reader.read() == b""  # the rest of that body is never read
@@ -151,10 +134,10 @@ async def test_an_idle_connection_is_closed_after_keepalive_timeout(
     proxy = await make_proxy(idle)
     reader, writer = await _connect(proxy)
     writer.write(_request("same-name"))
-    assert _model(await _answer(reader)) == "same-name"
+    assert _model(await read_answer(reader)) == "same-name"
     await asyncio.sleep(0.6)
     writer.write(_request("same-name"))  # a call resets the idle clock
-    assert _model(await _answer(reader)) == "same-name"
+    assert _model(await read_answer(reader)) == "same-name"
     async with asyncio.timeout(3):
         assert await reader.read() == b""  # closed once idle for keepalive_timeout
     writer.close()
@@ -174,7 +157,39 @@ async def test_a_client_slower_than_its_stream_gets_every_byte(
     head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: {len(body)}\r\n"
     writer.write(f"{head}{extra}\r\n".encode() + body)
     await asyncio.sleep(1.0)  # every buffer on the way fills up meanwhile
-    status, headers, streamed = await _answer(reader)
+    status, headers, streamed = await read_answer(reader)
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     assert streamed == b"".join(wandb.fake.stream_script)  # type: ignore[arg-type]
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\nHost: p\nContent-Length: 2\n\n{}",  # bare LFs
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\nContent-Length: 2\r\n",  # one, unended
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\rContent-Length: 2\r\n",  # a stray CR
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\x00\r\n",  # a NUL, the head unended
+    ],
+    ids=["bare-lf", "one-bare-lf", "stray-cr", "nul"],
+)
+async def test_a_head_the_front_never_takes_is_answered_at_once(proxy: Proxy, head: bytes):
+    # keepalive_timeout is 75 s: a 400 within 5 s is aiohttp's own, given the head at once.
+    reader, writer = await _connect(proxy)
+    writer.write(head)
+    async with asyncio.timeout(5):
+        status, _, _ = await read_answer(reader)
+        assert status == 400
+        assert await reader.read() == b""
+    writer.close()
+
+
+async def test_a_content_length_of_thousands_of_digits_gets_400(proxy: Proxy):
+    # int() refuses strings of over 4,300 digits: the front must not try.
+    reader, writer = await _connect(proxy)
+    length = b"Content-Length: " + b"1" * 5000
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\n%b\r\n\r\n{}" % length)
+    status, _, body = await read_answer(reader)
+    assert status == 400 and b"Content-Length" in body
+    assert await reader.read() == b""
     writer.close()
