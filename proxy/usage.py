@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
+# The most tokens one answer may report. A count above it (or below 0, or a bool) is no
+# count an upstream can mean, and booking it would hurt: Redis refuses to add a number
+# beyond 64 bits (the settlement would stay queued, and every one behind it), and a
+# negative count would take tokens back from the team's limits and ledger.
+MAX_REPORTED = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -22,9 +27,13 @@ def reported(payload: Any) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    if not (_count(prompt) and _count(completion)):
         return None
     return Usage(prompt, completion)
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_REPORTED
 
 
 def estimate_prompt(fields: dict[str, Any]) -> int:

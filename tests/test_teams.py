@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 
+from tests.fake_upstream import Fault
 from tests.support import Upstream
 from tests.teams_setup import (
     ADMIN_KEY,
@@ -296,3 +298,34 @@ async def test_usage_command_prints_the_ledger(team_proxy: MakeTeamProxy, backen
     assert lines[0].split()[:4] == ["date", "team", "model", "requests"]
     assert lines[1].split()[1:4] == ["research", "llama-8b", "1"]
     assert lines[-1].split()[:2] == ["total", "1"]
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": 10**30, "completion_tokens": 5},
+        {"prompt_tokens": 7, "completion_tokens": -1_000_000},
+        {"prompt_tokens": True, "completion_tokens": 5},
+    ],
+    ids=["huge", "negative", "bool"],
+)
+async def test_a_usage_no_upstream_can_mean_is_estimated_not_booked(
+    team_proxy: MakeTeamProxy, wandb: Upstream, usage: dict[str, Any]
+):
+    """An upstream's usage must not break the ledger (a count Redis cannot add would
+    leave the settlement queued, and every one behind it) nor take tokens back."""
+    proxy = await team_proxy()
+    answer = {"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "four words of text"},
+         "finish_reason": "stop"}], "usage": usage}  # fmt: skip
+    wandb.fake.faults = [Fault(body=json.dumps(answer).encode())]
+    status, _, _ = await chat(proxy)
+    assert status == 200
+    status, _, _ = await chat(proxy)  # an honest answer after it is booked as reported
+    assert status == 200
+    totals = (await ledger(proxy, team="research"))["totals"]
+    assert totals["requests"] == 2
+    honest = wandb.fake.reported[-1]
+    assert totals["prompt_tokens"] == honest["prompt_tokens"]
+    assert totals["completion_tokens"] == honest["completion_tokens"]
+    assert totals["estimated_prompt_tokens"] > 0 and totals["estimated_completion_tokens"] > 0
