@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
 # The most tokens one answer may report. A count above it (or below 0, or a bool) is no
@@ -32,7 +32,7 @@ def reported(payload: Any) -> Usage | None:
     return Usage(prompt, completion)
 
 
-def _count(value: Any) -> bool:
+def _count(value: Any) -> TypeGuard[int]:
     return type(value) is int and 0 <= value <= MAX_REPORTED
 
 
