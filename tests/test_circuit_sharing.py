@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 
 import aiohttp
 
+from proxy.appkeys import BREAKERS
+from proxy.circuit_sync import CHANNEL, STATES
+from tests.conftest import MakeProxy
 from tests.redis_server import RedisServer
-from tests.support import ProxyProcess, free_port
+from tests.support import ProxyProcess, eventually, free_port
 from tests.teams_setup import need_redis
-from tests.test_balance import Replicas, replicas  # noqa: F401  (the fixture)
+from tests.test_balance import Replicas, _chat, replica_routes, replicas  # noqa: F401
 
 
 async def _calls(url: str, count: int) -> list[int]:
@@ -81,3 +86,53 @@ models:
         first.stop()
         second.stop()
         redis.kill()
+
+
+def _redis_routes(replicas: Replicas, redis: RedisServer) -> str:  # noqa: F811
+    return f'redis: {{url: "{redis.url}"}}\n' + replica_routes(replicas, "round_robin")
+
+
+def _change(key: str, opened: int, until: float) -> str:
+    """A circuit change as another proxy process publishes it."""
+    return json.dumps({"origin": "another-process", "key": key, "opened": opened, "until": until})
+
+
+async def test_a_process_started_later_reads_the_open_circuits(
+    private_redis: RedisServer,  # first: stopped after the proxy
+    make_proxy: MakeProxy,
+    replicas: Replicas,  # noqa: F811
+):
+    # Another process opened a's circuit for a minute before this one started.
+    client = private_redis.client()
+    client.hset(STATES, replicas.a_url, _change(replicas.a_url, 1, time.time() + 60))
+    client.close()
+    proxy = await make_proxy(_redis_routes(replicas, private_redis))
+    breakers = proxy.app[BREAKERS]
+    await eventually(lambda: breakers.state(replicas.a_url) == "open", timeout=5)
+    for _ in range(6):
+        assert await _chat(proxy) == 200
+    assert replicas.counts() == (0, 6)
+
+
+async def test_closings_published_by_other_processes_are_applied(
+    private_redis: RedisServer,  # first: stopped after the proxy
+    make_proxy: MakeProxy,
+    replicas: Replicas,  # noqa: F811
+):
+    proxy = await make_proxy(_redis_routes(replicas, private_redis))
+    breakers = proxy.app[BREAKERS]
+    client = private_redis.client()
+    try:
+        await eventually(lambda: client.pubsub_numsub(CHANNEL)[0][1] == 1, timeout=5)
+        client.publish(CHANNEL, _change(replicas.a_url, 1, time.time() + 60))
+        await eventually(lambda: breakers.state(replicas.a_url) == "open", timeout=5)
+        for _ in range(4):
+            assert await _chat(proxy) == 200
+        assert replicas.counts() == (0, 4)
+        client.publish(CHANNEL, _change(replicas.a_url, 0, 0.0))  # its probe succeeded
+        await eventually(lambda: breakers.state(replicas.a_url) == "closed", timeout=5)
+    finally:
+        client.close()
+    for _ in range(4):
+        assert await _chat(proxy) == 200
+    assert replicas.counts() == (2, 6)  # trusted again at once, no probe of its own
