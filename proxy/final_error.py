@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.attempt import AttemptFailed
 from proxy.config import Model
 from proxy.errors import (
+    BadUpstreamResponse,
     CircuitOpen,
     ProviderUnavailable,
     ProxyError,
@@ -57,6 +58,8 @@ def _proxy_error(errors: list[ProxyError], message: str) -> ProxyError:
     if errors and all(isinstance(e, ProviderUnavailable | CircuitOpen) for e in errors):
         kind = type(errors[-1])
         return kind(message)
+    if errors and all(isinstance(e, BadUpstreamResponse) for e in errors):
+        return BadUpstreamResponse(message)
     if errors and isinstance(errors[-1], UpstreamTimeout):
         return UpstreamTimeout(message)
     return UpstreamUnreachable(message)
