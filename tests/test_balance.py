@@ -11,6 +11,7 @@ from proxy.circuit import Admission, CircuitBreakers
 from proxy.config import CircuitPolicy
 from tests.conftest import MakeProxy, Proxy, StartApp
 from tests.fake_upstream import FakeUpstream
+from tests.support import eventually
 
 CHAT = "/v1/chat/completions"
 
@@ -183,3 +184,46 @@ def test_probe_lease_expires_when_the_prober_never_reports():
     assert breakers.admit("e", probe_lease=10) is Admission.OPEN
     now[0] = 12
     assert breakers.admit("e", probe_lease=10) is Admission.PROBE
+
+
+async def test_affinity_removing_a_replica_moves_only_its_conversations(
+    make_proxy: MakeProxy, start_app: StartApp
+):
+    fakes = [FakeUpstream(key=None, name=name) for name in "abc"]
+    urls = [await start_app(fake.app()) + "/v1" for fake in fakes]
+
+    def routes(endpoints: list[str]) -> str:
+        return f"""
+server: {{reload_interval: 50ms}}
+providers:
+  engine: {{endpoints: [{", ".join(endpoints)}], balance: affinity}}
+models:
+  m: {{targets: [{{provider: engine, model: smol}}]}}
+"""
+
+    def homes() -> dict[int, str]:
+        """Conversation → the replica that served its latest call."""
+        home = {}
+        for fake in fakes:
+            for seen in fake.seen:
+                home[int(seen.json()["messages"][0]["content"].split()[-1])] = fake.name
+        return home
+
+    async def converse(proxy: Proxy) -> None:
+        for conversation in range(60):
+            opening = [{"role": "system", "content": f"assistant {conversation}"},
+                       {"role": "user", "content": "Hello"}]  # fmt: skip
+            assert await _chat(proxy, opening) == 200
+
+    proxy = await make_proxy(routes(urls))
+    await converse(proxy)
+    before = homes()
+    assert sorted(set(before.values())) == ["a", "b", "c"]
+    proxy.write_config(routes(urls[:2]))  # c removed
+    await eventually(lambda: len(proxy.holder.current.providers["engine"].endpoints) == 2)
+    for fake in fakes:
+        fake.seen.clear()
+    await converse(proxy)
+    after = homes()
+    moved = {c for c in before if before[c] != after[c]}
+    assert moved == {c for c in before if before[c] == "c"}
