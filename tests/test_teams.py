@@ -146,7 +146,7 @@ async def test_tokens_per_day(team_proxy: MakeTeamProxy):
 
 
 def test_tokens_per_day_roll_over_at_utc_midnight():
-    now = [calendar.timegm((2026, 12, 4, 23, 59, 59))]  # one second before UTC midnight
+    now = [float(calendar.timegm((2026, 12, 4, 23, 59, 59)))]  # one second before UTC midnight
     store = MemoryStore(clock=lambda: now[0])
     daily = (Check("*", "tokens_per_day", 100),)
 
@@ -172,7 +172,7 @@ async def test_the_day_of_a_redis_limit_is_the_utc_day_on_redis_s_clock(
         limits="{tokens_per_day: 1000}", redis_url=shared_redis.url))  # fmt: skip
     assert (await chat(proxy))[0] == 200
     seconds, _ = client.time()
-    keys = [k.decode() for k in client.keys("*tpd*")]
+    keys = [bytes(k).decode() for k in client.keys("*tpd*")]
     client.close()
     assert [k.rsplit(":", 1)[1] for k in keys] == [str(seconds // 86400)], keys
 
