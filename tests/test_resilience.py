@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
+from collections import Counter
 from email.utils import formatdate
 from typing import Any
 
 import pytest
 
+from proxy.backoff import backoff_delay
+from proxy.config import RetryPolicy
 from tests.conftest import MakeProxy, Proxy
 from tests.fake_upstream import OK, REPLY, FakeUpstream, Fault
 from tests.support import Upstream, eventually, routes_yaml
@@ -82,6 +86,35 @@ async def test_500_is_retried_with_full_jitter_then_relayed(proxy: Proxy, wandb:
     assert len(wandb.fake.seen) == 3
     first, second = gaps(wandb.fake)
     assert first < 0.1 + SLACK and second < 0.2 + SLACK  # full jitter under base·2^(n-1)
+
+
+def test_full_jitter_spreads_over_the_whole_range():
+    # 400 draws per retry number: uniform on [0, ceiling) has its mean at half the ceiling
+    # (standard error 1.4 % of it) and about a quarter of the draws in each quarter.
+    policy = RetryPolicy(attempts=5, base_delay=0.1, max_delay=0.3)
+    for number, ceiling in ((1, 0.1), (2, 0.2), (3, 0.3), (4, 0.3)):
+        draws = [backoff_delay(policy, number) for _ in range(400)]
+        assert all(0 <= d <= ceiling for d in draws), number
+        assert abs(statistics.fmean(draws) / ceiling - 0.5) < 0.08, number
+        quarters = Counter(min(3, int(4 * d / ceiling)) for d in draws)
+        assert all(60 <= quarters[q] <= 140 for q in range(4)), (number, quarters)
+
+
+async def test_backoff_waits_are_drawn_not_fixed(make_proxy: MakeProxy, wandb: Upstream,
+                                                 prime: Upstream):  # fmt: skip
+    # 20 retries, each waiting uniformly in [0, 300 ms): some waits must be short and
+    # some long (each fails by chance with probability 2^-20). A wait of zero, or of
+    # the ceiling every time, fails one of the two.
+    ceiling = 0.3
+    retry = "{attempts: 21, base_delay: 300ms, max_delay: 300ms}"
+    circuit = "circuit: {failures: 100, cooldown: 1s, max_cooldown: 1s}\n"  # stays closed
+    proxy = await make_proxy(circuit + routes_yaml(wandb, prime, retry=retry))
+    wandb.fake.faults = [Fault(status=500)] * 20
+    status, _, _ = await _call(proxy, PLAIN)
+    assert status == 200
+    waits = gaps(wandb.fake)
+    assert len(waits) == 20
+    assert min(waits) < ceiling / 2 < max(waits)
 
 
 async def test_503_exhausts_attempts_then_falls_back(
