@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -147,17 +148,37 @@ async def test_a_body_over_the_limit_is_refused_without_reading_it(
 async def test_an_idle_connection_is_closed_after_keepalive_timeout(
     make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
 ):
-    idle = routes_yaml(wandb, prime).replace("server:\n", "server:\n  keepalive_timeout: 1s\n")
+    """Two connections answered together; one calls again a second later. Each closes
+    keepalive_timeout (2 s) after its own last answer: never sooner, and later only by
+    the event loop's lag, well under the 0.5 s allowed here (the timer is rescheduled
+    to the exact due time, not a whole keepalive later)."""
+    keepalive, later = 2.0, 1.0
+    idle = routes_yaml(wandb, prime).replace("server:\n", "server:\n  keepalive_timeout: 2s\n")
     proxy = await make_proxy(idle)
-    reader, writer = await _connect(proxy)
-    writer.write(_request("same-name"))
-    assert _model(await _answer(reader)) == "same-name"
-    await asyncio.sleep(0.6)
-    writer.write(_request("same-name"))  # a call resets the idle clock
-    assert _model(await _answer(reader)) == "same-name"
-    async with asyncio.timeout(3):
-        assert await reader.read() == b""  # closed once idle for keepalive_timeout
-    writer.close()
+    quiet, busy = await _connect(proxy), await _connect(proxy)
+    last_answer = {}
+    for name, (reader, writer) in (("quiet", quiet), ("busy", busy)):
+        writer.write(_request("same-name"))
+        assert _model(await _answer(reader)) == "same-name"
+        last_answer[name] = time.monotonic()
+    await asyncio.sleep(later)  # the scenario's pause, not a synchronisation
+    busy[1].write(_request("same-name"))  # a call resets the idle clock
+    assert _model(await _answer(busy[0])) == "same-name"
+    last_answer["busy"] = time.monotonic()
+
+    async def closed_at(reader: asyncio.StreamReader) -> float:
+        assert await reader.read() == b""
+        return time.monotonic()
+
+    async with asyncio.timeout(3 * keepalive):
+        closed = dict(zip(("quiet", "busy"), await asyncio.gather(
+            closed_at(quiet[0]), closed_at(busy[0])), strict=True))  # fmt: skip
+    for name in ("quiet", "busy"):
+        idle_for = closed[name] - last_answer[name]
+        assert keepalive - 0.05 <= idle_for < keepalive + 0.5, (name, idle_for)
+    assert closed["busy"] - closed["quiet"] > later / 2
+    for _, writer in (quiet, busy):
+        writer.close()
 
 
 @pytest.mark.parametrize("extra", ["", "X-Note: caf\u00e9\r\n"], ids=["front", "aiohttp"])
