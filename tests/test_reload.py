@@ -16,7 +16,7 @@ from proxy.app import make_app
 from proxy.config_load import load_config
 from proxy.reload import ConfigHolder
 from tests.conftest import Proxy, StartApp
-from tests.support import ProxyProcess, Upstream, free_port, routes_yaml
+from tests.support import ProxyProcess, Upstream, eventually, free_port, routes_yaml
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -90,7 +90,7 @@ async def test_reload_under_load_fails_nothing_in_flight(
             return resp.status
 
     calls = [asyncio.create_task(call()) for _ in range(20)]
-    await asyncio.sleep(0.1)
+    await eventually(lambda: len(prime.fake.seen) == 20)  # all routed, held by prime
     swapped = (
         routes_yaml(wandb, prime)
         .replace("      - {provider: prime, model: meta-llama/llama-3.1-70b-instruct}\n", "")
