@@ -95,7 +95,7 @@ async def test_a_stopped_redis_fails_at_once_and_a_restarted_one_is_used_again(
                 await waiting
             with pytest.raises(Disconnected):
                 await client.execute("PING")
-        private_redis.start()
+        await private_redis.restart()
         assert await client.execute("PING") == "PONG"
     finally:
         await client.close()
