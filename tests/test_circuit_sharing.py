@@ -41,6 +41,14 @@ async def _both_subscribed(redis: RedisServer) -> None:
     raise AssertionError("the proxies never subscribed to circuit changes")
 
 
+async def _shared(redis: RedisServer, key: str, opened: bool) -> None:
+    client = redis.client()
+    try:
+        await eventually(lambda: bool(client.hexists(STATES, key)) == opened, timeout=5)
+    finally:
+        client.close()
+
+
 async def test_two_processes_share_circuits_and_one_probe(
     tmp_path: Path,
     replicas: Replicas,  # noqa: F811
@@ -67,7 +75,9 @@ models:
         replicas.a.status = 500
         while len(replicas.a.seen) < 2:  # the first process opens a's circuit
             assert await _calls(first.url, 1) == [200]
-        await asyncio.sleep(0.3)  # the opening reaches the second process
+        # The opening is shared (its hash entry is written with the PUBLISH), before the
+        # second process is called.
+        await _shared(redis, replicas.a_url, opened=True)
         seen = len(replicas.a.seen)
         assert await _calls(second.url, 10) == [200] * 10
         assert len(replicas.a.seen) == seen  # the second process kept away from a too
@@ -78,7 +88,7 @@ models:
         replicas.a.status = 200
         await asyncio.sleep(2.2)  # the failed probe doubled the cool-down to 2 s
         await _calls(first.url, 4)
-        await asyncio.sleep(0.3)  # the closing reaches the second process
+        await _shared(redis, replicas.a_url, opened=False)  # the closing reaches the second
         before = len(replicas.a.seen)
         assert await _calls(second.url, 10) == [200] * 10
         assert len(replicas.a.seen) > before  # trusted again everywhere
