@@ -36,7 +36,7 @@ async def test_keys_are_required_and_checked(team_proxy: MakeTeamProxy, wandb: U
     status, _, _ = await chat(proxy, key=RESEARCH_KEY)
     assert status == 200
     seen = wandb.fake.last.headers
-    assert seen["OpenAI-Project"] == "acme/research"  # the team's, over the provider's
+    assert seen["OpenAI-Project"] == "acme/research-team"  # the team's, over the provider's
     assert RESEARCH_KEY not in json.dumps(dict(seen))
 
 
