@@ -115,8 +115,11 @@ class Monitor:
         self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         await asyncio.to_thread(self._thread.join, 5)
-        sent = [line for line in self.lines
-                if " lua]" not in line.split('"', 1)[0] and marker not in line]  # fmt: skip
+        sent = [
+            line
+            for line in self.lines
+            if " lua]" not in line.split('"', 1)[0] and marker not in line
+        ]
         return [line.split('"')[1].lower() for line in sent if '"' in line]
 
     def _send_marker(self, marker: str) -> None:

@@ -11,7 +11,7 @@ from proxy.circuit import Admission, CircuitBreakers
 from proxy.config import CircuitPolicy
 from tests.conftest import MakeProxy, Proxy, StartApp
 from tests.fake_upstream import FakeUpstream
-from tests.support import eventually
+from tests.support import Upstream, eventually, routes_yaml
 
 CHAT = "/v1/chat/completions"
 
@@ -49,8 +49,10 @@ models:
 """
 
 
-async def _chat(proxy: Proxy, messages: list[dict[str, str]] | None = None) -> int:
-    payload = {"model": "m", "messages": messages or [{"role": "user", "content": "hi"}]}
+async def _chat(
+    proxy: Proxy, messages: list[dict[str, str]] | None = None, model: str = "m"
+) -> int:
+    payload = {"model": model, "messages": messages or [{"role": "user", "content": "hi"}]}
     async with proxy.http.post(proxy.url + CHAT, json=payload) as resp:
         await resp.read()
         return resp.status
@@ -211,8 +213,10 @@ models:
 
     async def converse(proxy: Proxy) -> None:
         for conversation in range(60):
-            opening = [{"role": "system", "content": f"assistant {conversation}"},
-                       {"role": "user", "content": "Hello"}]  # fmt: skip
+            opening = [
+                {"role": "system", "content": f"assistant {conversation}"},
+                {"role": "user", "content": "Hello"},
+            ]
             assert await _chat(proxy, opening) == 200
 
     proxy = await make_proxy(routes(urls))
@@ -227,3 +231,33 @@ models:
     after = homes()
     moved = {c for c in before if before[c] != after[c]}
     assert moved == {c for c in before if before[c] == "c"}
+
+
+async def test_a_model_s_strategy_orders_its_targets(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    def model(name: str, strategy: str) -> str:
+        return (
+            f"  {name}:\n    strategy: {strategy}\n    targets:\n"
+            "      - {provider: prime, model: p}\n      - {provider: wandb, model: w}\n"
+        )
+
+    proxy = await make_proxy(
+        routes_yaml(wandb, prime, extra=model("rr", "round_robin") + model("lb", "least_busy"))
+    )
+    for _ in range(4):
+        assert await _chat(proxy, model="rr") == 200
+    assert (len(prime.fake.seen), len(wandb.fake.seen)) == (2, 2)  # fallback: (4, 0)
+    # least_busy: a stream held on prime sends the next call to wandb first.
+    release = asyncio.Event()
+    prime.fake.stream_script = [b"data: {}\n\n", release, b"data: [DONE]\n\n"]
+    payload = {"model": "lb", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    held = await proxy.http.post(proxy.url + CHAT, json=payload)
+    assert await held.content.readany() == b"data: {}\n\n"
+    before = len(wandb.fake.seen)
+    for _ in range(3):
+        assert await _chat(proxy, model="lb") == 200
+    assert len(wandb.fake.seen) == before + 3
+    release.set()
+    await held.read()
+    held.close()

@@ -171,8 +171,13 @@ async def test_an_idle_connection_is_closed_after_keepalive_timeout(
         return time.monotonic()
 
     async with asyncio.timeout(3 * keepalive):
-        closed = dict(zip(("quiet", "busy"), await asyncio.gather(
-            closed_at(quiet[0]), closed_at(busy[0])), strict=True))  # fmt: skip
+        closed = dict(
+            zip(
+                ("quiet", "busy"),
+                await asyncio.gather(closed_at(quiet[0]), closed_at(busy[0])),
+                strict=True,
+            )
+        )
     for name in ("quiet", "busy"):
         idle_for = closed[name] - last_answer[name]
         assert keepalive - 0.05 <= idle_for < keepalive + 0.5, (name, idle_for)

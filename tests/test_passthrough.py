@@ -140,8 +140,11 @@ async def test_client_credentials_never_reach_the_upstream(proxy: Proxy, wandb: 
         "X-Client-Note": "kept",
     }
     for stream in (False, True):
-        payload = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}],
-                   "stream": stream}  # fmt: skip
+        payload = {
+            "model": "llama-8b",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream,
+        }
         async with proxy.http.post(proxy.url + CHAT, json=payload, headers=headers) as resp:
             assert resp.status == 200
             await resp.read()
@@ -161,8 +164,11 @@ async def test_upstream_rate_limit_headers_are_withheld(proxy: Proxy, wandb: Ups
         "X-Upstream-Note": "kept",
     }
     for stream in (False, True):
-        payload = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}],
-                   "stream": stream}  # fmt: skip
+        payload = {
+            "model": "llama-8b",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream,
+        }
         async with proxy.http.post(proxy.url + CHAT, json=payload) as resp:
             assert resp.status == 200
             await resp.read()

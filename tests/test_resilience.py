@@ -100,8 +100,9 @@ def test_full_jitter_spreads_over_the_whole_range():
         assert all(60 <= quarters[q] <= 140 for q in range(4)), (number, quarters)
 
 
-async def test_backoff_waits_are_drawn_not_fixed(make_proxy: MakeProxy, wandb: Upstream,
-                                                 prime: Upstream):  # fmt: skip
+async def test_backoff_waits_are_drawn_not_fixed(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
     # 20 retries, each waiting uniformly in [0, 300 ms): some waits must be short and
     # some long (each fails by chance with probability 2^-20). A wait of zero, or of
     # the ceiling every time, fails one of the two.
@@ -184,3 +185,24 @@ async def test_every_attempt_is_in_the_access_log(
     assert [(a["provider"], a["outcome"], a["detail"]) for a in line["attempts"]] == [
         ("prime", "retried", "503"), ("prime", "failed", "429"), ("wandb", "ok", "200"),
     ]  # fmt: skip
+
+
+async def test_a_model_s_retry_fields_win_over_its_provider_s(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    wandb_timeouts = "    timeouts: {connect: 2s, first_byte: 3s, idle: 2s, total: 20s}\n"
+    text = routes_yaml(
+        wandb,
+        prime,
+        retry="{attempts: 1}",
+        extra=(
+            "  patient:\n    retry: {attempts: 3}\n"
+            "    targets:\n      - {provider: wandb, model: patient-upstream}\n"
+        ),
+    ).replace(wandb_timeouts, wandb_timeouts + "    retry: {attempts: 2, base_delay: 1ms}\n", 1)
+    proxy = await make_proxy(text)
+    for model, attempts in (("llama-8b", 2), ("patient", 3)):  # the provider's, the model's
+        wandb.fake.seen.clear()
+        wandb.fake.faults = [Fault(status=500)] * 3
+        status, _, _ = await _call(proxy, {**PLAIN, "model": model})
+        assert (status, len(wandb.fake.seen)) == (500, attempts), model

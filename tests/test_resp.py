@@ -140,8 +140,11 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
 async def test_a_team_s_batched_scripts_on_the_wire():
     """Literal bytes: the keys under the team's hash tag, the limits as (kind, limit)
     pairs, each call's own arguments after them."""
-    checks = (Check("*", "requests_per_minute", 100), Check("gpt", "concurrent", 3),
-              Check("*", "tokens_per_day", 10**9))  # fmt: skip
+    checks = (
+        Check("*", "requests_per_minute", 100),
+        Check("gpt", "concurrent", 3),
+        Check("*", "tokens_per_day", 10**9),
+    )
     parts = TeamParts.of("team-a", checks, Script.of("return 1"), Script.of("return 2"))
     batch = Batch(parts.admit, asyncio.get_running_loop(), lambda command, receiver: None)
     batch.add(b"", admit_args("req-0", 30.0, 1234))

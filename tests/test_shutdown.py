@@ -107,8 +107,9 @@ async def test_a_connection_accepted_before_a_shutdown_gets_its_first_answer(
     front = cast(FrontSite, next(iter(runner.sites))).front
     assert front is not None
     host, _, port = url.removeprefix("http://").partition(":")
-    (reader, writer), (_, silent) = [await asyncio.open_connection(host, int(port))
-                                     for _ in range(2)]  # fmt: skip
+    (reader, writer), (_, silent) = [
+        await asyncio.open_connection(host, int(port)) for _ in range(2)
+    ]
     await eventually(lambda: len(front.connections) == 2)
     stopping = asyncio.create_task(runner.cleanup())
     await eventually(lambda: front.closing)

@@ -168,8 +168,10 @@ async def test_the_day_of_a_redis_limit_is_the_utc_day_on_redis_s_clock(
 ):
     client = shared_redis.client()
     client.flushall()
-    proxy = await make_proxy(routes_yaml(wandb, prime) + team_yaml(
-        limits="{tokens_per_day: 1000}", redis_url=shared_redis.url))  # fmt: skip
+    proxy = await make_proxy(
+        routes_yaml(wandb, prime)
+        + team_yaml(limits="{tokens_per_day: 1000}", redis_url=shared_redis.url)
+    )
     assert (await chat(proxy))[0] == 200
     seconds, _ = client.time()
     keys = [k.decode() if isinstance(k, bytes) else k for k in client.keys("*tpd*")]
