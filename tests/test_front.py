@@ -5,6 +5,7 @@ answer, in order, on a connection that stays usable."""
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import time
 from typing import Any
@@ -18,8 +19,9 @@ Answer = tuple[int, dict[str, str], bytes]
 UPSTREAM_MODEL = {"same-name": "same-name", "llama-8b": "meta-llama/Llama-3.1-8B-Instruct"}
 
 
-def _request(model: str, *, extra: str = "", version: str = "1.1") -> bytes:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+def _request(model: str, *, extra: str = "", version: str = "1.1", stream: bool = False) -> bytes:
+    fields = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    body = json.dumps({**fields, "stream": True} if stream else fields)
     return (
         f"POST /v1/chat/completions HTTP/{version}\r\nHost: proxy\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n{body}"
@@ -65,6 +67,21 @@ async def test_a_connection_moves_to_aiohttp_and_keeps_serving_calls(proxy: Prox
         writer.write(_request(model))
         assert _model(await _answer(reader)) == upstream_model
     writer.close()
+
+
+async def test_the_front_s_answers_carry_date_but_no_server(proxy: Proxy, wandb: Upstream):
+    wandb.fake.extra_headers = {"Server": "upstream/1.0"}  # not passed on either
+    reader, writer = await _connect(proxy)
+    try:
+        for stream in (False, True):
+            writer.write(_request("same-name", stream=stream))
+            status, headers, _ = await _answer(reader)
+            assert status == 200 and "server" not in headers, headers
+            parsed = email.utils.parsedate_to_datetime(headers["date"])
+            assert parsed.tzinfo is not None  # an HTTP date, in GMT
+            assert abs(parsed.timestamp() - time.time()) < 60
+    finally:
+        writer.close()
 
 
 async def test_pipelined_calls_are_answered_in_order(proxy: Proxy):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,3 +203,32 @@ async def _totals(url: str) -> dict[str, int]:
             return {"requests": -1}
         totals: dict[str, int] = (await resp.json())["totals"]
         return totals
+
+
+async def test_settlements_that_cannot_be_written_are_logged_at_shutdown(
+    tmp_path: Path, wandb: Upstream, prime: Upstream, redis_server: RedisServer
+):
+    """Redis down for good: each call's settlement is logged as JSON at shutdown, never
+    dropped silently, and the errors meanwhile are logged at most once a second."""
+    text = routes_yaml(wandb, prime) + team_yaml(redis_url=redis_server.url)  # ledger only
+    (process,) = await _processes(tmp_path, text, 1)
+    try:
+        redis_server.kill()
+        began = time.monotonic()
+        assert await _statuses(process.url, 10, 5) == [200] * 10  # fail_open
+        took = time.monotonic() - began
+        process.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.process.wait, 20) == 0
+    finally:
+        process.stop()
+    log = process.log()
+    lost = [
+        json.loads(line.split("ledger write lost at shutdown: ", 1)[1])
+        for line in log.splitlines()
+        if "ledger write lost at shutdown: " in line
+    ]
+    assert len(lost) == 10 and len({s["request_id"] for s in lost}) == 10
+    assert {(s["team"], s["model"]) for s in lost} == {("research", "llama-8b")}
+    assert all(s["completion_tokens"] == 6 for s in lost)  # what the upstream reported
+    warnings = log.count("redis failed during")
+    assert 1 <= warnings <= 1 + took  # once a second at most, not once a call
