@@ -239,15 +239,21 @@ async def test_a_model_s_strategy_orders_its_targets(
     def model(name: str, strategy: str) -> str:
         return (
             f"  {name}:\n    strategy: {strategy}\n    targets:\n"
-            "      - {provider: prime, model: p}\n      - {provider: wandb, model: w}\n"
+            "      - {provider: prime, model: p, weight: 3}\n"
+            "      - {provider: wandb, model: w}\n"
         )
 
-    proxy = await make_proxy(
-        routes_yaml(wandb, prime, extra=model("rr", "round_robin") + model("lb", "least_busy"))
-    )
+    extra = model("rr", "round_robin") + model("lb", "least_busy") + model("w", "weighted")
+    proxy = await make_proxy(routes_yaml(wandb, prime, extra=extra))
     for _ in range(4):
         assert await _chat(proxy, model="rr") == 200
     assert (len(prime.fake.seen), len(wandb.fake.seen)) == (2, 2)  # fallback: (4, 0)
+    for fake in (prime.fake, wandb.fake):
+        fake.seen.clear()
+    for _ in range(200):
+        assert await _chat(proxy, model="w") == 200
+    assert 120 <= len(prime.fake.seen) <= 180  # expected 150, standard deviation about 6
+    assert len(prime.fake.seen) + len(wandb.fake.seen) == 200
     # least_busy: a stream held on prime sends the next call to wandb first.
     release = asyncio.Event()
     prime.fake.stream_script = [b"data: {}\n\n", release, b"data: [DONE]\n\n"]
