@@ -213,3 +213,24 @@ async def test_every_endpoint_cooling_down_is_503_circuit_open(
     _assert_shape(body, "server_error", "circuit_open")
     assert "prime" in body["error"]["message"] and "wandb" in body["error"]["message"]
     assert (len(prime.fake.seen), len(wandb.fake.seen)) == (1, 1)  # none called again
+
+
+async def test_a_provider_s_circuit_overrides_the_top_level_one(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    # Top level: 100 failures open a circuit; wandb's own: one failure does.
+    wandb_timeouts = "    timeouts: {connect: 2s, first_byte: 3s, idle: 2s, total: 20s}\n"
+    text = "circuit: {failures: 100, cooldown: 60s, max_cooldown: 60s}\n" + routes_yaml(
+        wandb, prime
+    ).replace(wandb_timeouts, wandb_timeouts + "    circuit: {failures: 1, cooldown: 60s}\n", 1)
+    proxy = await make_proxy(text)
+    wandb.fake.status = prime.fake.status = 500
+    for model in ("llama-8b", "llama-70b"):  # wandb fails once; prime once, wandb not again
+        status, _ = await _post(proxy, json={"model": model, "messages": MESSAGES})
+        assert status == 500
+    status, body = await _post(proxy, json={"model": "llama-8b", "messages": MESSAGES})
+    assert status == 503 and body["error"]["code"] == "circuit_open"
+    prime.fake.status = 200
+    status, _ = await _post(proxy, json={"model": "llama-70b", "messages": MESSAGES})
+    assert status == 200  # prime's circuit, under the top-level policy, stayed closed
+    assert (len(prime.fake.seen), len(wandb.fake.seen)) == (2, 1)
