@@ -58,8 +58,10 @@ def _proxy_error(errors: list[ProxyError], message: str) -> ProxyError:
     if errors and all(isinstance(e, ProviderUnavailable | CircuitOpen) for e in errors):
         kind = type(errors[-1])
         return kind(message)
-    if errors and isinstance(errors[-1], UpstreamTimeout | BadUpstreamResponse):
-        return type(errors[-1])(message)
+    if errors and all(isinstance(e, BadUpstreamResponse) for e in errors):
+        return BadUpstreamResponse(message)
+    if errors and isinstance(errors[-1], UpstreamTimeout):
+        return UpstreamTimeout(message)
     return UpstreamUnreachable(message)
 
 

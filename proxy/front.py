@@ -44,6 +44,8 @@ _READ_AHEAD = 64 * 1024
 # Unsent answer bytes above which the transport pauses the front's writing (asyncio's and
 # uvloop's default, set here so that the bound is the front's own).
 _WRITE_BUFFER = 64 * 1024
+# At shutdown, how long a connection accepted just before may take to send its first head.
+_FIRST_HEAD_WAIT = 1.0
 
 
 class FrontServer:
@@ -56,6 +58,7 @@ class FrontServer:
         self.heads = HeadWriter()
         self.connections: set[FrontConnection] = set()
         self.closing = False
+        self._changed: asyncio.Event | None = None  # set while shutdown waits for first heads
 
     def __call__(self) -> FrontConnection:
         return FrontConnection(self)
@@ -64,8 +67,9 @@ class FrontServer:
         """Close idle connections; give calls in flight ``grace`` seconds, then cancel."""
         self.closing = True
         for connection in list(self.connections):
-            if connection.task is None:
+            if connection.task is None and not connection.fresh:
                 connection.close()
+        await self._first_heads(min(grace, _FIRST_HEAD_WAIT))
         tasks = [c.task for c in self.connections if c.task is not None]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=grace)
@@ -73,6 +77,29 @@ class FrontServer:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=1.0)
+
+    async def _first_heads(self, within: float) -> None:
+        """A connection accepted just before the listener closed has a client sending its
+        first request, which no client would retry if it were reset: serve it. Those
+        that have not sent a whole head within ``within`` seconds are closed."""
+
+        def waiting() -> list[FrontConnection]:
+            return [c for c in self.connections if c.fresh and c.task is None]
+
+        try:
+            async with asyncio.timeout(within):
+                while waiting():
+                    self._changed = asyncio.Event()
+                    await self._changed.wait()
+        except TimeoutError:
+            pass
+        for connection in waiting():
+            connection.close()
+
+    def changed(self) -> None:
+        """A connection began its first call, moved to aiohttp, or closed."""
+        if self._changed is not None:
+            self._changed.set()
 
 
 class FrontSite(web.BaseSite):
@@ -123,6 +150,7 @@ class FrontConnection(asyncio.Protocol):
         self.reading = True
         self.idle_since = time.monotonic()
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.fresh = True  # no call begun yet: its client is still sending the first head
 
     # asyncio's side
 
@@ -146,6 +174,8 @@ class FrontConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        if self.server.closing:
+            self.server.changed()
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         if self.task is not None:
@@ -175,6 +205,10 @@ class FrontConnection(asyncio.Protocol):
         exchange = FrontExchange(self, head)
         self.wanted = head.size + head.length
         self.task = self.loop.create_task(self._serve(exchange))
+        if self.fresh:
+            self.fresh = False
+            if self.server.closing:
+                self.server.changed()
 
     async def _serve(self, exchange: FrontExchange) -> None:
         try:
@@ -232,6 +266,8 @@ class FrontConnection(asyncio.Protocol):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         self.server.connections.discard(self)
+        if self.server.closing:
+            self.server.changed()
         handler = self.server.aiohttp_server()
         self.transport.set_protocol(handler)
         handler.connection_made(self.transport)

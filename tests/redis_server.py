@@ -3,6 +3,8 @@ Never the shared one on 6379."""
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import shutil
 import socket
 import subprocess
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from tests.support import free_port
+from tests.support import eventually, free_port
 
 
 def redis_binary() -> str | None:
@@ -58,6 +60,10 @@ class RedisServer:
             finally:
                 client.close()
 
+    async def restart(self) -> None:
+        """``start`` for async tests: off the event loop, which its blocking pings would stall."""
+        await asyncio.to_thread(self.start)
+
     def kill(self) -> None:
         if self.process is not None:
             self.process.kill()
@@ -84,6 +90,7 @@ class Monitor:
     client made."""
 
     def __init__(self, port: int):
+        self.port = port
         self._sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self._sock.sendall(b"MONITOR\r\n")
         self._file = self._sock.makefile("rb")
@@ -99,11 +106,23 @@ class Monitor:
         except (OSError, ValueError):
             return
 
-    def stop(self) -> list[str]:
-        """The commands clients sent (script internals left out)."""
-        time.sleep(0.2)  # let the feed catch up
+    async def stop(self) -> list[str]:
+        """The commands clients sent (script internals left out), once the feed has shown
+        a marker sent after them."""
+        marker = f"monitor-end-{secrets.token_hex(8)}"
+        await asyncio.to_thread(self._send_marker, marker)
+        await eventually(lambda: any(marker in line for line in self.lines), timeout=5)
         self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
-        self._thread.join(5)
-        sent = [line for line in self.lines if " lua]" not in line.split('"', 1)[0]]
+        await asyncio.to_thread(self._thread.join, 5)
+        sent = [
+            line
+            for line in self.lines
+            if " lua]" not in line.split('"', 1)[0] and marker not in line
+        ]
         return [line.split('"')[1].lower() for line in sent if '"' in line]
+
+    def _send_marker(self, marker: str) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"*2\r\n$4\r\nECHO\r\n$%d\r\n%b\r\n" % (len(marker), marker.encode()))
+            sock.recv(1024)

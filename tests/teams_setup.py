@@ -32,7 +32,7 @@ teams:
     limits: {limits}
     model_limits: {model_limits}
     headers:
-      wandb: {{OpenAI-Project: acme/research}}
+      wandb: {{OpenAI-Project: acme/research-team}}
       prime: {{X-Prime-Team-ID: t-research}}
   ops:
     keys: ["{key_hash(OPS_KEY)}"]

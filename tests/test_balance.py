@@ -11,6 +11,7 @@ from proxy.circuit import Admission, CircuitBreakers
 from proxy.config import CircuitPolicy
 from tests.conftest import MakeProxy, Proxy, StartApp
 from tests.fake_upstream import FakeUpstream
+from tests.support import Upstream, eventually, routes_yaml
 
 CHAT = "/v1/chat/completions"
 
@@ -48,8 +49,10 @@ models:
 """
 
 
-async def _chat(proxy: Proxy, messages: list[dict[str, str]] | None = None) -> int:
-    payload = {"model": "m", "messages": messages or [{"role": "user", "content": "hi"}]}
+async def _chat(
+    proxy: Proxy, messages: list[dict[str, str]] | None = None, model: str = "m"
+) -> int:
+    payload = {"model": model, "messages": messages or [{"role": "user", "content": "hi"}]}
     async with proxy.http.post(proxy.url + CHAT, json=payload) as resp:
         await resp.read()
         return resp.status
@@ -183,3 +186,84 @@ def test_probe_lease_expires_when_the_prober_never_reports():
     assert breakers.admit("e", probe_lease=10) is Admission.OPEN
     now[0] = 12
     assert breakers.admit("e", probe_lease=10) is Admission.PROBE
+
+
+async def test_affinity_removing_a_replica_moves_only_its_conversations(
+    make_proxy: MakeProxy, start_app: StartApp
+):
+    fakes = [FakeUpstream(key=None, name=name) for name in "abc"]
+    urls = [await start_app(fake.app()) + "/v1" for fake in fakes]
+
+    def routes(endpoints: list[str]) -> str:
+        return f"""
+server: {{reload_interval: 50ms}}
+providers:
+  engine: {{endpoints: [{", ".join(endpoints)}], balance: affinity}}
+models:
+  m: {{targets: [{{provider: engine, model: smol}}]}}
+"""
+
+    def homes() -> dict[int, str]:
+        """Conversation → the replica that served its latest call."""
+        home = {}
+        for fake in fakes:
+            for seen in fake.seen:
+                home[int(seen.json()["messages"][0]["content"].split()[-1])] = fake.name
+        return home
+
+    async def converse(proxy: Proxy) -> None:
+        for conversation in range(60):
+            opening = [
+                {"role": "system", "content": f"assistant {conversation}"},
+                {"role": "user", "content": "Hello"},
+            ]
+            assert await _chat(proxy, opening) == 200
+
+    proxy = await make_proxy(routes(urls))
+    await converse(proxy)
+    before = homes()
+    assert sorted(set(before.values())) == ["a", "b", "c"]
+    proxy.write_config(routes(urls[:2]))  # c removed
+    await eventually(lambda: len(proxy.holder.current.providers["engine"].endpoints) == 2)
+    for fake in fakes:
+        fake.seen.clear()
+    await converse(proxy)
+    after = homes()
+    moved = {c for c in before if before[c] != after[c]}
+    assert moved == {c for c in before if before[c] == "c"}
+
+
+async def test_a_model_s_strategy_orders_its_targets(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    def model(name: str, strategy: str) -> str:
+        return (
+            f"  {name}:\n    strategy: {strategy}\n    targets:\n"
+            "      - {provider: prime, model: p, weight: 3}\n"
+            "      - {provider: wandb, model: w}\n"
+        )
+
+    extra = model("rr", "round_robin") + model("lb", "least_busy") + model("w", "weighted")
+    proxy = await make_proxy(routes_yaml(wandb, prime, extra=extra))
+    for _ in range(4):
+        assert await _chat(proxy, model="rr") == 200
+    assert (len(prime.fake.seen), len(wandb.fake.seen)) == (2, 2)  # fallback: (4, 0)
+    for fake in (prime.fake, wandb.fake):
+        fake.seen.clear()
+    for _ in range(200):
+        assert await _chat(proxy, model="w") == 200
+    assert 120 <= len(prime.fake.seen) <= 180  # expected 150, standard deviation about 6
+    assert len(prime.fake.seen) + len(wandb.fake.seen) == 200
+    # least_busy: a stream held on prime sends the next call to wandb first.
+    release = asyncio.Event()
+    prime.fake.stream_script = [b"data: {}\n\n", release, b"data: [DONE]\n\n"]
+    payload = {"model": "lb", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    held = await proxy.http.post(proxy.url + CHAT, json=payload)
+    assert await held.content.readany() == b"data: {}\n\n"
+    before = len(wandb.fake.seen)
+    for _ in range(3):
+        assert await _chat(proxy, model="lb") == 200
+    assert len(wandb.fake.seen) == before + 3
+    release.set()
+    await held.read()
+    held.close()

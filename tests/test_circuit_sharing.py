@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.appkeys import BREAKERS
 from proxy.circuit import Change, CircuitBreakers
-from proxy.circuit_sync import CircuitSync
+from proxy.circuit_sync import CHANNEL, STATES, CircuitSync
+from tests.conftest import MakeProxy
 from tests.redis_server import RedisServer
 from tests.support import ProxyProcess, dead_url, eventually, free_port
 from tests.teams_setup import need_redis
-from tests.test_balance import Replicas, replicas  # noqa: F401  (the fixture)
+from tests.test_balance import Replicas, _chat, replica_routes, replicas  # noqa: F401
 
 
 async def _calls(url: str, count: int) -> list[int]:
@@ -38,6 +42,14 @@ async def _both_subscribed(redis: RedisServer) -> None:
     finally:
         client.close()
     raise AssertionError("the proxies never subscribed to circuit changes")
+
+
+async def _shared(redis: RedisServer, key: str, opened: bool) -> None:
+    client = redis.client()
+    try:
+        await eventually(lambda: bool(client.hexists(STATES, key)) == opened, timeout=5)
+    finally:
+        client.close()
 
 
 async def test_two_processes_share_circuits_and_one_probe(
@@ -66,7 +78,9 @@ models:
         replicas.a.status = 500
         while len(replicas.a.seen) < 2:  # the first process opens a's circuit
             assert await _calls(first.url, 1) == [200]
-        await asyncio.sleep(0.3)  # the opening reaches the second process
+        # The opening is shared (its hash entry is written with the PUBLISH), before the
+        # second process is called.
+        await _shared(redis, replicas.a_url, opened=True)
         seen = len(replicas.a.seen)
         assert await _calls(second.url, 10) == [200] * 10
         assert len(replicas.a.seen) == seen  # the second process kept away from a too
@@ -77,7 +91,7 @@ models:
         replicas.a.status = 200
         await asyncio.sleep(2.2)  # the failed probe doubled the cool-down to 2 s
         await _calls(first.url, 4)
-        await asyncio.sleep(0.3)  # the closing reaches the second process
+        await _shared(redis, replicas.a_url, opened=False)  # the closing reaches the second
         before = len(replicas.a.seen)
         assert await _calls(second.url, 10) == [200] * 10
         assert len(replicas.a.seen) > before  # trusted again everywhere
@@ -100,3 +114,53 @@ async def test_a_circuit_change_that_cannot_be_shared_is_logged_without_userinfo
     await redis.aclose()
     assert "http://10.0.0.5:8000/v1" in caplog.text
     assert "s3cret-pw" not in caplog.text
+
+
+def _redis_routes(replicas: Replicas, redis: RedisServer) -> str:  # noqa: F811
+    return f'redis: {{url: "{redis.url}"}}\n' + replica_routes(replicas, "round_robin")
+
+
+def _change(key: str, opened: int, until: float) -> str:
+    """A circuit change as another proxy process publishes it."""
+    return json.dumps({"origin": "another-process", "key": key, "opened": opened, "until": until})
+
+
+async def test_a_process_started_later_reads_the_open_circuits(
+    private_redis: RedisServer,  # first: stopped after the proxy
+    make_proxy: MakeProxy,
+    replicas: Replicas,  # noqa: F811
+):
+    # Another process opened a's circuit for a minute before this one started.
+    client = private_redis.client()
+    client.hset(STATES, replicas.a_url, _change(replicas.a_url, 1, time.time() + 60))
+    client.close()
+    proxy = await make_proxy(_redis_routes(replicas, private_redis))
+    breakers = proxy.app[BREAKERS]
+    await eventually(lambda: breakers.state(replicas.a_url) == "open", timeout=5)
+    for _ in range(6):
+        assert await _chat(proxy) == 200
+    assert replicas.counts() == (0, 6)
+
+
+async def test_closings_published_by_other_processes_are_applied(
+    private_redis: RedisServer,  # first: stopped after the proxy
+    make_proxy: MakeProxy,
+    replicas: Replicas,  # noqa: F811
+):
+    proxy = await make_proxy(_redis_routes(replicas, private_redis))
+    breakers = proxy.app[BREAKERS]
+    client = private_redis.client()
+    try:
+        await eventually(lambda: client.pubsub_numsub(CHANNEL)[0][1] == 1, timeout=5)
+        client.publish(CHANNEL, _change(replicas.a_url, 1, time.time() + 60))
+        await eventually(lambda: breakers.state(replicas.a_url) == "open", timeout=5)
+        for _ in range(4):
+            assert await _chat(proxy) == 200
+        assert replicas.counts() == (0, 4)
+        client.publish(CHANNEL, _change(replicas.a_url, 0, 0.0))  # its probe succeeded
+        await eventually(lambda: breakers.state(replicas.a_url) == "closed", timeout=5)
+    finally:
+        client.close()
+    for _ in range(4):
+        assert await _chat(proxy) == 200
+    assert replicas.counts() == (2, 6)  # trusted again at once, no probe of its own

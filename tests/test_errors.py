@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MakeProxy, Proxy
+from tests.fake_upstream import Fault
 from tests.support import Upstream, dead_url, routes_yaml
 
 CHAT = "/v1/chat/completions"
@@ -177,3 +178,59 @@ async def test_unknown_path_and_method_are_openai_shaped(proxy: Proxy):
     async with proxy.http.get(proxy.url + CHAT) as resp:
         assert resp.status == 405
         assert "POST" in resp.headers["Allow"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("model", ["llama-8b", "llama-70b"])
+async def test_broken_200_on_every_attempt_is_502_bad_upstream_response(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, model: str, stream: bool
+):
+    proxy = await make_proxy(routes_yaml(wandb, prime, retry="{attempts: 2, base_delay: 1ms}"))
+    fault = Fault(invalid_sse=True) if stream else Fault(malformed_json=True)
+    for fake in (wandb.fake, prime.fake):
+        fake.faults = [fault] * 2
+    payload = {"model": model, "messages": MESSAGES, "stream": stream}
+    status, body = await _post(proxy, json=payload)
+    assert status == 502
+    _assert_shape(body, "server_error", "bad_upstream_response")
+    tried = [fake.name for fake in (prime.fake, wandb.fake) if fake.seen]
+    assert tried == (["prime", "wandb"] if model == "llama-70b" else ["wandb"])
+    for fake in (wandb.fake, prime.fake):
+        assert len(fake.seen) in (0, 2)  # every attempt, and nothing more
+        assert f"{fake.name}:" in body["error"]["message"] or not fake.seen
+
+
+async def test_every_endpoint_cooling_down_is_503_circuit_open(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    circuit = "circuit: {failures: 1, cooldown: 60s, max_cooldown: 60s}\n"
+    proxy = await make_proxy(circuit + routes_yaml(wandb, prime))
+    wandb.fake.status = prime.fake.status = 500
+    status, _ = await _post(proxy, json={"model": "llama-70b", "messages": MESSAGES})
+    assert status == 500  # both answered: the last answer's status; both circuits open now
+    status, body = await _post(proxy, json={"model": "llama-70b", "messages": MESSAGES})
+    assert status == 503
+    _assert_shape(body, "server_error", "circuit_open")
+    assert "prime" in body["error"]["message"] and "wandb" in body["error"]["message"]
+    assert (len(prime.fake.seen), len(wandb.fake.seen)) == (1, 1)  # none called again
+
+
+async def test_a_provider_s_circuit_overrides_the_top_level_one(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    # Top level: 100 failures open a circuit; wandb's own: one failure does.
+    wandb_timeouts = "    timeouts: {connect: 2s, first_byte: 3s, idle: 2s, total: 20s}\n"
+    text = "circuit: {failures: 100, cooldown: 60s, max_cooldown: 60s}\n" + routes_yaml(
+        wandb, prime
+    ).replace(wandb_timeouts, wandb_timeouts + "    circuit: {failures: 1, cooldown: 60s}\n", 1)
+    proxy = await make_proxy(text)
+    wandb.fake.status = prime.fake.status = 500
+    for model in ("llama-8b", "llama-70b"):  # wandb fails once; prime once, wandb not again
+        status, _ = await _post(proxy, json={"model": model, "messages": MESSAGES})
+        assert status == 500
+    status, body = await _post(proxy, json={"model": "llama-8b", "messages": MESSAGES})
+    assert status == 503 and body["error"]["code"] == "circuit_open"
+    prime.fake.status = 200
+    status, _ = await _post(proxy, json={"model": "llama-70b", "messages": MESSAGES})
+    assert status == 200  # prime's circuit, under the top-level policy, stayed closed
+    assert (len(prime.fake.seen), len(wandb.fake.seen)) == (2, 1)

@@ -5,7 +5,9 @@ answer, in order, on a connection that stays usable."""
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import time
 from typing import Any
 
 import pytest
@@ -17,8 +19,9 @@ from tests.support import Upstream, routes_yaml
 UPSTREAM_MODEL = {"same-name": "same-name", "llama-8b": "meta-llama/Llama-3.1-8B-Instruct"}
 
 
-def _request(model: str, *, extra: str = "", version: str = "1.1") -> bytes:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+def _request(model: str, *, extra: str = "", version: str = "1.1", stream: bool = False) -> bytes:
+    fields = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    body = json.dumps({**fields, "stream": True} if stream else fields)
     return (
         f"POST /v1/chat/completions HTTP/{version}\r\nHost: proxy\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n{body}"
@@ -47,6 +50,21 @@ async def test_a_connection_moves_to_aiohttp_and_keeps_serving_calls(proxy: Prox
         writer.write(_request(model))
         assert _model(await read_answer(reader)) == upstream_model
     writer.close()
+
+
+async def test_the_front_s_answers_carry_date_but_no_server(proxy: Proxy, wandb: Upstream):
+    wandb.fake.extra_headers = {"Server": "upstream/1.0"}  # not passed on either
+    reader, writer = await _connect(proxy)
+    try:
+        for stream in (False, True):
+            writer.write(_request("same-name", stream=stream))
+            status, headers, _ = await read_answer(reader)
+            assert status == 200 and "server" not in headers, headers
+            parsed = email.utils.parsedate_to_datetime(headers["date"])
+            assert parsed.tzinfo is not None  # an HTTP date, in GMT
+            assert abs(parsed.timestamp() - time.time()) < 60
+    finally:
+        writer.close()
 
 
 async def test_pipelined_calls_are_answered_in_order(proxy: Proxy):
@@ -130,17 +148,42 @@ async def test_a_body_over_the_limit_is_refused_without_reading_it(
 async def test_an_idle_connection_is_closed_after_keepalive_timeout(
     make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
 ):
-    idle = routes_yaml(wandb, prime).replace("server:\n", "server:\n  keepalive_timeout: 1s\n")
+    """Two connections answered together; one calls again a second later. Each closes
+    keepalive_timeout (2.5 s) after its own last answer: never sooner, and later only by
+    the event loop's lag, well under the 1 s allowed here (the timer is rescheduled
+    to the exact due time, not a whole keepalive later)."""
+    keepalive, later = 2.5, 1.0
+    idle = routes_yaml(wandb, prime).replace("server:\n", "server:\n  keepalive_timeout: 2500ms\n")
     proxy = await make_proxy(idle)
-    reader, writer = await _connect(proxy)
-    writer.write(_request("same-name"))
-    assert _model(await read_answer(reader)) == "same-name"
-    await asyncio.sleep(0.6)
-    writer.write(_request("same-name"))  # a call resets the idle clock
-    assert _model(await read_answer(reader)) == "same-name"
-    async with asyncio.timeout(3):
-        assert await reader.read() == b""  # closed once idle for keepalive_timeout
-    writer.close()
+    quiet, busy = await _connect(proxy), await _connect(proxy)
+    last_answer = {}
+    for name, (reader, writer) in (("quiet", quiet), ("busy", busy)):
+        writer.write(_request("same-name"))
+        assert _model(await read_answer(reader)) == "same-name"
+        last_answer[name] = time.monotonic()
+    await asyncio.sleep(later)  # the scenario's pause, not a synchronisation
+    busy[1].write(_request("same-name"))  # a call resets the idle clock
+    assert _model(await read_answer(busy[0])) == "same-name"
+    last_answer["busy"] = time.monotonic()
+
+    async def closed_at(reader: asyncio.StreamReader) -> float:
+        assert await reader.read() == b""
+        return time.monotonic()
+
+    async with asyncio.timeout(3 * keepalive):
+        closed = dict(
+            zip(
+                ("quiet", "busy"),
+                await asyncio.gather(closed_at(quiet[0]), closed_at(busy[0])),
+                strict=True,
+            )
+        )
+    for name in ("quiet", "busy"):
+        idle_for = closed[name] - last_answer[name]
+        assert keepalive - 0.05 <= idle_for < keepalive + 1.0, (name, idle_for)
+    assert closed["busy"] - closed["quiet"] > later / 2
+    for _, writer in (quiet, busy):
+        writer.close()
 
 
 @pytest.mark.parametrize("extra", ["", "X-Note: caf\u00e9\r\n"], ids=["front", "aiohttp"])

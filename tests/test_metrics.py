@@ -11,8 +11,9 @@ import pytest
 from proxy.metrics import Metrics, endpoint_label
 from proxy.usage import Usage, reported
 from tests.conftest import PRIME_KEY, WANDB_KEY, MakeProxy, Proxy
+from tests.fake_upstream import FakeUpstream
 from tests.metrics_support import scrape
-from tests.support import Upstream, routes_yaml
+from tests.support import Upstream, routes_yaml, serve_app
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -75,17 +76,25 @@ async def test_reloads_are_counted_by_result(proxy: Proxy, wandb: Upstream, prim
     assert m.value("llm_proxy_config_reloads_total", result="ok") == 1
 
 
-async def test_readyz_probes_set_endpoint_health(make_proxy: MakeProxy, wandb: Upstream, prime):
+async def test_readyz_probes_set_endpoint_health(make_proxy: MakeProxy, wandb: Upstream):
+    # A required provider of the test's own, so that the test can stop it.
+    fake = FakeUpstream(prefix="/api/v1", key=PRIME_KEY, name="prime")
+    runner, url = await serve_app(fake.app())
+    prime = Upstream(fake, url + "/api/v1")
     text = routes_yaml(wandb, prime).replace(
         "    headers: {X-Prime-Team-ID: team-42}\n",
         "    headers: {X-Prime-Team-ID: team-42}\n    required: true\n",
     )
     proxy = await make_proxy(text)
+    # The label is the configured URL as written (it has no credentials to drop).
+    label = {"provider": "prime", "endpoint": f"{url}/api/v1"}
     async with proxy.http.get(proxy.url + "/readyz") as resp:
         assert resp.status == 200
-    m = await scrape(proxy.http, proxy.url)
-    up = m.value("llm_proxy_endpoint_up", provider="prime", endpoint=endpoint_label(prime.url))
-    assert up == 1
+    assert (await scrape(proxy.http, proxy.url)).value("llm_proxy_endpoint_up", **label) == 1
+    await runner.cleanup()  # prime goes away
+    async with proxy.http.get(proxy.url + "/readyz") as resp:
+        assert resp.status == 503
+    assert (await scrape(proxy.http, proxy.url)).value("llm_proxy_endpoint_up", **label) == 0
 
 
 async def test_access_log_names_the_call_and_never_a_key(
@@ -130,8 +139,9 @@ async def test_a_client_that_goes_away_is_counted_as_499(proxy: Proxy, wandb: Up
     async with proxy.http.post(proxy.url + CHAT, json=payload) as resp:
         await resp.content.readany()
         resp.close()
-    while (await scrape(proxy.http, proxy.url)).value("llm_proxy_requests_in_flight"):
-        await asyncio.sleep(0.05)  # the handler is being cancelled
+    async with asyncio.timeout(5):  # the handler is being cancelled
+        while (await scrape(proxy.http, proxy.url)).value("llm_proxy_requests_in_flight"):
+            await asyncio.sleep(0.05)
     m = await scrape(proxy.http, proxy.url)
     assert m.value("llm_proxy_requests_total", model="llama-8b", status="499") == 1
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import PRIME_KEY, WANDB_KEY, Proxy
-from tests.support import Upstream
+from tests.conftest import PRIME_KEY, WANDB_KEY, MakeProxy, Proxy, StartApp
+from tests.fake_upstream import FakeUpstream
+from tests.support import Upstream, routes_yaml
 
 CHAT = "/v1/chat/completions"
 
@@ -127,3 +128,78 @@ async def test_models_list_in_wandb_format(proxy: Proxy):
         "root": "llama-70b",
     }
     assert "prime" not in json.dumps(body) and "Llama-3.1" not in json.dumps(body)
+
+
+async def test_client_credentials_never_reach_the_upstream(proxy: Proxy, wandb: Upstream):
+    # Azure-style and Anthropic-style keys and cookies are the client's credentials for
+    # the proxy: the upstream sees only the provider's key.
+    headers = {
+        "api-key": "client-azure-key",
+        "x-api-key": "client-anthropic-key",
+        "Cookie": "session=client-cookie",
+        "X-Client-Note": "kept",
+    }
+    for stream in (False, True):
+        payload = {
+            "model": "llama-8b",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream,
+        }
+        async with proxy.http.post(proxy.url + CHAT, json=payload, headers=headers) as resp:
+            assert resp.status == 200
+            await resp.read()
+        seen = wandb.fake.last.headers
+        assert seen["X-Client-Note"] == "kept"  # the check below can see client headers
+        for name in ("api-key", "x-api-key", "Cookie"):
+            assert name not in seen, name
+        assert "client-" not in repr(sorted(seen.items()))
+
+
+async def test_upstream_rate_limit_headers_are_withheld(proxy: Proxy, wandb: Upstream):
+    # The upstream's x-ratelimit-* describe the proxy's provider account, not the client.
+    wandb.fake.extra_headers = {
+        "x-ratelimit-remaining-requests": "7",
+        "X-RateLimit-Limit-Tokens": "90000",
+        "x-ratelimit-reset-requests": "6m0s",
+        "X-Upstream-Note": "kept",
+    }
+    for stream in (False, True):
+        payload = {
+            "model": "llama-8b",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream,
+        }
+        async with proxy.http.post(proxy.url + CHAT, json=payload) as resp:
+            assert resp.status == 200
+            await resp.read()
+            assert resp.headers["X-Upstream-Note"] == "kept"
+            leaked = [name for name in resp.headers if name.lower().startswith("x-ratelimit-")]
+            assert leaked == [], (stream, leaked)
+
+
+async def test_identity_encoding_is_asked_whatever_the_client_accepts(
+    proxy: Proxy, wandb: Upstream
+):
+    headers = {"Accept-Encoding": "gzip, br, zstd"}
+    payload = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}]}
+    async with proxy.http.post(proxy.url + CHAT, json=payload, headers=headers) as resp:
+        assert resp.status == 200
+    assert wandb.fake.last.headers.getall("Accept-Encoding") == ["identity"]
+
+
+async def test_redirects_are_relayed_never_followed(
+    make_proxy: MakeProxy, start_app: StartApp, wandb: Upstream, prime: Upstream
+):
+    # The upstream points elsewhere; the proxy only ever calls the URL in routes.yaml.
+    elsewhere = FakeUpstream(key=None, name="elsewhere")
+    elsewhere_url = await start_app(elsewhere.app())
+    proxy = await make_proxy(routes_yaml(wandb, prime))
+    for status in (301, 302, 307, 308):
+        wandb.fake.status = status
+        wandb.fake.error_headers = {"Location": elsewhere_url + CHAT}
+        payload = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}]}
+        async with proxy.http.post(proxy.url + CHAT, json=payload, allow_redirects=False) as resp:
+            assert resp.status == status
+            assert resp.headers["Location"] == elsewhere_url + CHAT
+    assert len(wandb.fake.seen) == 4
+    assert elsewhere.seen == []

@@ -132,7 +132,7 @@ async def _run_load(
     await load.round()
     redis.kill()  # fail_open: calls go on, Redis errors are counted
     await load.round()
-    redis.start()
+    await redis.restart()
     async with http.get(load.url + "/readyz") as resp:
         assert resp.status == 200
     good = _swap(config, "models: [not, valid]\n")

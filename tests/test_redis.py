@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from tests.conftest import MakeProxy
 from tests.metrics_support import scrape
 from tests.redis_server import Monitor, RedisServer
-from tests.support import ProxyProcess, Upstream, free_port, routes_yaml
+from tests.support import ProxyProcess, Upstream, eventually, free_port, routes_yaml
 from tests.teams_setup import ADMIN_KEY, RESEARCH_KEY, chat, need_redis, team_yaml
 
 AUTH = {"Authorization": f"Bearer {RESEARCH_KEY}"}
@@ -113,7 +115,7 @@ async def test_at_most_two_redis_round_trips_per_call(
     monitor = Monitor(redis_server.port)
     for _ in range(50):
         assert (await chat(proxy))[0] == 200
-    sent = monitor.stop()
+    sent = await monitor.stop()
     after = redis_server.command_calls()
     # Every command a client sent is one round trip: one admission, one settlement.
     assert len(sent) <= 2 * 50, Counter(sent)
@@ -135,18 +137,18 @@ async def test_redis_killed_and_restarted_under_load_loses_and_doubles_nothing(
     (process,) = await _processes(tmp_path, text, 1)
     try:
         load = asyncio.create_task(_statuses(process.url, 300, 8))
-        await asyncio.sleep(0.4)
+        await eventually(lambda: len(wandb.fake.seen) >= 50, timeout=20)  # load in flight
         redis_server.kill()
-        await asyncio.sleep(0.6)
-        redis_server.start()  # same port, same append-only file
+        down_at = len(wandb.fake.seen)
+        await eventually(lambda: len(wandb.fake.seen) >= down_at + 50, timeout=20)
+        assert not load.done()  # calls served while Redis was down, more to come
+        await redis_server.restart()  # same port, same append-only file
         statuses = await load
         assert statuses == [200] * 300  # fail_open: the outage cost no call
         reported = wandb.fake.reported
-        for _ in range(100):
-            totals = await _totals(process.url)
-            if totals["requests"] >= 300:
-                break
-            await asyncio.sleep(0.1)
+        async with asyncio.timeout(10):  # the settlements queued in the outage are written
+            while (totals := await _totals(process.url))["requests"] < 300:
+                await asyncio.sleep(0.1)
         assert totals["requests"] == 300
         assert totals["prompt_tokens"] == sum(u["prompt_tokens"] for u in reported)
         assert totals["completion_tokens"] == sum(u["completion_tokens"] for u in reported)
@@ -166,7 +168,7 @@ async def test_fail_closed_refuses_while_redis_is_down(
     status, body, _ = await chat(proxy)
     assert status == 503 and b"rate_limiter_unavailable" in body
     assert len(wandb.fake.seen) == 1
-    redis_server.start()
+    await redis_server.restart()
     assert (await chat(proxy))[0] == 200
 
 
@@ -178,7 +180,7 @@ async def test_sigterm_flushes_the_queued_ledger(
     try:
         redis_server.kill()
         assert await _statuses(process.url, 10, 5) == [200] * 10  # booked nowhere yet
-        redis_server.start()
+        await redis_server.restart()
         process.signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.process.wait, 20) == 0
     finally:
@@ -201,3 +203,32 @@ async def _totals(url: str) -> dict[str, int]:
             return {"requests": -1}
         totals: dict[str, int] = (await resp.json())["totals"]
         return totals
+
+
+async def test_settlements_that_cannot_be_written_are_logged_at_shutdown(
+    tmp_path: Path, wandb: Upstream, prime: Upstream, redis_server: RedisServer
+):
+    """Redis down for good: each call's settlement is logged as JSON at shutdown, never
+    dropped silently, and the errors meanwhile are logged at most once a second."""
+    text = routes_yaml(wandb, prime) + team_yaml(redis_url=redis_server.url)  # ledger only
+    (process,) = await _processes(tmp_path, text, 1)
+    try:
+        redis_server.kill()
+        began = time.monotonic()
+        assert await _statuses(process.url, 10, 5) == [200] * 10  # fail_open
+        took = time.monotonic() - began
+        process.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.process.wait, 20) == 0
+    finally:
+        process.stop()
+    log = process.log()
+    lost = [
+        json.loads(line.split("ledger write lost at shutdown: ", 1)[1])
+        for line in log.splitlines()
+        if "ledger write lost at shutdown: " in line
+    ]
+    assert len(lost) == 10 and len({s["request_id"] for s in lost}) == 10
+    assert {(s["team"], s["model"]) for s in lost} == {("research", "llama-8b")}
+    assert all(s["completion_tokens"] == 6 for s in lost)  # what the upstream reported
+    warnings = log.count("redis failed during")
+    assert 1 <= warnings <= 1 + took  # once a second at most, not once a call

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from tests.conftest import Proxy
+from proxy.app import make_app
+from proxy.config_load import load_config
+from proxy.reload import ConfigHolder
+from tests.conftest import Proxy, StartApp
 from tests.support import ProxyProcess, Upstream, eventually, free_port, routes_yaml
 from tests.test_config import CREDENTIALS, ECHOING, SECRET, SECRET_ENV, USERINFO_URLS
 
@@ -85,7 +91,7 @@ async def test_reload_under_load_fails_nothing_in_flight(
             return resp.status
 
     calls = [asyncio.create_task(call()) for _ in range(20)]
-    await asyncio.sleep(0.1)
+    await eventually(lambda: len(prime.fake.seen) == 20)  # all routed, held by prime
     swapped = (
         routes_yaml(wandb, prime)
         .replace("      - {provider: prime, model: meta-llama/llama-3.1-70b-instruct}\n", "")
@@ -109,8 +115,6 @@ async def test_reload_under_load_fails_nothing_in_flight(
 
 
 async def test_sighup_reloads_a_running_process(tmp_path: Path, wandb: Upstream, prime: Upstream):
-    import aiohttp
-
     path = tmp_path / "routes.yaml"
     # A poll interval of an hour: only the signal can explain the reload.
     path.write_text(routes_yaml(wandb, prime, reload_interval="1h"))
@@ -159,3 +163,31 @@ async def test_reload_errors_never_log_a_value_from_the_environment(
     log = await _refused_reload(tmp_path, routes_yaml(wandb, prime), ECHOING)
     assert "providers.p.balance: unknown balance '${T_SECRET}'" in log
     assert SECRET not in log
+
+
+async def test_configmap_symlink_swap_is_picked_up(
+    tmp_path: Path, start_app: StartApp, wandb: Upstream, prime: Upstream
+):
+    """As kubelet updates a ConfigMap volume: routes.yaml -> ..data/routes.yaml, and
+    ..data -> a timestamped directory; an update writes a new directory and renames a
+    new ..data link over the old one, so the path's own link never changes."""
+    volume = tmp_path / "volume"
+    (volume / "..2026_01").mkdir(parents=True)
+    (volume / "..2026_01" / "routes.yaml").write_text(routes_yaml(wandb, prime))
+    (volume / "..data").symlink_to("..2026_01")
+    path = volume / "routes.yaml"
+    path.symlink_to("..data/routes.yaml")
+    holder = ConfigHolder(load_config(path), path)
+    url = await start_app(make_app(holder))
+    (volume / "..2026_02").mkdir()
+    (volume / "..2026_02" / "routes.yaml").write_text(routes_yaml(wandb, prime, extra=NEW_MODEL))
+    (volume / "..data_tmp").symlink_to("..2026_02")
+    os.rename(volume / "..data_tmp", volume / "..data")  # atomic, as kubelet does
+    shutil.rmtree(volume / "..2026_01")
+    async with aiohttp.ClientSession() as http:
+
+        async def has_new() -> bool:
+            return "brand-new" in await _model_ids(url, http)
+
+        await _eventually(has_new)
+    assert holder.reloads == {"ok": 1, "error": 0}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import time
+from collections import Counter
 from dataclasses import replace
 from email.utils import formatdate
 from typing import Any
@@ -14,7 +16,8 @@ import aiohttp
 import pytest
 
 from proxy.app import make_app
-from proxy.config import Endpoint
+from proxy.backoff import backoff_delay
+from proxy.config import Endpoint, RetryPolicy
 from proxy.config_load import parse_config
 from proxy.reload import ConfigHolder
 from tests.conftest import MakeProxy, Proxy, StartApp
@@ -67,7 +70,8 @@ async def test_retry_after_above_maximum_falls_back_without_sleeping(
     status, body, _ = await _call(proxy, {**PLAIN, "model": "llama-70b"})
     assert status == 200 and json.loads(body)["model"] == "meta-llama/Llama-3.1-70B-Instruct"
     assert (len(prime.fake.seen), len(wandb.fake.seen)) == (1, 1)
-    assert wandb.fake.arrivals[0] - prime.fake.arrivals[0] < SLACK
+    # Far from the behaviour ruled out, which would wait 30 s.
+    assert wandb.fake.arrivals[0] - prime.fake.arrivals[0] < 30 / 2
 
 
 async def test_retry_after_beyond_the_callers_budget_falls_back(
@@ -79,7 +83,8 @@ async def test_retry_after_beyond_the_callers_budget_falls_back(
     )
     assert status == 200
     assert (len(prime.fake.seen), len(wandb.fake.seen)) == (1, 1)
-    assert wandb.fake.arrivals[0] - prime.fake.arrivals[0] < SLACK
+    # Sleeping would take the Retry-After's 1 s; falling back at once stays inside the budget.
+    assert wandb.fake.arrivals[0] - prime.fake.arrivals[0] < 0.5
 
 
 async def test_500_is_retried_with_full_jitter_then_relayed(proxy: Proxy, wandb: Upstream):
@@ -89,6 +94,36 @@ async def test_500_is_retried_with_full_jitter_then_relayed(proxy: Proxy, wandb:
     assert len(wandb.fake.seen) == 3
     first, second = gaps(wandb.fake)
     assert first < 0.1 + SLACK and second < 0.2 + SLACK  # full jitter under base·2^(n-1)
+
+
+def test_full_jitter_spreads_over_the_whole_range():
+    # 400 draws per retry number: uniform on [0, ceiling) has its mean at half the ceiling
+    # (standard error 1.4 % of it) and about a quarter of the draws in each quarter.
+    policy = RetryPolicy(attempts=5, base_delay=0.1, max_delay=0.3)
+    for number, ceiling in ((1, 0.1), (2, 0.2), (3, 0.3), (4, 0.3)):
+        draws = [backoff_delay(policy, number) for _ in range(400)]
+        assert all(0 <= d <= ceiling for d in draws), number
+        assert abs(statistics.fmean(draws) / ceiling - 0.5) < 0.08, number
+        quarters = Counter(min(3, int(4 * d / ceiling)) for d in draws)
+        assert all(60 <= quarters[q] <= 140 for q in range(4)), (number, quarters)
+
+
+async def test_backoff_waits_are_drawn_not_fixed(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    # 20 retries, each waiting uniformly in [0, 300 ms): some waits must be short and
+    # some long (each fails by chance with probability 2^-20). A wait of zero, or of
+    # the ceiling every time, fails one of the two.
+    ceiling = 0.3
+    retry = "{attempts: 21, base_delay: 300ms, max_delay: 300ms}"
+    circuit = "circuit: {failures: 100, cooldown: 1s, max_cooldown: 1s}\n"  # stays closed
+    proxy = await make_proxy(circuit + routes_yaml(wandb, prime, retry=retry))
+    wandb.fake.faults = [Fault(status=500)] * 20
+    status, _, _ = await _call(proxy, PLAIN)
+    assert status == 200
+    waits = gaps(wandb.fake)
+    assert len(waits) == 20
+    assert min(waits) < ceiling / 2 < max(waits)
 
 
 async def test_503_exhausts_attempts_then_falls_back(
@@ -247,3 +282,24 @@ async def test_any_retry_after_is_survived(
     assert (got, len(wandb.fake.seen)) == (status, calls)
     if status == 429:
         assert headers["Retry-After"] == retry_after
+
+
+async def test_a_model_s_retry_fields_win_over_its_provider_s(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    wandb_timeouts = "    timeouts: {connect: 2s, first_byte: 3s, idle: 2s, total: 20s}\n"
+    text = routes_yaml(
+        wandb,
+        prime,
+        retry="{attempts: 1}",
+        extra=(
+            "  patient:\n    retry: {attempts: 3}\n"
+            "    targets:\n      - {provider: wandb, model: patient-upstream}\n"
+        ),
+    ).replace(wandb_timeouts, wandb_timeouts + "    retry: {attempts: 2, base_delay: 1ms}\n", 1)
+    proxy = await make_proxy(text)
+    for model, attempts in (("llama-8b", 2), ("patient", 3)):  # the provider's, the model's
+        wandb.fake.seen.clear()
+        wandb.fake.faults = [Fault(status=500)] * 3
+        status, _, _ = await _call(proxy, {**PLAIN, "model": model})
+        assert (status, len(wandb.fake.seen)) == (500, attempts), model

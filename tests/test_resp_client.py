@@ -82,6 +82,24 @@ async def test_a_flushed_script_cache_is_filled_again(private_redis: RedisServer
         await client.close()
 
 
+async def test_an_acl_that_refuses_script_leaves_calls_to_eval(private_redis: RedisServer):
+    admin = RespClient(private_redis.url, PATIENT)
+    try:
+        acl = ("ACL", "SETUSER", "noscript", "on", ">pw", "~*", "+@all", "-script")
+        assert await admin.execute(*acl) == "OK"
+    finally:
+        await admin.close()
+    url = f"redis://noscript:pw@127.0.0.1:{private_redis.port}/0"
+    client = RespClient(url, PATIENT, scripts=(ECHO,))
+    try:
+        with pytest.raises(RespError, match="NOPERM"):
+            await client.execute("SCRIPT", "LOAD", ECHO.body)  # the ACL holds
+        replies = await asyncio.gather(*(client.run_script(ECHO, ["k"], [n]) for n in range(3)))
+        assert replies == [[b"k", str(n).encode()] for n in range(3)]
+    finally:
+        await client.close()
+
+
 async def test_a_stopped_redis_fails_at_once_and_a_restarted_one_is_used_again(
     private_redis: RedisServer,
 ):
@@ -95,7 +113,7 @@ async def test_a_stopped_redis_fails_at_once_and_a_restarted_one_is_used_again(
                 await waiting
             with pytest.raises(Disconnected):
                 await client.execute("PING")
-        private_redis.start()
+        await private_redis.restart()
         assert await client.execute("PING") == "PONG"
     finally:
         await client.close()

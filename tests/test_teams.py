@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
 import json
+import time
 from typing import Any
 
 import pytest
 
+from proxy.store import Admission, Check
+from proxy.store_memory import MemoryStore
+from tests.conftest import MakeProxy
 from tests.fake_upstream import Fault
-from tests.support import Upstream
+from tests.redis_server import RedisServer
+from tests.support import Upstream, routes_yaml
 from tests.teams_setup import (
     ADMIN_KEY,
     OPS_KEY,
@@ -17,6 +23,7 @@ from tests.teams_setup import (
     MakeTeamProxy,
     chat,
     ledger,
+    team_yaml,
 )
 
 
@@ -31,7 +38,7 @@ async def test_keys_are_required_and_checked(team_proxy: MakeTeamProxy, wandb: U
     status, _, _ = await chat(proxy, key=RESEARCH_KEY)
     assert status == 200
     seen = wandb.fake.last.headers
-    assert seen["OpenAI-Project"] == "acme/research"  # the team's, over the provider's
+    assert seen["OpenAI-Project"] == "acme/research-team"  # the team's, over the provider's
     assert RESEARCH_KEY not in json.dumps(dict(seen))
 
 
@@ -132,9 +139,59 @@ async def test_model_limits_apply_to_their_model_only(team_proxy: MakeTeamProxy)
 async def test_tokens_per_day(team_proxy: MakeTeamProxy):
     proxy = await team_proxy(limits="{tokens_per_day: 100}")
     assert (await chat(proxy, max_tokens=40))[0] == 200
-    status, _, headers = await chat(proxy, max_tokens=90)
+    status, body, headers = await chat(proxy, max_tokens=90)
     assert status == 429
-    assert int(headers["Retry-After"]) <= 86400
+    assert json.loads(body)["error"]["param"] == "tokens_per_day"
+    # Refused until the next UTC midnight (both backends' clocks are this machine's).
+    to_midnight = 86400 - time.time() % 86400
+    assert abs(int(headers["Retry-After"]) - to_midnight) <= 2
+
+
+def test_tokens_per_day_roll_over_at_utc_midnight():
+    now = [float(calendar.timegm((2026, 12, 4, 23, 59, 59)))]  # one second before UTC midnight
+    store = MemoryStore(clock=lambda: now[0])
+    daily = (Check("*", "tokens_per_day", 100),)
+
+    def admit(tokens: int) -> Admission:
+        return asyncio.run(store.admit("research", daily, tokens, "lease", 60.0))
+
+    first = admit(90)
+    assert first.admitted and first.day == 20791  # 2026-12-04 in days since the epoch
+    refused = admit(20)
+    assert not refused.admitted and refused.retry_after == 1.0
+    now[0] += 1.0  # 2026-12-05T00:00:00Z
+    fresh = admit(20)
+    assert fresh.admitted and fresh.day == 20792
+    assert fresh.states[0].remaining == 80 and fresh.states[0].reset == 86400.0
+
+
+async def test_the_day_of_a_redis_limit_is_the_utc_day_on_redis_s_clock(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, shared_redis: RedisServer
+):
+    client = shared_redis.client()
+    client.flushall()
+    proxy = await make_proxy(
+        routes_yaml(wandb, prime)
+        + team_yaml(limits="{tokens_per_day: 1000}", redis_url=shared_redis.url)
+    )
+    assert (await chat(proxy))[0] == 200
+    seconds, _ = client.time()
+    keys = [k.decode() if isinstance(k, bytes) else k for k in client.keys("*tpd*")]
+    client.close()
+    assert [k.rsplit(":", 1)[1] for k in keys] == [str(seconds // 86400)], keys
+
+
+async def test_reservation_is_max_completion_tokens_times_n(team_proxy: MakeTeamProxy):
+    proxy = await team_proxy(limits="{tokens_per_minute: 1000}")
+    # 3 x 400 tokens cannot fit in 1000, whatever the (small) prompt.
+    status, body, _ = await chat(proxy, max_completion_tokens=400, n=3)
+    assert status == 429
+    error = json.loads(body)["error"]
+    assert error["param"] == "tokens_per_minute" and "max_tokens" in error["message"]
+    # 2 x 400 fits and leaves 200 less the prompt's estimate (a few tokens).
+    status, _, headers = await chat(proxy, max_completion_tokens=400, n=2)
+    assert status == 200
+    assert 150 <= int(headers["x-ratelimit-remaining-tokens"]) < 200
 
 
 async def test_ledger_books_what_the_upstream_reported(

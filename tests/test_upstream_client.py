@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import inspect
 import ssl
+import time
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from proxy.upstream_client import UpstreamClient
 from proxy.upstream_response import UpstreamConnectionError, UpstreamResponse
 from tests.conftest import WANDB_KEY, MakeProxy
 from tests.fake_upstream import FakeUpstream
+from tests.support import eventually
 
 JSON = b'{"ok":true}'
 STREAM_HEAD = (
@@ -149,6 +152,31 @@ async def test_keep_alive_reuses_one_connection_and_sends_the_request_exactly(
     )
 
 
+def test_upstream_connections_are_kept_15_s_by_default() -> None:
+    """The README's figure; the behaviour is shown on a short keep-alive below."""
+    assert inspect.signature(UpstreamClient).parameters["keepalive"].default == 15.0
+
+
+async def test_a_connection_idle_past_the_keepalive_is_closed_not_reused() -> None:
+    client = UpstreamClient(keepalive=0.3)
+    answers = [Answer(_plain(JSON)), Answer(_plain(b"[2]")), Answer(_plain(b"[3]"))]
+    scripted, server = await _serve(*answers)
+    try:
+        async with server:
+            assert await _body(await _post(client, scripted)) == JSON
+            assert await _body(await _post(client, scripted)) == b"[2]"
+            assert scripted.connections == 1  # reused while fresh
+            idle_from = time.monotonic()
+            # The condition is time itself: idle for longer than the keep-alive.
+            await eventually(lambda: time.monotonic() - idle_from > 0.35, timeout=2)
+            assert not scripted.closed_by_client.is_set()
+            assert await _body(await _post(client, scripted)) == b"[3]"
+            assert scripted.connections == 2  # a new connection, the stale one closed
+            await asyncio.wait_for(scripted.closed_by_client.wait(), 2)
+    finally:
+        client.close()
+
+
 async def test_chunked_body_with_extensions_and_trailers_is_decoded(
     client: UpstreamClient,
 ) -> None:
@@ -212,7 +240,8 @@ async def test_bytes_outside_an_answer_drop_the_connection_and_are_logged(
     scripted, server = await _serve(answer, Answer(_plain(b"[3]")))
     async with server:
         assert await _body(await _post(client, scripted)) == JSON  # the answer stands
-        await asyncio.sleep(0.2)  # the stray bytes reach the client
+        # The stray bytes reach the client: it says so.
+        await eventually(lambda: any(r.levelname == "WARNING" for r in caplog.records))
         assert await _body(await _post(client, scripted)) == b"[3]"
     assert scripted.connections == 2
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
