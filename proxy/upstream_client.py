@@ -78,6 +78,9 @@ class UpstreamClient:
         self._busy: set[Connection] = set()
         self._targets: dict[str, Target] = {}
         self._tls: ssl.SSLContext | None = None
+        # One timer for the whole client closes what stayed idle past the keep-alive, so
+        # a quiet origin's sockets do not wait for its next call to be closed.
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def post(
         self,
@@ -105,8 +108,30 @@ class UpstreamClient:
         idle.append(conn)
         while idle and now - idle[0].idle_since > self._keepalive:
             idle.popleft().transport.close()
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle past the keep-alive; come back when the oldest
+        of the others will be."""
+        self._sweeper = None
+        now = time.monotonic()
+        oldest = now
+        for idle in self._idle.values():  # oldest first: release appends, _pooled pops
+            while idle and (
+                idle[0].transport.is_closing() or now - idle[0].idle_since >= self._keepalive
+            ):
+                idle.popleft().transport.close()
+            if idle:
+                oldest = min(oldest, idle[0].idle_since)
+        if any(self._idle.values()):
+            delay = oldest + self._keepalive - now
+            self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for conn in idle:
                 conn.transport.close()
