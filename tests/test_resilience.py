@@ -108,8 +108,12 @@ def test_full_jitter_spreads_over_the_whole_range():
         assert all(60 <= quarters[q] <= 140 for q in range(4)), (number, quarters)
 
 
+# A Retry-After that does not parse is ignored: the wait is full jitter, as for a 500.
+@pytest.mark.parametrize(
+    "fault", [Fault(status=500), Fault(status=429, retry_after="soon")], ids=["500", "429-soon"]
+)
 async def test_backoff_waits_are_drawn_not_fixed(
-    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, fault: Fault
 ):
     # 20 retries, each waiting uniformly in [0, 300 ms): some waits must be short and
     # some long (each fails by chance with probability 2^-20). A wait of zero, or of
@@ -118,7 +122,7 @@ async def test_backoff_waits_are_drawn_not_fixed(
     retry = "{attempts: 21, base_delay: 300ms, max_delay: 300ms}"
     circuit = "circuit: {failures: 100, cooldown: 1s, max_cooldown: 1s}\n"  # stays closed
     proxy = await make_proxy(circuit + routes_yaml(wandb, prime, retry=retry))
-    wandb.fake.faults = [Fault(status=500)] * 20
+    wandb.fake.faults = [fault] * 20
     status, _, _ = await _call(proxy, PLAIN)
     assert status == 200
     waits = gaps(wandb.fake)

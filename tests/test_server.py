@@ -19,6 +19,7 @@ from tests.support import (
     free_port,
     routes_yaml,
 )
+from tests.test_config import ECHOING, SECRET, SECRET_ENV
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -108,6 +109,17 @@ async def test_serve_refuses_an_invalid_file(tmp_path: Path):
     process.stop()
     assert code == 2
     assert "providers: at least one provider is required" in process.log()
+
+
+async def test_a_refused_start_never_logs_a_value_from_the_environment(tmp_path: Path):
+    path = tmp_path / "routes.yaml"
+    path.write_text(ECHOING)
+    process = ProxyProcess(path, free_port(), env=SECRET_ENV)
+    code = await asyncio.to_thread(process.process.wait, 30)
+    process.stop()
+    assert code == 2
+    assert "providers.p.balance: unknown balance '${T_SECRET}'" in process.log()
+    assert SECRET not in process.log()
 
 
 async def test_access_log_is_one_json_line_per_call_across_workers(
