@@ -221,8 +221,9 @@ async def test_a_head_the_front_never_takes_is_answered_at_once(proxy: Proxy, he
     reader, writer = await _connect(proxy)
     writer.write(head)
     async with asyncio.timeout(5):
-        status, _, _ = await read_answer(reader)
+        status, headers, _ = await read_answer(reader)
         assert status == 400
+        assert headers["content-type"].startswith("text/plain")  # below the API: not JSON
         assert await reader.read() == b""
     writer.close()
 
