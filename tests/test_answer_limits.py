@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -17,8 +18,10 @@ import aiohttp
 import pytest
 
 from proxy.config_load import parse_config
+from tests.conftest import MakeProxy
+from tests.fake_upstream import Fault
 from tests.metrics_support import scrape
-from tests.support import ProxyProcess, eventually, free_port
+from tests.support import ProxyProcess, Upstream, eventually, free_port, routes_yaml
 
 MiB = 1024 * 1024
 LIMIT = 8 * MiB
@@ -196,3 +199,29 @@ def test_the_limit_is_64_mib_unless_set() -> None:
     assert (
         parse_config("server: {max_answer_bytes: 1KB}\n" + text, {}).server.max_answer_bytes == 1000
     )
+
+
+async def test_an_answer_over_the_limit_falls_back_to_the_next_target(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # llama-70b: prime first, then wandb. Prime's answer is valid JSON of 2 KiB, over
+    # the 1 KiB limit; wandb's ordinary answer is under it.
+    text = routes_yaml(wandb, prime).replace("server:\n", "server:\n  max_answer_bytes: 1KiB\n", 1)
+    proxy = await make_proxy(text)
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    big = json.dumps({"choices": [{"message": {"content": "x" * 2048}}]}).encode()
+    prime.fake.faults = [Fault(body=big)]
+    payload = {"model": "llama-70b", "messages": [{"role": "user", "content": "hi"}]}
+    async with proxy.http.post(proxy.url + "/v1/chat/completions", json=payload) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["model"] == "meta-llama/Llama-3.1-70B-Instruct"  # wandb's
+    assert (len(prime.fake.seen), len(wandb.fake.seen)) == (1, 1)
+    line = json.loads([r for r in caplog.records if r.name == "proxy.access"][-1].getMessage())
+    assert [(a["provider"], a["outcome"], a["detail"]) for a in line["attempts"]] == [
+        ("prime", "failed", "bad_upstream_response"),
+        ("wandb", "ok", "200"),
+    ]
+    counted = await scrape(proxy.http, proxy.url)
+    attempts = "llm_proxy_upstream_attempts_total"
+    assert counted.value(attempts, provider="prime", outcome="failed") == 1
+    assert counted.value(attempts, provider="wandb", outcome="ok") == 1

@@ -237,3 +237,20 @@ async def test_a_content_length_of_thousands_of_digits_gets_400(proxy: Proxy):
     assert status == 400 and b"Content-Length" in body
     assert await reader.read() == b""
     writer.close()
+
+
+@pytest.mark.parametrize(
+    ("digits", "server"), [(18, False), (19, True)], ids=["18-front", "19-aiohttp"]
+)
+async def test_the_front_takes_a_content_length_of_up_to_18_digits(
+    proxy: Proxy, digits: int, server: bool
+):
+    # Both over max_body_bytes, so both get the same 413; the front's answer is the one
+    # without a Server header, aiohttp's has one.
+    reader, writer = await _connect(proxy)
+    length = b"Content-Length: " + b"9" * digits
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\n%b\r\n\r\n{}" % length)
+    status, headers, body = await read_answer(reader)
+    assert (status, json.loads(body)["error"]["code"]) == (413, "request_too_large")
+    assert ("server" in headers) is server, headers
+    writer.close()
