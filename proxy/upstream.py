@@ -38,8 +38,9 @@ class MappedErrors:
         if kind is None:
             return
         if issubclass(kind, TimeoutError):
+            said = f": {exc}" if str(exc) else ""  # a connect timeout says what it waited for
             raise UpstreamTimeout(
-                f"Provider '{self.provider.name}' did not answer in time ({self.phase})."
+                f"Provider '{self.provider.name}' did not answer in time ({self.phase}){said}."
             ) from None
         if issubclass(kind, AnswerRefused):
             raise BadUpstreamResponse(

@@ -167,6 +167,10 @@ class UpstreamClient:
                     lambda: Connection(self, origin), origin.host, origin.port,
                     ssl=tls, server_hostname=origin.host if tls else None,
                 )  # fmt: skip
+        except TimeoutError:  # an OSError too, but a timeout: 504, not 502
+            raise TimeoutError(
+                f"no connection to {origin.host_header} within {within:g}s"
+            ) from None
         except OSError as exc:  # ssl.SSLError and socket.gaierror are OSErrors too
             # The message names the origin; the caller adds the provider.
             raise UpstreamConnectionError(f"cannot connect to {origin.host_header}: {exc}") from exc
