@@ -49,29 +49,36 @@ class Target:
     """A module to mutate and the test files that must kill its mutants."""
 
     path: str
-    tests: tuple[str, ...]
+    tests: tuple[str, ...]  # pytest's arguments: test files or ids, and options
     # Mutate only these functions (None: all of the module's functions) ...
     functions: frozenset[str] | None = None
     # ... and, inside any function, the statements whose source contains this text.
     anchor: str | None = None
 
 
-_REDIS = ("tests/test_redis.py", "tests/test_store_batch.py")
-_TEAMS = ("tests/test_teams.py",)
+# pytest arguments, fastest killers first. test_teams.py runs each test on both backends
+# ([memory] and [redis]); ``-k`` keeps the backend the module serves (it also matches
+# test_redis.py by its file name).
+_TEAMS = "tests/test_teams.py"
+_BATCH = "tests/test_store_batch.py"
+_REDIS = "tests/test_redis.py"
 TARGETS: dict[str, Target] = {
     t.path.removeprefix("proxy/").removesuffix(".py"): t
     for t in [
-        Target("proxy/accounting.py", (*_TEAMS, *_REDIS, "tests/test_hot_path.py")),
-        Target("proxy/store_lua.py", _REDIS),
-        Target("proxy/store_memory.py", (*_TEAMS, "tests/test_store_batch.py")),
-        Target("proxy/store_redis.py", (*_REDIS, "tests/test_resp.py")),
+        Target("proxy/accounting.py", ("tests/test_hot_path.py", _TEAMS, _BATCH, _REDIS)),
+        Target("proxy/store_lua.py", (_BATCH, _TEAMS, _REDIS, "-k", "not memory")),
+        Target("proxy/store_memory.py", ("tests/test_hot_path.py", _TEAMS, "-k", "not redis")),
+        Target(
+            "proxy/store_redis.py",
+            ("tests/test_resp.py", _BATCH, _TEAMS, _REDIS, "-k", "not memory"),
+        ),
         Target(
             "proxy/usage.py",
             ("tests/test_usage.py", "tests/test_metrics.py", "tests/test_teams.py"),
         ),
         Target("proxy/sse_tap.py", ("tests/test_sse_tap.py", "tests/test_streaming.py")),
         Target("proxy/headers.py", ("tests/test_passthrough.py", "tests/test_server.py")),
-        Target("proxy/auth.py", (*_TEAMS, "tests/test_prometheus.py")),
+        Target("proxy/auth.py", (_TEAMS, "tests/test_prometheus.py")),
         Target(
             "proxy/cli.py",
             (
@@ -349,6 +356,7 @@ def run_module(name: str, runners: queue.Queue[Runner], jobs: int, only: set[str
             if verdict != "killed":
                 print(f"  {verdict} {mutant.id} line {mutant.line}\n{mutant.diff}", flush=True)
     outcome.seconds = round(time.monotonic() - started, 1)
+    print(report([outcome]).splitlines()[-1], flush=True)
     return outcome
 
 
