@@ -105,3 +105,22 @@ def test_an_unended_last_event_reaches_the_client_once() -> None:
     assert stripping.feed(chunk) == b"data: {}\n\n"
     assert stripping.finish() == last
     assert plain.data_events == stripping.data_events == 2
+
+
+def test_usage_is_read_however_the_data_lines_are_written() -> None:
+    # SSE allows "data:" without its space and a payload over several data lines.
+    usage = json.dumps(USAGE).encode()
+    for event in (
+        b'data:{"choices": [], "usage": ' + usage + b"}\n\n",
+        b'data: {"choices": [],\ndata: "usage": ' + usage + b"}\n\n",
+    ):
+        tap = SseTap(strip_usage=False)
+        tap.feed(event)
+        assert tap.usage is not None and tap.usage.prompt_tokens == 3, event
+
+
+def test_the_null_usage_the_proxy_caused_is_cut_out_exactly() -> None:
+    tap = SseTap(strip_usage=True)
+    event = b'data: {"choices": [{"delta": {"content": "x"}}], "usage": null}\n\n'
+    assert tap.feed(event) == b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n'
+    assert tap.estimated_completion() == 0  # one event: no more than the role's
