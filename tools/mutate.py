@@ -62,15 +62,18 @@ class Target:
 _TEAMS = "tests/test_teams.py"
 _BATCH = "tests/test_store_batch.py"
 _REDIS = "tests/test_redis.py"
+_STORES = "tests/test_store_lua.py"
 TARGETS: dict[str, Target] = {
     t.path.removeprefix("proxy/").removesuffix(".py"): t
     for t in [
         Target("proxy/accounting.py", ("tests/test_hot_path.py", _TEAMS, _BATCH, _REDIS)),
-        Target("proxy/store_lua.py", (_BATCH, _TEAMS, _REDIS, "-k", "not memory")),
-        Target("proxy/store_memory.py", ("tests/test_hot_path.py", _TEAMS, "-k", "not redis")),
+        Target("proxy/store_lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory")),
+        Target(
+            "proxy/store_memory.py", ("tests/test_hot_path.py", _STORES, _TEAMS, "-k", "not redis")
+        ),
         Target(
             "proxy/store_redis.py",
-            ("tests/test_resp.py", _BATCH, _TEAMS, _REDIS, "-k", "not memory"),
+            ("tests/test_resp.py", _STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory"),
         ),
         Target(
             "proxy/usage.py",

@@ -1,0 +1,125 @@
+"""The Lua scripts (store_lua.py) on what takes time: buckets refilling, leases expiring
+and renewed, the day's counter and its reset at midnight UTC, and the retry_after and
+x-ratelimit figures a refusal reports. Against a redis-server of the test's own, held to
+the memory store (store_memory.py), whose semantics they share, wherever a figure does
+not depend on the exact instant; the mutation run (docs/TESTING.md) found these parts
+of the scripts unchecked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.store import DAY, Admission, Check, Settlement
+from proxy.store_memory import MemoryStore
+from proxy.store_redis import RedisStore
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture
+async def store(private_redis: RedisServer) -> AsyncIterator[RedisStore]:
+    store = RedisStore(private_redis.url, timeout=5.0)
+    yield store
+    await store.close()
+
+
+async def admitted_eventually(store: RedisStore, checks: tuple[Check, ...], reserved: int) -> None:
+    """Admit a call as soon as the limits let it, failing after a few seconds (the
+    condition is a Redis call, so this is tests.support.eventually's loop, awaited)."""
+    async with asyncio.timeout(5.0):
+        while not (await store.admit("t", checks, reserved, "late", 60.0)).admitted:
+            await asyncio.sleep(0.01)
+
+
+def _seen(a: Admission) -> tuple[bool, str | None, list[int]]:
+    return a.admitted, a.refused.kind if a.refused else None, [s.remaining for s in a.states]
+
+
+async def test_a_bucket_refills_at_its_limit_per_minute(store: RedisStore):
+    tpm = (Check("*", "tokens_per_minute", 600),)  # 10 tokens a second
+    assert (await store.admit("t", tpm, 600, "all", 60.0)).admitted
+    refused = await store.admit("t", tpm, 10, "more", 60.0)
+    assert _seen(refused) == (False, "tokens_per_minute", [0])
+    assert 0.8 < refused.retry_after <= 1.0  # 10 tokens at 10 a second, less what refilled
+    assert 0.8 < refused.states[0].reset <= 60.0
+    await admitted_eventually(store, tpm, 10)
+
+
+async def test_a_renewed_lease_that_is_never_settled_still_expires(store: RedisStore):
+    # A proxy that died mid-call: its slot comes back when the lease runs out, also
+    # after a renewal moved the lease's expiry.
+    one = (Check("*", "concurrent", 1),)
+    assert (await store.admit("t", one, 1, "dead", 0.3)).admitted
+    await store.renew("t", one, "dead", 0.3)
+    refused = await store.admit("t", one, 1, "next", 60.0)
+    assert _seen(refused) == (False, "concurrent", [0]) and refused.retry_after == 1.0
+    await admitted_eventually(store, one, 1)
+
+
+def lease_expiry(redis: RedisServer) -> tuple[int, int]:
+    """The lease "long"'s expiry, and its set's ttl, as milliseconds from Redis's now."""
+    client = redis.client()
+    try:
+        keys = client.keys("llmproxy:{t}:conc:*")
+        assert len(keys) == 1
+        key = keys[0]
+        score = client.zscore(key, "long")
+        seconds, micros = client.time()
+        assert score is not None
+        return int(score) - (seconds * 1000 + micros // 1000), int(client.pttl(key))
+    finally:
+        client.close()
+
+
+async def test_a_renewal_keeps_a_slot_past_its_first_lease(
+    store: RedisStore, private_redis: RedisServer
+):
+    one = (Check("*", "concurrent", 1),)
+    assert (await store.admit("t", one, 1, "long", 1.0)).admitted
+    expiry, ttl = lease_expiry(private_redis)
+    assert 900 < expiry <= 1000 and 1900 < ttl <= 2000  # the set outlives the lease: twice
+    await store.renew("t", one, "long", 60.0)
+    expiry, ttl = lease_expiry(private_redis)
+    assert 59_900 < expiry <= 60_000 and 119_000 < ttl <= 120_000
+    assert not (await store.admit("t", one, 1, "other", 60.0)).admitted
+
+
+async def test_the_day_counter_is_corrected_and_resets_at_midnight_utc(store: RedisStore):
+    tpd = (Check("*", "tokens_per_day", 100), Check("m", "tokens_per_day", 1000))
+    memory = MemoryStore()
+    first = await store.admit("t", tpd, 60, "a", 60.0)
+    assert _seen(first) == _seen(await memory.admit("t", tpd, 60, "a", 60.0))
+    assert _seen(first) == (True, None, [40, 940])
+
+    refused = await store.admit("t", tpd, 50, "b", 60.0)
+    assert _seen(refused) == _seen(await memory.admit("t", tpd, 50, "b", 60.0))
+    midnight = (time.time() // DAY + 1) * DAY - time.time()
+    assert abs(refused.retry_after - midnight) < 5 and abs(refused.states[0].reset - midnight) < 5
+
+    # The call used 20 of its 60: the day's count drops to 20, and 50 more fit.
+    used = Settlement("a", "t", "m", first.day, tpd, 60, 15, 5, False)
+    await store.settle(used)
+    await memory.settle(used)
+    again = await store.admit("t", tpd, 50, "c", 60.0)
+    assert _seen(again) == _seen(await memory.admit("t", tpd, 50, "c", 60.0))
+    assert _seen(again) == (True, None, [30, 930])
+    assert _seen(await store.admit("t", tpd, 101, "d", 60.0))[:2] == (False, "tokens_per_day")
+
+
+async def test_refusals_report_what_the_memory_store_reports(store: RedisStore):
+    checks = (
+        Check("*", "requests_per_minute", 2), Check("*", "tokens_per_minute", 1000),
+        Check("m", "concurrent", 3),
+    )  # fmt: skip
+    memory = MemoryStore()
+    for i, reserved in enumerate([400, 500, 50, 2000]):
+        got = await store.admit("t", checks, reserved, f"r{i}", 60.0)
+        want = await memory.admit("t", checks, reserved, f"r{i}", 60.0)
+        assert _seen(got) == _seen(want), i
+        assert abs(got.retry_after - want.retry_after) < 0.5, i
+        for g, w in zip(got.states, want.states, strict=True):
+            assert abs(g.reset - w.reset) < 0.5, i
