@@ -243,16 +243,16 @@ def _diff(path: str, before: str, after: str) -> str:
 # ---- running them -----------------------------------------------------------------------
 
 
-def make_runners(jobs: int) -> queue.Queue[Runner]:
+def make_runners(jobs: int) -> list[Runner]:
     """One private copy of the repository per job: each mutant edits a file of one."""
-    runners: queue.Queue[Runner] = queue.Queue()
+    runners: list[Runner] = []
     junk = shutil.ignore_patterns(".git", "mutants", "__pycache__", ".*_cache", ".hypothesis")
     for n in range(jobs):
         copy = OUT / f"work-{n}"
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(ROOT, copy, ignore=junk)
         _check_copy_is_imported(copy)
-        runners.put(Runner(copy))
+        runners.append(Runner(copy))
     return runners
 
 
@@ -283,6 +283,7 @@ class Runner:
 
     def __init__(self, copy: Path):
         self.copy = copy
+        self._child: int | None = None  # the pytest run under way, in its own process group
         self._process = subprocess.Popen(
             [sys.executable, str(ROOT / "tools" / "fork_runner.py")],
             cwd=copy,
@@ -297,7 +298,7 @@ class Runner:
         assert self._process.stdin is not None
         args = ["-x", "-q", "-p", "no:cacheprovider", "-W", _PRELOADED_PLUGINS, *tests]
         self._process.stdin.write(json.dumps(args).encode() + b"\n")
-        pid = json.loads(self._answer(60))["pid"]
+        pid = self._child = json.loads(self._answer(60))["pid"]
         try:
             code = json.loads(self._answer(timeout))["code"]
         except TimeoutError:
@@ -305,6 +306,8 @@ class Runner:
                 os.killpg(pid, signal.SIGKILL)  # the child and the servers it started
             self._answer(60)
             return "timeout"
+        finally:
+            self._child = None
         return "survived" if code == 0 else "killed"
 
     def _answer(self, timeout: float) -> bytes:
@@ -321,6 +324,10 @@ class Runner:
         return line
 
     def close(self) -> None:
+        """End the runner, and a test run of it still going (after a Ctrl-C)."""
+        if self._child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._child, signal.SIGKILL)
         if self._process.stdin is not None:
             self._process.stdin.close()
         self._process.wait()
@@ -352,12 +359,15 @@ def run_module(name: str, runners: queue.Queue[Runner], jobs: int, only: set[str
     timeout = 3 * (time.monotonic() - baseline) + 30
     print(f"{name}: {len(mutants)} mutants, tests {' '.join(target.tests)}", flush=True)
     outcome = Outcome(name)
-    with ThreadPoolExecutor(jobs) as pool:
+    pool = ThreadPoolExecutor(jobs)
+    try:
         verdicts = pool.map(lambda m: run_mutant(runners, m, target.tests, timeout), mutants)
         for mutant, verdict in zip(mutants, verdicts, strict=True):
             getattr(outcome, verdict).append(mutant.id)
             if verdict != "killed":
                 print(f"  {verdict} {mutant.id} line {mutant.line}\n{mutant.diff}", flush=True)
+    finally:  # after a Ctrl-C, start no other mutant
+        pool.shutdown(wait=False, cancel_futures=True)
     outcome.seconds = round(time.monotonic() - started, 1)
     print(report([outcome]).splitlines()[-1], flush=True)
     return outcome
@@ -392,11 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{mutant.id} line {mutant.line}\n{mutant.diff}")
         return 0
     runners = make_runners(args.jobs)
+    free: queue.Queue[Runner] = queue.Queue()
+    for runner in runners:
+        free.put(runner)
     try:
-        outcomes = [run_module(name, runners, args.jobs, only) for name in names]
+        outcomes = [run_module(name, free, args.jobs, only) for name in names]
     finally:
-        while not runners.empty():
-            runners.get().close()
+        for runner in runners:
+            runner.close()
     OUT.mkdir(exist_ok=True)
     (OUT / "result.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
     print(report(outcomes))
