@@ -110,7 +110,7 @@ async def test_the_day_counter_is_corrected_and_resets_at_midnight_utc(store: Re
     assert _seen(await store.admit("t", tpd, 101, "d", 60.0))[:2] == (False, "tokens_per_day")
 
 
-async def test_refusals_report_what_the_memory_store_reports(store: RedisStore):
+async def test_refusals_report_the_figures_of_the_other_backend(store: RedisStore):
     checks = (
         Check("*", "requests_per_minute", 2), Check("*", "tokens_per_minute", 1000),
         Check("m", "concurrent", 3),
