@@ -66,7 +66,10 @@ _STORES = "tests/test_store_lua.py"
 TARGETS: dict[str, Target] = {
     t.path.removeprefix("proxy/").removesuffix(".py"): t
     for t in [
-        Target("proxy/accounting.py", ("tests/test_hot_path.py", _TEAMS, _BATCH, _REDIS)),
+        Target(
+            "proxy/accounting.py",
+            ("tests/test_usage.py", "tests/test_hot_path.py", _TEAMS, _BATCH, _REDIS),
+        ),
         Target("proxy/store_lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory")),
         Target(
             "proxy/store_memory.py", ("tests/test_hot_path.py", _STORES, _TEAMS, "-k", "not redis")
