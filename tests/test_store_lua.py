@@ -49,6 +49,21 @@ async def test_a_bucket_refills_at_its_limit_per_minute(store: RedisStore):
     await admitted_eventually(store, tpm, 10)
 
 
+async def test_a_bucket_key_lives_until_the_bucket_is_full_again(
+    store: RedisStore, private_redis: RedisServer
+):
+    # An expired bucket reads as full: a key that expired sooner would hand out tokens
+    # the limit has not refilled yet; one that lived longer would only cost memory.
+    tpm = (Check("*", "tokens_per_minute", 600),)  # 10 tokens a second
+    assert (await store.admit("t", tpm, 300, "half", 60.0)).admitted
+    client = private_redis.client()
+    try:
+        ttl = int(client.pttl("llmproxy:{t}:tpm:*"))
+    finally:
+        client.close()
+    assert 30_000 < ttl <= 31_000  # 300 tokens refill in 30 s, + 1 s
+
+
 async def test_a_renewed_lease_that_is_never_settled_still_expires(store: RedisStore):
     # A proxy that died mid-call: its slot comes back when the lease runs out, also
     # after a renewal moved the lease's expiry.
@@ -94,6 +109,7 @@ async def test_the_day_counter_is_corrected_and_resets_at_midnight_utc(store: Re
     first = await store.admit("t", tpd, 60, "a", 60.0)
     assert _seen(first) == _seen(await memory.admit("t", tpd, 60, "a", 60.0))
     assert _seen(first) == (True, None, [40, 940])
+    assert first.day == int(time.time() // DAY)  # Redis's day is the UTC day
 
     refused = await store.admit("t", tpd, 50, "b", 60.0)
     assert _seen(refused) == _seen(await memory.admit("t", tpd, 50, "b", 60.0))
