@@ -90,17 +90,32 @@ def lease_expiry(redis: RedisServer) -> tuple[int, int]:
         client.close()
 
 
-async def test_a_renewal_keeps_a_slot_past_its_first_lease(
+async def test_a_lease_expires_when_its_admission_then_its_renewal_says(
     store: RedisStore, private_redis: RedisServer
 ):
-    one = (Check("*", "concurrent", 1),)
-    assert (await store.admit("t", one, 1, "long", 1.0)).admitted
+    two = (Check("*", "concurrent", 2),)
+    assert (await store.admit("t", two, 1, "long", 90.0)).admitted
     expiry, ttl = lease_expiry(private_redis)
-    assert 900 < expiry <= 1000 and 1900 < ttl <= 2000  # the set outlives the lease: twice
-    await store.renew("t", one, "long", 60.0)
+    assert 89_900 < expiry <= 90_000 and 179_000 < ttl <= 180_000  # the set: twice as long
+    await store.renew("t", two, "long", 60.0)
     expiry, ttl = lease_expiry(private_redis)
     assert 59_900 < expiry <= 60_000 and 119_000 < ttl <= 120_000
-    assert not (await store.admit("t", one, 1, "other", 60.0)).admitted
+    # Refusals leave the held slots as they are.
+    assert (await store.admit("t", two, 1, "second", 60.0)).admitted
+    for n in range(2):
+        assert _seen(await store.admit("t", two, 1, f"refused-{n}", 60.0)) == (
+            False,
+            "concurrent",
+            [0],
+        )
+
+
+async def test_a_limit_admits_up_to_its_last_token(store: RedisStore):
+    checks = (Check("*", "tokens_per_day", 100), Check("*", "tokens_per_minute", 100))
+    assert _seen(await store.admit("t", checks, 100, "all", 60.0)) == (True, None, [0, 0])
+    assert _seen(await store.admit("u", checks, 40, "some", 60.0)) == (True, None, [60, 60])
+    assert _seen(await store.admit("u", checks, 60, "rest", 60.0)) == (True, None, [0, 0])
+    assert not (await store.admit("u", checks, 1, "over", 60.0)).admitted
 
 
 async def test_the_day_counter_is_corrected_and_resets_at_midnight_utc(store: RedisStore):
@@ -128,9 +143,10 @@ async def test_the_day_counter_is_corrected_and_resets_at_midnight_utc(store: Re
 
 async def test_refusals_report_the_figures_of_the_other_backend(store: RedisStore):
     checks = (
-        Check("*", "requests_per_minute", 2), Check("*", "tokens_per_minute", 1000),
+        Check("*", "requests_per_minute", 2),
+        Check("*", "tokens_per_minute", 1000),
         Check("m", "concurrent", 3),
-    )  # fmt: skip
+    )
     memory = MemoryStore()
     for i, reserved in enumerate([400, 500, 50, 2000]):
         got = await store.admit("t", checks, reserved, f"r{i}", 60.0)
