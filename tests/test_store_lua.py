@@ -155,3 +155,27 @@ async def test_refusals_report_the_figures_of_the_other_backend(store: RedisStor
         assert abs(got.retry_after - want.retry_after) < 0.5, i
         for g, w in zip(got.states, want.states, strict=True):
             assert abs(g.reset - w.reset) < 0.5, i
+
+
+async def test_one_turn_of_settlements_books_each_model_on_its_own_row(store: RedisStore):
+    # One script run settles them all; the ledger hash is per team, day and model.
+    checks = (Check("*", "tokens_per_day", 1000),)
+    day = (await store.admit("t", checks, 10, "a", 60.0)).day
+    for lease in ("b", "c"):
+        await store.admit("t", checks, 10, lease, 60.0)
+    await asyncio.gather(
+        store.settle(Settlement("a", "t", "small", day, checks, 10, 3, 4, False)),
+        store.settle(Settlement("b", "t", "large", day, checks, 10, 5, 6, False)),
+        store.settle(Settlement("c", "t", "small", day, checks, 10, 1, 1, True)),
+    )
+    rows = {row.model: row.counts for row in await store.ledger(["t"], day, day)}
+    assert rows == {"small": (2, 3, 4, 1, 1), "large": (1, 5, 6, 0, 0)}
+    # The day's count took each correction: 30 reserved, 20 used.
+    assert _seen(await store.admit("t", checks, 980, "d", 60.0)) == (True, None, [0])
+
+
+async def test_a_correction_of_one_token_counts(store: RedisStore):
+    checks = (Check("*", "tokens_per_day", 100),)
+    day = (await store.admit("t", checks, 10, "a", 60.0)).day
+    await store.settle(Settlement("a", "t", "m", day, checks, 10, 6, 5, False))
+    assert _seen(await store.admit("t", checks, 89, "b", 60.0)) == (True, None, [0])
