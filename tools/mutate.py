@@ -68,7 +68,14 @@ TARGETS: dict[str, Target] = {
     for t in [
         Target(
             "proxy/accounting.py",
-            ("tests/test_usage.py", "tests/test_hot_path.py", _TEAMS, _BATCH, _REDIS),
+            (
+                "tests/test_usage.py",
+                "tests/test_hot_path.py",
+                "tests/test_accounting.py",
+                _TEAMS,
+                _BATCH,
+                _REDIS,
+            ),
         ),
         Target("proxy/store_lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory")),
         Target(

@@ -1,0 +1,52 @@
+"""Admission and settlement (accounting.py) where the mutation run (docs/TESTING.md) found
+them unchecked: what a refusal says, and the fallback's bookkeeping while Redis is down.
+In-process proxies on real sockets, a fake upstream, the Redis backend on a real
+redis-server or on a port where none listens."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from proxy.appkeys import ACCOUNTANT
+from tests.conftest import MakeProxy
+from tests.support import Upstream, dead_url, routes_yaml
+from tests.teams_setup import MakeTeamProxy, chat, team_yaml
+
+
+async def test_a_refusal_names_the_model_only_for_a_model_limit(team_proxy: MakeTeamProxy):
+    proxy = await team_proxy(
+        limits="{requests_per_minute: 2}", model_limits="{llama-70b: {requests_per_minute: 1}}"
+    )
+    assert (await chat(proxy, model="llama-70b"))[0] == 200
+    status, body, _ = await chat(proxy, model="llama-70b")
+    assert status == 429
+    message = json.loads(body)["error"]["message"]
+    assert "the team's requests_per_minute limit of 1 for model 'llama-70b' is" in message
+    assert (await chat(proxy, model="llama-8b"))[0] == 200
+    status, body, _ = await chat(proxy, model="llama-8b")
+    assert status == 429
+    message = json.loads(body)["error"]["message"]
+    assert "the team's requests_per_minute limit of 2 is used up" in message, message
+
+
+async def test_while_redis_is_down_calls_are_admitted_booked_and_queued_quietly(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, caplog: pytest.LogCaptureFixture
+):
+    # fail_open: this process's own limits admit, the ledger writes wait in the queue.
+    url = "redis://" + dead_url("").removeprefix("http://")
+    limits = "{requests_per_minute: 100}"
+    proxy = await make_proxy(routes_yaml(wandb, prime) + team_yaml(limits, redis_url=url))
+    caplog.set_level(logging.INFO, logger="proxy.accounting")
+    for _ in range(3):
+        assert (await chat(proxy))[0] == 200
+    accountant = proxy.app[ACCOUNTANT]
+    await accountant.settled()
+    # Each admission failed; the first settlement too, and the others queued behind it.
+    assert len(accountant.queue) == 3 and accountant.redis_errors == 3 + 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    ours = [r for r in caplog.records if r.name == "proxy.accounting"]
+    warnings = [r.getMessage() for r in ours if r.levelno == logging.WARNING]
+    assert warnings and warnings[0].startswith("redis failed during admission (1 errors so far)")
