@@ -40,13 +40,17 @@ async def test_while_redis_is_down_calls_are_admitted_booked_and_queued_quietly(
     limits = "{requests_per_minute: 100}"
     proxy = await make_proxy(routes_yaml(wandb, prime) + team_yaml(limits, redis_url=url))
     caplog.set_level(logging.INFO, logger="proxy.accounting")
-    for _ in range(3):
+    for send_usage in (True, True, False):  # the last one is billed on estimates
+        wandb.fake.send_usage = send_usage
         assert (await chat(proxy))[0] == 200
     accountant = proxy.app[ACCOUNTANT]
     await accountant.settled()
     # Each admission failed; the first settlement too, and the others queued behind it.
     assert len(accountant.queue) == 3 and accountant.redis_errors == 3 + 1
+    assert [s.estimated for s in accountant.queue] == [False, False, True]
+    assert accountant.queue[2].prompt_tokens > 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     ours = [r for r in caplog.records if r.name == "proxy.accounting"]
     warnings = [r.getMessage() for r in ours if r.levelno == logging.WARNING]
     assert warnings and warnings[0].startswith("redis failed during admission (1 errors so far)")
+    assert "cannot connect to Redis" in warnings[0]  # and why
