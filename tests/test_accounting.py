@@ -13,7 +13,7 @@ import pytest
 from proxy.appkeys import ACCOUNTANT
 from tests.conftest import MakeProxy
 from tests.support import Upstream, dead_url, routes_yaml
-from tests.teams_setup import MakeTeamProxy, chat, team_yaml
+from tests.teams_setup import OPS_KEY, MakeTeamProxy, chat, team_yaml
 
 
 async def test_a_refusal_names_the_model_only_for_a_model_limit(team_proxy: MakeTeamProxy):
@@ -36,7 +36,7 @@ async def test_while_redis_is_down_calls_are_admitted_booked_and_queued_quietly(
     make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, caplog: pytest.LogCaptureFixture
 ):
     # fail_open: this process's own limits admit, the ledger writes wait in the queue.
-    url = "redis://" + dead_url("").removeprefix("http://")
+    url = _dead_redis()
     limits = "{requests_per_minute: 100}"
     proxy = await make_proxy(routes_yaml(wandb, prime) + team_yaml(limits, redis_url=url))
     caplog.set_level(logging.INFO, logger="proxy.accounting")
@@ -54,3 +54,31 @@ async def test_while_redis_is_down_calls_are_admitted_booked_and_queued_quietly(
     warnings = [r.getMessage() for r in ours if r.levelno == logging.WARNING]
     assert warnings and warnings[0].startswith("redis failed during admission (1 errors so far)")
     assert "cannot connect to Redis" in warnings[0]  # and why
+
+
+def _dead_redis() -> str:
+    return "redis://" + dead_url("").removeprefix("http://")
+
+
+async def test_while_redis_is_down_each_team_keeps_its_own_fallback_limits(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    teams = team_yaml("{requests_per_minute: 1}", redis_url=_dead_redis())
+    teams += "    limits: {requests_per_minute: 1}\n"  # ops's, the same
+    proxy = await make_proxy(routes_yaml(wandb, prime) + teams)
+    assert (await chat(proxy))[0] == 200
+    assert (await chat(proxy))[0] == 429
+    assert (await chat(proxy, key=OPS_KEY))[0] == 200
+
+
+async def test_fail_closed_says_why_it_refuses(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    teams = team_yaml("{requests_per_minute: 1}", redis_url=_dead_redis(), on_error="fail_closed")
+    proxy = await make_proxy(routes_yaml(wandb, prime) + teams)
+    status, body, _ = await chat(proxy)
+    assert status == 503
+    assert json.loads(body)["error"]["message"] == (
+        "The rate limiter is unavailable and this proxy is set to fail closed."
+    )
+    assert wandb.fake.seen == []
