@@ -82,3 +82,11 @@ async def test_fail_closed_says_why_it_refuses(
         "The rate limiter is unavailable and this proxy is set to fail closed."
     )
     assert wandb.fake.seen == []
+
+
+async def test_while_redis_is_down_a_finished_call_frees_its_slot(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    teams = team_yaml("{concurrent: 1}", redis_url=_dead_redis())
+    proxy = await make_proxy(routes_yaml(wandb, prime) + teams)
+    assert [(await chat(proxy))[0] for _ in range(3)] == [200] * 3
