@@ -48,6 +48,7 @@ async def test_while_redis_is_down_calls_are_admitted_booked_and_queued_quietly(
     # Each admission failed; the first settlement too, and the others queued behind it.
     assert len(accountant.queue) == 3 and accountant.redis_errors == 3 + 1
     assert [s.estimated for s in accountant.queue] == [False, False, True]
+    assert {s.checks for s in accountant.queue} == {()}  # the limits were this process's
     assert accountant.queue[2].prompt_tokens > 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     ours = [r for r in caplog.records if r.name == "proxy.accounting"]
@@ -91,3 +92,15 @@ async def test_while_redis_is_down_a_finished_call_frees_its_slot(
     teams = team_yaml("{concurrent: 1}", redis_url=_dead_redis())
     proxy = await make_proxy(routes_yaml(wandb, prime) + teams)
     assert [(await chat(proxy))[0] for _ in range(3)] == [200] * 3
+
+
+async def test_a_failed_settlement_is_logged_with_its_cause(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, caplog: pytest.LogCaptureFixture
+):
+    # No limits: admission needs no Redis, so the settlement meets the outage first.
+    proxy = await make_proxy(routes_yaml(wandb, prime) + team_yaml(redis_url=_dead_redis()))
+    caplog.set_level(logging.INFO, logger="proxy.accounting")
+    assert (await chat(proxy))[0] == 200
+    await proxy.app[ACCOUNTANT].settled()
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "proxy.accounting"]
+    assert warning.startswith("redis failed during settlement (1 errors so far): Disconnected")
