@@ -22,6 +22,7 @@ import argparse
 import ast
 import contextlib
 import difflib
+import fcntl
 import json
 import os
 import queue
@@ -411,6 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for mutant in (m for n in names for m in mutants_of(n) if not only or m.id in only):
             print(f"{mutant.id} line {mutant.line}\n{mutant.diff}")
         return 0
+    OUT.mkdir(exist_ok=True)
+    lock = (OUT / "lock").open("w")
+    try:  # a second run would delete and rewrite the copies this one is testing in
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit("another tools/mutate.py run is using mutants/; wait for it") from None
     runners = make_runners(args.jobs)
     free: queue.Queue[Runner] = queue.Queue()
     for runner in runners:
@@ -420,7 +427,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for runner in runners:
             runner.close()
-    OUT.mkdir(exist_ok=True)
     (OUT / "result.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
     print(report(outcomes))
     return 0 if all(not o.survived and not o.timeout for o in outcomes) else 1
