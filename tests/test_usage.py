@@ -53,6 +53,7 @@ def test_prompt_estimate(fields: dict[str, Any], tokens: int) -> None:
     [
         ({"choices": [{"message": {"content": "a" * 21}}, {"message": {"content": "b" * 3}}]}, 6),
         ({"choices": [{"text": "t" * 9}]}, 2),  # a completion: the choice's text
+        ({"choices": [{"text": "t" * 7}]}, 1),  # rounded down
         ({"choices": [{"message": {"content": None}, "text": "t" * 8}]}, 2),
         ({"choices": [{"message": "odd", "text": "t" * 8}, "odd"]}, 2),
         ({"choices": "odd"}, 0),
