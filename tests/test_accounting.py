@@ -55,6 +55,15 @@ async def test_while_redis_is_down_calls_are_admitted_booked_and_queued_quietly(
     warnings = [r.getMessage() for r in ours if r.levelno == logging.WARNING]
     assert warnings and warnings[0].startswith("redis failed during admission (1 errors so far)")
     assert "cannot connect to Redis" in warnings[0]  # and why
+    # A shutdown that cannot reach Redis logs each lost write whole: the only record left.
+    caplog.clear()
+    await accountant.drain(0.1)
+    lost = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    prefix = "ledger write lost at shutdown: "
+    assert [m.startswith(prefix) for m in lost] == [True] * 3
+    booked = [json.loads(m.removeprefix(prefix)) for m in lost]
+    assert [b["request_id"] for b in booked] == [s.request_id for s in accountant.queue]
+    assert booked[2]["estimated"] is True and booked[2]["completion_tokens"] > 0
 
 
 def _dead_redis() -> str:
