@@ -81,6 +81,7 @@ def test_completion_estimate(payload: Any, tokens: int) -> None:
         # embeddings generate nothing: the prompt alone
         ({"input": "text", "max_tokens": 40}, 10),
         ({"input": "text", "messages": [], "max_tokens": 40}, 10 + 40),
+        ({"input": "text", "prompt": "p", "max_tokens": 40}, 10 + 40),
     ],
 )
 def test_reservation(fields: dict[str, Any], tokens: int) -> None:
