@@ -13,8 +13,8 @@ from tests.support import ROOT
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "proxy", "tests", "bench"],
-        ["ruff", "format", "--check", "proxy", "tests", "bench"],
+        ["ruff", "check", "proxy", "tests", "bench", "tools"],
+        ["ruff", "format", "--check", "proxy", "tests", "bench", "tools"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],
