@@ -372,9 +372,9 @@ async def test_a_usage_no_upstream_can_mean_is_estimated_not_booked(
     """An upstream's usage must not break the ledger (a count Redis cannot add would
     leave the settlement queued, and every one behind it) nor take tokens back."""
     proxy = await team_proxy()
-    answer = {"id": "x", "object": "chat.completion", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": "four words of text"},
-         "finish_reason": "stop"}], "usage": usage}  # fmt: skip
+    message = {"role": "assistant", "content": "four words of text"}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    answer = {"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage}
     wandb.fake.faults = [Fault(body=json.dumps(answer).encode())]
     status, _, _ = await chat(proxy)
     assert status == 200
