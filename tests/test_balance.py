@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from proxy.circuit import Admission, CircuitBreakers
+from proxy.circuit import Admission, Change, CircuitBreakers
 from proxy.config import CircuitPolicy
 from tests.conftest import MakeProxy, Proxy, StartApp
 from tests.fake_upstream import FakeUpstream
@@ -186,6 +186,25 @@ def test_probe_lease_expires_when_the_prober_never_reports():
     assert breakers.admit("e", probe_lease=10) is Admission.OPEN
     now[0] = 12
     assert breakers.admit("e", probe_lease=10) is Admission.PROBE
+
+
+def test_a_cool_down_and_a_probe_lease_end_at_their_very_instant():
+    now = [0.0]
+    breakers = CircuitBreakers(clock=lambda: now[0])
+    changes: list[Change] = []
+    breakers.on_change = changes.append
+    policy = CircuitPolicy(failures=1, cooldown=4, max_cooldown=100)
+    breakers.failed("e", policy)  # open until 4
+    now[0] = 4.0
+    assert breakers.admit("e", probe_lease=2) is Admission.PROBE  # its lease ends at 6
+    now[0] = 6.0
+    assert breakers.admit("e", probe_lease=2) is Admission.PROBE  # another may probe
+    breakers.failed("e", policy)  # a failed probe: open until 6 + 8
+    now[0] = 14.0
+    breakers.failed("e", policy)  # at the end of the cool-down: a failed probe too
+    assert [c.opened for c in changes] == [1, 2, 3]
+    breakers.succeeded("e")
+    assert changes[-1] == Change("e", 0, 0.0)  # a closing, as circuit_sync.py shares it
 
 
 async def test_affinity_removing_a_replica_moves_only_its_conversations(
