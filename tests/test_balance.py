@@ -197,6 +197,7 @@ def test_a_cool_down_and_a_probe_lease_end_at_their_very_instant():
     policy = CircuitPolicy(failures=1, cooldown=4, max_cooldown=100)
     breakers.failed("e", policy)  # open until 4
     now[0] = 4.0
+    assert breakers.state("e") == "half_open"
     assert breakers.admit("e", probe_lease=2) is Admission.PROBE  # its lease ends at 6
     now[0] = 6.0
     assert breakers.admit("e", probe_lease=2) is Admission.PROBE  # another may probe
@@ -223,6 +224,8 @@ def test_a_released_probe_lets_the_next_call_probe_and_remote_changes_merge():
     assert breakers.admit("e", probe_lease=10) is Admission.PROBE
     breakers.released("other")  # unknown: nothing to release
     breakers.merge(Change("other", 0, 0.0))  # a closing of one this process never saw
+    breakers.merge(Change("g", 1, time.time() - 10))  # its cool-down is over already
+    assert breakers.admit("g", probe_lease=10) is Admission.PROBE
     # Another process opened "f" for 5 s of the wall clock: here, until now + 5.
     breakers.merge(Change("f", 1, time.time() + 5))
     now[0] += 4  # (a second of slack for the time between the two clock readings)
