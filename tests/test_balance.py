@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import pytest
 
-from proxy.circuit import Admission, CircuitBreakers
+from proxy.circuit import Admission, Change, CircuitBreakers
 from proxy.config import CircuitPolicy
 from tests.conftest import MakeProxy, Proxy, StartApp
 from tests.fake_upstream import FakeUpstream
@@ -186,6 +187,51 @@ def test_probe_lease_expires_when_the_prober_never_reports():
     assert breakers.admit("e", probe_lease=10) is Admission.OPEN
     now[0] = 12
     assert breakers.admit("e", probe_lease=10) is Admission.PROBE
+
+
+def test_a_cool_down_and_a_probe_lease_end_at_their_very_instant():
+    now = [0.0]
+    breakers = CircuitBreakers(clock=lambda: now[0])
+    changes: list[Change] = []
+    breakers.on_change = changes.append
+    policy = CircuitPolicy(failures=1, cooldown=4, max_cooldown=100)
+    breakers.failed("e", policy)  # open until 4
+    now[0] = 4.0
+    assert breakers.state("e") == "half_open"
+    assert breakers.admit("e", probe_lease=2) is Admission.PROBE  # its lease ends at 6
+    now[0] = 6.0
+    assert breakers.admit("e", probe_lease=2) is Admission.PROBE  # another may probe
+    before = time.time()
+    breakers.failed("e", policy)  # a failed probe: open until 6 + 8
+    after = time.time()
+    # Shared on the wall clock: 8 s from now.
+    assert before + 8 <= changes[-1].open_until <= after + 8
+    now[0] = 14.0
+    breakers.failed("e", policy)  # at the end of the cool-down: a failed probe too
+    assert [c.opened for c in changes] == [1, 2, 3]
+    breakers.succeeded("e")
+    assert changes[-1] == Change("e", 0, 0.0)  # a closing, as circuit_sync.py shares it
+
+
+def test_a_released_probe_lets_the_next_call_probe_and_remote_changes_merge():
+    now = [0.0]
+    breakers = CircuitBreakers(clock=lambda: now[0])
+    policy = CircuitPolicy(failures=1, cooldown=0.25, max_cooldown=1)
+    breakers.failed("e", policy)  # open until 0.25
+    now[0] = 0.5
+    assert breakers.admit("e", probe_lease=10) is Admission.PROBE
+    breakers.released("e")  # say a 429: neither a success nor a failure
+    assert breakers.admit("e", probe_lease=10) is Admission.PROBE
+    breakers.released("other")  # unknown: nothing to release
+    breakers.merge(Change("other", 0, 0.0))  # a closing of one this process never saw
+    breakers.merge(Change("g", 1, time.time() - 10))  # its cool-down is over already
+    assert breakers.admit("g", probe_lease=10) is Admission.PROBE
+    # Another process opened "f" for 5 s of the wall clock: here, until now + 5.
+    breakers.merge(Change("f", 1, time.time() + 5))
+    now[0] += 4  # (a second of slack for the time between the two clock readings)
+    assert breakers.admit("f", probe_lease=10) is Admission.OPEN
+    now[0] += 1.1
+    assert breakers.admit("f", probe_lease=10) is Admission.PROBE
 
 
 async def test_affinity_removing_a_replica_moves_only_its_conversations(

@@ -24,6 +24,7 @@ from tests.teams_setup import (
     MakeTeamProxy,
     chat,
     ledger,
+    team_yaml,
 )
 
 BODY = json.dumps({"model": "llama-8b", "messages": MESSAGES}).encode()
@@ -77,6 +78,50 @@ async def test_a_key_that_is_not_ascii_is_an_unknown_key(
     status, answer = await raw_call(proxy, admin, method=b"GET", path=b"/v1/usage")
     assert status == 403 and answer["error"]["code"] == "admin_key_required"
     assert not wandb.fake.seen
+
+
+NO_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+WRONG_ADMIN = "This endpoint needs the admin key as 'Authorization: Bearer KEY'."
+
+
+async def test_a_refused_key_is_told_why_and_shown_redacted(
+    team_proxy: MakeTeamProxy, wandb: Upstream
+):
+    proxy = await team_proxy()
+    answers = {  # the Authorization header sent: the message of the 401
+        None: NO_KEY,
+        "Basic " + RESEARCH_KEY: NO_KEY,  # another scheme is no key at all
+        "Bearer   ": NO_KEY,
+        "Bearer sk-proxy-wrong-key": "Incorrect API key provided: sk-p****ey.",
+        "Bearer 123456789": "Incorrect API key provided: 1234****89.",  # 9 characters
+        "Bearer 12345678": "Incorrect API key provided: ****.",  # 8: too short to show any
+    }
+    for header, expected in answers.items():
+        head = [b"Authorization: " + header.encode()] if header else []
+        status, answer = await raw_call(proxy, head, BODY)
+        assert status == 401 and assert_error(answer, "invalid_request_error") == expected
+    head = [b"Authorization: Bearer caf\xc3\xa9"]
+    status, answer = await raw_call(proxy, head, BODY)
+    not_ascii = "Incorrect API key provided: it is not ASCII."
+    assert status == 401 and assert_error(answer, "invalid_request_error") == not_ascii
+    assert not wandb.fake.seen
+    # The scheme's case and the spaces around the key do not matter (RFC 9110 §11.1).
+    for header in (f"bearer {RESEARCH_KEY}", f"BEARER  {RESEARCH_KEY} "):
+        status, _ = await raw_call(proxy, [b"Authorization: " + header.encode()], BODY)
+        assert status == 200, header
+    status, answer = await raw_call(proxy, [], method=b"GET", path=b"/v1/usage")
+    assert status == 403 and answer["error"]["message"] == WRONG_ADMIN
+
+
+async def test_the_admin_endpoints_say_they_are_off_without_an_admin_key(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    yaml = routes_yaml(wandb, prime) + team_yaml().replace(f"admin_key: {ADMIN_KEY}\n", "")
+    proxy = await make_proxy(yaml)
+    admin = [b"Authorization: Bearer " + ADMIN_KEY.encode()]
+    status, answer = await raw_call(proxy, admin, method=b"GET", path=b"/v1/usage")
+    off = "The admin endpoints are off: set admin_key in routes.yaml."
+    assert status == 403 and answer["error"]["message"] == off
 
 
 async def test_a_header_that_is_not_utf8_is_refused_by_name(

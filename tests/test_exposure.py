@@ -129,7 +129,11 @@ async def test_serve_refuses_no_teams_on_a_name_that_is_not_localhost(
     process = _serve(path, host)
     out, _ = await asyncio.to_thread(process.communicate, timeout=60)
     assert process.returncode == 2
-    assert f"anyone who reaches {host} could use your provider keys" in out
+    # The whole message: what is wrong, and both ways out of it.
+    assert (
+        f"routes.yaml configures no team, so anyone who reaches {host} could use your "
+        "provider keys. Add teams (python -m proxy keygen TEAM) or pass --allow-anonymous.\n"
+    ) in out
 
 
 async def test_serve_takes_localhost_as_loopback(tmp_path: Path, wandb: Upstream, prime: Upstream):

@@ -64,11 +64,13 @@ async def test_hop_by_hop_headers_dropped_both_ways(proxy: Proxy, wandb: Upstrea
         "X-Upstream-Note": "kept",
         "Keep-Alive": "timeout=5",
         "X-Private": "listed",
-        "Connection": "X-Private",
+        "X-Also-Private": "listed",
+        "Connection": "X-Private,X-Also-Private",  # a list needs no space after its commas
     }
     headers = {
-        "Connection": "keep-alive, X-Secret-Hop",
+        "Connection": "keep-alive,X-Secret-Hop , X-Other-Hop",
         "X-Secret-Hop": "1",
+        "X-Other-Hop": "1",
         "TE": "trailers",
         "Proxy-Authorization": "Basic abc",
         "X-Client-Note": "kept",
@@ -79,10 +81,10 @@ async def test_hop_by_hop_headers_dropped_both_ways(proxy: Proxy, wandb: Upstrea
         assert resp.status == 200
         assert resp.headers["X-Upstream-Note"] == "kept"
         assert "Keep-Alive" not in resp.headers
-        assert "X-Private" not in resp.headers
+        assert "X-Private" not in resp.headers and "X-Also-Private" not in resp.headers
     seen = wandb.fake.last.headers
     assert seen["X-Client-Note"] == "kept"
-    for name in ("X-Secret-Hop", "TE", "Proxy-Authorization", "Upgrade"):
+    for name in ("X-Secret-Hop", "X-Other-Hop", "TE", "Proxy-Authorization", "Upgrade"):
         assert name not in seen, name
 
 
@@ -185,6 +187,17 @@ async def test_identity_encoding_is_asked_whatever_the_client_accepts(
     async with proxy.http.post(proxy.url + CHAT, json=payload, headers=headers) as resp:
         assert resp.status == 200
     assert wandb.fake.last.headers.getall("Accept-Encoding") == ["identity"]
+
+
+async def test_the_upstream_is_told_the_body_is_json_whatever_the_client_said(
+    proxy: Proxy, wandb: Upstream
+):
+    body = json.dumps({"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}]})
+    for client_says in ("text/plain", None):
+        headers = {"Content-Type": client_says} if client_says else {}
+        async with proxy.http.post(proxy.url + CHAT, data=body.encode(), headers=headers) as resp:
+            assert resp.status == 200
+        assert wandb.fake.last.headers.getall("Content-Type") == ["application/json"]
 
 
 async def test_redirects_are_relayed_never_followed(

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from proxy.app import make_app
-from proxy.backoff import backoff_delay
+from proxy.backoff import backoff_delay, retry_after_seconds
 from proxy.config import Endpoint, RetryPolicy
 from proxy.config_load import parse_config
 from proxy.reload import ConfigHolder
@@ -106,6 +106,12 @@ def test_full_jitter_spreads_over_the_whole_range():
         assert abs(statistics.fmean(draws) / ceiling - 0.5) < 0.08, number
         quarters = Counter(min(3, int(4 * d / ceiling)) for d in draws)
         assert all(60 <= quarters[q] <= 140 for q in range(4)), (number, quarters)
+
+
+def test_a_retry_after_date_counts_from_now_and_one_past_is_no_wait():
+    now = 1_800_000_000.0
+    assert retry_after_seconds(formatdate(now + 10, usegmt=True), now=now) == 10.0
+    assert retry_after_seconds(formatdate(now - 60, usegmt=True), now=now) == 0.0
 
 
 # A Retry-After that does not parse is ignored: the wait is full jitter, as for a 500.
