@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from proxy.body import Body, parse_body
 from proxy.config import Config, Model
 from proxy.errors import InvalidRequest, ModelNotFound
+from proxy.usage import MAX_COUNT
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "n": (int,),
     "stream_options": (dict,),
 }
-# Counts the proxy multiplies into a token reservation. No model generates 2**31 tokens;
-# bounded, max_tokens x n stays below 2**62, which both stores take (Lua compares it as a
-# double) and a refusal prints, where a 4000-digit n was a 500.
+# Counts the proxy multiplies into a token reservation, bounded by usage.MAX_COUNT: a
+# refusal then prints them, where a 4000-digit n was a 500 (and Lua compares the product
+# as a double).
 _COUNTS = ("max_tokens", "max_completion_tokens", "n")
-MAX_COUNT = 2**31 - 1
 
 
 def call_budget(headers: Mapping[str, str], budget: float) -> float:

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
-# The most tokens one answer may report. A count above it (or below 0, or a bool) is no
-# count an upstream can mean, and booking it would hurt: Redis refuses to add a number
-# beyond 64 bits (the settlement would stay queued, and every one behind it), and a
-# negative count would take tokens back from the team's limits and ledger.
-MAX_REPORTED = 2**31 - 1
+# The largest token count the proxy takes, from a client (max_tokens, n: request_checks)
+# or an upstream (its usage): no model generates 2**31 tokens. Bounded, a reservation
+# stays below 2**62, which both stores take; a reported count above it (or below 0, or
+# a bool) is no count an upstream can mean, and booking it would hurt: Redis refuses to
+# add a number beyond 64 bits (the settlement would stay queued, and every one behind
+# it), and a negative count would take tokens back from the team's limits and ledger.
+MAX_COUNT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ def reported(payload: Any) -> Usage | None:
 
 
 def _count(value: Any) -> TypeGuard[int]:
-    return type(value) is int and 0 <= value <= MAX_REPORTED
+    return type(value) is int and 0 <= value <= MAX_COUNT
 
 
 def estimate_prompt(fields: dict[str, Any]) -> int:
