@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.typing import KeyT
 
 from proxy import circuit_sync
 from proxy.circuit import Admission, Change, CircuitBreakers
@@ -268,4 +270,38 @@ async def test_an_opening_that_ends_at_this_very_instant_is_applied(
     finally:
         follower.cancel()
         await asyncio.wait([follower], timeout=5)
+        await sync.close()
+
+
+class CancelToError(aioredis.Redis):
+    """A client library that answers a cancellation with an error of its own, while it
+    reads the open circuits (as some client versions do): it hangs until cancelled."""
+
+    reading: asyncio.Event  # set once it reads
+
+    async def hgetall(self, name: KeyT) -> dict[bytes | str, bytes | str]:
+        self.reading.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError as exc:
+            raise RedisConnectionError("connection closed while reading") from exc
+        return {}
+
+
+async def test_a_follower_cancelled_inside_a_library_that_turns_it_into_an_error_ends(
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = CancelToError.from_url(private_redis.url)
+    assert isinstance(client, CancelToError)
+    client.reading = asyncio.Event()
+    sync = CircuitSync(private_redis.url, client, CircuitBreakers(), timeout=30.0)
+    follower = asyncio.ensure_future(sync.follow())
+    try:
+        await asyncio.wait_for(client.reading.wait(), 5)
+        follower.cancel()  # shutdown, while the follower reads the hash
+        done, _ = await asyncio.wait([follower], timeout=5)
+        assert done == {follower} and follower.cancelled()
+        assert _messages(caplog, PAUSED) == []  # a shutdown, not a Redis failure
+    finally:
+        follower.cancel()
         await sync.close()
