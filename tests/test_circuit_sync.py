@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
@@ -173,12 +174,13 @@ async def test_the_follower_resumes_once_redis_is_back(
 
 
 async def test_changes_published_just_before_shutdown_still_reach_redis(
-    private_redis: RedisServer,
+    private_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     sync = CircuitSync(private_redis.url, aioredis.Redis.from_url(private_redis.url),
                        CircuitBreakers(), 5.0)  # fmt: skip
     sync.publish(Change(KEY, 1, time.time() + 60))
     await sync.close()  # while the change is on its way
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     client = private_redis.client()
     try:
         assert client.hexists(STATES, KEY)
