@@ -114,7 +114,11 @@ TARGETS: dict[str, Target] = {
         ),
         Target(
             "proxy/circuit_sync.py",
-            ("tests/test_circuit_sharing.py", "tests/test_redis_subscription.py"),
+            (
+                "tests/test_circuit_sync.py",
+                "tests/test_circuit_sharing.py",
+                "tests/test_redis_subscription.py",
+            ),
         ),
     ]
 }
