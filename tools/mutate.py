@@ -80,7 +80,15 @@ TARGETS: dict[str, Target] = {
         ),
         Target("proxy/store_lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory")),
         Target(
-            "proxy/store_memory.py", ("tests/test_hot_path.py", _STORES, _TEAMS, "-k", "not redis")
+            "proxy/store_memory.py",
+            (
+                "tests/test_store_memory.py",
+                "tests/test_hot_path.py",
+                _STORES,
+                _TEAMS,
+                "-k",
+                "not redis",
+            ),
         ),
         Target(
             "proxy/store_redis.py",
