@@ -103,6 +103,7 @@ async def test_renewing_a_lease_that_is_not_held_takes_no_slot():
     two = (Check("*", "concurrent", 2),)
     assert _seen(await store.admit("t", two, 1, "a", 30.0))[:3] == (True, None, [1])
     await store.renew("t", two, "settled-already", 30.0)
+    await store.renew("t", (Check("m", "concurrent", 2),), "a", 30.0)  # a scope never used
     assert _seen(await store.admit("t", two, 1, "b", 30.0))[:3] == (True, None, [0])
 
 
@@ -113,6 +114,21 @@ async def test_a_settlement_frees_its_slot():
     assert not (await store.admit("t", one, 1, "b", 30.0)).admitted
     await store.settle(_settled("a", one, 1, 1, 1))
     assert (await store.admit("t", one, 1, "c", 30.0)).admitted
+
+
+async def test_a_call_that_outlived_its_lease_is_settled_all_the_same():
+    # Its process stalled past the renewals: the lease expired and a later admission
+    # dropped it. The settlement still books the call, and frees no one else's slot;
+    # a scope with no lease here is passed over (as SETTLE's ZREM of a missing set).
+    clock = Clock()
+    store = MemoryStore(clock)
+    one = (Check("*", "concurrent", 1),)
+    assert (await store.admit("t", one, 1, "a", 30.0)).admitted
+    clock.now += 30
+    assert (await store.admit("t", one, 1, "b", 30.0)).admitted
+    await store.settle(_settled("a", (*one, Check("m", "concurrent", 1)), 1, 3, 4))
+    assert [r.counts for r in await store.ledger(["t"], D, D)] == [(1, 3, 4, 0, 0)]
+    assert not (await store.admit("t", one, 1, "c", 30.0)).admitted
 
 
 async def test_the_day_counter_is_corrected_and_starts_again_at_midnight_utc():
@@ -135,7 +151,8 @@ async def test_the_day_counter_is_corrected_and_starts_again_at_midnight_utc():
 
 
 async def test_a_settlement_without_an_admission_here_books_its_tokens():
-    # The fallback store settles calls that Redis admitted: no count of the day here yet.
+    # A settlement books used - reserved whether or not this store counted the day yet,
+    # as the SETTLE script does (INCRBY of a missing key): the backends share semantics.
     store = MemoryStore(Clock())
     tpd = (Check("*", "tokens_per_day", 100),)
     await store.settle(_settled("elsewhere", tpd, 0, 20, 10))
