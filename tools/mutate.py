@@ -92,7 +92,16 @@ TARGETS: dict[str, Target] = {
         ),
         Target(
             "proxy/store_redis.py",
-            ("tests/test_resp.py", _STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory"),
+            (
+                "tests/test_resp.py",
+                "tests/test_store_redis.py",
+                _STORES,
+                _BATCH,
+                _TEAMS,
+                _REDIS,
+                "-k",
+                "not memory",
+            ),
         ),
         Target(
             "proxy/usage.py",
