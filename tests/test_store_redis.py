@@ -124,3 +124,21 @@ async def test_a_settlement_sent_without_waiting_reports_its_outcome(
     await eventually(lambda: len(outcomes) == 2, timeout=5.0)
     failed = outcomes[1]
     assert isinstance(failed, StoreUnavailable) and _named_by_its_cause(failed)
+
+
+async def test_a_call_admitted_after_a_settlement_sent_without_waiting_finds_its_slot(
+    store: RedisStore,
+):
+    # The proxy settles from a loop callback (Accountant.settle_soon): a call of the team
+    # admitted after it, in the same turn, must find the settled call's slot free, not
+    # join an admission batch sent before the settlement.
+    one = (Check("*", "concurrent", 1),)
+    first = await store.admit("t", one, 1, "first", 60.0)
+    assert first.admitted
+    settled = Settlement("first", "t", "m", first.day, one, 1, 1, 0, False)
+    outcomes: list[StoreUnavailable | None] = []
+    early = asyncio.ensure_future(store.admit("t", one, 1, "early", 60.0))
+    asyncio.get_running_loop().call_soon(store.settle_soon, settled, outcomes.append)
+    late = asyncio.ensure_future(store.admit("t", one, 1, "late", 60.0))
+    assert ((await early).admitted, (await late).admitted) == (False, True)
+    assert outcomes == [None]
