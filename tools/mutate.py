@@ -80,11 +80,28 @@ TARGETS: dict[str, Target] = {
         ),
         Target("proxy/store_lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory")),
         Target(
-            "proxy/store_memory.py", ("tests/test_hot_path.py", _STORES, _TEAMS, "-k", "not redis")
+            "proxy/store_memory.py",
+            (
+                "tests/test_store_memory.py",
+                "tests/test_hot_path.py",
+                _STORES,
+                _TEAMS,
+                "-k",
+                "not redis",
+            ),
         ),
         Target(
             "proxy/store_redis.py",
-            ("tests/test_resp.py", _STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory"),
+            (
+                "tests/test_resp.py",
+                "tests/test_store_redis.py",
+                _STORES,
+                _BATCH,
+                _TEAMS,
+                _REDIS,
+                "-k",
+                "not memory",
+            ),
         ),
         Target(
             "proxy/usage.py",
