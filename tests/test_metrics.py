@@ -213,6 +213,10 @@ def test_endpoint_label_drops_credentials_and_query() -> None:
         ({"data": [], "usage": {"prompt_tokens": 2, "total_tokens": 2}}, Usage(2, 0)),
         ({"usage": None}, None),
         ({"usage": {"prompt_tokens": "3"}}, None),
+        # the largest count an upstream can mean is booked; one more is estimated
+        ({"usage": {"prompt_tokens": 2**31 - 1, "completion_tokens": 0}}, Usage(2**31 - 1, 0)),
+        ({"usage": {"prompt_tokens": 0, "completion_tokens": 2**31 - 1}}, Usage(0, 2**31 - 1)),
+        ({"usage": {"prompt_tokens": 2**31, "completion_tokens": 0}}, None),
         ({"id": "x"}, None),
         ([1, 2], None),
     ],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -47,6 +47,49 @@ async def test_a_bucket_refills_at_its_limit_per_minute(store: RedisStore):
     assert 0.8 < refused.retry_after <= 1.0  # 10 tokens at 10 a second, less what refilled
     assert 0.8 < refused.states[0].reset <= 60.0
     await admitted_eventually(store, tpm, 10)
+
+
+def bucket(redis: RedisServer) -> tuple[float, float]:
+    """The tokens left in team t's tokens_per_minute bucket, and the instant (Redis's
+    clock, in seconds) the script that left them ran at."""
+    client = redis.client()
+    try:
+        left, at = client.hmget("llmproxy:{t}:tpm:*", ["t", "ts"])
+    finally:
+        client.close()
+    assert left is not None and at is not None
+    return float(left), float(at)
+
+
+async def redis_clock(redis: RedisServer, until: Callable[[float], bool]) -> None:
+    """Wait until Redis's clock (TIME, in seconds) satisfies ``until``: the scripts run
+    on that clock, not the test's."""
+    client = redis.client()
+    try:
+        async with asyncio.timeout(5.0):
+            while True:
+                seconds, micros = client.time()
+                if until(seconds + micros / 1_000_000):
+                    return
+                await asyncio.sleep(0.005)
+    finally:
+        client.close()
+
+
+async def test_a_bucket_refills_evenly_over_one_minute(
+    store: RedisStore, private_redis: RedisServer
+):
+    # The refill is read from what the bucket holds after an interval on Redis's clock:
+    # from admissions timed by the test, 60 s could not be told from 61 s.
+    tpm = (Check("*", "tokens_per_minute", 6000),)  # 100 tokens a second
+    assert (await store.admit("t", tpm, 6000, "all", 60.0)).admitted
+    left, emptied_at = bucket(private_redis)
+    assert left == 0
+    await redis_clock(private_redis, lambda now: now > emptied_at + 0.5)
+    assert (await store.admit("t", tpm, 1, "one", 60.0)).admitted
+    left, at = bucket(private_redis)
+    assert at > emptied_at + 0.5
+    assert abs(left + 1 - (at - emptied_at) * 100) < 0.1  # refilled, less the 1 taken
 
 
 async def test_a_bucket_key_lives_until_the_bucket_is_full_again(
@@ -110,6 +153,25 @@ async def test_a_lease_expires_when_its_admission_then_its_renewal_says(
         )
 
 
+async def test_a_lease_counts_from_the_millisecond_of_its_admission(
+    store: RedisStore, private_redis: RedisServer
+):
+    # Admitted mid-second on Redis's clock, so milliseconds counted wrong (taken off,
+    # say, instead of added) put the lease's expiry many milliseconds off; the bucket
+    # admitted with it records the script's instant to compare with.
+    checks = (Check("*", "concurrent", 2), Check("*", "tokens_per_minute", 6000))
+    await redis_clock(private_redis, lambda now: 0.2 <= now % 1 < 0.8)
+    assert (await store.admit("t", checks, 1, "long", 90.0)).admitted
+    _, admitted_at = bucket(private_redis)
+    client = private_redis.client()
+    try:
+        score = client.zscore("llmproxy:{t}:conc:*", "long")
+    finally:
+        client.close()
+    assert score is not None
+    assert abs(score - (admitted_at * 1000 + 90_000)) <= 1
+
+
 async def test_a_limit_admits_up_to_its_last_token(store: RedisStore):
     checks = (Check("*", "tokens_per_day", 100), Check("*", "tokens_per_minute", 100))
     assert _seen(await store.admit("t", checks, 100, "all", 60.0)) == (True, None, [0, 0])
@@ -148,7 +210,9 @@ async def test_refusals_report_the_figures_of_the_other_backend(store: RedisStor
         Check("m", "concurrent", 3),
     )
     memory = MemoryStore()
-    for i, reserved in enumerate([400, 500, 50, 2000]):
+    # 2000 first: more than the per-minute limit, refused by it while requests are left
+    # (a minute's wait on both); last: refused by the requests left, the first check.
+    for i, reserved in enumerate([2000, 400, 500, 50, 2000]):
         got = await store.admit("t", checks, reserved, f"r{i}", 60.0)
         want = await memory.admit("t", checks, reserved, f"r{i}", 60.0)
         assert _seen(got) == _seen(want), i
