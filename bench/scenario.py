@@ -21,7 +21,7 @@ from bench.nginx import start_nginx
 from bench.procs import Child, free_port, redis_stats, start_bare_relay, start_proxy
 from bench.streams import StreamResult, run_streams
 from bench.wrk import BODY, WrkResult, run_wrk, write_script
-from proxy.auth import key_hash
+from proxy.call.auth import key_hash
 
 BENCH_KEY = "sk-proxy-bench-0123456789"
 STREAM_EVENTS = 102  # the role chunk, the paced chunks (100), [DONE]

@@ -12,7 +12,6 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from proxy.accounting import Accountant
 from proxy.appkeys import (
     ACCOUNTANT,
     BALANCER,
@@ -24,18 +23,19 @@ from proxy.appkeys import (
     PROBES,
     UPSTREAM_CLIENT,
 )
-from proxy.balance import Balancer
-from proxy.circuit import CircuitBreakers
-from proxy.circuit_sync import CircuitSync
+from proxy.config.reload import ConfigHolder, watch_file
 from proxy.engines.registry import running_engines
-from proxy.metrics import Metrics
-from proxy.middlewares import calls
+from proxy.http.middlewares import calls
+from proxy.http.routes import add_routes
+from proxy.limits.admission import Accountant
+from proxy.limits.memory import MemoryStore
+from proxy.limits.redis_store import RedisStore
+from proxy.observe.metrics import Metrics
 from proxy.readiness import Probes
-from proxy.reload import ConfigHolder, watch_file
-from proxy.routes import add_routes
-from proxy.store_memory import MemoryStore
-from proxy.store_redis import RedisStore
-from proxy.upstream_client import UpstreamClient
+from proxy.routing.balance import Balancer
+from proxy.routing.circuit import CircuitBreakers
+from proxy.routing.circuit_sync import CircuitSync
+from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
 

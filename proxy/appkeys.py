@@ -5,14 +5,14 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from proxy.accounting import Accountant
-from proxy.balance import Balancer
-from proxy.circuit import CircuitBreakers
+from proxy.config.reload import ConfigHolder
 from proxy.engines.registry import Engines
-from proxy.metrics import Metrics
+from proxy.limits.admission import Accountant
+from proxy.observe.metrics import Metrics
 from proxy.readiness import Probes
-from proxy.reload import ConfigHolder
-from proxy.upstream_client import UpstreamClient
+from proxy.routing.balance import Balancer
+from proxy.routing.circuit import CircuitBreakers
+from proxy.upstream.client import UpstreamClient
 
 CONFIG = web.AppKey("config", ConfigHolder)
 # The proxied calls go through the lean client; aiohttp's session serves the engines'

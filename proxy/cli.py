@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from proxy import access_log
-from proxy.auth import key_hash, new_key
-from proxy.config_load import ConfigError, load_config
-from proxy.exposure import Exposure, load_to_serve
+from proxy.call.auth import key_hash, new_key
+from proxy.config.exposure import Exposure, load_to_serve
+from proxy.config.load import ConfigError, load_config
+from proxy.observe import access_log
 from proxy.server import ServeOptions, run_worker, supervise
 from proxy.usage_cli import show_usage
 

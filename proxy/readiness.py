@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from proxy.config import Config, Provider
+from proxy.config.model import Config, Provider
 from proxy.engines.registry import Engines
 
 _CONNECT_TIMEOUT = 2.0

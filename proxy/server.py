@@ -21,16 +21,16 @@ from types import FrameType
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from proxy import access_log
 from proxy.app import make_app
 from proxy.appkeys import CONFIG
-from proxy.bad_requests import server_logger
-from proxy.config_load import ConfigError
-from proxy.exposure import Exposure, load_to_serve
-from proxy.front import FrontSite
-from proxy.metrics import MULTIPROC_ENV
+from proxy.config.exposure import Exposure, load_to_serve
+from proxy.config.load import ConfigError
+from proxy.config.reload import ConfigHolder
+from proxy.http.bad_requests import server_logger
+from proxy.http.front import FrontSite
+from proxy.observe import access_log
+from proxy.observe.metrics import MULTIPROC_ENV
 from proxy.pdeathsig import parent_death_signal
-from proxy.reload import ConfigHolder
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ async def start_server(
     # closes the upstream call at once instead of when the next chunk fails to write.
     # keepalive_timeout also bounds how long a client may take to send a request head
     # (aiohttp closes a connection whose first request is not complete by then).
-    # logger: aiohttp's own would log a malformed request's raw head (proxy/bad_requests.py).
+    # logger: aiohttp's own would log a malformed request's raw head (proxy/http/bad_requests.py).
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout,
         keepalive_timeout=app[CONFIG].current.server.keepalive_timeout,

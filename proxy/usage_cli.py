@@ -10,7 +10,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from proxy.store import LEDGER_FIELDS
+from proxy.limits.store import LEDGER_FIELDS
 
 _COLUMNS = ("date", "team", "model", *LEDGER_FIELDS)
 

@@ -9,8 +9,8 @@ import pytest
 from aiohttp import web
 
 from proxy.app import make_app
-from proxy.config_load import load_config
-from proxy.reload import ConfigHolder
+from proxy.config.load import load_config
+from proxy.config.reload import ConfigHolder
 from tests.fake_upstream import FakeUpstream
 from tests.support import Upstream, routes_yaml, serve_app
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.appkeys import ACCOUNTANT
-from proxy.auth import key_hash
+from proxy.call.auth import key_hash
 from tests.conftest import MakeProxy, Proxy
 from tests.redis_server import RedisServer, redis_binary
 from tests.support import Upstream, routes_yaml

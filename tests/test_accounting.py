@@ -39,7 +39,7 @@ async def test_while_redis_is_down_calls_are_admitted_booked_and_queued_quietly(
     url = _dead_redis()
     limits = "{requests_per_minute: 100}"
     proxy = await make_proxy(routes_yaml(wandb, prime) + team_yaml(limits, redis_url=url))
-    caplog.set_level(logging.INFO, logger="proxy.accounting")
+    caplog.set_level(logging.INFO, logger="proxy.limits.admission")
     for send_usage in (True, True, False):  # the last one is billed on estimates
         wandb.fake.send_usage = send_usage
         assert (await chat(proxy))[0] == 200
@@ -51,7 +51,7 @@ async def test_while_redis_is_down_calls_are_admitted_booked_and_queued_quietly(
     assert {s.checks for s in accountant.queue} == {()}  # the limits were this process's
     assert accountant.queue[2].prompt_tokens > 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-    ours = [r for r in caplog.records if r.name == "proxy.accounting"]
+    ours = [r for r in caplog.records if r.name == "proxy.limits.admission"]
     warnings = [r.getMessage() for r in ours if r.levelno == logging.WARNING]
     assert warnings and warnings[0].startswith("redis failed during admission (1 errors so far)")
     assert "cannot connect to Redis" in warnings[0]  # and why
@@ -108,8 +108,8 @@ async def test_a_failed_settlement_is_logged_with_its_cause(
 ):
     # No limits: admission needs no Redis, so the settlement meets the outage first.
     proxy = await make_proxy(routes_yaml(wandb, prime) + team_yaml(redis_url=_dead_redis()))
-    caplog.set_level(logging.INFO, logger="proxy.accounting")
+    caplog.set_level(logging.INFO, logger="proxy.limits.admission")
     assert (await chat(proxy))[0] == 200
     await proxy.app[ACCOUNTANT].settled()
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "proxy.accounting"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "proxy.limits.admission"]
     assert warning.startswith("redis failed during settlement (1 errors so far): Disconnected")

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config_load import parse_config
+from proxy.config.load import parse_config
 from tests.conftest import MakeProxy
 from tests.fake_upstream import Fault
 from tests.metrics_support import scrape

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.bad_requests import LINES_PER_SECOND
+from proxy.http.bad_requests import LINES_PER_SECOND
 from tests.support import ProxyProcess, dead_url, free_port
 
 SECRET = "sk-proxy-SECRET-a1b2c3d4e5f6"

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from proxy.circuit import Admission, Change, CircuitBreakers
-from proxy.config import CircuitPolicy
+from proxy.config.model import CircuitPolicy
+from proxy.routing.circuit import Admission, Change, CircuitBreakers
 from tests.conftest import MakeProxy, Proxy, StartApp
 from tests.fake_upstream import FakeUpstream
 from tests.support import Upstream, eventually, routes_yaml

@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.appkeys import BREAKERS
-from proxy.circuit import Change, CircuitBreakers
-from proxy.circuit_sync import CHANNEL, STATES, CircuitSync
+from proxy.routing.circuit import Change, CircuitBreakers
+from proxy.routing.circuit_sync import CHANNEL, STATES, CircuitSync
 from tests.conftest import MakeProxy
 from tests.redis_server import RedisServer
 from tests.support import ProxyProcess, dead_url, eventually, free_port

@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import KeyT
 
-from proxy import circuit_sync
-from proxy.circuit import Admission, Change, CircuitBreakers
-from proxy.circuit_sync import CHANNEL, STATES, CircuitSync
-from proxy.config import CircuitPolicy
+from proxy.config.model import CircuitPolicy
+from proxy.routing import circuit_sync
+from proxy.routing.circuit import Admission, Change, CircuitBreakers
+from proxy.routing.circuit_sync import CHANNEL, STATES, CircuitSync
 from tests.redis_server import RedisServer
 from tests.support import dead_url, eventually
 

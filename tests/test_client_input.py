@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from proxy.auth import key_hash
-from proxy.config_load import ConfigError, parse_config
+from proxy.call.auth import key_hash
+from proxy.config.load import ConfigError, parse_config
 from tests.conftest import MakeProxy, Proxy
 from tests.metrics_support import scrape
 from tests.support import Upstream, routes_yaml

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config_load import ConfigError, parse_config
+from proxy.config.load import ConfigError, parse_config
 from tests.support import ROOT
 
 GOOD = """

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config_load import load_config
-from proxy.metrics import Metrics
+from proxy.config.load import load_config
+from proxy.observe.metrics import Metrics
 from tests.deploy_files import (
     ALERTS,
     DEPLOY,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config_load import ConfigError, parse_config
-from proxy.engines.spec import ReadyCheck, RestartPolicy
+from proxy.config.engine import ReadyCheck, RestartPolicy
+from proxy.config.load import ConfigError, parse_config
 from tests.support import ROOT
 
 MODELS = "models:\n  m: {targets: [{provider: local, model: m}]}\n"

@@ -19,9 +19,9 @@ from aiohttp import web
 
 from proxy.app import make_app
 from proxy.appkeys import ENGINES
-from proxy.config_load import load_config
+from proxy.config.load import load_config
+from proxy.config.reload import ConfigHolder
 from proxy.engines.replica import Replica
-from proxy.reload import ConfigHolder
 from tests.conftest import StartApp
 from tests.engine_support import alive
 from tests.metrics_support import scrape

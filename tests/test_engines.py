@@ -23,10 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import make_app
 from proxy.appkeys import ACCOUNTANT, CONFIG, ENGINES
-from proxy.config_load import load_config
+from proxy.config.load import load_config
+from proxy.config.reload import ConfigHolder
 from proxy.engines.metrics_export import engine_metrics_text, engine_status
 from proxy.engines.supervisor import EngineSupervisor
-from proxy.reload import ConfigHolder
 from tests.conftest import StartApp
 from tests.engine_support import alive, children, cmdline, engine_yaml, gone, kill, until
 from tests.support import ProxyProcess, free_port

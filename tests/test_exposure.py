@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.auth import key_hash
-from proxy.exposure import loopback
+from proxy.call.auth import key_hash
+from proxy.config.exposure import loopback
 from tests.support import ROOT, ProxyProcess, Upstream, eventually, free_port, routes_yaml
 
 KEY = "sk-proxy-exposure-0123456789"

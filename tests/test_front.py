@@ -1,4 +1,4 @@
-"""The lean front (proxy/front.py) on raw connections: whatever it hands to aiohttp, and
+"""The lean front (proxy/http/front.py) on raw connections: whatever it hands to aiohttp, and
 however a client frames, splits or pipelines its requests, every request gets its
 answer, in order, on a connection that stays usable."""
 

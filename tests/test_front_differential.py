@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 from proxy.app import make_app
 from proxy.appkeys import CONFIG
-from proxy.config_load import load_config
-from proxy.front import FrontSite
-from proxy.reload import ConfigHolder
+from proxy.config.load import load_config
+from proxy.config.reload import ConfigHolder
+from proxy.http.front import FrontSite
 from proxy.server import start_server
 from tests.raw_http import read_answer
 from tests.support import Upstream, routes_yaml

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.auth import key_hash
+from proxy.call.auth import key_hash
 from tests.support import ProxyProcess, dead_url, free_port
 
 # Calls need a key, so every request below is a cheap 401 that never reaches an upstream.

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.access_log import encode
-from proxy.accounting import Accountant
-from proxy.body import parse_body
-from proxy.config import RedisSettings
-from proxy.config_load import parse_config
+from proxy.call.body import parse_body
+from proxy.config.load import parse_config
+from proxy.config.model import RedisSettings
 from proxy.errors import RateLimited
-from proxy.middlewares import request_id
-from proxy.store import Settlement
-from proxy.store_memory import DONE_MAX, MemoryStore
+from proxy.http.middlewares import request_id
+from proxy.limits.admission import Accountant
+from proxy.limits.memory import DONE_MAX, MemoryStore
+from proxy.limits.store import Settlement
+from proxy.observe.access_log import encode
 
 
 def test_request_ids_are_uuid4_hex():

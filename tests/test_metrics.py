@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from proxy.metrics import Metrics, endpoint_label
-from proxy.usage import Usage, reported
+from proxy.limits.usage import Usage, reported
+from proxy.observe.metrics import Metrics, endpoint_label
 from tests.conftest import PRIME_KEY, WANDB_KEY, MakeProxy, Proxy
 from tests.fake_upstream import FakeUpstream
 from tests.metrics_support import scrape

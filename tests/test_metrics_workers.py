@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.metrics_tally import FLUSH_AFTER
+from proxy.observe.tally import FLUSH_AFTER
 from tests.metrics_support import scrape
 from tests.support import ProxyProcess, Upstream, free_port, routes_yaml
 

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.auth import key_hash
+from proxy.call.auth import key_hash
 from tests.deploy_files import ALERTS, alert_rules, grafana_to_promql, panel_queries
 from tests.metrics_support import scrape
 from tests.prometheus_support import PrometheusServer, binary

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.circuit import CircuitBreakers
-from proxy.circuit_sync import CHANNEL, CircuitSync
-from proxy.redis_subscription import Subscription
-from proxy.resp import RespError
+from proxy.redis.protocol import RespError
+from proxy.redis.subscription import Subscription
+from proxy.routing.circuit import CircuitBreakers
+from proxy.routing.circuit_sync import CHANNEL, CircuitSync
 from tests.redis_server import RedisServer
 from tests.support import eventually
 from tests.teams_setup import need_redis

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from proxy.app import make_app
-from proxy.config_load import load_config
-from proxy.reload import ConfigHolder
+from proxy.config.load import load_config
+from proxy.config.reload import ConfigHolder
 from tests.conftest import Proxy, StartApp
 from tests.support import ProxyProcess, Upstream, eventually, free_port, routes_yaml
 from tests.test_config import CREDENTIALS, ECHOING, SECRET, SECRET_ENV, USERINFO_URLS
@@ -52,7 +52,7 @@ async def test_file_change_is_picked_up(proxy: Proxy, wandb: Upstream, prime: Up
 async def test_bad_file_is_refused_and_old_config_serves(
     proxy: Proxy, wandb: Upstream, prime: Upstream, caplog: pytest.LogCaptureFixture
 ):
-    caplog.set_level(logging.ERROR, logger="proxy.reload")
+    caplog.set_level(logging.ERROR, logger="proxy.config.reload")
     bad = routes_yaml(wandb, prime, extra=NEW_MODEL).replace(
         "provider: wandb, model: new", "provider: wandbb, model: new"
     )

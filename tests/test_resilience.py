@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 
 from proxy.app import make_app
-from proxy.backoff import backoff_delay, retry_after_seconds
-from proxy.config import Endpoint, RetryPolicy
-from proxy.config_load import parse_config
-from proxy.reload import ConfigHolder
+from proxy.config.load import parse_config
+from proxy.config.model import Endpoint, RetryPolicy
+from proxy.config.reload import ConfigHolder
+from proxy.routing.backoff import backoff_delay, retry_after_seconds
 from tests.conftest import MakeProxy, Proxy, StartApp
 from tests.fake_upstream import OK, REPLY, FakeUpstream, Fault
 from tests.support import Upstream, eventually, routes_yaml

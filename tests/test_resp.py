@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.resp import Parser, ProtocolError, RespError, Script, encode
-from proxy.resp_batch import Batch
-from proxy.resp_client import Address
-from proxy.store import KIND_CODES, Check, Settlement
-from proxy.store_redis import TeamParts, admit_args, check_key, settle_parts
+from proxy.limits.redis_store import TeamParts, admit_args, check_key, settle_parts
+from proxy.limits.store import KIND_CODES, Check, Settlement
+from proxy.redis.batch import Batch
+from proxy.redis.client import Address
+from proxy.redis.protocol import Parser, ProtocolError, RespError, Script, encode
 
 # Every reply type, nested and null ones included, and bulk data that holds CRLF.
 STREAM = (

@@ -9,8 +9,8 @@ import pytest
 import redis
 import uvloop
 
-from proxy.resp import RespError, Script
-from proxy.resp_client import Disconnected, RespClient
+from proxy.redis.client import Disconnected, RespClient
+from proxy.redis.protocol import RespError, Script
 from tests.redis_server import RedisServer
 from tests.teams_setup import need_redis
 

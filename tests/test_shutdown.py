@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 
 from proxy.app import make_app
-from proxy.config_load import load_config
-from proxy.front import FrontSite
-from proxy.reload import ConfigHolder
+from proxy.config.load import load_config
+from proxy.config.reload import ConfigHolder
+from proxy.http.front import FrontSite
 from tests.raw_http import read_answer
 from tests.support import (
     ProxyProcess,

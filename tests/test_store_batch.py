@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.store import Admission, Check, Settlement, StoreUnavailable
-from proxy.store_memory import MemoryStore
-from proxy.store_redis import RedisStore
+from proxy.limits.memory import MemoryStore
+from proxy.limits.redis_store import RedisStore
+from proxy.limits.store import Admission, Check, Settlement, StoreUnavailable
 from tests.redis_server import RedisServer
 
 CHECKS = (

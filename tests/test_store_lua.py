@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from proxy.store import DAY, Admission, Check, Settlement
-from proxy.store_memory import MemoryStore
-from proxy.store_redis import RedisStore
+from proxy.limits.memory import MemoryStore
+from proxy.limits.redis_store import RedisStore
+from proxy.limits.store import DAY, Admission, Check, Settlement
 from tests.redis_server import RedisServer
 
 

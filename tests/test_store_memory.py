@@ -8,8 +8,8 @@ these left unchecked by the tests that run the store through the proxy.
 
 from __future__ import annotations
 
-from proxy.store import DAY, Admission, Check, Settlement
-from proxy.store_memory import DONE_MAX, DONE_TTL, MemoryStore
+from proxy.limits.memory import DONE_MAX, DONE_TTL, MemoryStore
+from proxy.limits.store import DAY, Admission, Check, Settlement
 
 D = 20_000  # a day, in days since the epoch
 T0 = D * DAY + 10 * 3600.0  # 10:00 UTC on it: 14 hours to midnight

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.store import Check, Settlement, StoreUnavailable
-from proxy.store_redis import RedisStore
+from proxy.limits.redis_store import RedisStore
+from proxy.limits.store import Check, Settlement, StoreUnavailable
 from tests.redis_server import RedisServer
 from tests.support import eventually
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from proxy.store import Admission, Check
-from proxy.store_memory import MemoryStore
+from proxy.limits.memory import MemoryStore
+from proxy.limits.store import Admission, Check
 from tests.conftest import MakeProxy
 from tests.fake_upstream import Fault
 from tests.redis_server import RedisServer
@@ -306,7 +306,7 @@ def test_keygen_prints_a_key_and_its_hash():
     import subprocess
     import sys
 
-    from proxy.auth import key_hash
+    from proxy.call.auth import key_hash
     from tests.support import ROOT
 
     result = subprocess.run([sys.executable, "-m", "proxy", "keygen", "research"], cwd=ROOT,

@@ -23,8 +23,8 @@ import trustme
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.upstream_client import UpstreamClient
-from proxy.upstream_response import UpstreamConnectionError, UpstreamResponse
+from proxy.upstream.client import UpstreamClient
+from proxy.upstream.response import UpstreamConnectionError, UpstreamResponse
 from tests.conftest import WANDB_KEY, MakeProxy
 from tests.fake_upstream import FakeUpstream
 from tests.support import eventually
@@ -458,7 +458,7 @@ async def test_an_answer_head_over_the_limits_is_a_bad_answer_and_retried(
         async with proxy.http.post(proxy.url + "/v1/chat/completions", json=payload) as resp:
             assert (resp.status, await resp.read()) == (200, JSON)
     assert scripted.connections == 3  # each refused answer's connection was dropped
-    warnings = [r.getMessage() for r in caplog.records if r.name == "proxy.upstream_client"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "proxy.upstream.client"]
     assert (
         warnings
         == [

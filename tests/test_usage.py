@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from proxy.accounting import Ticket, final_usage, reservation
-from proxy.store import Admission
-from proxy.usage import Usage, estimate_completion, estimate_prompt
+from proxy.limits.admission import Ticket, final_usage, reservation
+from proxy.limits.store import Admission
+from proxy.limits.usage import Usage, estimate_completion, estimate_prompt
 
 
 @pytest.mark.parametrize(

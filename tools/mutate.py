@@ -9,7 +9,7 @@ tests start as subprocesses (``python -m proxy serve``), which its trampolines n
 see nor reach when a test gives the server an environment of its own. So each mutant
 here is a plain edit of the file in a private copy of the repository, and the copy's
 tests run against it: in-process and subprocess servers alike import the mutated file.
-The Lua scripts in proxy/store_lua.py, which mutmut leaves alone (strings), get Lua
+The Lua scripts in proxy/limits/lua.py, which mutmut leaves alone (strings), get Lua
 operators of their own (``lua_mutants``), and the Redis-backend tests run them.
 
 Each module runs only the test files that exercise it (``TARGETS``), with ``-x``, so a
@@ -65,10 +65,10 @@ _BATCH = "tests/test_store_batch.py"
 _REDIS = "tests/test_redis.py"
 _STORES = "tests/test_store_lua.py"
 TARGETS: dict[str, Target] = {
-    t.path.removeprefix("proxy/").removesuffix(".py"): t
+    t.path.removeprefix("proxy/").removesuffix(".py").replace("/", "."): t
     for t in [
         Target(
-            "proxy/accounting.py",
+            "proxy/limits/admission.py",
             (
                 "tests/test_usage.py",
                 "tests/test_hot_path.py",
@@ -78,9 +78,9 @@ TARGETS: dict[str, Target] = {
                 _REDIS,
             ),
         ),
-        Target("proxy/store_lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory")),
+        Target("proxy/limits/lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory")),
         Target(
-            "proxy/store_memory.py",
+            "proxy/limits/memory.py",
             (
                 "tests/test_store_memory.py",
                 "tests/test_hot_path.py",
@@ -91,7 +91,7 @@ TARGETS: dict[str, Target] = {
             ),
         ),
         Target(
-            "proxy/store_redis.py",
+            "proxy/limits/redis_store.py",
             (
                 "tests/test_resp.py",
                 "tests/test_store_redis.py",
@@ -104,12 +104,12 @@ TARGETS: dict[str, Target] = {
             ),
         ),
         Target(
-            "proxy/usage.py",
+            "proxy/limits/usage.py",
             ("tests/test_usage.py", "tests/test_metrics.py", "tests/test_teams.py"),
         ),
-        Target("proxy/sse_tap.py", ("tests/test_sse_tap.py", "tests/test_streaming.py")),
+        Target("proxy/call/sse.py", ("tests/test_sse_tap.py", "tests/test_streaming.py")),
         Target(
-            "proxy/headers.py",
+            "proxy/call/headers.py",
             (
                 "tests/test_client_input.py",
                 "tests/test_passthrough.py",
@@ -120,17 +120,17 @@ TARGETS: dict[str, Target] = {
             ),
         ),
         Target(
-            "proxy/auth.py",
+            "proxy/call/auth.py",
             ("tests/test_client_input.py", _TEAMS, "tests/test_prometheus.py", "-k", "not redis"),
         ),
-        Target("proxy/exposure.py", ("tests/test_exposure.py",)),
-        Target("proxy/backoff.py", ("tests/test_resilience.py", "tests/test_timeouts.py")),
+        Target("proxy/config/exposure.py", ("tests/test_exposure.py",)),
+        Target("proxy/routing/backoff.py", ("tests/test_resilience.py", "tests/test_timeouts.py")),
         Target(
-            "proxy/circuit.py",
+            "proxy/routing/circuit.py",
             ("tests/test_balance.py", "tests/test_circuit_sharing.py", "tests/test_resilience.py"),
         ),
         Target(
-            "proxy/circuit_sync.py",
+            "proxy/routing/circuit_sync.py",
             (
                 "tests/test_circuit_sync.py",
                 "tests/test_circuit_sharing.py",

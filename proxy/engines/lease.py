@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
-from proxy.config import Endpoint, Provider
+from proxy.config.model import Endpoint, Provider
 from proxy.engines.registry import Engines
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 
-from proxy.engines.spec import ReadyCheck
+from proxy.config.engine import ReadyCheck
 
 
 class NotReady(Exception):

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from proxy.config import Config, Provider
-from proxy.engines.spec import EngineSpec
+from proxy.config.engine import EngineSpec
+from proxy.config.model import Config, Provider
+from proxy.config.reload import ConfigHolder
 from proxy.engines.supervisor import EngineSupervisor
-from proxy.reload import ConfigHolder
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from proxy.config.engine import EngineSpec
 from proxy.engines.probe import NotReady, wait_ready
 from proxy.engines.process import spawn, terminate
-from proxy.engines.spec import EngineSpec
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
+from proxy.config.engine import EngineSpec
 from proxy.engines.replica import Replica
-from proxy.engines.spec import EngineSpec
 from proxy.errors import EngineUnavailable
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""One proxied call, step by step: authenticate, read, route, admit, forward, settle."""

@@ -1,0 +1,80 @@
+"""The proxied call, step by step as in DESIGN.md: authenticate, read, route, admit,
+forward, settle."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.appkeys import ACCOUNTANT, CONFIG, METRICS
+from proxy.call.auth import authenticate
+from proxy.call.exchange import AiohttpExchange, Answer, Exchange, Streamed
+from proxy.call.forward import Call, forward
+from proxy.call.headers import NOT_TO_UPSTREAM, check_forwardable, not_forwarded
+from proxy.call.record import CallRecord
+from proxy.call.request import Endpoint, call_budget, checked_body, route
+from proxy.errors import RateLimited
+from proxy.http.middlewares import RECORD
+from proxy.limits.admission import LeaseKeeper, final_usage, reservation
+from proxy.limits.rate_headers import rate_headers
+from proxy.limits.usage import estimate_prompt
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def proxied(endpoint: Endpoint) -> Handler:
+    """The aiohttp handler of a proxied route (the front serves ordinary calls itself)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        exchange = AiohttpExchange(request)
+        answer = await proxied_call(exchange, endpoint, request[RECORD])
+        if isinstance(answer, Streamed):
+            assert exchange.streamed is not None
+            return exchange.streamed
+        return answer
+
+    handle.__name__ = f"proxy_{endpoint.path.replace('/', '_')}"
+    return handle
+
+
+async def proxied_call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> Answer:
+    record.api = endpoint.path
+    in_flight = exchange.app[METRICS].c_in_flight
+    in_flight.inc()
+    try:
+        return await _call(exchange, endpoint, record)
+    finally:
+        in_flight.dec()
+
+
+async def _call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> Answer:
+    app = exchange.app
+    config = app[CONFIG].current  # this call's config, even if a reload swaps it
+    accountant = app[ACCOUNTANT]
+    record.team = authenticate(exchange.headers, config)  # 1
+    team = config.teams.get(record.team)  # None only when no team is configured
+    dropped = not_forwarded(team.client_headers) if team else NOT_TO_UPSTREAM
+    check_forwardable(exchange.headers, dropped)
+    body = checked_body(await exchange.read_body(config.server), endpoint)  # 2
+    record.model = body.fields["model"]
+    model = route(config, body.fields["model"])  # 3
+    record.route = model.id
+    prompt = estimate_prompt(body.fields)
+    reserved = reservation(body.fields, prompt, config.accounting.default_max_tokens)
+    try:
+        ticket = await accountant.admit(  # 4
+            config, record.team, model.id, reserved, prompt, record.request_id
+        )
+    except RateLimited as refused:
+        app[METRICS].rate_limit_rejected(record.team, refused.param or "unknown")
+        raise
+    record.rate_headers = rate_headers(ticket.admission)
+    budget = call_budget(exchange.headers, model.budget)
+    call = Call(config, model, endpoint.path, body, budget, team.headers if team else {}, dropped)
+    try:
+        with LeaseKeeper(accountant, ticket):
+            return await forward(exchange, call, record)  # 5
+    finally:
+        record.billed = final_usage(ticket, record.usage, record.completion_estimate)
+        accountant.settle_soon(ticket, record.billed)  # 6, once the answer is out

@@ -1,0 +1,1 @@
+"""routes.yaml as typed, frozen data: its loading, validation, reload and bind guard."""

@@ -1,0 +1,179 @@
+"""The configuration as typed, frozen data. ``config_load`` builds it from routes.yaml."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+from proxy.config.engine import EngineSpec
+
+STRATEGIES = ("fallback", "round_robin", "weighted", "least_busy")
+BALANCES = ("round_robin", "weighted", "least_busy", "affinity")
+
+
+def frozen_map(items: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(items or {}))
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. A first token can take tens of seconds and a stream can last minutes."""
+
+    connect: float = 10.0
+    first_byte: float = 120.0
+    idle: float = 60.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts per target, full-jitter backoff, and the call's overall time budget."""
+
+    attempts: int = 2
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+    max_retry_after: float = 30.0
+    budget: float = 120.0
+
+
+@dataclass(frozen=True)
+class CircuitPolicy:
+    failures: int = 5
+    cooldown: float = 5.0
+    max_cooldown: float = 300.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One replica of a provider: the API root its paths are joined to."""
+
+    url: str
+    weight: float = 1.0
+
+    def join(self, path: str) -> str:
+        """Join, never guess: W&B's ``/v1`` and Prime's ``/api/v1`` both stay as given."""
+        return self.url.rstrip("/") + "/" + path.lstrip("/")
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    api_key: str | None = None
+    # Set when routes.yaml names a key variable that is not in the environment: the
+    # provider is then refused on use with an error naming the variable.
+    missing_key_var: str | None = None
+    headers: Mapping[str, str] = field(default_factory=frozen_map)
+    timeouts: Timeouts = Timeouts()
+    retry: RetryPolicy = RetryPolicy()
+    circuit: CircuitPolicy = CircuitPolicy()
+    balance: str = "round_robin"
+    # Ask for the usage chunk of streams the client did not ask it for (and strip it
+    # again), so that streamed tokens are billed exactly. Off for upstreams that
+    # reject stream_options.
+    stream_usage: bool = True
+    # A required provider must be reachable for /readyz to answer 200.
+    required: bool = False
+    # A local engine the proxy runs itself; its base_url is then a template whose port
+    # is filled in per call from the replica that serves it (see proxy.engines.lease).
+    engine: EngineSpec | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.endpoints[0].url
+
+
+@dataclass(frozen=True)
+class Target:
+    provider: str
+    model: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    targets: tuple[Target, ...]
+    strategy: str = "fallback"
+    owned_by: str = "system"
+    # Only the retry fields the model sets itself; they win over its providers' policy.
+    retry_overrides: Mapping[str, Any] = field(default_factory=frozen_map)
+    budget: float = RetryPolicy.budget
+
+    def retry_for(self, provider: Provider) -> RetryPolicy:
+        if not self.retry_overrides:
+            return provider.retry
+        return replace(provider.retry, **self.retry_overrides)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    max_body_bytes: int = 16 * 1024 * 1024
+    reload_interval: float = 1.0
+    # How long a client may take to send a request body. The request head has the
+    # keep-alive time (read once at start, like the port).
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    # The most an upstream's non-streamed answer may hold (decoded): it is read whole.
+    max_answer_bytes: int = 64 * 1024 * 1024
+
+
+LIMIT_KINDS = ("requests_per_minute", "tokens_per_minute", "concurrent", "tokens_per_day")
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per team, or per team and model. None: no such limit."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent: int | None = None
+    tokens_per_day: int | None = None
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, kind) is not None for kind in LIMIT_KINDS)
+
+
+@dataclass(frozen=True)
+class Team:
+    name: str
+    key_hashes: tuple[str, ...] = ()  # "sha256:<hex>" of each key; keys are never stored
+    limits: Limits = Limits()
+    model_limits: Mapping[str, Limits] = field(default_factory=frozen_map)
+    # provider name → headers sent to that provider for this team's calls
+    headers: Mapping[str, Mapping[str, str]] = field(default_factory=frozen_map)
+    # the provider-scoping headers (OpenAI-Project, …) its clients may set, lower-case
+    client_headers: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = ""  # empty: limits and ledger live in this process
+    on_error: str = "fail_open"  # or fail_closed
+    # A concurrency slot is a lease: a process that dies leaks it for this long at most.
+    lease_ttl: float = 60.0
+    timeout: float = 0.5
+
+
+@dataclass(frozen=True)
+class Accounting:
+    # Reserved at admission for a call that does not say max_tokens.
+    default_max_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    providers: Mapping[str, Provider]
+    models: Mapping[str, Model]
+    server: ServerSettings = ServerSettings()
+    redis: RedisSettings = RedisSettings()
+    teams: Mapping[str, Team] = field(default_factory=frozen_map)
+    accounting: Accounting = Accounting()
+    # "sha256:<hex>" → team name, built by the loader for one lookup per call.
+    key_index: Mapping[str, str] = field(default_factory=frozen_map)
+    admin_key: str = ""
+    # Warnings that do not make the file invalid (a provider key variable unset).
+    warnings: tuple[str, ...] = ()

@@ -1,0 +1,1 @@
+"""Per-team limits and the ledger: admission, settlement, leases, the two stores."""

@@ -1,0 +1,321 @@
+"""Steps 4 and 6 of a call: admission against the team's limits, settlement into the ledger.
+
+Admission reserves tokens (prompt estimate + max_tokens, or the configured default)
+and takes every limit in one store call; settlement corrects the reservation with the
+real usage and books it, once per request however many attempts the call made. When
+Redis fails, admission falls back to this process's own limits (``fail_open``) or
+refuses with 503 (``fail_closed``); settlements are queued in order and written when
+Redis is back, and a shutdown flushes the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from proxy.config.model import Config, RedisSettings
+from proxy.errors import LimiterUnavailable, RateLimited
+from proxy.limits.leases import LeaseRenewer
+from proxy.limits.memory import MemoryStore
+from proxy.limits.rate_headers import describe_refusal, rate_headers
+from proxy.limits.redis_store import RedisStore
+from proxy.limits.store import DAY, Admission, Check, Settlement, Store, StoreUnavailable
+from proxy.limits.usage import Usage
+from proxy.observe.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What admission took for one call, and what settling it needs."""
+
+    team: str
+    model: str
+    request_id: str
+    checks: tuple[Check, ...]
+    reserved: int
+    prompt_estimate: int
+    admission: Admission
+    fallback: bool = False  # admitted by this process's own limits while Redis was down
+
+
+def checks_for(config: Config, team: str, model: str) -> tuple[Check, ...]:
+    found = config.teams.get(team)
+    if found is None:
+        return ()
+    scopes = [("*", found.limits), (model, found.model_limits.get(model))]
+    return tuple(
+        Check(scope, kind, value)
+        for scope, limits in scopes if limits
+        for kind, value in asdict(limits).items() if value is not None
+    )  # fmt: skip
+
+
+class Accountant:
+    def __init__(
+        self,
+        settings: RedisSettings,
+        primary: Store,
+        fallback: MemoryStore | None,
+        redis_metrics: Metrics | None = None,
+    ):
+        self.settings = settings
+        self.primary = primary
+        self.fallback = fallback  # None when the primary already is this process's memory
+        self.redis_metrics = redis_metrics  # set when the primary is Redis
+        self.queue: deque[Settlement] = deque()
+        self.redis_errors = 0
+        self.fallback_admissions = 0
+        self._last_warning = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.leases = LeaseRenewer(settings.lease_ttl)
+        self._sending: set[asyncio.Future[Any]] = set()  # settlements sent without a task
+        self._queued = 0  # settle_soon() callbacks not run yet
+        self._loop: asyncio.AbstractEventLoop | None = None  # not get_running_loop() per call
+        # checks_for() per (team, model) of the running config: it is the same every call.
+        self._checks_of: Config | None = None
+        self._checks: dict[tuple[str, str], tuple[Check, ...]] = {}
+
+    def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` to the end even if its caller is cancelled; shutdown waits for it."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tracked_done)
+        return task
+
+    def _tracked_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # Nobody awaits the task: an error it did not handle itself is logged here, not
+        # left to the garbage collector's "exception was never retrieved".
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("settlement failed", exc_info=error)
+
+    async def admit(
+        self, config: Config, team: str, model: str, reserved: int, prompt: int, request_id: str
+    ) -> Ticket:
+        checks = self._checks_for(config, team, model)
+        if not checks:
+            return Ticket(team, model, request_id, checks, reserved, prompt,
+                          Admission(True, int(time.time() // DAY)))  # fmt: skip
+        try:
+            with self._timed("admit"):
+                admission = await self.primary.admit(
+                    team, checks, reserved, request_id, self.settings.lease_ttl
+                )
+        except StoreUnavailable as exc:
+            ticket = Ticket(team, model, request_id, checks, reserved, prompt,
+                            Admission(True, int(time.time() // DAY)))  # fmt: skip
+            return await self._admit_without_redis(ticket, exc)
+        ticket = Ticket(team, model, request_id, checks, reserved, prompt, admission)
+        if not admission.admitted:
+            raise _refusal(ticket)
+        return ticket
+
+    def _checks_for(self, config: Config, team: str, model: str) -> tuple[Check, ...]:
+        if config is not self._checks_of:  # a reload: the limits may have changed
+            self._checks_of, self._checks = config, {}
+        checks = self._checks.get((team, model))
+        if checks is None:
+            checks = self._checks[(team, model)] = checks_for(config, team, model)
+        return checks
+
+    async def _admit_without_redis(self, ticket: Ticket, exc: StoreUnavailable) -> Ticket:
+        self._redis_failed("admission", exc)
+        if self.fallback is None or self.settings.on_error == "fail_closed":
+            raise LimiterUnavailable(
+                "The rate limiter is unavailable and this proxy is set to fail closed."
+            ) from None
+        self.fallback_admissions += 1
+        admission = await self.fallback.admit(
+            ticket.team, ticket.checks, ticket.reserved, ticket.request_id, self.settings.lease_ttl
+        )
+        ticket = replace(ticket, admission=admission, fallback=True)
+        if not admission.admitted:
+            raise _refusal(ticket)
+        return ticket
+
+    async def _settle(self, ticket: Ticket, settlement: Settlement) -> None:
+        if ticket.fallback and self.fallback is not None:
+            await self.fallback.settle(settlement)  # its limits live here; the ledger does not
+            settlement = replace(settlement, checks=())
+        if self.queue:  # keep the ledger's order: nothing overtakes what is queued
+            self.queue.append(settlement)
+            return
+        try:
+            with self._timed("settle"):
+                await self.primary.settle(settlement)
+        except StoreUnavailable as exc:
+            self._redis_failed("settlement", exc)
+            self.queue.append(settlement)
+
+    def settle_soon(self, ticket: Ticket, usage: Usage) -> None:
+        """Settle once the loop's current step is over: after the answer this step
+        writes, before anything the process reads later. A client that went away cannot
+        cancel its own billing (nothing here waits), and the answer does not wait for
+        the bookkeeping, nor, against Redis, for a second round trip.
+
+        The callback is queued now; what the process reads meanwhile only queues work
+        behind it (the loop runs ready callbacks in order). So a settlement is applied,
+        or against Redis joins this turn's batch, before any later call of this process
+        is admitted: on the shared connection Redis runs them in that order, and a team
+        at its concurrency limit finds the slot of the call it was just answered freed.
+        Shutdown and ledger reads wait for what is in flight."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._queued += 1
+        self._loop.call_soon(self._settle_queued, ticket, _settlement(ticket, usage))
+
+    def _settle_queued(self, ticket: Ticket, settlement: Settlement) -> None:
+        self._queued -= 1
+        if isinstance(self.primary, MemoryStore):
+            self.primary.settle_now(settlement)  # no I/O, nothing to wait for
+        elif ticket.fallback or self.queue or not self._send(settlement):
+            # Fallback limits, queued settlements or no connection yet: a task does it.
+            self.track(self._settle(ticket, settlement))
+
+    def _send(self, settlement: Settlement) -> bool:
+        """The common case against Redis, without a task: the script call joins this
+        turn's batch and a callback takes its outcome. False when it cannot (no Redis
+        connection yet: the task opens one)."""
+        if not isinstance(self.primary, RedisStore):
+            return False
+        start = time.perf_counter()
+
+        def done(error: StoreUnavailable | None) -> None:
+            self._sending.discard(future)
+            if self.redis_metrics is not None:
+                self.redis_metrics.redis_call("settle", time.perf_counter() - start,
+                                              ok=error is None)  # fmt: skip
+            if error is not None:
+                self._redis_failed("settlement", error)
+                self.queue.append(settlement)
+
+        future = self.primary.settle_soon(settlement, done)
+        if future is None:
+            return False
+        self._sending.add(future)
+        return True
+
+    async def _in_flight(self) -> set[asyncio.Future[Any]]:
+        """The settlements under way, once the settle_soon() callbacks queued so far ran
+        (they are ahead of this coroutine's next step)."""
+        if self._queued:
+            await asyncio.sleep(0)
+        return {*self._tasks, *self._sending}
+
+    async def settled(self) -> None:
+        """Wait for the settlements this process has started."""
+        if in_flight := await self._in_flight():
+            await asyncio.wait(in_flight)
+
+    async def flush(self) -> bool:
+        """Write queued settlements in order; True when the queue is empty."""
+        while self.queue:
+            try:
+                with self._timed("flush"):
+                    await self.primary.settle(self.queue[0])
+            except StoreUnavailable:
+                return False
+            self.queue.popleft()
+        return True
+
+    async def flush_forever(self, interval: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self.queue and await self.flush():
+                log.info("ledger queue flushed: Redis is back")
+
+    async def drain(self, deadline: float) -> None:
+        """On shutdown: finish settlements, flush what is queued, log what cannot be."""
+        end = time.monotonic() + deadline
+        if in_flight := await self._in_flight():
+            await asyncio.wait(in_flight, timeout=deadline)
+        while not await self.flush() and time.monotonic() < end:  # noqa: ASYNC110 - polls Redis
+            await asyncio.sleep(0.2)
+        for settlement in self.queue:
+            log.error("ledger write lost at shutdown: %s", json.dumps(asdict(settlement)))
+
+    def _timed(self, operation: str) -> contextlib.AbstractContextManager[None]:
+        if self.redis_metrics is None:
+            return contextlib.nullcontext()
+        return self.redis_metrics.redis_timer(operation)
+
+    def _redis_failed(self, what: str, exc: StoreUnavailable) -> None:
+        self.redis_errors += 1
+        now = time.monotonic()
+        if now - self._last_warning > 1.0:  # once a second, not once a request
+            self._last_warning = now
+            log.warning("redis failed during %s (%d errors so far): %s", what,
+                        self.redis_errors, exc)  # fmt: skip
+
+
+def _settlement(ticket: Ticket, usage: Usage) -> Settlement:
+    return Settlement(
+        request_id=ticket.request_id, team=ticket.team, model=ticket.model,
+        day=ticket.admission.day, checks=ticket.checks, reserved=ticket.reserved,
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+        estimated=usage.estimated,
+    )  # fmt: skip
+
+
+def _refusal(ticket: Ticket) -> RateLimited:
+    admission = ticket.admission
+    assert admission.refused is not None
+    return RateLimited(
+        describe_refusal(admission.refused, ticket.reserved),
+        retry_after=admission.retry_after,
+        param=admission.refused.kind,
+        headers=rate_headers(admission),
+    )
+
+
+def reservation(fields: dict[str, Any], prompt: int, default_max_tokens: int) -> int:
+    """Tokens to hold at admission: the prompt estimate plus what the call may generate."""
+    if "input" in fields and "messages" not in fields and "prompt" not in fields:
+        return prompt  # embeddings generate nothing
+    limit = fields.get("max_completion_tokens", fields.get("max_tokens"))
+    most = limit if isinstance(limit, int) and limit > 0 else default_max_tokens
+    n = fields.get("n")
+    return prompt + most * (n if isinstance(n, int) and n > 0 else 1)
+
+
+def final_usage(ticket: Ticket, reported: Usage | None, completion_estimate: int | None) -> Usage:
+    """What to book: the upstream's own count, else an estimate, else nothing (no answer)."""
+    if reported is not None:
+        return reported
+    if completion_estimate is None:
+        return Usage(0, 0)
+    return Usage(ticket.prompt_estimate, completion_estimate, estimated=True)
+
+
+class LeaseKeeper:
+    """``with LeaseKeeper(accountant, ticket):`` keeps the call's concurrency leases
+    alive while it runs (proxy/limits/leases.py); short calls end before the first renewal
+    and cost no extra round trip."""
+
+    __slots__ = ("_accountant", "_held", "_ticket")
+
+    def __init__(self, accountant: Accountant, ticket: Ticket):
+        self._accountant, self._ticket = accountant, ticket
+        self._held = False
+
+    def __enter__(self) -> LeaseKeeper:
+        ticket, accountant = self._ticket, self._accountant
+        if any(c.kind == "concurrent" for c in ticket.checks):
+            fallback = accountant.fallback
+            store = fallback if ticket.fallback and fallback else accountant.primary
+            accountant.leases.hold(store, ticket.team, ticket.checks, ticket.request_id)
+            self._held = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held:
+            self._accountant.leases.release(self._ticket.request_id)

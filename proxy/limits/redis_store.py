@@ -1,0 +1,206 @@
+"""The limiter and ledger in Redis, shared by every proxy replica.
+
+Every call is one script round trip (EVALSHA; EVAL once after a Redis restart), and
+the admissions (and the settlements) of a team made in one loop turn share one
+(resp_batch.py). The hot path (admit, settle, renew) runs on the lean pipelined client
+of resp_client.py; ledger reads, rare and off the hot path, on redis-py. Any Redis or
+socket error becomes ``StoreUnavailable``: the caller falls back or refuses, and
+queues settlements. Neither client retries, so a down Redis costs one short timeout,
+not several.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proxy.limits.lua import ADMIT, RENEW, SETTLE
+from proxy.limits.store import (
+    KIND_CODES,
+    LEDGER_FIELDS,
+    Admission,
+    Check,
+    LedgerRow,
+    Settlement,
+    StoreUnavailable,
+    limit_state,
+)
+from proxy.redis.batch import BatchShape
+from proxy.redis.client import RespClient
+from proxy.redis.protocol import Arg, Reply, RespError, Script, encode_items
+
+PREFIX = "llmproxy"
+
+
+def team_key(team: str, *parts: str) -> str:
+    """All keys of a team share the hash tag {team}: one Cluster slot per team."""
+    return ":".join((PREFIX, f"{{{team}}}", *parts))
+
+
+_KEY_KINDS = {"requests_per_minute": "rpm", "tokens_per_minute": "tpm", "concurrent": "conc",
+              "tokens_per_day": "tpd"}  # fmt: skip
+
+
+def check_key(team: str, check: Check) -> str:
+    return team_key(team, _KEY_KINDS[check.kind], check.scope)
+
+
+def _check_args(checks: tuple[Check, ...]) -> list[Arg]:
+    return [x for c in checks for x in (KIND_CODES[c.kind], c.limit)]
+
+
+@dataclass(frozen=True)
+class TeamParts:
+    """What the script calls of one team's checks have in common, encoded once: every
+    call then encodes only what is its own (request id, tokens, day). Encoding all of a
+    call's keys and arguments anew was the largest Python cost of the Redis path."""
+
+    checks: tuple[Check, ...]
+    admit: BatchShape  # KEYS: the checks' keys; ARGV: kind code and limit per check
+    settle: BatchShape  # KEYS: the ledger index, the checks' keys; ARGV: as admit's
+
+    @classmethod
+    def of(cls, team: str, checks: tuple[Check, ...], admit: Script, settle: Script) -> TeamParts:
+        keys = [check_key(team, c) for c in checks]
+        limits = _check_args(checks)
+        n = len(checks)
+        return cls(
+            checks,
+            BatchShape(admit, encode_items(keys), n, encode_items(limits), 2 * n, 0, 3),
+            BatchShape(settle, encode_items((team_key(team, "ledger-index"), *keys)), 1 + n,
+                       encode_items(limits), 2 * n, 2, 8),
+        )  # fmt: skip
+
+
+def admit_args(lease: str, lease_ttl: float, reserved: int) -> bytes:
+    """A call's own ADMIT arguments (it has no keys of its own)."""
+    return encode_items((lease, lease_ttl, reserved))
+
+
+def settle_parts(s: Settlement) -> tuple[bytes, bytes]:
+    """A call's own SETTLE keys (done marker, ledger hash) and arguments."""
+    keys = encode_items((team_key(s.team, "done", s.request_id),
+                         team_key(s.team, "ledger", str(s.day), s.model)))  # fmt: skip
+    args = encode_items((s.day, s.model, s.request_id, s.reserved, s.used, s.prompt_tokens,
+                         s.completion_tokens, 1 if s.estimated else 0))  # fmt: skip
+    return keys, args
+
+
+_FAILURES = (RespError, OSError)  # Disconnected and TimeoutError are OSErrors
+
+
+def _store_unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"{type(exc).__name__}: {exc}")
+
+
+def _unavailable(future: asyncio.Future[Reply]) -> StoreUnavailable | None:
+    """A finished call's failure as the store reports it; anything else is a bug, raised."""
+    error = future.exception()
+    if error is None:
+        return None
+    if isinstance(error, _FAILURES):
+        unavailable = _store_unavailable(error)
+        unavailable.__cause__ = error
+        return unavailable
+    raise error
+
+
+class RedisStore:
+    def __init__(self, url: str, timeout: float):
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0), decode_responses=False,
+        )  # fmt: skip
+        self._admit, self._settle, self._renew = (Script.of(s) for s in (ADMIT, SETTLE, RENEW))
+        self.hot = RespClient(url, timeout, scripts=(self._admit, self._settle, self._renew))
+        # (team, id(checks)) → parts; checks tuples are made once per config and team.
+        self._parts: dict[tuple[str, int], TeamParts] = {}
+
+    async def close(self) -> None:
+        try:
+            await self.hot.close()
+        finally:
+            await self.redis.aclose()
+
+    async def _run(self, call: Awaitable[Reply]) -> Any:
+        try:
+            return await call
+        except _FAILURES as exc:
+            raise _store_unavailable(exc) from exc
+
+    def _team_parts(self, team: str, checks: tuple[Check, ...]) -> TeamParts:
+        parts = self._parts.get((team, id(checks)))
+        # The entry keeps its tuple alive, so no other tuple can have its id meanwhile;
+        # the identity check only guards that reasoning.
+        if parts is None or parts.checks is not checks:
+            if len(self._parts) > 4096:  # reloads leave old tuples behind: bound it
+                self._parts.clear()
+            parts = self._parts[(team, id(checks))] = TeamParts.of(
+                team, checks, self._admit, self._settle
+            )
+        return parts
+
+    async def admit(
+        self, team: str, checks: tuple[Check, ...], reserved: int, lease: str, lease_ttl: float
+    ) -> Admission:
+        shape = self._team_parts(team, checks).admit
+        args = admit_args(lease, lease_ttl, reserved)
+        reply = await self._run(self.hot.run_batched(team, shape, b"", args))
+        admitted, day, refused = int(reply[0]), int(reply[1]), int(reply[2])
+        retry, now = float(reply[3]), float(reply[4])
+        levels = [float(v) for v in reply[5:]]
+        taking = reserved if admitted else 0
+        states = tuple(limit_state(c, v, taking, now) for c, v in zip(checks, levels, strict=True))
+        if admitted:
+            return Admission(True, day, states)
+        return Admission(False, day, states, refused=checks[refused - 1], retry_after=retry)
+
+    async def settle(self, s: Settlement) -> None:
+        shape = self._team_parts(s.team, s.checks).settle
+        await self._run(self.hot.run_batched(s.team, shape, *settle_parts(s)))
+
+    def settle_soon(self, s: Settlement, done: Callable[[StoreUnavailable | None], None]
+                    ) -> asyncio.Future[Reply] | None:  # fmt: skip
+        """``settle`` for a caller that does not wait for it: the script call joins this
+        turn's batch at once and ``done`` gets its outcome. Returns the call's future, or
+        None (nothing sent) when no connection is open yet."""
+        shape = self._team_parts(s.team, s.checks).settle
+        future = self.hot.join_now(s.team, shape, *settle_parts(s))
+        if future is not None:
+            future.add_done_callback(lambda f: done(_unavailable(f)))
+        return future
+
+    async def renew(self, team: str, checks: tuple[Check, ...], lease: str, ttl: float) -> None:
+        keys = [check_key(team, c) for c in checks if c.kind == "concurrent"]
+        if keys:
+            await self._run(self.hot.run_script(self._renew, keys, [lease, math.ceil(ttl)]))
+
+    async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
+        try:
+            return [
+                row for team in teams for row in await self._team_ledger(team, first_day, last_day)
+            ]
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _team_ledger(self, team: str, first_day: int, last_day: int) -> list[LedgerRow]:
+        entries: list[tuple[int, str]] = []
+        for member in await self.redis.smembers(team_key(team, "ledger-index")):
+            text = member.decode() if isinstance(member, bytes) else member
+            day_text, _, model = text.partition(":")
+            if first_day <= int(day_text) <= last_day:
+                entries.append((int(day_text), model))
+        rows = []
+        for day, model in sorted(entries):
+            counts = await self.redis.hgetall(team_key(team, "ledger", str(day), model))
+            values = tuple(int(counts.get(f.encode(), 0)) for f in LEDGER_FIELDS)
+            rows.append(LedgerRow(team, model, day, values))
+        return rows

@@ -1,0 +1,1 @@
+"""What operators see: Prometheus series, their in-process tally, the access log."""

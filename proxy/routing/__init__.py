@@ -1,0 +1,1 @@
+"""Which endpoint a call tries next: balancing, circuit breaking, backoff."""
