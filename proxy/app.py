@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -16,7 +15,6 @@ from proxy.appkeys import (
     ACCOUNTANT,
     BALANCER,
     BREAKERS,
-    CLIENT_SESSION,
     CONFIG,
     ENGINES,
     METRICS,
@@ -50,7 +48,7 @@ def make_app(holder: ConfigHolder) -> web.Application:
     app[METRICS] = metrics = Metrics.from_env()
     app[PROBES] = Probes()
     holder.on_reload = metrics.config_reloaded
-    app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_accounting)
     app.cleanup_ctx.append(_circuit_sharing)
     app.cleanup_ctx.append(_config_watcher)
@@ -65,18 +63,12 @@ async def _flush_metrics(app: web.Application) -> None:
     app[METRICS].flush()
 
 
-async def _client_session(app: web.Application) -> AsyncIterator[None]:
+async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     # Keep-alive pools per upstream origin, without a global limit: 500 concurrent
     # streams must not queue behind 100.
     app[UPSTREAM_CLIENT] = client = UpstreamClient()
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-    session = aiohttp.ClientSession(
-        connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
-    )
-    app[CLIENT_SESSION] = session
     yield
     client.close()
-    await session.close()
 
 
 async def _accounting(app: web.Application) -> AsyncIterator[None]:
@@ -134,7 +126,7 @@ async def _config_watcher(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _engines(app: web.Application) -> AsyncIterator[None]:
-    # Last in, first out: engines stop before the client session closes, after the
+    # Last in, first out: engines stop before the upstream client closes, after the
     # server stopped taking calls and the calls in flight finished.
     async with running_engines(app[CONFIG]) as engines:
         app[ENGINES] = engines

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 
 from proxy.config.reload import ConfigHolder
@@ -15,10 +14,9 @@ from proxy.routing.circuit import CircuitBreakers
 from proxy.upstream.client import UpstreamClient
 
 CONFIG = web.AppKey("config", ConfigHolder)
-# The proxied calls go through the lean client; aiohttp's session serves the engines'
-# probes and metrics scrapes, where features matter more than microseconds.
+# The proxied calls go through the lean client; the engines' probes and metrics scrapes
+# use an aiohttp session of their own (engines/registry.py).
 UPSTREAM_CLIENT = web.AppKey("upstream_client", UpstreamClient)
-CLIENT_SESSION = web.AppKey("client_session", aiohttp.ClientSession)
 BALANCER = web.AppKey("balancer", Balancer)
 BREAKERS = web.AppKey("breakers", CircuitBreakers)
 ACCOUNTANT = web.AppKey("accountant", Accountant)

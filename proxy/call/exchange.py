@@ -13,13 +13,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiohttp import StreamReader, web
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config.model import ServerSettings
-from proxy.errors import BodyTooLarge, RequestTimeout
-
-_READ_SIZE = 64 * 1024
+from proxy.errors import RequestTimeout
 
 
 class Sink(Protocol):
@@ -73,83 +71,6 @@ class Streamed:
 
 
 Answer = web.Response | Streamed
-
-
-class AiohttpExchange:
-    """A call aiohttp carries: its request, and the stream response once one started."""
-
-    __slots__ = ("request", "streamed")
-
-    def __init__(self, request: web.Request) -> None:
-        self.request = request
-        self.streamed: web.StreamResponse | None = None
-
-    @property
-    def app(self) -> web.Application:
-        return self.request.app
-
-    @property
-    def method(self) -> str:
-        return self.request.method
-
-    @property
-    def path(self) -> str:
-        return self.request.path
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return self.request.headers
-
-    async def read_body(self, settings: ServerSettings) -> bytes:
-        request = self.request
-        limit = settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise BodyTooLarge(too_large(limit))
-        if request.content.is_eof():
-            # The whole body is already in (the usual case: it came with the head), so
-            # no read below can wait, and a timer per request would only cost time.
-            return await _bounded(request.content, limit)
-        try:
-            async with asyncio.timeout(settings.body_timeout):
-                return await _bounded(request.content, limit)
-        except TimeoutError:
-            raise body_late(settings) from None
-
-    async def start_stream(self, status: int, headers: CIMultiDict[str]) -> Sink:
-        self.streamed = out = web.StreamResponse(status=status, headers=headers)
-        await out.prepare(self.request)
-        return _StreamResponseSink(out)
-
-
-class _StreamResponseSink:
-    """aiohttp's writes are coroutines: this sink cannot take pushed bytes."""
-
-    __slots__ = ("out",)
-
-    can_push = False
-
-    def __init__(self, out: web.StreamResponse) -> None:
-        self.out = out
-
-    def push(self, data: bytes) -> asyncio.Future[None] | None:
-        raise NotImplementedError("aiohttp's stream writes are awaited")
-
-    async def write(self, data: bytes) -> None:
-        await self.out.write(data)
-
-    async def end(self) -> None:
-        await self.out.write_eof()
-
-
-async def _bounded(content: StreamReader, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await content.read(_READ_SIZE):
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(too_large(limit))
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def too_large(limit: int) -> str:

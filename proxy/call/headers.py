@@ -10,6 +10,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.call.record import CallRecord
 from proxy.config.model import Provider
+from proxy.config.teams import SCOPING_HEADERS
 from proxy.errors import InvalidRequest
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded.
@@ -48,12 +49,6 @@ NOT_TO_UPSTREAM = HOP_BY_HOP | {
     "x-forwarded-proto",
     "x-real-ip",
 }
-
-# Headers that choose which account, project or team of the provider a call is billed
-# to. The proxy calls with its own key, so with teams configured a client must not pick
-# them (one team could bill another's project), unless its team's client_headers allow it.
-SCOPING_NAMES = ("OpenAI-Project", "OpenAI-Organization", "X-Prime-Team-ID")
-SCOPING_HEADERS = frozenset(name.lower() for name in SCOPING_NAMES)
 
 
 @functools.cache

@@ -1,41 +1,19 @@
-"""The proxied call, step by step as in DESIGN.md: authenticate, read, route, admit,
-forward, settle."""
+"""The proxied call, step by step (docs/ARCHITECTURE.md): authenticate, read, route,
+admit, forward, settle."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-from aiohttp import web
-
 from proxy.appkeys import ACCOUNTANT, CONFIG, METRICS
 from proxy.call.auth import authenticate
-from proxy.call.exchange import AiohttpExchange, Answer, Exchange, Streamed
+from proxy.call.exchange import Answer, Exchange
 from proxy.call.forward import Call, forward
 from proxy.call.headers import NOT_TO_UPSTREAM, check_forwardable, not_forwarded
 from proxy.call.record import CallRecord
 from proxy.call.request import Endpoint, call_budget, checked_body, route
 from proxy.errors import RateLimited
-from proxy.http.middlewares import RECORD
 from proxy.limits.admission import LeaseKeeper, final_usage, reservation
 from proxy.limits.rate_headers import rate_headers
 from proxy.limits.usage import estimate_prompt
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def proxied(endpoint: Endpoint) -> Handler:
-    """The aiohttp handler of a proxied route (the front serves ordinary calls itself)."""
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        exchange = AiohttpExchange(request)
-        answer = await proxied_call(exchange, endpoint, request[RECORD])
-        if isinstance(answer, Streamed):
-            assert exchange.streamed is not None
-            return exchange.streamed
-        return answer
-
-    handle.__name__ = f"proxy_{endpoint.path.replace('/', '_')}"
-    return handle
 
 
 async def proxied_call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> Answer:

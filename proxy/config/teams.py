@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from proxy.call.headers import SCOPING_HEADERS, SCOPING_NAMES
 from proxy.config.fields import FieldReader, hint, shown
 from proxy.config.model import (
     ANONYMOUS,
@@ -26,6 +25,12 @@ LIMIT_FIELDS = dict.fromkeys(LIMIT_KINDS, "count")
 REDIS_FIELDS = {"lease_ttl": "duration", "timeout": "duration"}
 REDIS_KEYS = {"url", "on_error", *REDIS_FIELDS}
 ACCOUNTING_FIELDS = {"default_max_tokens": "count"}
+
+# Headers that choose which account, project or team of the provider a call is billed
+# to. The proxy calls with its own key, so with teams configured a client must not pick
+# them (one team could bill another's project), unless its team's client_headers allow it.
+SCOPING_NAMES = ("OpenAI-Project", "OpenAI-Organization", "X-Prime-Team-ID")
+SCOPING_HEADERS = frozenset(name.lower() for name in SCOPING_NAMES)
 
 
 def read_teams(

@@ -1,4 +1,4 @@
-"""Request handlers. Each reads like the path of a call in DESIGN.md."""
+"""The handlers of the proxy's own endpoints: models, health, readiness, usage, metrics."""
 
 from __future__ import annotations
 

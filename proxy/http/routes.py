@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.call.pipeline import proxied
 from proxy.call.request import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
 from proxy.http import handlers
+from proxy.http.aiohttp_exchange import proxied
 
 # The proxied routes, which the lean front (proxy/http/front.py) also serves.
 PROXIED: dict[str, Endpoint] = {

@@ -18,9 +18,9 @@ additions.
 What the features built elsewhere call (all labels from routes.yaml):
 
 - a call's team: set ``record.team`` (a team name) after authentication;
-- an attempt retried on the same target, or skipped for an open circuit:
-  ``record.add_attempt(provider, "retried" | "circuit_open", detail)``; a backoff
-  sleep goes inside ``with record.waiting():`` so it is not counted as overhead;
+- each attempt: an entry in ``record.attempts``, counted here when the call finishes;
+  a backoff sleep goes inside ``with record.waiting():`` so it is not counted as
+  overhead;
 - ``rate_limit_rejected``, ``redis_call`` / ``redis_timer``, ``circuit_changed``,
   ``endpoint_health`` and ``add_tokens(..., "estimated")`` below.
 """

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from multidict import CIMultiDictProxy
-
-if TYPE_CHECKING:
-    from proxy.upstream.client import Connection
 
 # Stop reading the socket when this much body waits for a slow client; the upstream
 # then feels the back-pressure instead of the proxy's memory.
@@ -37,14 +34,27 @@ class AnswerRefused(UpstreamConnectionError):
     connection is dropped, and the attempt is a bad answer, not an unreachable upstream."""
 
 
+class Carrier(Protocol):
+    """What an answer needs of the connection it arrives on (``client.Connection``):
+    declared here so that the response does not import the client that makes it."""
+
+    transport: asyncio.Transport
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def done(self, response: UpstreamResponse) -> None: ...
+
+    def refuse(self, reason: str) -> None: ...
+
+
 class UpstreamResponse:
     __slots__ = ("_buffer", "_buffered", "_complete", "_conn", "_error", "_limit", "_loop",
                  "_max_held", "_paused", "_received", "_receiver", "_started", "_timer",
                  "_total_at", "_waiter", "headers", "keep_alive", "status")  # fmt: skip
 
-    def __init__(
-        self, conn: Connection, loop: asyncio.AbstractEventLoop, max_held: int = 0
-    ) -> None:
+    def __init__(self, conn: Carrier, loop: asyncio.AbstractEventLoop, max_held: int = 0) -> None:
         self._conn = conn
         self._loop = loop
         self._started: asyncio.Future[None] = loop.create_future()
