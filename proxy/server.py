@@ -12,7 +12,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -25,6 +25,7 @@ from proxy.app import make_app
 from proxy.appkeys import CONFIG
 from proxy.config.exposure import Exposure, load_to_serve
 from proxy.config.load import ConfigError
+from proxy.config.model import ServerSettings
 from proxy.config.reload import ConfigHolder
 from proxy.http.bad_requests import server_logger
 from proxy.http.front import FrontSite
@@ -33,6 +34,7 @@ from proxy.observe.metrics import MULTIPROC_ENV
 from proxy.pdeathsig import parent_death_signal
 
 log = logging.getLogger(__name__)
+FAST_PATH_ENV = "PROXY_FAST_PATH"
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ async def start_server(
     app: web.Application, host: str, port: int, reuse_port: bool = False,
     shutdown_timeout: float = 30.0,
 ) -> web.AppRunner:  # fmt: skip
-    """The proxy's app on a port: the lean front first, aiohttp for the rest."""
+    """The proxy's app on a port: the lean front first (unless ``fast_path`` is off),
+    aiohttp for the rest."""
     # handler_cancellation: a client that disconnects cancels its handler, which
     # closes the upstream call at once instead of when the next chunk fails to write.
     # keepalive_timeout also bounds how long a client may take to send a request head
@@ -104,9 +107,22 @@ async def start_server(
         logger=server_logger(),
     )  # fmt: skip
     await runner.setup()
-    site = FrontSite(runner, host, port, reuse_port=reuse_port, shutdown_timeout=shutdown_timeout)
+    site: web.BaseSite
+    if fast_path(app[CONFIG].current.server, os.environ):
+        site = FrontSite(
+            runner, host, port, reuse_port=reuse_port, shutdown_timeout=shutdown_timeout
+        )
+    else:  # aiohttp's own site; its shutdown_timeout is the runner's, set above
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
     await site.start()
     return runner
+
+
+def fast_path(settings: ServerSettings, env: Mapping[str, str]) -> bool:
+    """Whether the lean front serves ordinary calls: ``server.fast_path``, unless the
+    environment turns it off (``PROXY_FAST_PATH=0``, as AIOHTTP_NO_EXTENSIONS does for
+    aiohttp's C parser), so that a whole deployment or test run can go without it."""
+    return settings.fast_path and env.get(FAST_PATH_ENV, "1") not in ("0", "false", "off")
 
 
 def supervise(options: ServeOptions) -> int:

@@ -44,7 +44,7 @@ ENDPOINT_KEYS = {"url", "weight"}
 # Each block: key → kind, so that one reader serves them all.
 SERVER_FIELDS = {
     "max_body_bytes": "size", "reload_interval": "duration", "body_timeout": "duration",
-    "keepalive_timeout": "duration", "max_answer_bytes": "size",
+    "keepalive_timeout": "duration", "max_answer_bytes": "size", "fast_path": "boolean",
 }  # fmt: skip
 TIMEOUT_FIELDS = dict.fromkeys(("connect", "first_byte", "idle", "total"), "duration")
 RETRY_FIELDS = {

@@ -118,6 +118,10 @@ class ServerSettings:
     keepalive_timeout: float = 75.0
     # The most an upstream's non-streamed answer may hold (decoded): it is read whole.
     max_answer_bytes: int = 64 * 1024 * 1024
+    # The lean front (proxy/http/front.py) serves ordinary calls ahead of aiohttp's server,
+    # as aiohttp's C parser runs ahead of its Python one; false (or PROXY_FAST_PATH=0)
+    # leaves every request to aiohttp. Read once at start, like the port.
+    fast_path: bool = True
 
 
 LIMIT_KINDS = ("requests_per_minute", "tokens_per_minute", "concurrent", "tokens_per_day")
