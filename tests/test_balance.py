@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from proxy.config.model import CircuitPolicy
-from proxy.routing.circuit import Admission, Change, CircuitBreakers
+from proxy.routing.circuit import Change, CircuitBreakers, Passage
 from tests.conftest import MakeProxy, Proxy, StartApp
 from tests.fake_upstream import FakeUpstream
 from tests.support import Upstream, eventually, routes_yaml
@@ -152,28 +152,28 @@ def test_breaker_state_machine():
     policy = CircuitPolicy(failures=3, cooldown=10, max_cooldown=25)
     for _ in range(2):
         breakers.failed("e", policy)
-    assert breakers.admit("e", probe_lease=60) is Admission.CLOSED
+    assert breakers.admit("e", probe_lease=60) is Passage.CLOSED
     breakers.failed("e", policy)
-    assert breakers.admit("e", probe_lease=60) is Admission.OPEN
+    assert breakers.admit("e", probe_lease=60) is Passage.OPEN
     now[0] += 5
     breakers.failed("e", policy)  # a call in flight when it opened: extends to 115
     now[0] += 9.9
-    assert breakers.admit("e", probe_lease=60) is Admission.OPEN
+    assert breakers.admit("e", probe_lease=60) is Passage.OPEN
     now[0] += 0.2
-    assert breakers.admit("e", probe_lease=60) is Admission.PROBE
-    assert breakers.admit("e", probe_lease=60) is Admission.OPEN  # one probe at a time
+    assert breakers.admit("e", probe_lease=60) is Passage.PROBE
+    assert breakers.admit("e", probe_lease=60) is Passage.OPEN  # one probe at a time
     breakers.failed("e", policy)  # failed probe: 20 s
     assert breakers.state("e") == "open"
     now[0] += 19.9
-    assert breakers.admit("e", probe_lease=60) is Admission.OPEN
+    assert breakers.admit("e", probe_lease=60) is Passage.OPEN
     now[0] += 0.2
-    assert breakers.admit("e", probe_lease=60) is Admission.PROBE
+    assert breakers.admit("e", probe_lease=60) is Passage.PROBE
     breakers.failed("e", policy)  # 40 s, capped at 25
     now[0] += 25.1
-    assert breakers.admit("e", probe_lease=60) is Admission.PROBE
+    assert breakers.admit("e", probe_lease=60) is Passage.PROBE
     breakers.succeeded("e")
     assert breakers.state("e") == "closed"
-    assert breakers.admit("e", probe_lease=60) is Admission.CLOSED
+    assert breakers.admit("e", probe_lease=60) is Passage.CLOSED
 
 
 def test_probe_lease_expires_when_the_prober_never_reports():
@@ -182,11 +182,11 @@ def test_probe_lease_expires_when_the_prober_never_reports():
     policy = CircuitPolicy(failures=1, cooldown=1, max_cooldown=1)
     breakers.failed("e", policy)
     now[0] = 1.5
-    assert breakers.admit("e", probe_lease=10) is Admission.PROBE
+    assert breakers.admit("e", probe_lease=10) is Passage.PROBE
     now[0] = 5
-    assert breakers.admit("e", probe_lease=10) is Admission.OPEN
+    assert breakers.admit("e", probe_lease=10) is Passage.OPEN
     now[0] = 12
-    assert breakers.admit("e", probe_lease=10) is Admission.PROBE
+    assert breakers.admit("e", probe_lease=10) is Passage.PROBE
 
 
 def test_a_cool_down_and_a_probe_lease_end_at_their_very_instant():
@@ -198,9 +198,9 @@ def test_a_cool_down_and_a_probe_lease_end_at_their_very_instant():
     breakers.failed("e", policy)  # open until 4
     now[0] = 4.0
     assert breakers.state("e") == "half_open"
-    assert breakers.admit("e", probe_lease=2) is Admission.PROBE  # its lease ends at 6
+    assert breakers.admit("e", probe_lease=2) is Passage.PROBE  # its lease ends at 6
     now[0] = 6.0
-    assert breakers.admit("e", probe_lease=2) is Admission.PROBE  # another may probe
+    assert breakers.admit("e", probe_lease=2) is Passage.PROBE  # another may probe
     before = time.time()
     breakers.failed("e", policy)  # a failed probe: open until 6 + 8
     after = time.time()
@@ -219,19 +219,19 @@ def test_a_released_probe_lets_the_next_call_probe_and_remote_changes_merge():
     policy = CircuitPolicy(failures=1, cooldown=0.25, max_cooldown=1)
     breakers.failed("e", policy)  # open until 0.25
     now[0] = 0.5
-    assert breakers.admit("e", probe_lease=10) is Admission.PROBE
+    assert breakers.admit("e", probe_lease=10) is Passage.PROBE
     breakers.released("e")  # say a 429: neither a success nor a failure
-    assert breakers.admit("e", probe_lease=10) is Admission.PROBE
+    assert breakers.admit("e", probe_lease=10) is Passage.PROBE
     breakers.released("other")  # unknown: nothing to release
     breakers.merge(Change("other", 0, 0.0))  # a closing of one this process never saw
     breakers.merge(Change("g", 1, time.time() - 10))  # its cool-down is over already
-    assert breakers.admit("g", probe_lease=10) is Admission.PROBE
+    assert breakers.admit("g", probe_lease=10) is Passage.PROBE
     # Another process opened "f" for 5 s of the wall clock: here, until now + 5.
     breakers.merge(Change("f", 1, time.time() + 5))
     now[0] += 4  # (a second of slack for the time between the two clock readings)
-    assert breakers.admit("f", probe_lease=10) is Admission.OPEN
+    assert breakers.admit("f", probe_lease=10) is Passage.OPEN
     now[0] += 1.1
-    assert breakers.admit("f", probe_lease=10) is Admission.PROBE
+    assert breakers.admit("f", probe_lease=10) is Passage.PROBE
 
 
 async def test_affinity_removing_a_replica_moves_only_its_conversations(

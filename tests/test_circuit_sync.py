@@ -19,7 +19,7 @@ from redis.typing import KeyT
 
 from proxy.config.model import CircuitPolicy
 from proxy.routing import circuit_sync
-from proxy.routing.circuit import Admission, Change, CircuitBreakers
+from proxy.routing.circuit import Change, CircuitBreakers, Passage
 from proxy.routing.circuit_sync import CHANNEL, STATES, CircuitSync
 from tests.redis_server import RedisServer
 from tests.support import dead_url, eventually
@@ -233,7 +233,7 @@ async def test_a_process_ignores_the_echo_of_its_own_changes(
     breakers = sync.breakers
     breakers.failed(KEY, CircuitPolicy(failures=1, cooldown=60.0, max_cooldown=60.0))
     now[0] += 61  # its cool-down over: this process sends the probe ...
-    assert breakers.admit(KEY, 600.0) is Admission.PROBE
+    assert breakers.admit(KEY, 600.0) is Passage.PROBE
     # ... before its own opening comes back from Redis, followed by another's change.
     client = private_redis.client()
     try:
@@ -244,7 +244,7 @@ async def test_a_process_ignores_the_echo_of_its_own_changes(
     await eventually(lambda: breakers.state("marker") == "open", 5)
     # Its own opening did not start a new cool-down: still half-open, the probe still out.
     assert breakers.state(KEY) == "half_open"
-    assert breakers.admit(KEY, 600.0) is Admission.OPEN
+    assert breakers.admit(KEY, 600.0) is Passage.OPEN
 
 
 @pytest.fixture

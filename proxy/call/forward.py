@@ -29,7 +29,7 @@ from proxy.errors import CircuitOpen, EngineUnavailable, ProviderUnavailable
 from proxy.observe.metrics import endpoint_label
 from proxy.routing.backoff import backoff_delay
 from proxy.routing.balance import conversation_prefix
-from proxy.routing.circuit import Admission
+from proxy.routing.circuit import Passage
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,10 @@ class _Run:
         lease = provider.timeouts.total
         for i in range(len(endpoints)):
             endpoint = endpoints[(number + i) % len(endpoints)]
-            admission = breakers.admit(endpoint.url, lease)
-            if admission is Admission.CLOSED:
+            passage = breakers.admit(endpoint.url, lease)
+            if passage is Passage.CLOSED:
                 return endpoint
-            if admission is Admission.PROBE and (
+            if passage is Passage.PROBE and (
                 breakers.claim_probe is None or await breakers.claim_probe(endpoint.url, lease)
             ):
                 return endpoint

@@ -1,4 +1,4 @@
-"""The proxied call, step by step (docs/ARCHITECTURE.md): authenticate, read, route,
+"""The proxied call, step by step (docs/ARCHITECTURE.md): authenticate, read, resolve,
 admit, forward, settle."""
 
 from __future__ import annotations
@@ -9,24 +9,24 @@ from proxy.call.exchange import Answer, Exchange
 from proxy.call.forward import Call, forward
 from proxy.call.headers import NOT_TO_UPSTREAM, check_forwardable, not_forwarded
 from proxy.call.record import CallRecord
-from proxy.call.request import Endpoint, call_budget, checked_body, route
+from proxy.call.request import Api, call_budget, checked_body, resolve_model
 from proxy.errors import RateLimited
 from proxy.limits.admission import LeaseKeeper, final_usage, reservation
 from proxy.limits.rate_headers import rate_headers
 from proxy.limits.usage import estimate_prompt
 
 
-async def proxied_call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> Answer:
-    record.api = endpoint.path
+async def proxied_call(exchange: Exchange, api: Api, record: CallRecord) -> Answer:
+    record.api = api.path
     in_flight = exchange.app[METRICS].c_in_flight
     in_flight.inc()
     try:
-        return await _call(exchange, endpoint, record)
+        return await _call(exchange, api, record)
     finally:
         in_flight.dec()
 
 
-async def _call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> Answer:
+async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Answer:
     app = exchange.app
     config = app[CONFIG].current  # this call's config, even if a reload swaps it
     accountant = app[ACCOUNTANT]
@@ -34,9 +34,9 @@ async def _call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> A
     team = config.teams.get(record.team)  # None only when no team is configured
     dropped = not_forwarded(team.client_headers) if team else NOT_TO_UPSTREAM
     check_forwardable(exchange.headers, dropped)
-    body = checked_body(await exchange.read_body(config.server), endpoint)  # 2
+    body = checked_body(await exchange.read_body(config.server), api)  # 2
     record.model = body.fields["model"]
-    model = route(config, body.fields["model"])  # 3
+    model = resolve_model(config, body.fields["model"])  # 3
     record.route = model.id
     prompt = estimate_prompt(body.fields)
     reserved = reservation(body.fields, prompt, config.accounting.default_max_tokens)
@@ -49,7 +49,7 @@ async def _call(exchange: Exchange, endpoint: Endpoint, record: CallRecord) -> A
         raise
     record.rate_headers = rate_headers(ticket.admission)
     budget = call_budget(exchange.headers, model.budget)
-    call = Call(config, model, endpoint.path, body, budget, team.headers if team else {}, dropped)
+    call = Call(config, model, api.path, body, budget, team.headers if team else {}, dropped)
     try:
         with LeaseKeeper(accountant, ticket):
             return await forward(exchange, call, record)  # 5

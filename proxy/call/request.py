@@ -1,4 +1,4 @@
-"""Steps 2 and 3 of a call: the body's fields the proxy relies on, and the route.
+"""Steps 2 and 3 of a call: the body's fields the proxy relies on, and the model it names.
 
 The body itself is read, bounded, by the exchange that carries the call (proxy/call/exchange.py).
 """
@@ -15,16 +15,16 @@ from proxy.limits.usage import MAX_COUNT
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class Api:
     """One proxied API: its path below the provider's base_url and its required fields."""
 
     path: str
     required: tuple[str, ...]
 
 
-CHAT = Endpoint("chat/completions", ("messages",))
-COMPLETIONS = Endpoint("completions", ("prompt",))
-EMBEDDINGS = Endpoint("embeddings", ("input",))
+CHAT = Api("chat/completions", ("messages",))
+COMPLETIONS = Api("completions", ("prompt",))
+EMBEDDINGS = Api("embeddings", ("input",))
 
 # Known fields whose type the proxy itself depends on; everything else passes untouched.
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -51,7 +51,7 @@ def call_budget(headers: Mapping[str, str], budget: float) -> float:
     return min(budget, seconds) if seconds > 0 else budget
 
 
-def checked_body(raw: bytes, endpoint: Endpoint) -> Body:
+def checked_body(raw: bytes, api: Api) -> Body:
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.")
     body = parse_body(raw)
@@ -61,7 +61,7 @@ def checked_body(raw: bytes, endpoint: Endpoint) -> Body:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model must be a non-empty string.", param="model")
-    for name in endpoint.required:
+    for name in api.required:
         if name not in fields:
             raise InvalidRequest(f"Missing required parameter: '{name}'.", param=name)
     for name, types in _TYPES.items():
@@ -86,7 +86,7 @@ def _has_type(value: object, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
-def route(config: Config, model_id: str) -> Model:
+def resolve_model(config: Config, model_id: str) -> Model:
     model = config.models.get(model_id)
     if model is None:
         available = ", ".join(sorted(config.models)) or "none"

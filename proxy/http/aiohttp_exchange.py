@@ -14,7 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.call.exchange import Sink, Streamed, body_late, too_large
 from proxy.call.pipeline import proxied_call
-from proxy.call.request import Endpoint
+from proxy.call.request import Api
 from proxy.config.model import ServerSettings
 from proxy.errors import BodyTooLarge
 from proxy.http.middlewares import RECORD
@@ -24,18 +24,18 @@ _READ_SIZE = 64 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def proxied(endpoint: Endpoint) -> Handler:
+def proxied(api: Api) -> Handler:
     """The aiohttp handler of a proxied route (the front serves ordinary calls itself)."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         exchange = AiohttpExchange(request)
-        answer = await proxied_call(exchange, endpoint, request[RECORD])
+        answer = await proxied_call(exchange, api, request[RECORD])
         if isinstance(answer, Streamed):
             assert exchange.streamed is not None
             return exchange.streamed
         return answer
 
-    handle.__name__ = f"proxy_{endpoint.path.replace('/', '_')}"
+    handle.__name__ = f"proxy_{api.path.replace('/', '_')}"
     return handle
 
 

@@ -220,9 +220,9 @@ class FrontConnection(asyncio.Protocol):
             raise
 
     async def _call(self, exchange: FrontExchange) -> None:
-        endpoint = PROXIED[exchange.path]
+        api = PROXIED[exchange.path]
         record = CallRecord(request_id=request_id())
-        answer = await answered(proxied_call(exchange, endpoint, record), exchange, record)
+        answer = await answered(proxied_call(exchange, api, record), exchange, record)
         if isinstance(answer, web.Response) and not exchange.streaming:
             name_the_call(answer.headers, record)
             self._write_answer(answer, exchange)

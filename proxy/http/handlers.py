@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy.appkeys import ACCOUNTANT, CONFIG, ENGINES, METRICS, PROBES
 from proxy.call.auth import require_admin
-from proxy.call.request import route
+from proxy.call.request import resolve_model
 from proxy.config.model import ANONYMOUS, Config, Provider
 from proxy.engines.metrics_export import engine_metrics_text, engine_status_text
 from proxy.errors import LimiterUnavailable
@@ -40,7 +40,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     config = request.app[CONFIG].current
     model_id = request.match_info["model"]
-    route(config, model_id)
+    resolve_model(config, model_id)
     return web.json_response(_model_entry(config, model_id))
 
 

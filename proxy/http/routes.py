@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.call.request import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint
+from proxy.call.request import CHAT, COMPLETIONS, EMBEDDINGS, Api
 from proxy.http import handlers
 from proxy.http.aiohttp_exchange import proxied
 
 # The proxied routes, which the lean front (proxy/http/front.py) also serves.
-PROXIED: dict[str, Endpoint] = {
+PROXIED: dict[str, Api] = {
     "/v1/chat/completions": CHAT,
     "/v1/completions": COMPLETIONS,
     "/v1/embeddings": EMBEDDINGS,
@@ -17,8 +17,8 @@ PROXIED: dict[str, Endpoint] = {
 
 
 def add_routes(app: web.Application) -> None:
-    for path, endpoint in PROXIED.items():
-        app.router.add_post(path, proxied(endpoint))
+    for path, api in PROXIED.items():
+        app.router.add_post(path, proxied(api))
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/v1/models/{model:.+}", handlers.get_model)
     app.router.add_get("/healthz", handlers.healthz)

@@ -25,7 +25,7 @@ from typing import Literal
 from proxy.config.model import CircuitPolicy
 
 
-class Admission(Enum):
+class Passage(Enum):
     CLOSED = "closed"
     PROBE = "probe"
     OPEN = "open"
@@ -59,15 +59,15 @@ class CircuitBreakers:
         self.claim_probe: Callable[[str, float], Awaitable[bool]] | None = None
         self.end_probe: Callable[[str], None] | None = None
 
-    def admit(self, key: str, probe_lease: float) -> Admission:
+    def admit(self, key: str, probe_lease: float) -> Passage:
         state = self._states.get(key)
         if state is None or state.opened == 0:
-            return Admission.CLOSED
+            return Passage.CLOSED
         now = self._clock()
         if now < state.open_until or now < state.probe_until:
-            return Admission.OPEN
+            return Passage.OPEN
         state.probe_until = now + probe_lease
-        return Admission.PROBE
+        return Passage.PROBE
 
     def succeeded(self, key: str) -> None:
         state = self._states.pop(key, None)
