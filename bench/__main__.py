@@ -43,8 +43,12 @@ CHUNKS, INTERVAL_MS = 100, 20.0
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs, to try the bench out")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md",
-                        help="where to write the table (default docs/BENCHMARKS.md)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "docs" / "BENCHMARKS.md",
+        help="where to write the table (default docs/BENCHMARKS.md)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
     require_wrk()
@@ -74,10 +78,13 @@ def _run(tmp: Path, d: Durations) -> tuple[Figures, list[Figures], Calibrated]:
         _say("direct to the fake upstream")
         direct = measure_direct(upstream_port, tmp, d)
         proxied = []
-        setups = [*_references(),
-                  Setup("1 worker", 1), Setup("2 workers", 2),
-                  Setup("1 worker + Redis", 1, redis_port),
-                  Setup("2 workers + Redis", 2, redis_port)]  # fmt: skip
+        setups = [
+            *_references(),
+            Setup("1 worker", 1),
+            Setup("2 workers", 2),
+            Setup("1 worker + Redis", 1, redis_port),
+            Setup("2 workers + Redis", 2, redis_port),
+        ]
         for setup in setups:
             _say(setup.name)
             proxied.append(measure_proxy(setup, upstream_port, tmp, d))
@@ -115,11 +122,11 @@ def _document(
     seconds: float,
     d: Durations,
 ) -> str:
-    return "\n".join([
+    lines = [
         "# Benchmarks",
         "",
         "Measured by `python3 -m bench` (see the README); every figure below comes from",
-        "that one run. \"Added\" is proxied minus direct-to-upstream, same machine, same run.",
+        'that one run. "Added" is proxied minus direct-to-upstream, same machine, same run.',
         "",
         f"- date: {about.date}; run took {seconds:.0f} s",
         f"- machine: {about.cores} cores, {about.cpu}, Linux {about.kernel}",
@@ -152,7 +159,8 @@ def _document(
         *check_calibrated(calibrated),
         "",
         NOTES,
-    ]) + "\n"  # fmt: skip
+    ]
+    return "\n".join(lines) + "\n"
 
 
 NOTES = """## How to read it

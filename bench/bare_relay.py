@@ -67,8 +67,14 @@ def main() -> None:
         loop = None
     else:
         loop = uvloop.new_event_loop()
-    web.run_app(make_app(args.upstream), host="127.0.0.1", port=args.port, access_log=None,
-                print=None, loop=loop)  # fmt: skip
+    web.run_app(
+        make_app(args.upstream),
+        host="127.0.0.1",
+        port=args.port,
+        access_log=None,
+        print=None,
+        loop=loop,
+    )
 
 
 if __name__ == "__main__":

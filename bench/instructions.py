@@ -40,8 +40,9 @@ def per_request(
 def _count(argv: Argv, body: bytes, headers: dict[str, str], out: Path, requests: int) -> int:
     port = free_port()
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv(port)]
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         # Imports under valgrind take a while.
         wait_for(lambda: healthy(port), "the server under valgrind", timeout=180.0)

@@ -106,8 +106,19 @@ def _cpu_ticks(pid: int) -> int:
 
 
 def start_upstream(port: int, chunks: int, interval_ms: float) -> Child:
-    child = Child([sys.executable, "-m", "bench.upstream", "--port", str(port),
-                   "--chunks", str(chunks), "--interval-ms", str(interval_ms)])  # fmt: skip
+    child = Child(
+        [
+            sys.executable,
+            "-m",
+            "bench.upstream",
+            "--port",
+            str(port),
+            "--chunks",
+            str(chunks),
+            "--interval-ms",
+            str(interval_ms),
+        ]
+    )
     wait_for(lambda: accepts(port), "the fake upstream")
     return child
 
@@ -120,10 +131,22 @@ def start_aiohttp_upstream(port: int) -> Child:
 
 def start_proxy(config: Path, port: int, workers: int, log: Path) -> Child:
     child = Child(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port),
-         "--workers", str(workers), "--shutdown-timeout", "2"],
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--shutdown-timeout",
+            "2",
+        ],
         log=log,
-    )  # fmt: skip
+    )
     wait_for(lambda: healthy(port), "the proxy")
     if workers > 1:  # every worker must be listening before the load starts
         wait_for(lambda: len(child.workers()) == workers, "the proxy's workers")
@@ -132,8 +155,17 @@ def start_proxy(config: Path, port: int, workers: int, log: Path) -> Child:
 
 
 def start_bare_relay(upstream_port: int, port: int) -> Child:
-    child = Child([sys.executable, "-m", "bench.bare_relay", "--port", str(port),
-                   "--upstream", f"http://127.0.0.1:{upstream_port}"])  # fmt: skip
+    child = Child(
+        [
+            sys.executable,
+            "-m",
+            "bench.bare_relay",
+            "--port",
+            str(port),
+            "--upstream",
+            f"http://127.0.0.1:{upstream_port}",
+        ]
+    )
     wait_for(lambda: healthy(port), "the bare relay")
     return child
 
@@ -142,8 +174,21 @@ def start_redis(port: int, workdir: Path) -> Child:
     binary = shutil.which("redis-server") or shutil.which("valkey-server")
     if binary is None:
         raise RuntimeError("no redis-server on PATH: apt-get install -y redis-server")
-    child = Child([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", str(workdir)])  # fmt: skip
+    child = Child(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ]
+    )
     wait_for(lambda: accepts(port), "redis-server")
     return child
 

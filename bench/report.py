@@ -118,15 +118,27 @@ def calibrated_table(c: Calibrated) -> str:
     """The c=64 pass in front of the aiohttp upstream: req/s, % of direct, % of the relay."""
     names = [name for name, _ in c.proxied]
     rows = [
-        ("c=64 throughput, req/s", f"{c.direct.rps:,.0f}",
-         [f"{result.rps:,.0f}" for _, result in c.proxied]),
+        (
+            "c=64 throughput, req/s",
+            f"{c.direct.rps:,.0f}",
+            [f"{result.rps:,.0f}" for _, result in c.proxied],
+        ),
         ("**c=64 throughput, % of direct**", "-", [_f(c.share(n), 1) for n in names]),
-        ("c=64 errors / non-2xx", f"{c.direct.errors} / {c.direct.non2xx}",
-         [f"{r.errors} / {r.non2xx}" for _, r in c.proxied]),
-    ]  # fmt: skip
+        (
+            "c=64 errors / non-2xx",
+            f"{c.direct.errors} / {c.direct.non2xx}",
+            [f"{r.errors} / {r.non2xx}" for _, r in c.proxied],
+        ),
+    ]
     if c.relay is not None:
-        rows.insert(2, ("c=64 throughput, % of the bare relay", "-",
-                        [_f(c.share(n, c.relay), 1) for n in names]))  # fmt: skip
+        rows.insert(
+            2,
+            (
+                "c=64 throughput, % of the bare relay",
+                "-",
+                [_f(c.share(n, c.relay), 1) for n in names],
+            ),
+        )
     lines = ["| | direct | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     lines += [f"| {label} | {direct} | {' | '.join(cells)} |" for label, direct, cells in rows]
     return "\n".join(lines)
@@ -167,14 +179,23 @@ class Machine:
 
 
 def machine(load_before: str) -> Machine:
-    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    versions = ", ".join([
-        f"Python {platform.python_version()}",
-        *(f"{name} {version(name)}" for name in ("aiohttp", "uvloop", "redis")),
-        _first_line(["wrk", "-v"], 2), _first_line(["redis-server", "--version"], 3),
-        *([_first_line(["nginx", "-v"], 3).split()[-1]] if have_nginx() else []),
-    ])  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in _read("/proc/cpuinfo").splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    versions = ", ".join(
+        [
+            f"Python {platform.python_version()}",
+            *(f"{name} {version(name)}" for name in ("aiohttp", "uvloop", "redis")),
+            _first_line(["wrk", "-v"], 2),
+            _first_line(["redis-server", "--version"], 3),
+            *([_first_line(["nginx", "-v"], 3).split()[-1]] if have_nginx() else []),
+        ]
+    )
     return Machine(
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         cores=os.cpu_count() or 0,

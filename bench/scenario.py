@@ -180,10 +180,27 @@ def _instructions(setup: Setup, upstream_port: int, config: Path, tmp: Path) -> 
 
     def argv(port: int) -> list[str]:
         if setup.kind == "relay":
-            return [sys.executable, "-m", "bench.bare_relay", "--port", str(port),
-                    "--upstream", f"http://127.0.0.1:{upstream_port}"]  # fmt: skip
-        return [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port",
-                str(port), "--shutdown-timeout", "1"]  # fmt: skip
+            return [
+                sys.executable,
+                "-m",
+                "bench.bare_relay",
+                "--port",
+                str(port),
+                "--upstream",
+                f"http://127.0.0.1:{upstream_port}",
+            ]
+        return [
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--shutdown-timeout",
+            "1",
+        ]
 
     headers = {"Content-Type": "application/json"}
     if setup.redis_port:
@@ -202,8 +219,9 @@ def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> 
     latency = run_wrk(url, script, 1, d.latency)
     before = _redis_state(setup.redis_port, port)
     cpu = proxy.cpu_seconds()
-    throughput = run_wrk(url, script, 64, d.throughput,
-                         during=lambda: rss.update(load=proxy.rss_mb()))  # fmt: skip
+    throughput = run_wrk(
+        url, script, 64, d.throughput, during=lambda: rss.update(load=proxy.rss_mb())
+    )
     cpu = proxy.cpu_seconds() - cpu
     after = _redis_state(setup.redis_port, port)
     done = latency.requests + throughput.requests
@@ -214,8 +232,16 @@ def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> 
     streams = run_async(lambda: run_streams(port, d.streams, STREAM_EVENTS, key))
     if streams.complete < streams.streams:
         _say_why(setup.name, streams, tmp / "proxy.log" if setup.kind == "proxy" else None)
-    figures = Figures(setup.name, latency, throughput, streams, rss, done,
-                      cpu_us=cpu / max(throughput.requests, 1) * 1e6, kind=setup.kind)  # fmt: skip
+    figures = Figures(
+        setup.name,
+        latency,
+        throughput,
+        streams,
+        rss,
+        done,
+        cpu_us=cpu / max(throughput.requests, 1) * 1e6,
+        kind=setup.kind,
+    )
     if setup.redis_port:
         figures.redis = _redis_figures((sequential, before), (before, after), port)
     return figures

@@ -35,42 +35,63 @@ def check(direct: Figures, proxied: list[Figures], pace_ms: float) -> list[str]:
         if disturbed:
             lines.append(f"- not judged: {what} (measured {value:.3g} {unit}; {disturbed})")
         else:
-            lines.append(f"- {'met' if ok else '**not met**'}: {what} "
-                         f"(measured {value:.3g} {unit})")  # fmt: skip
+            lines.append(
+                f"- {'met' if ok else '**not met**'}: {what} (measured {value:.3g} {unit})"
+            )
 
     c1 = direct.latency.p99_ms
     c1_disturbed = (
-        f"direct c=1 p99 was {c1:.3g} ms: the machine was too busy" if c1 > _QUIET_C1_P99_MS
-        else ""
-    )  # fmt: skip
+        f"direct c=1 p99 was {c1:.3g} ms: the machine was too busy" if c1 > _QUIET_C1_P99_MS else ""
+    )
     gap = direct.streams.steady_gap_p99_ms
     gap_disturbed = (
-        f"direct chunk gap p99 was {gap:.3g} ms for a {pace_ms:g} ms pace: the machine "
-        "was too busy" if gap > pace_ms + _QUIET_GAP_OVER_PACE_MS else ""
-    )  # fmt: skip
+        f"direct chunk gap p99 was {gap:.3g} ms for a {pace_ms:g} ms pace: the machine was too busy"
+        if gap > pace_ms + _QUIET_GAP_OVER_PACE_MS
+        else ""
+    )
     one = _by_name(proxied, "1 worker")
     if one is not None:
         p50 = one.latency.p50_ms - direct.latency.p50_ms
         p99 = one.latency.p99_ms - direct.latency.p99_ms
-        verdict(f"added latency at c=1, p50 ≤ {_C1_P50_MS:g} ms", p50, p50 <= _C1_P50_MS, "ms",
-                c1_disturbed)  # fmt: skip
-        verdict(f"added latency at c=1, p99 ≤ {_C1_P99_MS:g} ms", p99, p99 <= _C1_P99_MS, "ms",
-                c1_disturbed)  # fmt: skip
+        verdict(
+            f"added latency at c=1, p50 ≤ {_C1_P50_MS:g} ms",
+            p50,
+            p50 <= _C1_P50_MS,
+            "ms",
+            c1_disturbed,
+        )
+        verdict(
+            f"added latency at c=1, p99 ≤ {_C1_P99_MS:g} ms",
+            p99,
+            p99 <= _C1_P99_MS,
+            "ms",
+            c1_disturbed,
+        )
     for name, floor in _THROUGHPUT_FLOORS:
         f = _by_name(proxied, name)
         if f is not None:
             ratio = 100 * f.throughput.rps / direct.throughput.rps
-            verdict(f"c=64 throughput, {name}, ≥ {floor:.0f} % of direct", ratio,
-                    ratio >= floor, "%")  # fmt: skip
+            verdict(
+                f"c=64 throughput, {name}, ≥ {floor:.0f} % of direct", ratio, ratio >= floor, "%"
+            )
     for f in proxied:
         # Judged once all the streams run: "at 500 concurrent streams". The gaps of the
         # ramp-up (connections and first requests still arriving) are in the table too.
         added = f.streams.steady_gap_p99_ms - gap
-        verdict(f"{f.name}: added chunk gap p99 ≤ 1 ms at {f.streams.streams} concurrent "
-                "streams", added, added <= 1.0, "ms", gap_disturbed)  # fmt: skip
+        verdict(
+            f"{f.name}: added chunk gap p99 ≤ 1 ms at {f.streams.streams} concurrent streams",
+            added,
+            added <= 1.0,
+            "ms",
+            gap_disturbed,
+        )
         growth = f.rss_mb["after"] - f.rss_mb["warm"]
-        verdict(f"{f.name}: RSS grows < 5 MB over {f.memory_requests:,} requests", growth,
-                growth < 5.0, "MB")  # fmt: skip
+        verdict(
+            f"{f.name}: RSS grows < 5 MB over {f.memory_requests:,} requests",
+            growth,
+            growth < 5.0,
+            "MB",
+        )
         if f.redis is not None:
             # Sequential calls share nothing: each makes its own round trips.
             trips = max(f.redis.scripts_per_request_c1, f.redis.scripts_per_request)
@@ -125,16 +146,22 @@ def against_relay(direct: Figures, proxied: list[Figures]) -> list[str]:
         relay_added = relay.latency.p50_ms - direct.latency.p50_ms
         bound = _C1_P50_MS / _ISSUE_RELAY_ADDED_MS * relay_added
         added = one.latency.p50_ms - direct.latency.p50_ms
-        verdict(f"added latency at c=1, p50 ≤ {_C1_P50_MS:g}/{_ISSUE_RELAY_ADDED_MS:g} of the "
-                f"relay's {relay_added:.3g} ms, that is ≤ {bound:.3g} ms", added, added <= bound,
-                " ms")  # fmt: skip
+        verdict(
+            f"added latency at c=1, p50 ≤ {_C1_P50_MS:g}/{_ISSUE_RELAY_ADDED_MS:g} of the "
+            f"relay's {relay_added:.3g} ms, that is ≤ {bound:.3g} ms",
+            added,
+            added <= bound,
+            " ms",
+        )
     for name, floor in _THROUGHPUT_FLOORS:
         f = _by_name(proxied, name)
         if f is not None:
             factor = floor / _ISSUE_RELAY_SHARE
             ratio = f.throughput.rps / relay.throughput.rps
-            what = (f"c=64 throughput, {name}, ≥ {floor:g}/{_ISSUE_RELAY_SHARE:g} = "
-                    f"{factor:.2f} times the relay's")  # fmt: skip
+            what = (
+                f"c=64 throughput, {name}, ≥ {floor:g}/{_ISSUE_RELAY_SHARE:g} = "
+                f"{factor:.2f} times the relay's"
+            )
             verdict(what, ratio, ratio >= factor, " times")
     return lines
 
@@ -145,14 +172,20 @@ def check_calibrated(c: Calibrated) -> list[str]:
     names = {name for name, _ in c.proxied}
     lines = []
     if c.relay is not None:
-        lines.append(f"- calibration: the bare relay kept {c.share(c.relay):.3g} % of direct here, "
-                     f"{_ISSUE_RELAY_SHARE:g} % in the issue's run")  # fmt: skip
+        lines.append(
+            f"- calibration: the bare relay kept {c.share(c.relay):.3g} % of direct here, "
+            f"{_ISSUE_RELAY_SHARE:g} % in the issue's run"
+        )
     if c.nginx is not None:
-        lines.append(f"- reference: {c.nginx} kept {c.share(c.nginx):.3g} % of direct here; "
-                     f"Envoy kept {_ISSUE_ENVOY_SHARE:g} % in the issue's run")  # fmt: skip
+        lines.append(
+            f"- reference: {c.nginx} kept {c.share(c.nginx):.3g} % of direct here; "
+            f"Envoy kept {_ISSUE_ENVOY_SHARE:g} % in the issue's run"
+        )
     for name, floor in _THROUGHPUT_FLOORS:
         if name in names:
             ratio = c.share(name)
-            lines.append(f"- {'met' if ratio >= floor else '**not met**'}: c=64 throughput, "
-                         f"{name}, ≥ {floor:.0f} % of direct (measured {ratio:.3g} %)")  # fmt: skip
+            lines.append(
+                f"- {'met' if ratio >= floor else '**not met**'}: c=64 throughput, "
+                f"{name}, ≥ {floor:.0f} % of direct (measured {ratio:.3g} %)"
+            )
     return lines

@@ -83,8 +83,17 @@ def run_wrk(
     """One wrk thread: on two cores, a second one would take CPU from what is measured.
     ``during`` runs once, half-way through the run (to sample memory under load)."""
     whole = f"-d{max(1, round(seconds))}s"  # wrk takes whole seconds
-    command = [require_wrk(), "-t1", f"-c{connections}", whole, "--timeout", "10s",
-               "-s", str(script), url]  # fmt: skip
+    command = [
+        require_wrk(),
+        "-t1",
+        f"-c{connections}",
+        whole,
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
         if during is not None:
             time.sleep(seconds / 2)

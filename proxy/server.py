@@ -102,10 +102,13 @@ async def start_server(
     # (aiohttp closes a connection whose first request is not complete by then).
     # logger: aiohttp's own would log a malformed request's raw head (proxy/http/bad_requests.py).
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout,
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
         keepalive_timeout=app[CONFIG].current.server.keepalive_timeout,
         logger=server_logger(),
-    )  # fmt: skip
+    )
     await runner.setup()
     site: web.BaseSite
     if fast_path(app[CONFIG].current.server, os.environ):

@@ -169,8 +169,9 @@ class FakeUpstream:
             headers={"Content-Type": "text/event-stream", **self.extra_headers}
         )
         await response.prepare(request)
-        script = self.stream_script or _default_stream(payload, self.reported if self.send_usage
-                                                               else None)  # fmt: skip
+        script = self.stream_script or _default_stream(
+            payload, self.reported if self.send_usage else None
+        )
         try:
             for n, step in enumerate(script):
                 if self.cut_stream_after is not None and n >= self.cut_stream_after:

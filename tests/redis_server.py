@@ -22,8 +22,13 @@ def redis_binary() -> str | None:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, persistent: bool = False, password: str = "",
-                 args: tuple[str, ...] = ()):  # fmt: skip
+    def __init__(
+        self,
+        workdir: Path,
+        persistent: bool = False,
+        password: str = "",
+        args: tuple[str, ...] = (),
+    ):
         binary = redis_binary()
         if binary is None:
             raise RuntimeError("no redis-server on PATH (.ci/run installs Debian's redis-server)")
@@ -40,13 +45,30 @@ class RedisServer:
     def start(self) -> None:
         # appendfsync always: every acknowledged write survives a kill -9, as the
         # ledger's exactly-once guarantee needs from a production Redis too.
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
-            "--appendonly", "no"]  # fmt: skip
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.persistent
+            else ["--appendonly", "no"]
+        )
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", str(self.dir), "--protected-mode", "no", *persistence, *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self.dir),
+                "--protected-mode",
+                "no",
+                *persistence,
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         client = self.client()
         deadline = time.monotonic() + 10
         while True:
@@ -71,8 +93,9 @@ class RedisServer:
             self.process = None
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
-                           password=self.password or None)  # fmt: skip
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=5, password=self.password or None
+        )
 
     def command_calls(self) -> dict[str, int]:
         client = self.client()

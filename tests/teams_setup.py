@@ -20,8 +20,13 @@ ADMIN_KEY = "admin-secret-key"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def team_yaml(limits: str = "{}", model_limits: str = "{}", redis_url: str = "",
-              on_error: str = "fail_open", lease_ttl: str = "60s") -> str:  # fmt: skip
+def team_yaml(
+    limits: str = "{}",
+    model_limits: str = "{}",
+    redis_url: str = "",
+    on_error: str = "fail_open",
+    lease_ttl: str = "60s",
+) -> str:
     return f"""
 admin_key: {ADMIN_KEY}
 redis: {{url: "{redis_url}", on_error: {on_error}, timeout: 2s, lease_ttl: {lease_ttl}}}
@@ -97,8 +102,9 @@ def team_proxy(
 async def chat(proxy: Proxy, key: str | None = RESEARCH_KEY, **fields: Any) -> Any:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     payload = {"model": "llama-8b", "messages": MESSAGES, **fields}
-    async with proxy.http.post(proxy.url + "/v1/chat/completions", json=payload,
-                               headers=headers) as resp:  # fmt: skip
+    async with proxy.http.post(
+        proxy.url + "/v1/chat/completions", json=payload, headers=headers
+    ) as resp:
         return resp.status, await resp.read(), resp.headers
 
 

@@ -128,15 +128,25 @@ def test_a_client_that_stops_sending_its_body_gets_408(proxy_process: ProxyProce
 
 
 async def test_client_cannot_steer_host_or_path(proxy: Proxy, wandb: Upstream):
-    headers = {"Host": "evil.example", "X-Forwarded-Host": "evil.example",
-               "X-Original-URL": "/admin", "Forwarded": "host=evil.example"}  # fmt: skip
+    headers = {
+        "Host": "evil.example",
+        "X-Forwarded-Host": "evil.example",
+        "X-Original-URL": "/admin",
+        "Forwarded": "host=evil.example",
+    }
     for model in ("../../admin", "http://evil.example/v1", "llama-8b/../../x", "llama-8b?x=1"):
-        async with proxy.http.post(proxy.url + "/v1/chat/completions", headers=headers, json={
-                "model": model, "messages": []}) as resp:  # fmt: skip
+        async with proxy.http.post(
+            proxy.url + "/v1/chat/completions",
+            headers=headers,
+            json={"model": model, "messages": []},
+        ) as resp:
             assert resp.status == 404
     assert not wandb.fake.seen
-    async with proxy.http.post(proxy.url + "/v1/chat/completions", headers=headers, json={
-            "model": "llama-8b", "messages": []}) as resp:  # fmt: skip
+    async with proxy.http.post(
+        proxy.url + "/v1/chat/completions",
+        headers=headers,
+        json={"model": "llama-8b", "messages": []},
+    ) as resp:
         assert resp.status == 200
     seen = wandb.fake.last
     assert seen.path == "/v1/chat/completions"

@@ -82,8 +82,10 @@ async def test_a_malformed_head_is_one_line_without_the_key(proxy_process: Proxy
         assert f" {level} proxy.http bad request from 127.0.0.1: " in line, line
         assert len(line) < 200, line
     # The parser's reason is kept, in its own words.
-    assert any("Content-Length" in line or "header" in line.lower()
-               for line in _bad_request_lines(proxy_process))  # fmt: skip
+    assert any(
+        "Content-Length" in line or "header" in line.lower()
+        for line in _bad_request_lines(proxy_process)
+    )
 
 
 async def test_a_flood_of_malformed_heads_is_not_a_flood_of_lines(proxy_process: ProxyProcess):

@@ -102,12 +102,16 @@ async def test_affinity_keeps_a_conversation_on_one_replica(
     proxy = await make_proxy(replica_routes(replicas, "affinity"))
     homes = []
     for conversation in range(20):
-        opening = [{"role": "system", "content": f"You are assistant {conversation}."},
-                   {"role": "user", "content": "Hello"}]  # fmt: skip
+        opening = [
+            {"role": "system", "content": f"You are assistant {conversation}."},
+            {"role": "user", "content": "Hello"},
+        ]
         before = replicas.counts()
         for turn in range(3):  # later turns append to the same prefix
-            extra = [{"role": "assistant", "content": "Hi"},
-                     {"role": "user", "content": f"turn {turn}"}] * turn  # fmt: skip
+            extra = [
+                {"role": "assistant", "content": "Hi"},
+                {"role": "user", "content": f"turn {turn}"},
+            ] * turn
             assert await _chat(proxy, opening + extra) == 200
         after = replicas.counts()
         moved = (after[0] - before[0], after[1] - before[1])

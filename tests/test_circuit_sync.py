@@ -176,8 +176,9 @@ async def test_the_follower_resumes_once_redis_is_back(
 async def test_changes_published_just_before_shutdown_still_reach_redis(
     private_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sync = CircuitSync(private_redis.url, aioredis.Redis.from_url(private_redis.url),
-                       CircuitBreakers(), 5.0)  # fmt: skip
+    sync = CircuitSync(
+        private_redis.url, aioredis.Redis.from_url(private_redis.url), CircuitBreakers(), 5.0
+    )
     sync.publish(Change(KEY, 1, time.time() + 60))
     await sync.close()  # while the change is on its way
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
@@ -191,10 +192,12 @@ async def test_changes_published_just_before_shutdown_still_reach_redis(
 async def test_the_probe_claim_expires_after_its_lease_and_a_change_is_no_transaction(
     private_redis: RedisServer,
 ) -> None:
-    first = CircuitSync(private_redis.url, aioredis.Redis.from_url(private_redis.url),
-                        CircuitBreakers(), 1.0)  # fmt: skip
-    second = CircuitSync(private_redis.url, aioredis.Redis.from_url(private_redis.url),
-                         CircuitBreakers(), 1.0)  # fmt: skip
+    first = CircuitSync(
+        private_redis.url, aioredis.Redis.from_url(private_redis.url), CircuitBreakers(), 1.0
+    )
+    second = CircuitSync(
+        private_redis.url, aioredis.Redis.from_url(private_redis.url), CircuitBreakers(), 1.0
+    )
     client = private_redis.client()
     try:
         assert await first.claim_probe(KEY, 600.0) is True

@@ -114,10 +114,23 @@ def test_what_counts_as_loopback(host: str, expected: bool):
 
 def _serve(path: Path, host: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--host", host,
-         "--port", str(free_port())],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--config",
+            str(path),
+            "--host",
+            host,
+            "--port",
+            str(free_port()),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("host", ["localhost.evil", "example.com"])

@@ -71,8 +71,11 @@ async def test_pipelined_calls_are_answered_in_order(proxy: Proxy):
     reader, writer = await _connect(proxy)
     writer.write(_request("llama-8b") + _request("same-name") + _request("llama-8b"))
     models = [_model(await read_answer(reader)) for _ in range(3)]
-    assert models == ["meta-llama/Llama-3.1-8B-Instruct", "same-name",
-                      "meta-llama/Llama-3.1-8B-Instruct"]  # fmt: skip
+    assert models == [
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "same-name",
+        "meta-llama/Llama-3.1-8B-Instruct",
+    ]
     writer.close()
 
 

@@ -68,9 +68,11 @@ class Servers:
 
 async def _serve_plain(app: web.Application) -> web.AppRunner:
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None,
+        app,
+        handler_cancellation=True,
+        access_log=None,
         keepalive_timeout=app[CONFIG].current.server.keepalive_timeout,
-    )  # fmt: skip
+    )
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     return runner
@@ -137,9 +139,22 @@ def _odd_length(lines: list[bytes], data: st.DataObject) -> list[bytes]:
         return lines
     n = len(lines[-1])
     odd = st.sampled_from(
-        [f"+{n}", f"-{n}", f"0{n}", f"{n:020d}", f"{n},{n}", f" {n} ", f"\t{n}", f"{n} 1",
-         f"0x{n:x}", "", "99999999999", f"{max(n - 1, 0)}", "\u0663"]
-    )  # fmt: skip
+        [
+            f"+{n}",
+            f"-{n}",
+            f"0{n}",
+            f"{n:020d}",
+            f"{n},{n}",
+            f" {n} ",
+            f"\t{n}",
+            f"{n} 1",
+            f"0x{n:x}",
+            "",
+            "99999999999",
+            f"{max(n - 1, 0)}",
+            "\u0663",
+        ]
+    )
     # Overlong, drawn often: a number of more digits than int() takes, or than 64 bits hold.
     value = data.draw(odd | st.integers(19, 5000).map(lambda digits: "1" * digits))
     return [*lines[:i], f"Content-Length: {value}\r\n".encode(), *lines[i + 1 :]]
@@ -156,13 +171,23 @@ def _duplicate_length(lines: list[bytes], data: st.DataObject) -> list[bytes]:
 def _extra_header(lines: list[bytes], data: st.DataObject) -> list[bytes]:
     header = data.draw(
         st.sampled_from(
-            [b"Transfer-Encoding: chunked\r\n", b"Transfer-Encoding: identity\r\n",
-             b"Connection: close\r\n", b"Connection: keep-alive, Upgrade\r\n",
-             b"Expect: 100-continue\r\n", b"Host: second\r\n", b"X-Folded: a\r\n b\r\n",
-             b" X-Leading-Space: a\r\n", b"X-Space-Before-Colon : a\r\n", b"X-Empty:\r\n",
-             b"X-Caf\xc3\xa9: a\r\n", b"X-Value: caf\xc3\xa9\r\n", b": no-name\r\n"]
+            [
+                b"Transfer-Encoding: chunked\r\n",
+                b"Transfer-Encoding: identity\r\n",
+                b"Connection: close\r\n",
+                b"Connection: keep-alive, Upgrade\r\n",
+                b"Expect: 100-continue\r\n",
+                b"Host: second\r\n",
+                b"X-Folded: a\r\n b\r\n",
+                b" X-Leading-Space: a\r\n",
+                b"X-Space-Before-Colon : a\r\n",
+                b"X-Empty:\r\n",
+                b"X-Caf\xc3\xa9: a\r\n",
+                b"X-Value: caf\xc3\xa9\r\n",
+                b": no-name\r\n",
+            ]
         )
-    )  # fmt: skip
+    )
     at = data.draw(st.integers(1, len(lines) - 2))  # after the request line, before the blank
     return [*lines[:at], header, *lines[at:]]
 
@@ -198,8 +223,7 @@ def _version(lines: list[bytes], data: st.DataObject) -> list[bytes]:
     return [lines[0].replace(b"HTTP/1.1", version), *lines[1:]]
 
 
-MUTATIONS: list[Mutation] = [_odd_length, _duplicate_length, _extra_header, _case, _byte,
-                             _version]  # fmt: skip
+MUTATIONS: list[Mutation] = [_odd_length, _duplicate_length, _extra_header, _case, _byte, _version]
 
 
 @st.composite

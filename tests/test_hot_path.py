@@ -31,8 +31,17 @@ def test_request_ids_are_uuid4_hex():
 
 
 def _settlement(rid: str) -> Settlement:
-    return Settlement(request_id=rid, team="t", model="m", day=1, checks=(), reserved=0,
-                      prompt_tokens=1, completion_tokens=1, estimated=False)  # fmt: skip
+    return Settlement(
+        request_id=rid,
+        team="t",
+        model="m",
+        day=1,
+        checks=(),
+        reserved=0,
+        prompt_tokens=1,
+        completion_tokens=1,
+        estimated=False,
+    )
 
 
 async def test_memory_dedupe_stays_bounded_and_still_catches_a_retry():
@@ -88,8 +97,10 @@ def test_a_rewritten_body_changes_the_model_and_the_usage_option_only(
     expected = {**json.loads(raw), "model": "upstream-name"}
     if usage:
         options = expected.get("stream_options")
-        expected["stream_options"] = {**(options if isinstance(options, dict) else {}),
-                                      "include_usage": True}  # fmt: skip
+        expected["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
     assert sent == expected
     assert body.rewritten("client-name") == raw.encode()  # unchanged: the client's bytes
 
@@ -97,12 +108,21 @@ def test_a_rewritten_body_changes_the_model_and_the_usage_option_only(
 def test_a_model_key_written_with_an_escape_is_still_the_model():
     body = parse_body(b'{"mod\\u0065l": "client-name", "x": {"model": 1}}')
     assert json.loads(body.rewritten("upstream-name")) == {
-        "model": "upstream-name", "x": {"model": 1}
-    }  # fmt: skip
+        "model": "upstream-name",
+        "x": {"model": 1},
+    }
 
 
 def test_the_access_log_encoder_writes_what_json_dumps_writes():
-    line = {"ts": 1795322614.42, "path": "/v1/chat/completions", "team": "caf\u00e9 \"x\"",
-            "model": None, "status": 200, "attempts": [{"outcome": "ok", "detail": "200"}],
-            "tokens_estimated": False, "duration_ms": 0.1 + 0.2, "big": 10**30}  # fmt: skip
+    line = {
+        "ts": 1795322614.42,
+        "path": "/v1/chat/completions",
+        "team": 'caf\u00e9 "x"',
+        "model": None,
+        "status": 200,
+        "attempts": [{"outcome": "ok", "detail": "200"}],
+        "tokens_estimated": False,
+        "duration_ms": 0.1 + 0.2,
+        "big": 10**30,
+    }
     assert encode(line) == json.dumps(line)

@@ -47,7 +47,8 @@ class Load:
         async with self.http.post(self.url + path, json=payload, headers=headers) as resp:
             await resp.read()
             assert resp.status in ({status} if isinstance(status, int) else status), (
-                await resp.text())  # fmt: skip
+                await resp.text()
+            )
         self.sent += 1
 
     async def round(self) -> None:
@@ -62,16 +63,20 @@ class Load:
         # 502 the first time, then 503 while its circuit is open
         await self.call(chat, {"model": "broken", "messages": MESSAGES}, {502, 503})
         for _ in range(2):  # the team "tight" may make one call a minute
-            await self.call(chat, {"model": "llama-8b", "messages": MESSAGES}, {200, 429},
-                            key=TIGHT_KEY)  # fmt: skip
+            await self.call(
+                chat, {"model": "llama-8b", "messages": MESSAGES}, {200, 429}, key=TIGHT_KEY
+            )
 
 
 def _routes(wandb: Upstream, prime: Upstream, redis_url: str) -> str:
     dead = dead_url()  # nothing listens: 502 upstream_unreachable, then its circuit opens
     extra = "  broken:\n    targets: [{provider: dead, model: x}]"
     text = routes_yaml(wandb, prime, extra=extra, retry="{attempts: 2, base_delay: 10ms}")
-    text = text.replace("providers:\n", f"providers:\n  dead: {{base_url: '{dead}', "
-                        "circuit: {failures: 1, cooldown: 1m}}\n", 1)  # fmt: skip
+    text = text.replace(
+        "providers:\n",
+        f"providers:\n  dead: {{base_url: '{dead}', circuit: {{failures: 1, cooldown: 1m}}}}\n",
+        1,
+    )
     text = text.replace(  # /readyz probes prime: endpoint health gets a value
         "    headers: {X-Prime-Team-ID: team-42}\n",
         "    headers: {X-Prime-Team-ID: team-42}\n    required: true\n",

@@ -38,8 +38,10 @@ async def _statuses(url: str, count: int, concurrency: int) -> list[int]:
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(http: aiohttp.ClientSession) -> int:
-        async with semaphore, http.post(url + "/v1/chat/completions", json=BODY,
-                                        headers=AUTH) as resp:  # fmt: skip
+        async with (
+            semaphore,
+            http.post(url + "/v1/chat/completions", json=BODY, headers=AUTH) as resp,
+        ):
             await resp.read()
             return resp.status
 
@@ -66,8 +68,9 @@ async def test_three_replicas_admit_exactly_the_limit(
     processes = await _processes(tmp_path, text, 3)
     try:
         counts = (67, 67, 66)
-        results = await asyncio.gather(*(
-            _statuses(p.url, n, n) for n, p in zip(counts, processes, strict=True)))  # fmt: skip
+        results = await asyncio.gather(
+            *(_statuses(p.url, n, n) for n, p in zip(counts, processes, strict=True))
+        )
     finally:
         for process in processes:
             process.stop()
@@ -85,8 +88,9 @@ async def test_tokens_admitted_in_a_burst_never_exceed_the_limit(
     # long calls over 3 replicas, all in flight before any settles, may take at most the
     # bucket (1000) plus what refills while it lasts (1000/60 per second).
     wandb.fake.pause_before_headers = 1.0
-    text = routes_yaml(wandb, prime) + team_yaml(limits="{tokens_per_minute: 1000}",
-                                                 redis_url=redis_server.url)  # fmt: skip
+    text = routes_yaml(wandb, prime) + team_yaml(
+        limits="{tokens_per_minute: 1000}", redis_url=redis_server.url
+    )
     processes = await _processes(tmp_path, text, 3)
     loop = asyncio.get_running_loop()
     try:
@@ -106,9 +110,14 @@ async def test_at_most_two_redis_round_trips_per_call(
     make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, redis_server: RedisServer
 ):
     limits = "{requests_per_minute: 10000, tokens_per_minute: 10000000, concurrent: 100}"
-    proxy = await make_proxy(routes_yaml(wandb, prime) + team_yaml(
-        limits=limits, model_limits="{llama-8b: {requests_per_minute: 10000}}",
-        redis_url=redis_server.url))  # fmt: skip
+    proxy = await make_proxy(
+        routes_yaml(wandb, prime)
+        + team_yaml(
+            limits=limits,
+            model_limits="{llama-8b: {requests_per_minute: 10000}}",
+            redis_url=redis_server.url,
+        )
+    )
     for _ in range(5):  # warm up: connection set-up and script loading
         await chat(proxy)
     before = redis_server.command_calls()
@@ -132,7 +141,8 @@ async def test_redis_killed_and_restarted_under_load_loses_and_doubles_nothing(
 ):
     text = routes_yaml(wandb, prime) + team_yaml(
         limits="{requests_per_minute: 100000, tokens_per_minute: 100000000}",
-        redis_url=redis_server.url)  # fmt: skip
+        redis_url=redis_server.url,
+    )
     wandb.fake.pause_before_headers = 0.02
     (process,) = await _processes(tmp_path, text, 1)
     try:
@@ -160,9 +170,12 @@ async def test_redis_killed_and_restarted_under_load_loses_and_doubles_nothing(
 async def test_fail_closed_refuses_while_redis_is_down(
     make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, redis_server: RedisServer
 ):
-    proxy = await make_proxy(routes_yaml(wandb, prime) + team_yaml(
-        limits="{requests_per_minute: 100}", redis_url=redis_server.url,
-        on_error="fail_closed"))  # fmt: skip
+    proxy = await make_proxy(
+        routes_yaml(wandb, prime)
+        + team_yaml(
+            limits="{requests_per_minute: 100}", redis_url=redis_server.url, on_error="fail_closed"
+        )
+    )
     assert (await chat(proxy))[0] == 200
     redis_server.kill()
     status, body, _ = await chat(proxy)
@@ -195,10 +208,14 @@ async def test_sigterm_flushes_the_queued_ledger(
 
 
 async def _totals(url: str) -> dict[str, int]:
-    async with aiohttp.ClientSession() as http, http.get(
-        url + "/v1/usage", params={"team": "research"},
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-    ) as resp:  # fmt: skip
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            url + "/v1/usage",
+            params={"team": "research"},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        ) as resp,
+    ):
         if resp.status != 200:
             return {"requests": -1}
         totals: dict[str, int] = (await resp.json())["totals"]

@@ -35,8 +35,9 @@ SLACK = 0.4  # scheduling slack on a loaded 2-core machine; bounds, not speed
 @pytest.fixture
 async def proxy(make_proxy: MakeProxy, wandb: Upstream, prime: Upstream) -> Proxy:
     text = routes_yaml(wandb, prime, retry=RETRY)
-    return await make_proxy(text.replace("first_byte: 3s", "first_byte: 500ms").replace(
-        "idle: 2s", "idle: 500ms"))  # fmt: skip
+    return await make_proxy(
+        text.replace("first_byte: 3s", "first_byte: 500ms").replace("idle: 2s", "idle: 500ms")
+    )
 
 
 def gaps(fake: FakeUpstream) -> list[float]:
@@ -159,8 +160,9 @@ async def test_slow_first_token_is_retried_before_any_byte(proxy: Proxy, wandb: 
     assert status == 200
     text = "".join(
         json.loads(line[6:])["choices"][0]["delta"].get("content", "")
-        for line in body.decode().split("\n\n") if line.startswith("data: {")
-    )  # fmt: skip
+        for line in body.decode().split("\n\n")
+        if line.startswith("data: {")
+    )
     assert text == REPLY and body.count(b"[DONE]") == 1
     assert len(wandb.fake.seen) == 2
 
@@ -201,8 +203,10 @@ async def test_every_attempt_is_in_the_access_log(
     assert status == 200
     line = json.loads(caplog.records[-1].getMessage())
     assert [(a["provider"], a["outcome"], a["detail"]) for a in line["attempts"]] == [
-        ("prime", "retried", "503"), ("prime", "failed", "429"), ("wandb", "ok", "200"),
-    ]  # fmt: skip
+        ("prime", "retried", "503"),
+        ("prime", "failed", "429"),
+        ("wandb", "ok", "200"),
+    ]
 
 
 async def test_no_log_line_carries_userinfo_of_an_endpoint_url(

@@ -59,8 +59,10 @@ def test_a_stream_parses_split_anywhere(cuts: list[int]):
 
 def test_a_command_is_an_array_of_bulk_strings():
     command = encode(["EVALSHA", b"\x00\r\n", 2, -7, 0.25, "é"])
-    assert command == b"*6\r\n$7\r\nEVALSHA\r\n$3\r\n\x00\r\n\r\n$1\r\n2\r\n$2\r\n-7\r\n" \
-        b"$4\r\n0.25\r\n$2\r\n\xc3\xa9\r\n"  # fmt: skip
+    assert (
+        command == b"*6\r\n$7\r\nEVALSHA\r\n$3\r\n\x00\r\n\r\n$1\r\n2\r\n$2\r\n-7\r\n"
+        b"$4\r\n0.25\r\n$2\r\n\xc3\xa9\r\n"
+    )
     assert feed([command]) == [[b"EVALSHA", b"\x00\r\n", b"2", b"-7", b"0.25", "é".encode()]]
     with pytest.raises(TypeError):
         encode([True])
@@ -108,10 +110,14 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
     argument list encodes to: shared keys, the calls' keys, the call count, shared
     arguments, the calls' arguments."""
     checks = (
-        (Check("*", "requests_per_minute", 100), Check("gpt", "concurrent", 3),
-         Check("*", "tokens_per_day", 10**9))
-        if limited else ()
-    )  # fmt: skip
+        (
+            Check("*", "requests_per_minute", 100),
+            Check("gpt", "concurrent", 3),
+            Check("*", "tokens_per_day", 10**9),
+        )
+        if limited
+        else ()
+    )
     admit, settle = Script.of("return 1"), Script.of("return 2")
     parts = TeamParts.of("team-a", checks, admit, settle)
     keys = [check_key("team-a", c) for c in checks]
@@ -121,20 +127,38 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
     batch = Batch(parts.admit, asyncio.get_running_loop(), lambda command, receiver: None)
     for i in ids:
         batch.add(b"", admit_args(i, 30.0, 1234))
-    assert batch.encode() == encode([
-        "EVALSHA", admit.sha, len(keys), *keys, calls, *limits,
-        *(x for i in ids for x in (i, 30.0, 1234)),
-    ])  # fmt: skip
+    assert batch.encode() == encode(
+        [
+            "EVALSHA",
+            admit.sha,
+            len(keys),
+            *keys,
+            calls,
+            *limits,
+            *(x for i in ids for x in (i, 30.0, 1234)),
+        ]
+    )
 
     batch = Batch(parts.settle, asyncio.get_running_loop(), lambda command, receiver: None)
     for i in ids:
         batch.add(*settle_parts(Settlement(i, "team-a", "gpt", 20000, checks, 1234, 12, 7, True)))
-    assert batch.encode(by_body=True) == encode([
-        "EVAL", b"return 2", 1 + len(keys) + 2 * calls, "llmproxy:{team-a}:ledger-index", *keys,
-        *(k for i in ids for k in (f"llmproxy:{{team-a}}:done:{i}",
-                                   "llmproxy:{team-a}:ledger:20000:gpt")),
-        calls, *limits, *(x for i in ids for x in (20000, "gpt", i, 1234, 19, 12, 7, 1)),
-    ])  # fmt: skip
+    assert batch.encode(by_body=True) == encode(
+        [
+            "EVAL",
+            b"return 2",
+            1 + len(keys) + 2 * calls,
+            "llmproxy:{team-a}:ledger-index",
+            *keys,
+            *(
+                k
+                for i in ids
+                for k in (f"llmproxy:{{team-a}}:done:{i}", "llmproxy:{team-a}:ledger:20000:gpt")
+            ),
+            calls,
+            *limits,
+            *(x for i in ids for x in (20000, "gpt", i, 1234, 19, 12, 7, 1)),
+        ]
+    )
 
 
 async def test_a_team_s_batched_scripts_on_the_wire():

@@ -150,8 +150,9 @@ async def test_a_password_and_a_database_from_the_url(tmp_path: Path):
     port = server.port
     try:
         admin = server.client()
-        admin.acl_setuser("alice", enabled=True, passwords=["+wonder"], keys=["*"],
-                          commands=["+@all"])  # fmt: skip
+        admin.acl_setuser(
+            "alice", enabled=True, passwords=["+wonder"], keys=["*"], commands=["+@all"]
+        )
         admin.close()
         for url in (
             f"redis://:s3cret@127.0.0.1:{port}/3",

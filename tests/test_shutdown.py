@@ -72,9 +72,14 @@ async def test_rolling_restart_drops_nothing(
             ) as http:
                 while not stop.is_set():
                     stream = len(statuses) % 2 == 0
-                    async with http.post(old.url + "/v1/chat/completions", json={
-                            "model": "llama-8b", "stream": stream,
-                            "messages": [{"role": "user", "content": "hi"}]}) as resp:  # fmt: skip
+                    async with http.post(
+                        old.url + "/v1/chat/completions",
+                        json={
+                            "model": "llama-8b",
+                            "stream": stream,
+                            "messages": [{"role": "user", "content": "hi"}],
+                        },
+                    ) as resp:
                         body = await resp.read()
                         ok = resp.status == 200 and (not stream or body.endswith(b"[DONE]\n\n"))
                         statuses.append(resp.status if ok else -1)

@@ -44,8 +44,9 @@ def decided(admissions: list[Admission]) -> list[tuple[bool, str | None, list[in
 
 
 def settlement(request_id: str, day: int, used: int, estimated: bool = False) -> Settlement:
-    return Settlement(request_id, "t", "m", day, CHECKS, 200, used // 2, used - used // 2,
-                      estimated)  # fmt: skip
+    return Settlement(
+        request_id, "t", "m", day, CHECKS, 200, used // 2, used - used // 2, estimated
+    )
 
 
 async def test_admissions_made_in_one_turn_run_as_one_script_and_decide_as_one_by_one(
@@ -63,8 +64,15 @@ async def test_admissions_made_in_one_turn_run_as_one_script_and_decide_as_one_b
     # The mix is what makes the comparison worth having: admitted calls, and refusals by
     # the token bucket (700 does not fit) and by the concurrency limit (the fifth call).
     assert [a.refused.kind if a.refused else None for a in got] == [
-        None, None, None, "tokens_per_minute", None, "concurrent", "concurrent", "concurrent",
-    ]  # fmt: skip
+        None,
+        None,
+        None,
+        "tokens_per_minute",
+        None,
+        "concurrent",
+        "concurrent",
+        "concurrent",
+    ]
 
 
 async def test_settlements_in_one_turn_book_once_each_and_free_their_slots(store: RedisStore):
@@ -80,9 +88,11 @@ async def test_settlements_in_one_turn_book_once_each_and_free_their_slots(store
     # r0 twice (a retried settlement) in the same run; refunds and a charge; an
     # estimated one, booked apart.
     settlements = [
-        settlement("r0", day, 150), settlement("r1", day, 300), settlement("r0", day, 150),
+        settlement("r0", day, 150),
+        settlement("r1", day, 300),
+        settlement("r0", day, 150),
         settlement("r2", day, 40, estimated=True),
-    ]  # fmt: skip
+    ]
     await asyncio.gather(*(store.settle(s) for s in settlements))
     for s in settlements:
         await memory.settle(s)

@@ -30,9 +30,18 @@ def _seen(a: Admission) -> tuple[bool, str | None, list[int], list[float]]:
     return a.admitted, refused, [s.remaining for s in a.states], [s.reset for s in a.states]
 
 
-def _settled(rid: str, checks: tuple[Check, ...], reserved: int, prompt: int, completion: int,
-             *, model: str = "m", day: int = D, team: str = "t", estimated: bool = False
-             ) -> Settlement:  # fmt: skip
+def _settled(
+    rid: str,
+    checks: tuple[Check, ...],
+    reserved: int,
+    prompt: int,
+    completion: int,
+    *,
+    model: str = "m",
+    day: int = D,
+    team: str = "t",
+    estimated: bool = False,
+) -> Settlement:
     return Settlement(rid, team, model, day, checks, reserved, prompt, completion, estimated)
 
 
@@ -208,12 +217,21 @@ async def test_the_last_settlements_are_remembered_and_older_ones_forgotten():
 
 async def test_the_ledger_answers_per_team_model_and_day_in_the_days_asked():
     store = MemoryStore(Clock())
-    for n, (team, model, day, estimated) in enumerate([
-        ("t", "small", D, False), ("t", "small", D, True), ("t", "large", D + 1, False),
-        ("t", "large", D - 1, False), ("t", "large", D + 2, False), ("u", "small", D, False),
-    ]):  # fmt: skip
-        await store.settle(_settled(f"r{n}", (), 0, 10 + n, 20 + n, model=model, day=day,
-                                    team=team, estimated=estimated))  # fmt: skip
+    for n, (team, model, day, estimated) in enumerate(
+        [
+            ("t", "small", D, False),
+            ("t", "small", D, True),
+            ("t", "large", D + 1, False),
+            ("t", "large", D - 1, False),
+            ("t", "large", D + 2, False),
+            ("u", "small", D, False),
+        ]
+    ):
+        await store.settle(
+            _settled(
+                f"r{n}", (), 0, 10 + n, 20 + n, model=model, day=day, team=team, estimated=estimated
+            )
+        )
     rows = await store.ledger(["t"], D, D + 1)
     assert [(r.team, r.model, r.day, r.counts) for r in rows] == [
         ("t", "large", D + 1, (1, 12, 22, 0, 0)),

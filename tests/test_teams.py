@@ -103,9 +103,11 @@ async def test_concurrency_slots(
     proxy = await team_proxy(limits="{concurrent: 1}", lease_ttl=lease_ttl)
     release = asyncio.Event()
     wandb.fake.stream_script = [b"data: {}\n\n", release, b"data: [DONE]\n\n"]
-    held = await proxy.http.post(proxy.url + "/v1/chat/completions", json={
-        "model": "llama-8b", "messages": [], "stream": True},
-        headers={"Authorization": f"Bearer {RESEARCH_KEY}"})  # fmt: skip
+    held = await proxy.http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "llama-8b", "messages": [], "stream": True},
+        headers={"Authorization": f"Bearer {RESEARCH_KEY}"},
+    )
     assert held.status == 200
     await asyncio.sleep(held_for)
     status, body, _ = await chat(proxy)
@@ -229,8 +231,9 @@ async def test_stream_is_byte_identical_with_and_without_injected_usage(
         routes_yaml(wandb, prime).replace(
             "    headers: {OpenAI-Project: acme/research}\n",
             "    headers: {OpenAI-Project: acme/research}\n    stream_usage: false\n",
-        ) + team_yaml()
-    )  # fmt: skip
+        )
+        + team_yaml()
+    )
     _, without, _ = await chat(plain, stream=True)
     assert b'"stream_options"' not in wandb.fake.last.body
     assert with_injection == without
@@ -260,9 +263,11 @@ async def test_tokens_streamed_before_a_disconnect_are_billed(
     wandb.fake.stream_script = [b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'] * 5 + [
         release
     ]
-    response = await proxy.http.post(proxy.url + "/v1/chat/completions", json={
-        "model": "llama-8b", "messages": [], "stream": True},
-        headers={"Authorization": f"Bearer {RESEARCH_KEY}"})  # fmt: skip
+    response = await proxy.http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "llama-8b", "messages": [], "stream": True},
+        headers={"Authorization": f"Bearer {RESEARCH_KEY}"},
+    )
     await response.content.readexactly(5 * 46)
     response.close()
     for _ in range(100):
@@ -293,12 +298,14 @@ async def test_anonymous_without_teams(make_proxy, wandb: Upstream, prime: Upstr
     from tests.support import routes_yaml
 
     proxy = await make_proxy(routes_yaml(wandb, prime) + "admin_key: k\n")
-    async with proxy.http.post(proxy.url + "/v1/chat/completions", json={
-            "model": "llama-8b", "messages": []}) as resp:  # fmt: skip
+    async with proxy.http.post(
+        proxy.url + "/v1/chat/completions", json={"model": "llama-8b", "messages": []}
+    ) as resp:
         assert resp.status == 200
         assert "x-ratelimit-limit-requests" not in resp.headers
-    async with proxy.http.get(proxy.url + "/v1/usage",
-                              headers={"Authorization": "Bearer k"}) as resp:  # fmt: skip
+    async with proxy.http.get(
+        proxy.url + "/v1/usage", headers={"Authorization": "Bearer k"}
+    ) as resp:
         assert (await resp.json())["data"][0]["team"] == "anonymous"
 
 
@@ -309,8 +316,14 @@ def test_keygen_prints_a_key_and_its_hash():
     from proxy.call.auth import key_hash
     from tests.support import ROOT
 
-    result = subprocess.run([sys.executable, "-m", "proxy", "keygen", "research"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "keygen", "research"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     key = result.stdout.split("): ", 1)[1].split()[0]
     assert key.startswith("sk-proxy-") and len(key) > 40
     assert f'keys: ["{key_hash(key)}"]' in result.stdout
@@ -323,12 +336,28 @@ def test_serve_refuses_anonymous_on_a_public_address(tmp_path):
     from tests.support import ROOT
 
     path = tmp_path / "routes.yaml"
-    path.write_text("providers: {p: {base_url: 'http://127.0.0.1:9/v1'}}\n"
-                    "models: {m: {targets: [{provider: p, model: x}]}}\n")  # fmt: skip
+    path.write_text(
+        "providers: {p: {base_url: 'http://127.0.0.1:9/v1'}}\n"
+        "models: {m: {targets: [{provider: p, model: x}]}}\n"
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--host", "0.0.0.0",
-         "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--config",
+            str(path),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "--allow-anonymous" in result.stderr
 
@@ -346,9 +375,11 @@ async def test_usage_command_prints_the_ledger(team_proxy: MakeTeamProxy, backen
     result = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "proxy", "usage", "--url", proxy.url, "--team", "research"],
-        cwd=ROOT, capture_output=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
         env={**os.environ, "PROXY_ADMIN_KEY": ADMIN_KEY},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     lines = out.decode().splitlines()

@@ -90,10 +90,11 @@ async def attempt(
             with record.waiting():
                 answer = await _read(response, provider)
             raise AttemptFailed(
-                str(response.status), answer=answer,
+                str(response.status),
+                answer=answer,
                 retry_after=retry_after_seconds(response.headers.get("Retry-After")),
                 endpoint_fault=response.status != 429,
-            )  # fmt: skip
+            )
         if response.is_stream:
             with record.waiting():
                 first = await _first_chunk(response, provider)
@@ -125,10 +126,13 @@ async def _first_chunk(response: UpstreamResponse, provider: Provider) -> bytes:
     except ProxyError as exc:
         raise AttemptFailed(exc.code or "error", error=exc) from None
     if not any(first.startswith(s) or s.startswith(first) for s in _SSE_STARTS) or not first:
-        raise AttemptFailed("bad_upstream_response", error=BadUpstreamResponse(
-            f"Provider '{provider.name}' answered text/event-stream with something else: "
-            f"{first[:80]!r}"
-        ))  # fmt: skip
+        raise AttemptFailed(
+            "bad_upstream_response",
+            error=BadUpstreamResponse(
+                f"Provider '{provider.name}' answered text/event-stream with something else: "
+                f"{first[:80]!r}"
+            ),
+        )
     return first
 
 
@@ -141,7 +145,10 @@ def _note_usage(record: CallRecord, answer: web.Response, provider: Provider) ->
         record.usage = reported(payload)
         record.completion_estimate = estimate_completion(payload)
     except (ValueError, RecursionError):
-        raise AttemptFailed("bad_upstream_response", error=BadUpstreamResponse(
-            f"Provider '{provider.name}' answered 200 with a body that is not valid JSON "
-            "(or is nested too deeply)."
-        )) from None  # fmt: skip
+        raise AttemptFailed(
+            "bad_upstream_response",
+            error=BadUpstreamResponse(
+                f"Provider '{provider.name}' answered 200 with a body that is not valid JSON "
+                "(or is nested too deeply)."
+            ),
+        ) from None

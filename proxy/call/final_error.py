@@ -67,9 +67,14 @@ def _proxy_error(errors: list[ProxyError], message: str) -> ProxyError:
 
 def _like_answer(answer: web.Response, message: str) -> web.Response:
     upstream = _error_fields(answer)
-    response = json_error(answer.status, error_body(
-        message, upstream.get("type") or "server_error", upstream.get("code"),
-    ))  # fmt: skip
+    response = json_error(
+        answer.status,
+        error_body(
+            message,
+            upstream.get("type") or "server_error",
+            upstream.get("code"),
+        ),
+    )
     if "Retry-After" in answer.headers:
         response.headers["Retry-After"] = answer.headers["Retry-After"]
     return response

@@ -53,9 +53,12 @@ async def forward(exchange: Exchange, call: Call, record: CallRecord) -> Answer:
     run = _Run(exchange, call, record, deadline=time.monotonic() + call.budget)
     balancer = exchange.app[BALANCER]
     targets = balancer.order(
-        f"model:{call.model.id}", call.model.targets, call.model.strategy,
-        key_of=_target_key, weight_of=lambda t: t.weight,
-    )  # fmt: skip
+        f"model:{call.model.id}",
+        call.model.targets,
+        call.model.strategy,
+        key_of=_target_key,
+        weight_of=lambda t: t.weight,
+    )
     for target in targets:
         if run.failures and time.monotonic() >= run.deadline:
             break
@@ -113,9 +116,13 @@ class _Run:
             else None
         )
         endpoints = self.exchange.app[BALANCER].order(
-            f"provider:{provider.name}", provider.endpoints, provider.balance,
-            key_of=lambda e: e.url, weight_of=lambda e: e.weight, affinity=affinity,
-        )  # fmt: skip
+            f"provider:{provider.name}",
+            provider.endpoints,
+            provider.balance,
+            key_of=lambda e: e.url,
+            weight_of=lambda e: e.weight,
+            affinity=affinity,
+        )
         for number in range(policy.attempts):
             endpoint = await self._admitted(provider, endpoints, number)
             if endpoint is None:
@@ -148,9 +155,17 @@ class _Run:
                 breakers.claim_probe is None or await breakers.claim_probe(endpoint.url, lease)
             ):
                 return endpoint
-        self._fail(provider, "*", "circuit_open", AttemptFailed("circuit_open", error=CircuitOpen(
-            f"Every endpoint of provider '{provider.name}' is cooling down after failures."
-        )))  # fmt: skip
+        self._fail(
+            provider,
+            "*",
+            "circuit_open",
+            AttemptFailed(
+                "circuit_open",
+                error=CircuitOpen(
+                    f"Every endpoint of provider '{provider.name}' is cooling down after failures."
+                ),
+            ),
+        )
         return None
 
     async def _attempt(
@@ -170,8 +185,9 @@ class _Run:
                     self.call.config.server.max_answer_bytes,
                     self.call.not_forwarded,
                 )
-                response = await attempt(self.exchange, app[UPSTREAM_CLIENT], target, body,
-                                         self.record, strip_usage)  # fmt: skip
+                response = await attempt(
+                    self.exchange, app[UPSTREAM_CLIENT], target, body, self.record, strip_usage
+                )
             breakers.succeeded(endpoint.url)
             settled = True
         except AttemptFailed as failed:
@@ -187,8 +203,9 @@ class _Run:
                 breakers.end_probe(endpoint.url)  # this call was the probe
             if now != was:
                 app[METRICS].circuit_changed(provider.name, endpoint_label(endpoint.url), now)
-        self.record.attempts.append(Attempt(provider.name, endpoint.url, "ok",
-                                            str(response.status)))  # fmt: skip
+        self.record.attempts.append(
+            Attempt(provider.name, endpoint.url, "ok", str(response.status))
+        )
         return response
 
     def _delay(self, failed: AttemptFailed, policy: RetryPolicy, retry_number: int) -> float | None:

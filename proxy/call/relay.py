@@ -83,9 +83,13 @@ class _Relay:
     __slots__ = ("clock", "out", "reads", "response", "tail", "tap")
 
     def __init__(
-        self, out: Sink, tap: SseTap, clock: _Clock, response: UpstreamResponse,
+        self,
+        out: Sink,
+        tap: SseTap,
+        clock: _Clock,
+        response: UpstreamResponse,
         reads: StreamReads,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.out, self.tap, self.clock = out, tap, clock
         self.response, self.reads = response, reads
         self.tail = b"\n\n"  # the last bytes the client got: where an error event starts

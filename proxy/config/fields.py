@@ -37,8 +37,12 @@ class FieldReader:
     def fields(self, raw: Any, path: str, kinds: Mapping[str, str]) -> dict[str, Any]:
         """The valid fields a block sets, each parsed by its kind; errors for the rest."""
         node = self.mapping(raw or {}, path, set(kinds))
-        parsers = {"duration": self.duration, "size": self.size, "count": self.count,
-                   "boolean": self.boolean}  # fmt: skip
+        parsers = {
+            "duration": self.duration,
+            "size": self.size,
+            "count": self.count,
+            "boolean": self.boolean,
+        }
         parsed = {k: parsers[kinds[k]](v, f"{path}.{k}") for k, v in node.items() if k in kinds}
         return {key: value for key, value in parsed.items() if value is not None}
 

@@ -104,11 +104,16 @@ class _Reader(FieldReader):
         teams = read_teams(self, top.get("teams"), providers, set(models))
         admin_key = self.string(top.get("admin_key", ""), "admin_key", allow_empty=True) or ""
         return Config(
-            providers=providers, models=models, server=replace(ServerSettings(), **server),
-            redis=read_redis(self, top.get("redis")), teams=teams, key_index=key_index(teams),
-            accounting=read_accounting(self, top.get("accounting")), admin_key=admin_key,
+            providers=providers,
+            models=models,
+            server=replace(ServerSettings(), **server),
+            redis=read_redis(self, top.get("redis")),
+            teams=teams,
+            key_index=key_index(teams),
+            accounting=read_accounting(self, top.get("accounting")),
+            admin_key=admin_key,
             warnings=tuple(self.warnings),
-        )  # fmt: skip
+        )
 
     def providers(self, raw: Any) -> dict[str, Provider]:
         out: dict[str, Provider] = {}
@@ -125,8 +130,11 @@ class _Reader(FieldReader):
     def provider(self, name: str, raw: Any, path: str) -> Provider | None:
         node = self.mapping(raw, path, PROVIDER_KEYS)
         engine = read_engine(self, node["engine"], f"{path}.engine") if "engine" in node else None
-        endpoints = self.engine_endpoint(node, engine, path) if "engine" in node else (
-            self.endpoints(node, path))  # fmt: skip
+        endpoints = (
+            self.engine_endpoint(node, engine, path)
+            if "engine" in node
+            else (self.endpoints(node, path))
+        )
         balance = self.choice(node.get("balance", "round_robin"), f"{path}.balance", BALANCES)
         api_key, missing = self.api_key(node.get("api_key"), f"{path}.api_key")
         if missing:
@@ -138,14 +146,19 @@ class _Reader(FieldReader):
         retry = self.fields(node.get("retry"), f"{path}.retry", RETRY_FIELDS)
         circuit = self.fields(node.get("circuit"), f"{path}.circuit", CIRCUIT_FIELDS)
         provider = Provider(
-            name=name, endpoints=endpoints, api_key=api_key, missing_key_var=missing,
+            name=name,
+            endpoints=endpoints,
+            api_key=api_key,
+            missing_key_var=missing,
             headers=self.headers(node.get("headers"), f"{path}.headers"),
-            timeouts=replace(Timeouts(), **timeouts), retry=replace(self.retry, **retry),
-            circuit=replace(self.circuit, **circuit), balance=balance or "round_robin",
+            timeouts=replace(Timeouts(), **timeouts),
+            retry=replace(self.retry, **retry),
+            circuit=replace(self.circuit, **circuit),
+            balance=balance or "round_robin",
             required=self.boolean(node.get("required", False), f"{path}.required"),
             stream_usage=self.boolean(node.get("stream_usage", True), f"{path}.stream_usage"),
             engine=engine,
-        )  # fmt: skip
+        )
         return provider if endpoints else None
 
     def endpoints(self, node: dict[str, Any], path: str) -> tuple[Endpoint, ...]:
@@ -231,9 +244,13 @@ class _Reader(FieldReader):
         if len(valid) != len(targets):
             return None
         return Model(
-            id=model_id, targets=valid, strategy=strategy or "fallback", owned_by=owned_by,
-            retry_overrides=frozen_map(retry), budget=retry.get("budget", self.retry.budget),
-        )  # fmt: skip
+            id=model_id,
+            targets=valid,
+            strategy=strategy or "fallback",
+            owned_by=owned_by,
+            retry_overrides=frozen_map(retry),
+            budget=retry.get("budget", self.retry.budget),
+        )
 
     def target(self, raw: Any, path: str, providers: Mapping[str, Provider]) -> Target | None:
         node = self.mapping(raw, path, TARGET_KEYS)

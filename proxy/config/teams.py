@@ -59,8 +59,11 @@ def _team(
     node = reader.mapping(raw, path, TEAM_KEYS)
     keys = node.get("keys", [])
     if not isinstance(keys, list) or not keys:
-        reader.error(f"{path}.keys", "must be a non-empty list of 'sha256:<hex>' key hashes "
-                     "(python -m proxy keygen TEAM prints one)")  # fmt: skip
+        reader.error(
+            f"{path}.keys",
+            "must be a non-empty list of 'sha256:<hex>' key hashes "
+            "(python -m proxy keygen TEAM prints one)",
+        )
         keys = []
     for i, digest in enumerate(keys):
         if not isinstance(digest, str) or not KEY_HASH.match(digest):
@@ -73,12 +76,13 @@ def _team(
             reader.error(f"{path}.model_limits.{model}", f"unknown model{hint(str(model), models)}")
         model_limits[str(model)] = _limits(reader, limits, f"{path}.model_limits.{model}")
     return Team(
-        name=name, key_hashes=tuple(k for k in keys if isinstance(k, str)),
+        name=name,
+        key_hashes=tuple(k for k in keys if isinstance(k, str)),
         limits=_limits(reader, node.get("limits"), f"{path}.limits"),
         model_limits=frozen_map(model_limits),
         headers=_headers(reader, node.get("headers"), f"{path}.headers", providers),
         client_headers=_client_headers(reader, node.get("client_headers"), path),
-    )  # fmt: skip
+    )
 
 
 def _limits(reader: FieldReader, raw: Any, path: str) -> Limits:
@@ -125,8 +129,12 @@ def read_redis(reader: FieldReader, raw: Any) -> RedisSettings:
     durations = {k: v for k, v in node.items() if k in REDIS_FIELDS}
     fields = reader.fields(durations, "redis", REDIS_FIELDS)
     url = reader.string(node.get("url", ""), "redis.url", allow_empty=True) or ""
-    on_error = reader.choice(node.get("on_error", "fail_open"), "redis.on_error",
-                             ("fail_open", "fail_closed")) or "fail_open"  # fmt: skip
+    on_error = (
+        reader.choice(
+            node.get("on_error", "fail_open"), "redis.on_error", ("fail_open", "fail_closed")
+        )
+        or "fail_open"
+    )
     if url and not url.startswith(("redis://", "rediss://", "unix://")):
         schemes = "redis://, rediss:// or unix://"
         reader.error("redis.url", f"must start with {schemes}, got {shown(url)}")

@@ -128,16 +128,21 @@ def engine_status_text(engines: Engines) -> str:
     if not rows:
         return ""
     labels = ["engine", "replica"]
-    up = GaugeMetricFamily("llm_proxy_engine_up", "1 if the replica is ready, else 0.",
-                           labels=labels)  # fmt: skip
-    in_flight = GaugeMetricFamily("llm_proxy_engine_in_flight", "Calls holding the replica.",
-                                  labels=labels)  # fmt: skip
+    up = GaugeMetricFamily(
+        "llm_proxy_engine_up", "1 if the replica is ready, else 0.", labels=labels
+    )
+    in_flight = GaugeMetricFamily(
+        "llm_proxy_engine_in_flight", "Calls holding the replica.", labels=labels
+    )
     counters = {
         name: CounterMetricFamily(f"llm_proxy_engine_{name}", text, labels=labels)
-        for name, text in (("starts", "Replica starts."), ("crashes", "Replica deaths."),
-                           ("restarts", "Restarts after a death or a failed start."),
-                           ("unloads", "Idle unloads of the engine."))
-    }  # fmt: skip
+        for name, text in (
+            ("starts", "Replica starts."),
+            ("crashes", "Replica deaths."),
+            ("restarts", "Restarts after a death or a failed start."),
+            ("unloads", "Idle unloads of the engine."),
+        )
+    }
     for row in rows:
         values = [row.engine, str(row.replica)]
         up.add_metric(values, 1.0 if row.state == "ready" else 0.0)

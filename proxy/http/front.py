@@ -106,9 +106,14 @@ class FrontSite(web.BaseSite):
     """A TCP site whose connections the front serves first; aiohttp's runner drives it."""
 
     def __init__(
-        self, runner: web.AppRunner, host: str, port: int, *, reuse_port: bool = False,
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
         shutdown_timeout: float = 30.0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(runner)
         self.host, self.port, self.reuse_port = host, port, reuse_port
         self.shutdown_timeout = shutdown_timeout

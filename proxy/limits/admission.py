@@ -54,9 +54,11 @@ def checks_for(config: Config, team: str, model: str) -> tuple[Check, ...]:
     scopes = [("*", found.limits), (model, found.model_limits.get(model))]
     return tuple(
         Check(scope, kind, value)
-        for scope, limits in scopes if limits
-        for kind, value in asdict(limits).items() if value is not None
-    )  # fmt: skip
+        for scope, limits in scopes
+        if limits
+        for kind, value in asdict(limits).items()
+        if value is not None
+    )
 
 
 class Accountant:
@@ -103,16 +105,30 @@ class Accountant:
     ) -> Ticket:
         checks = self._checks_for(config, team, model)
         if not checks:
-            return Ticket(team, model, request_id, checks, reserved, prompt,
-                          Admission(True, int(time.time() // DAY)))  # fmt: skip
+            return Ticket(
+                team,
+                model,
+                request_id,
+                checks,
+                reserved,
+                prompt,
+                Admission(True, int(time.time() // DAY)),
+            )
         try:
             with self._timed("admit"):
                 admission = await self.primary.admit(
                     team, checks, reserved, request_id, self.settings.lease_ttl
                 )
         except StoreUnavailable as exc:
-            ticket = Ticket(team, model, request_id, checks, reserved, prompt,
-                            Admission(True, int(time.time() // DAY)))  # fmt: skip
+            ticket = Ticket(
+                team,
+                model,
+                request_id,
+                checks,
+                reserved,
+                prompt,
+                Admission(True, int(time.time() // DAY)),
+            )
             return await self._admit_without_redis(ticket, exc)
         ticket = Ticket(team, model, request_id, checks, reserved, prompt, admission)
         if not admission.admitted:
@@ -192,8 +208,9 @@ class Accountant:
         def done(error: StoreUnavailable | None) -> None:
             self._sending.discard(future)
             if self.redis_metrics is not None:
-                self.redis_metrics.redis_call("settle", time.perf_counter() - start,
-                                              ok=error is None)  # fmt: skip
+                self.redis_metrics.redis_call(
+                    "settle", time.perf_counter() - start, ok=error is None
+                )
             if error is not None:
                 self._redis_failed("settlement", error)
                 self.queue.append(settlement)
@@ -253,17 +270,23 @@ class Accountant:
         now = time.monotonic()
         if now - self._last_warning > 1.0:  # once a second, not once a request
             self._last_warning = now
-            log.warning("redis failed during %s (%d errors so far): %s", what,
-                        self.redis_errors, exc)  # fmt: skip
+            log.warning(
+                "redis failed during %s (%d errors so far): %s", what, self.redis_errors, exc
+            )
 
 
 def _settlement(ticket: Ticket, usage: Usage) -> Settlement:
     return Settlement(
-        request_id=ticket.request_id, team=ticket.team, model=ticket.model,
-        day=ticket.admission.day, checks=ticket.checks, reserved=ticket.reserved,
-        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+        request_id=ticket.request_id,
+        team=ticket.team,
+        model=ticket.model,
+        day=ticket.admission.day,
+        checks=ticket.checks,
+        reserved=ticket.reserved,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
         estimated=usage.estimated,
-    )  # fmt: skip
+    )
 
 
 def _refusal(ticket: Ticket) -> RateLimited:

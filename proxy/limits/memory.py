@@ -68,9 +68,16 @@ class MemoryStore:
         return self._available(team, check, now)
 
     def _take(
-        self, team: str, check: Check, level: float, reserved: int, lease: str, expiry: float,
-        now: float, day: int,
-    ) -> None:  # fmt: skip
+        self,
+        team: str,
+        check: Check,
+        level: float,
+        reserved: int,
+        lease: str,
+        expiry: float,
+        now: float,
+        day: int,
+    ) -> None:
         if check.kind == "concurrent":
             self._leases.setdefault((team, check.scope), {})[lease] = expiry
         elif check.kind == "tokens_per_day":

@@ -40,6 +40,8 @@ def describe_refusal(check: Check, reserved: int) -> str:
     scope = "" if check.scope == "*" else f" for model '{check.scope}'"
     limit = f"{check.kind} limit of {check.limit}{scope}"
     if check.kind in ("tokens_per_minute", "tokens_per_day") and reserved > check.limit:
-        return (f"Rate limit exceeded: this request reserves {reserved} tokens (prompt estimate "
-                f"+ max_tokens), more than the team's {limit}. Lower max_tokens.")  # fmt: skip
+        return (
+            f"Rate limit exceeded: this request reserves {reserved} tokens (prompt estimate "
+            f"+ max_tokens), more than the team's {limit}. Lower max_tokens."
+        )
     return f"Rate limit exceeded: the team's {limit} is used up. Retry after the Retry-After."

@@ -75,9 +75,16 @@ class TeamParts:
         return cls(
             checks,
             BatchShape(admit, encode_items(keys), n, encode_items(limits), 2 * n, 0, 3),
-            BatchShape(settle, encode_items((team_key(team, "ledger-index"), *keys)), 1 + n,
-                       encode_items(limits), 2 * n, 2, 8),
-        )  # fmt: skip
+            BatchShape(
+                settle,
+                encode_items((team_key(team, "ledger-index"), *keys)),
+                1 + n,
+                encode_items(limits),
+                2 * n,
+                2,
+                8,
+            ),
+        )
 
 
 def admit_args(lease: str, lease_ttl: float, reserved: int) -> bytes:
@@ -87,10 +94,21 @@ def admit_args(lease: str, lease_ttl: float, reserved: int) -> bytes:
 
 def settle_parts(s: Settlement) -> tuple[bytes, bytes]:
     """A call's own SETTLE keys (done marker, ledger hash) and arguments."""
-    keys = encode_items((team_key(s.team, "done", s.request_id),
-                         team_key(s.team, "ledger", str(s.day), s.model)))  # fmt: skip
-    args = encode_items((s.day, s.model, s.request_id, s.reserved, s.used, s.prompt_tokens,
-                         s.completion_tokens, 1 if s.estimated else 0))  # fmt: skip
+    keys = encode_items(
+        (team_key(s.team, "done", s.request_id), team_key(s.team, "ledger", str(s.day), s.model))
+    )
+    args = encode_items(
+        (
+            s.day,
+            s.model,
+            s.request_id,
+            s.reserved,
+            s.used,
+            s.prompt_tokens,
+            s.completion_tokens,
+            1 if s.estimated else 0,
+        )
+    )
     return keys, args
 
 
@@ -116,9 +134,12 @@ def _unavailable(future: asyncio.Future[Reply]) -> StoreUnavailable | None:
 class RedisStore:
     def __init__(self, url: str, timeout: float):
         self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), decode_responses=False,
-        )  # fmt: skip
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+        )
         self._admit, self._settle, self._renew = (Script.of(s) for s in (ADMIT, SETTLE, RENEW))
         self.hot = RespClient(url, timeout, scripts=(self._admit, self._settle, self._renew))
         # (team, id(checks)) → parts; checks tuples are made once per config and team.
@@ -167,8 +188,9 @@ class RedisStore:
         shape = self._team_parts(s.team, s.checks).settle
         await self._run(self.hot.run_batched(s.team, shape, *settle_parts(s)))
 
-    def settle_soon(self, s: Settlement, done: Callable[[StoreUnavailable | None], None]
-                    ) -> asyncio.Future[Reply] | None:  # fmt: skip
+    def settle_soon(
+        self, s: Settlement, done: Callable[[StoreUnavailable | None], None]
+    ) -> asyncio.Future[Reply] | None:
         """``settle`` for a caller that does not wait for it: the script call joins this
         turn's batch at once and ``done`` gets its outcome. Returns the call's future, or
         None (nothing sent) when no connection is open yet."""

@@ -142,70 +142,102 @@ class Metrics:
     def _define_calls(self, r: CollectorRegistry) -> None:
         p = PREFIX
         self.requests = Counter(
-            p + "requests", "Proxied API calls by team, model, provider and HTTP status.",
-            ["team", "model", "provider", "status"], registry=r,
-        )  # fmt: skip
+            p + "requests",
+            "Proxied API calls by team, model, provider and HTTP status.",
+            ["team", "model", "provider", "status"],
+            registry=r,
+        )
         self.duration = Histogram(
-            p + "request_duration_seconds", "Whole proxied call, streams to their end.",
-            ["team", "model", "provider"], buckets=DURATION_BUCKETS, registry=r,
-        )  # fmt: skip
+            p + "request_duration_seconds",
+            "Whole proxied call, streams to their end.",
+            ["team", "model", "provider"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.ttft = Histogram(
             p + "time_to_first_token_seconds",
             "Streams: from the request to the first chunk relayed to the client.",
-            ["model", "provider"], buckets=TTFT_BUCKETS, registry=r,
-        )  # fmt: skip
+            ["model", "provider"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
         self.overhead = Histogram(
             p + "overhead_seconds",
             "Time of a call not spent waiting on the upstream or the client.",
-            buckets=OVERHEAD_BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
         self.chunk_gap = Histogram(
-            p + "stream_chunk_gap_seconds", "Time between two chunks of one upstream stream.",
-            ["provider"], buckets=CHUNK_GAP_BUCKETS, registry=r,
-        )  # fmt: skip
+            p + "stream_chunk_gap_seconds",
+            "Time between two chunks of one upstream stream.",
+            ["provider"],
+            buckets=CHUNK_GAP_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge(
-            p + "requests_in_flight", "Proxied calls being handled now.",
-            registry=r, multiprocess_mode="livesum",
-        )  # fmt: skip
+            p + "requests_in_flight",
+            "Proxied calls being handled now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
 
     def _define_upstreams(self, r: CollectorRegistry) -> None:
         p = PREFIX
         self.attempts = Counter(
-            p + "upstream_attempts", "Upstream attempts by outcome (ok, retried, failed, "
-            "circuit_open).", ["provider", "outcome"], registry=r,
-        )  # fmt: skip
+            p + "upstream_attempts",
+            "Upstream attempts by outcome (ok, retried, failed, circuit_open).",
+            ["provider", "outcome"],
+            registry=r,
+        )
         self.endpoint_up = Gauge(
-            p + "endpoint_up", "1 if the last health probe reached the endpoint, else 0.",
-            ["provider", "endpoint"], registry=r, multiprocess_mode="livemin",
-        )  # fmt: skip
+            p + "endpoint_up",
+            "1 if the last health probe reached the endpoint, else 0.",
+            ["provider", "endpoint"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.circuit = Gauge(
-            p + "circuit_state", "Circuit breaker per endpoint: 0 closed, 1 half-open, 2 open.",
-            ["provider", "endpoint"], registry=r, multiprocess_mode="livemax",
-        )  # fmt: skip
+            p + "circuit_state",
+            "Circuit breaker per endpoint: 0 closed, 1 half-open, 2 open.",
+            ["provider", "endpoint"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
 
     def _define_teams_and_operations(self, r: CollectorRegistry) -> None:
         p = PREFIX
         self.tokens = Counter(
-            p + "tokens", "Tokens by team, model, kind (prompt, completion) and source "
+            p + "tokens",
+            "Tokens by team, model, kind (prompt, completion) and source "
             "(reported by the upstream, estimated by the proxy).",
-            ["team", "model", "kind", "source"], registry=r,
-        )  # fmt: skip
+            ["team", "model", "kind", "source"],
+            registry=r,
+        )
         self.rate_limited = Counter(
-            p + "rate_limit_rejections", "Calls refused with 429 by a team's limit.",
-            ["team", "limit"], registry=r,
-        )  # fmt: skip
+            p + "rate_limit_rejections",
+            "Calls refused with 429 by a team's limit.",
+            ["team", "limit"],
+            registry=r,
+        )
         self.reloads = Counter(
-            p + "config_reloads", "routes.yaml reloads by result (ok, error).",
-            ["result"], registry=r,
-        )  # fmt: skip
+            p + "config_reloads",
+            "routes.yaml reloads by result (ok, error).",
+            ["result"],
+            registry=r,
+        )
         self.redis_errors = Counter(
-            p + "redis_errors", "Redis calls that failed, by operation.",
-            ["operation"], registry=r,
-        )  # fmt: skip
+            p + "redis_errors",
+            "Redis calls that failed, by operation.",
+            ["operation"],
+            registry=r,
+        )
         self.redis_latency = Histogram(
-            p + "redis_latency_seconds", "Redis round trips, by operation.",
-            ["operation"], buckets=REDIS_BUCKETS, registry=r,
-        )  # fmt: skip
+            p + "redis_latency_seconds",
+            "Redis round trips, by operation.",
+            ["operation"],
+            buckets=REDIS_BUCKETS,
+            registry=r,
+        )
 
     # -- recording functions for the features built elsewhere (teams, resilience, engines)
 

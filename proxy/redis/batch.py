@@ -83,10 +83,18 @@ class Batch:
         key_count = shape.key_count + shape.call_keys * calls
         items = 2 + key_count + shape.arg_count + shape.call_args * calls
         script = shape.script.by_body if by_body else shape.script.by_sha
-        return b"".join((
-            b"*%d\r\n" % (items + 2), script, _number(key_count), shape.keys, *self._keys,
-            _number(calls), shape.args, *self._args,
-        ))  # fmt: skip
+        return b"".join(
+            (
+                b"*%d\r\n" % (items + 2),
+                script,
+                _number(key_count),
+                shape.keys,
+                *self._keys,
+                _number(calls),
+                shape.args,
+                *self._args,
+            )
+        )
 
     # The Receiver side: the connection hands the batch its one reply.
 
@@ -98,8 +106,9 @@ class Batch:
 
     def set_result(self, reply: Reply) -> None:
         if not isinstance(reply, list) or len(reply) != len(self._futures):
-            return self.set_exception(RespError(f"a batch of {len(self._futures)} calls "
-                                                f"got the reply {reply!r:.200}"))  # fmt: skip
+            return self.set_exception(
+                RespError(f"a batch of {len(self._futures)} calls got the reply {reply!r:.200}")
+            )
         for future, own in zip(self._futures, reply, strict=True):
             if future.done():  # its caller was cancelled
                 continue

@@ -61,11 +61,14 @@ class Address:
         unix = parts.scheme == "unix"
         db = query.get("db") or ("" if unix else parts.path.strip("/")) or "0"
         return cls(
-            host=unquote(parts.hostname or "localhost"), port=parts.port or 6379,
-            path=unquote(parts.path) if unix else "", tls=parts.scheme == "rediss",
+            host=unquote(parts.hostname or "localhost"),
+            port=parts.port or 6379,
+            path=unquote(parts.path) if unix else "",
+            tls=parts.scheme == "rediss",
             username=unquote(parts.username or ""),
-            password=unquote(parts.password or query.get("password", "")), db=int(db),
-        )  # fmt: skip
+            password=unquote(parts.password or query.get("password", "")),
+            db=int(db),
+        )
 
     def handshake(self) -> list[tuple[Arg, ...]]:
         """What a new connection sends before anything else."""
@@ -107,8 +110,9 @@ class _Connection(asyncio.Protocol):
         self.enqueue(command, future)
         return future
 
-    def join(self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes
-             ) -> asyncio.Future[Reply]:  # fmt: skip
+    def join(
+        self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes
+    ) -> asyncio.Future[Reply]:
         """A script call, in the batch of its domain and shape open in this turn."""
         batch = self._open.get(domain)
         if batch is None or batch.shape is not shape or batch.full():
@@ -131,8 +135,14 @@ class _Connection(asyncio.Protocol):
         unsent, self._unsent = self._unsent, []
         self._open.clear()  # what is written takes no more calls
         if self.broken is None and self._transport is not None:
-            self._transport.write(b"".join([c if type(c) is bytes else c.encode()  # type: ignore[union-attr]
-                                            for c in unsent]))  # fmt: skip
+            self._transport.write(
+                b"".join(
+                    [
+                        c if type(c) is bytes else c.encode()  # type: ignore[union-attr]
+                        for c in unsent
+                    ]
+                )
+            )
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -216,15 +226,17 @@ class RespClient:
         # Redis lost its script cache (a restart, SCRIPT FLUSH); EVAL fills it again.
         return await self._send(head + script.by_body + items)
 
-    async def run_batched(self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes
-                          ) -> Reply:  # fmt: skip
+    async def run_batched(
+        self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes
+    ) -> Reply:
         """A script call gathered with the calls of ``domain`` to the same script and
         shape made in this loop turn (resp_batch.py); its own reply comes back."""
         connection = self._ready() or await self._connect()
         return await connection.join(domain, shape, keys, args)
 
-    def join_now(self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes
-                 ) -> asyncio.Future[Reply] | None:  # fmt: skip
+    def join_now(
+        self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes
+    ) -> asyncio.Future[Reply] | None:
         """``run_batched`` for a caller that does not wait: the call's reply future, or
         None (nothing sent) when no connection is open; ``run_batched`` opens one."""
         connection = self._ready()

@@ -69,8 +69,14 @@ class CircuitSync:
             pass  # it expires after its lease
 
     async def _publish(self, change: Change) -> None:
-        message = json.dumps({"origin": self.origin, "key": change.key,
-                              "opened": change.opened, "until": change.open_until})  # fmt: skip
+        message = json.dumps(
+            {
+                "origin": self.origin,
+                "key": change.key,
+                "opened": change.opened,
+                "until": change.open_until,
+            }
+        )
         try:
             async with asyncio.timeout(self.timeout), self.redis.pipeline(False) as pipe:
                 if change.opened:
@@ -86,8 +92,9 @@ class CircuitSync:
         """Whether this process may send the deployment's one probe to ``key``."""
         try:
             async with asyncio.timeout(self.timeout):
-                claimed = await self.redis.set(f"{CHANNEL}:probe:{key}", self.origin, nx=True,
-                                               px=max(1, int(lease * 1000)))  # fmt: skip
+                claimed = await self.redis.set(
+                    f"{CHANNEL}:probe:{key}", self.origin, nx=True, px=max(1, int(lease * 1000))
+                )
         except (RedisError, OSError, TimeoutError):
             return True  # Redis is down: decide alone rather than never probe
         return bool(claimed)

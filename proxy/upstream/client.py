@@ -164,9 +164,12 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(within):
                 _, conn = await loop.create_connection(
-                    lambda: Connection(self, origin), origin.host, origin.port,
-                    ssl=tls, server_hostname=origin.host if tls else None,
-                )  # fmt: skip
+                    lambda: Connection(self, origin),
+                    origin.host,
+                    origin.port,
+                    ssl=tls,
+                    server_hostname=origin.host if tls else None,
+                )
         except TimeoutError:  # an OSError too, but a timeout: 504, not 502
             raise TimeoutError(
                 f"no connection to {origin.host_header} within {within:g}s"
@@ -263,8 +266,11 @@ class Connection(asyncio.Protocol):
         """Bytes outside an answer: the upstream broke HTTP/1.1 (a client that sends one
         request at a time expects nothing else). The answer before them stands, the
         connection goes, and the log says why, since the client cannot tell."""
-        log.warning("upstream %s sent bytes outside an answer (in a read of %d bytes); "
-                    "connection dropped", self.origin.host_header, size)  # fmt: skip
+        log.warning(
+            "upstream %s sent bytes outside an answer (in a read of %d bytes); connection dropped",
+            self.origin.host_header,
+            size,
+        )
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -276,8 +282,9 @@ class Connection(asyncio.Protocol):
             return
         phase = "its body" if response.status else "its headers"
         reason = f": {exc}" if exc else ""
-        response.fail(UpstreamConnectionError(f"the connection closed before the end of "
-                                              f"{phase}{reason}"))  # fmt: skip
+        response.fail(
+            UpstreamConnectionError(f"the connection closed before the end of {phase}{reason}")
+        )
 
     def pause_reading(self) -> None:
         self._paused = True
@@ -321,9 +328,11 @@ class Connection(asyncio.Protocol):
         if encoding in _ZLIB_ENCODINGS:
             self._inflater = Inflater()
         elif encoding != "identity":
-            self.response.fail(UpstreamConnectionError(
-                f"the answer is encoded with {encoding!r}, though the proxy asked for identity"
-            ))  # fmt: skip
+            self.response.fail(
+                UpstreamConnectionError(
+                    f"the answer is encoded with {encoding!r}, though the proxy asked for identity"
+                )
+            )
             self.transport.close()
             return
         self.response.begin(status, headers, self._parser.should_keep_alive())

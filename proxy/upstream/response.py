@@ -50,9 +50,26 @@ class Carrier(Protocol):
 
 
 class UpstreamResponse:
-    __slots__ = ("_buffer", "_buffered", "_complete", "_conn", "_error", "_limit", "_loop",
-                 "_max_held", "_paused", "_received", "_receiver", "_started", "_timer",
-                 "_total_at", "_waiter", "headers", "keep_alive", "status")  # fmt: skip
+    __slots__ = (
+        "_buffer",
+        "_buffered",
+        "_complete",
+        "_conn",
+        "_error",
+        "_limit",
+        "_loop",
+        "_max_held",
+        "_paused",
+        "_received",
+        "_receiver",
+        "_started",
+        "_timer",
+        "_total_at",
+        "_waiter",
+        "headers",
+        "keep_alive",
+        "status",
+    )
 
     def __init__(self, conn: Carrier, loop: asyncio.AbstractEventLoop, max_held: int = 0) -> None:
         self._conn = conn
