@@ -11,16 +11,6 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from proxy.appkeys import (
-    ACCOUNTANT,
-    BALANCER,
-    BREAKERS,
-    CONFIG,
-    ENGINES,
-    METRICS,
-    PROBES,
-    UPSTREAM_CLIENT,
-)
 from proxy.config.reload import ConfigHolder, watch_file
 from proxy.engines.registry import running_engines
 from proxy.http.middlewares import calls
@@ -29,10 +19,8 @@ from proxy.limits.admission import Accountant
 from proxy.limits.memory import MemoryStore
 from proxy.limits.redis_store import RedisStore
 from proxy.observe.metrics import Metrics
-from proxy.readiness import Probes
-from proxy.routing.balance import Balancer
-from proxy.routing.circuit import CircuitBreakers
 from proxy.routing.circuit_sync import CircuitSync
+from proxy.services import SERVICES, Services
 from proxy.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -40,14 +28,8 @@ log = logging.getLogger(__name__)
 
 def make_app(holder: ConfigHolder) -> web.Application:
     app = web.Application(middlewares=[calls])
-    app[CONFIG] = holder
-    # Balancing counters and circuit state outlive a config reload: an endpoint that
-    # keeps its URL keeps its history.
-    app[BALANCER] = Balancer()
-    app[BREAKERS] = CircuitBreakers()
-    app[METRICS] = metrics = Metrics.from_env()
-    app[PROBES] = Probes()
-    holder.on_reload = metrics.config_reloaded
+    app[SERVICES] = services = Services(holder, Metrics.from_env())
+    holder.on_reload = services.metrics.config_reloaded
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_accounting)
     app.cleanup_ctx.append(_circuit_sharing)
@@ -60,26 +42,26 @@ def make_app(holder: ConfigHolder) -> web.Application:
 
 
 async def _flush_metrics(app: web.Application) -> None:
-    app[METRICS].flush()
+    app[SERVICES].metrics.flush()
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     # Keep-alive pools per upstream origin, without a global limit: 500 concurrent
     # streams must not queue behind 100.
-    app[UPSTREAM_CLIENT] = client = UpstreamClient()
+    app[SERVICES].upstream_client = client = UpstreamClient()
     yield
     client.close()
 
 
 async def _accounting(app: web.Application) -> AsyncIterator[None]:
     # The store is chosen at start: changing redis.url takes a restart.
-    settings = app[CONFIG].current.redis
+    settings = app[SERVICES].config.current.redis
     if settings.url:
         redis = RedisStore(settings.url, settings.timeout)
-        accountant = Accountant(settings, redis, MemoryStore(), redis_metrics=app[METRICS])
+        accountant = Accountant(settings, redis, MemoryStore(), redis_metrics=app[SERVICES].metrics)
     else:
         accountant = Accountant(settings, MemoryStore(), fallback=None)
-    app[ACCOUNTANT] = accountant
+    app[SERVICES].accountant = accountant
     flusher = asyncio.create_task(accountant.flush_forever())
     yield
     flusher.cancel()
@@ -91,14 +73,14 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _circuit_sharing(app: web.Application) -> AsyncIterator[None]:
-    settings = app[CONFIG].current.redis
+    settings = app[SERVICES].config.current.redis
     if not settings.url:
         yield
         return
     client = aioredis.Redis.from_url(
         settings.url, socket_connect_timeout=settings.timeout, socket_timeout=settings.timeout
     )
-    sync = CircuitSync(settings.url, client, app[BREAKERS], settings.timeout)
+    sync = CircuitSync(settings.url, client, app[SERVICES].breakers, settings.timeout)
     follower = asyncio.create_task(sync.follow())
     yield
     follower.cancel()
@@ -117,7 +99,8 @@ async def _bounded(work: Awaitable[Any], what: str, seconds: float = 2.0) -> Non
 
 
 async def _config_watcher(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(watch_file(app[CONFIG])) if app[CONFIG].path else None
+    holder = app[SERVICES].config
+    task = asyncio.create_task(watch_file(holder)) if holder.path else None
     yield
     if task is not None:
         task.cancel()
@@ -128,6 +111,6 @@ async def _config_watcher(app: web.Application) -> AsyncIterator[None]:
 async def _engines(app: web.Application) -> AsyncIterator[None]:
     # Last in, first out: engines stop before the upstream client closes, after the
     # server stopped taking calls and the calls in flight finished.
-    async with running_engines(app[CONFIG]) as engines:
-        app[ENGINES] = engines
+    async with running_engines(app[SERVICES].config) as engines:
+        app[SERVICES].engines = engines
         yield

@@ -27,7 +27,9 @@ import json
 import math
 from typing import Any
 
-from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.answer import Answer
 
 
 class ProxyError(Exception):
@@ -45,7 +47,7 @@ class ProxyError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.code, self.param)
 
-    def response(self) -> web.Response:
+    def response(self) -> Answer:
         return json_error(self.status, self.body())
 
 
@@ -95,10 +97,9 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def json_error(status: int, body: dict[str, Any]) -> web.Response:
-    return web.Response(
-        status=status, body=json.dumps(body).encode(), content_type="application/json"
-    )
+def json_error(status: int, body: dict[str, Any]) -> Answer:
+    headers = CIMultiDict({"Content-Type": "application/json"})
+    return Answer(status, headers, json.dumps(body).encode())
 
 
 class CircuitOpen(ProxyError):
@@ -148,7 +149,7 @@ class RateLimited(ProxyError):
         self.retry_after = retry_after
         self.headers = headers or {}
 
-    def response(self) -> web.Response:
+    def response(self) -> Answer:
         response = super().response()
         response.headers.update(self.headers)
         response.headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))

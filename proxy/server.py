@@ -22,7 +22,6 @@ from aiohttp import web
 from prometheus_client import multiprocess
 
 from proxy.app import make_app
-from proxy.appkeys import CONFIG
 from proxy.config.exposure import Exposure, load_to_serve
 from proxy.config.load import ConfigError
 from proxy.config.model import ServerSettings
@@ -32,6 +31,7 @@ from proxy.http.front import FrontSite
 from proxy.observe import access_log
 from proxy.observe.metrics import MULTIPROC_ENV
 from proxy.pdeathsig import parent_death_signal
+from proxy.services import SERVICES
 
 log = logging.getLogger(__name__)
 FAST_PATH_ENV = "PROXY_FAST_PATH"
@@ -106,12 +106,12 @@ async def start_server(
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=shutdown_timeout,
-        keepalive_timeout=app[CONFIG].current.server.keepalive_timeout,
+        keepalive_timeout=app[SERVICES].config.current.server.keepalive_timeout,
         logger=server_logger(),
     )
     await runner.setup()
     site: web.BaseSite
-    if fast_path(app[CONFIG].current.server, os.environ):
+    if fast_path(app[SERVICES].config.current.server, os.environ):
         site = FrontSite(
             runner, host, port, reuse_port=reuse_port, shutdown_timeout=shutdown_timeout
         )

@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy.app import make_app
 from proxy.config.load import load_config
 from proxy.config.reload import ConfigHolder
+from proxy.server import FAST_PATH_ENV
 from tests.fake_upstream import FakeUpstream
 from tests.support import Upstream, routes_yaml, serve_app
 
@@ -20,6 +21,33 @@ WANDB_KEY = "wandb-secret-key"
 PRIME_KEY = "prime-secret-key"
 
 StartApp = Callable[[web.Application], Awaitable[str]]
+
+
+# The proxy's two servers (docs/ARCHITECTURE.md, "Two servers, one call path"): every
+# test that starts a proxy, in this process or as a child, runs with the fast path on
+# ("front") and off ("aiohttp"), unless it is marked front_only.
+_PROXY_FIXTURES = {"make_proxy", "proxy", "proxy_process"}
+_PROXY_NAMES = {"ProxyProcess", "make_app", "start_server", "serve_app"}
+PATHS = ["front", "aiohttp"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    starts_a_proxy = _PROXY_FIXTURES & set(metafunc.fixturenames) or _PROXY_NAMES & set(
+        vars(metafunc.module)
+    )
+    if not starts_a_proxy or "fast_path" in metafunc.fixturenames:
+        return
+    paths = ["front"] if metafunc.definition.get_closest_marker("front_only") else PATHS
+    metafunc.fixturenames.append("fast_path")
+    metafunc.parametrize("fast_path", paths, indirect=True)
+
+
+@pytest.fixture
+def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The server a test's proxies use: PROXY_FAST_PATH, read by every proxy it starts."""
+    path: str = request.param
+    monkeypatch.setenv(FAST_PATH_ENV, "1" if path == "front" else "0")
+    return path
 
 
 @pytest.fixture(autouse=True)

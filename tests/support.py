@@ -16,15 +16,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.appkeys import CONFIG
 from proxy.server import start_server
+from proxy.services import SERVICES
 from tests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
-    if CONFIG in app:  # the proxy itself: served as in production, the front first
+    if SERVICES in app:  # the proxy itself: served as in production, the front first
         runner = await start_server(app, "127.0.0.1", 0)
     else:
         # handler_cancellation as in production, so a closed connection cancels the handler.

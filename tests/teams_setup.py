@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from proxy.appkeys import ACCOUNTANT
 from proxy.call.auth import key_hash
+from proxy.services import SERVICES
 from tests.conftest import MakeProxy, Proxy
 from tests.redis_server import RedisServer, redis_binary
 from tests.support import Upstream, routes_yaml
@@ -96,7 +96,7 @@ def team_proxy(
 
     yield make
     # A Redis error would have fallen back to memory and hidden the backend under test.
-    assert [p.app[ACCOUNTANT].redis_errors for p in made] == [0] * len(made)
+    assert [p.app[SERVICES].accountant.redis_errors for p in made] == [0] * len(made)
 
 
 async def chat(proxy: Proxy, key: str | None = RESEARCH_KEY, **fields: Any) -> Any:

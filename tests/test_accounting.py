@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from proxy.appkeys import ACCOUNTANT
+from proxy.services import SERVICES
 from tests.conftest import MakeProxy
 from tests.support import Upstream, dead_url, routes_yaml
 from tests.teams_setup import OPS_KEY, MakeTeamProxy, chat, team_yaml
@@ -43,7 +43,7 @@ async def test_while_redis_is_down_calls_are_admitted_booked_and_queued_quietly(
     for send_usage in (True, True, False):  # the last one is billed on estimates
         wandb.fake.send_usage = send_usage
         assert (await chat(proxy))[0] == 200
-    accountant = proxy.app[ACCOUNTANT]
+    accountant = proxy.app[SERVICES].accountant
     await accountant.settled()
     # Each admission failed; the first settlement too, and the others queued behind it.
     assert len(accountant.queue) == 3 and accountant.redis_errors == 3 + 1
@@ -110,6 +110,6 @@ async def test_a_failed_settlement_is_logged_with_its_cause(
     proxy = await make_proxy(routes_yaml(wandb, prime) + team_yaml(redis_url=_dead_redis()))
     caplog.set_level(logging.INFO, logger="proxy.limits.admission")
     assert (await chat(proxy))[0] == 200
-    await proxy.app[ACCOUNTANT].settled()
+    await proxy.app[SERVICES].accountant.settled()
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "proxy.limits.admission"]
     assert warning.startswith("redis failed during settlement (1 errors so far): Disconnected")

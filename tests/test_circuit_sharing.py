@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.appkeys import BREAKERS
 from proxy.routing.circuit import Change, CircuitBreakers
 from proxy.routing.circuit_sync import CHANNEL, STATES, CircuitSync
+from proxy.services import SERVICES
 from tests.conftest import MakeProxy
 from tests.redis_server import RedisServer
 from tests.support import ProxyProcess, dead_url, eventually, free_port
@@ -138,7 +138,7 @@ async def test_a_process_started_later_reads_the_open_circuits(
     client.hset(STATES, replicas.a_url, _change(replicas.a_url, 1, time.time() + 60))
     client.close()
     proxy = await make_proxy(_redis_routes(replicas, private_redis))
-    breakers = proxy.app[BREAKERS]
+    breakers = proxy.app[SERVICES].breakers
     await eventually(lambda: breakers.state(replicas.a_url) == "open", timeout=5)
     for _ in range(6):
         assert await _chat(proxy) == 200
@@ -151,7 +151,7 @@ async def test_closings_published_by_other_processes_are_applied(
     replicas: Replicas,  # noqa: F811
 ):
     proxy = await make_proxy(_redis_routes(replicas, private_redis))
-    breakers = proxy.app[BREAKERS]
+    breakers = proxy.app[SERVICES].breakers
     client = private_redis.client()
     try:
         await eventually(lambda: client.pubsub_numsub(CHANNEL)[0][1] == 1, timeout=5)

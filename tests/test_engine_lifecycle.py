@@ -18,10 +18,10 @@ import pytest
 from aiohttp import web
 
 from proxy.app import make_app
-from proxy.appkeys import ENGINES
 from proxy.config.load import load_config
 from proxy.config.reload import ConfigHolder
 from proxy.engines.replica import Replica
+from proxy.services import SERVICES
 from tests.conftest import StartApp
 from tests.engine_support import alive
 from tests.metrics_support import scrape
@@ -61,7 +61,7 @@ async def make_engine_app(start_app: StartApp, tmp_path: Path) -> AsyncIterator[
 
 
 def replica(app: web.Application) -> Replica:
-    return app[ENGINES].supervisors["local"].replicas[0]
+    return app[SERVICES].engines.supervisors["local"].replicas[0]
 
 
 async def test_an_engine_that_ignores_sigterm_is_killed_after_stop_timeout(
@@ -71,13 +71,13 @@ async def test_an_engine_that_ignores_sigterm_is_killed_after_stop_timeout(
     app, _ = await make_engine_app(
         fake_engine_yaml(', "--ignore-sigterm"', "      stop_timeout: 300ms")
     )
-    await eventually(lambda: "local" in app[ENGINES].supervisors, timeout=10)
+    await eventually(lambda: "local" in app[SERVICES].engines.supervisors, timeout=10)
     await eventually(lambda: replica(app).state == "ready", timeout=10)
     pid = replica(app).pid
     assert pid is not None
     try:
         async with asyncio.timeout(10):  # far above stop_timeout: a stop that never ends fails
-            await app[ENGINES].supervisors["local"].stop()
+            await app[SERVICES].engines.supervisors["local"].stop()
     finally:
         if alive(pid):  # so that a failure here does not hang the app's cleanup too
             os.kill(pid, signal.SIGKILL)
@@ -109,18 +109,18 @@ async def test_restart_delays_double_and_start_afresh_after_max_delay_of_uptime(
     await eventually(lambda: len(delays()) == 5, timeout=20)
     assert delays() == ["0.2", "0.4", "0.8", "0.2", "0.4"]
     await eventually(lambda: replica(app).state == "ready", timeout=10)
-    await app[ENGINES].supervisors["local"].stop()
+    await app[SERVICES].engines.supervisors["local"].stop()
 
 
 async def test_the_engines_metrics_are_appended_to_get_metrics(make_engine_app: MakeApp):
     app, url = await make_engine_app(fake_engine_yaml(engine="      metrics_path: /metrics"))
-    await eventually(lambda: "local" in app[ENGINES].supervisors, timeout=10)
+    await eventually(lambda: "local" in app[SERVICES].engines.supervisors, timeout=10)
     await eventually(lambda: replica(app).state == "ready", timeout=10)
     async with aiohttp.ClientSession() as http:
         counted = await scrape(http, url)
     assert counted.value("fake_engine_calls_total", engine="local", replica="0") == 42
     assert "llm_proxy_requests_total" in counted.text  # the proxy's own, the same scrape
-    await app[ENGINES].supervisors["local"].stop()
+    await app[SERVICES].engines.supervisors["local"].stop()
 
 
 # The launcher runs under the proxy as the shipped routes.yaml runs it, with a stand-in
@@ -160,4 +160,4 @@ models:
 """)
     await eventually(record.exists, timeout=20)
     assert json.loads(record.read_text())["GOMP_SPINCOUNT"] == seen
-    await app[ENGINES].supervisors["local"].stop()
+    await app[SERVICES].engines.supervisors["local"].stop()

@@ -22,11 +22,11 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import make_app
-from proxy.appkeys import ACCOUNTANT, CONFIG, ENGINES
 from proxy.config.load import load_config
 from proxy.config.reload import ConfigHolder
 from proxy.engines.metrics_export import engine_metrics_text, engine_status
 from proxy.engines.supervisor import EngineSupervisor
+from proxy.services import SERVICES
 from tests.conftest import StartApp
 from tests.engine_support import alive, children, cmdline, engine_yaml, gone, kill, until
 from tests.support import ProxyProcess, free_port
@@ -46,7 +46,7 @@ class EngineProxy:
 
     @property
     def supervisor(self) -> EngineSupervisor:
-        return self.app[ENGINES].supervisors["local"]
+        return self.app[SERVICES].engines.supervisors["local"]
 
 
 MakeEngineProxy = Callable[[str], Awaitable[EngineProxy]]
@@ -71,7 +71,7 @@ async def make_engine_proxy(start_app: StartApp, tmp_path: Path) -> AsyncIterato
 
 async def engine_counters(proxy: EngineProxy) -> dict[tuple[str, str], float]:
     """(sample name, replica) → value, from the relabelled engine metrics."""
-    text = await engine_metrics_text(proxy.app[ENGINES])
+    text = await engine_metrics_text(proxy.app[SERVICES].engines)
     return {
         (s.name, s.labels["replica"]): s.value
         for family in text_string_to_metric_families(text)
@@ -126,7 +126,7 @@ async def test_chat_and_stream_through_the_proxy(make_engine_proxy: MakeEnginePr
     assert all([chunk.usage is None async for chunk in quiet])
     last = await engine_counters(proxy)
     # The ledger holds exactly what the engine counted for the three calls.
-    rows = await proxy.app[ACCOUNTANT].primary.ledger(["anonymous"], 0, 10**6)
+    rows = await proxy.app[SERVICES].accountant.primary.ledger(["anonymous"], 0, 10**6)
     assert [(r.model, r.counts[0]) for r in rows] == [("smollm2", 3)]
     _, prompt, completion, est_prompt, est_completion = rows[0].counts
     assert completion == last[predicted] - before[predicted]
@@ -171,7 +171,7 @@ async def test_two_replicas_both_serve(make_engine_proxy: MakeEngineProxy):
     assert all(tokens > 0 for tokens in served.values()), served
     assert [r.stats.starts for r in proxy.supervisor.replicas] == [1, 1]
     # One family per metric in the merged scrape, one labelled sample per replica.
-    text = await engine_metrics_text(proxy.app[ENGINES])
+    text = await engine_metrics_text(proxy.app[SERVICES].engines)
     assert text.count("# TYPE llamacpp:tokens_predicted_total counter") == 1
     assert 'llamacpp:tokens_predicted_total{engine="local",replica="1"}' in text
 
@@ -209,7 +209,7 @@ async def test_killed_engine_is_restarted(
     assert reply.choices[0].message.content
     assert replica.pid not in (None, first)
     assert (replica.stats.crashes, replica.stats.restarts, replica.stats.starts) == (1, 1, 2)
-    status = engine_status(proxy.app[ENGINES])[0]
+    status = engine_status(proxy.app[SERVICES].engines)[0]
     assert (status.state, status.crashes, status.restarts, status.in_flight) == ("ready", 1, 1, 0)
     assert "engine local#0 exited on signal SIGKILL; restarting in 6.0s" in caplog.text
     assert "[local#0]" in caplog.text  # the engine's own output, under its name
@@ -231,7 +231,7 @@ async def test_first_request_start_and_idle_unload(make_engine_proxy: MakeEngine
     engine = "      start: first_request\n      idle_unload: 500ms\n      wait: 60s"
     proxy = await make_engine_proxy(engine_yaml(engine=engine))
     await asyncio.sleep(0.3)
-    assert "local" not in proxy.app[ENGINES].supervisors  # nothing started at boot
+    assert "local" not in proxy.app[SERVICES].engines.supervisors  # nothing started at boot
 
     # The first call starts the engine and waits until it is ready.
     reply = await proxy.client.chat.completions.create(
@@ -279,7 +279,7 @@ async def test_reload_replaces_and_removes_engines(make_engine_proxy: MakeEngine
     await until(lambda: old.replicas[0].state == "ready", 60, "engine ready")
     old_pid = old.replicas[0].pid
     assert old_pid is not None
-    path = proxy.app[CONFIG].path
+    path = proxy.app[SERVICES].config.path
     assert path is not None
 
     # A changed engine (one thread now) replaces the old one; the old process goes.
@@ -300,7 +300,7 @@ async def test_reload_replaces_and_removes_engines(make_engine_proxy: MakeEngine
         "models:\n  m: {targets: [{provider: other, model: m}]}\n"
     )
     await until(gone(new_pid), 20, "the removed engine's exit")
-    assert proxy.app[ENGINES].supervisors == {}
+    assert proxy.app[SERVICES].engines.supervisors == {}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])

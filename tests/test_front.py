@@ -16,6 +16,9 @@ from tests.conftest import MakeProxy, Proxy
 from tests.raw_http import Answer, read_answer
 from tests.support import Upstream, routes_yaml
 
+# Tests of the fast path itself (with aiohttp as its reference where they compare).
+pytestmark = pytest.mark.front_only
+
 UPSTREAM_MODEL = {"same-name": "same-name", "llama-8b": "meta-llama/Llama-3.1-8B-Instruct"}
 
 

@@ -26,13 +26,16 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from proxy.app import make_app
-from proxy.appkeys import CONFIG
 from proxy.config.load import load_config
 from proxy.config.reload import ConfigHolder
 from proxy.http.front import FrontSite
 from proxy.server import start_server
+from proxy.services import SERVICES
 from tests.raw_http import read_answer
 from tests.support import Upstream, routes_yaml
+
+# Tests of the fast path itself (with aiohttp as its reference where they compare).
+pytestmark = pytest.mark.front_only
 
 # Short timeouts: a stream whose framing leaves a server waiting is answered quickly.
 SETTINGS = "  keepalive_timeout: 2s\n  body_timeout: 1s\n  max_body_bytes: 64KiB\n"
@@ -71,7 +74,7 @@ async def _serve_plain(app: web.Application) -> web.AppRunner:
         app,
         handler_cancellation=True,
         access_log=None,
-        keepalive_timeout=app[CONFIG].current.server.keepalive_timeout,
+        keepalive_timeout=app[SERVICES].config.current.server.keepalive_timeout,
     )
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()

@@ -18,6 +18,9 @@ import pytest
 from proxy.call.auth import key_hash
 from tests.support import ProxyProcess, dead_url, free_port
 
+# Tests of the fast path itself (with aiohttp as its reference where they compare).
+pytestmark = pytest.mark.front_only
+
 # Calls need a key, so every request below is a cheap 401 that never reaches an upstream.
 ROUTES = f"""
 server: {{keepalive_timeout: 30s}}

@@ -52,6 +52,9 @@ def migrate_queued_connections() -> Iterator[None]:
         MIGRATE.write_text(before)
 
 
+# The front's, not aiohttp's: aiohttp's server alone resets a connection accepted just
+# before the listener closed (seen with PROXY_FAST_PATH=0: ClientOSError mid-restart).
+@pytest.mark.front_only
 async def test_rolling_restart_drops_nothing(
     tmp_path: Path, wandb: Upstream, prime: Upstream, migrate_queued_connections: None
 ):
@@ -101,6 +104,7 @@ async def test_rolling_restart_drops_nothing(
     assert "draining" in old.log()
 
 
+@pytest.mark.front_only
 async def test_a_connection_accepted_before_a_shutdown_gets_its_first_answer(
     tmp_path: Path, wandb: Upstream, prime: Upstream
 ):

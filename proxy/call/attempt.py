@@ -13,9 +13,8 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
-from aiohttp import web
-
-from proxy.call.exchange import Answer, Exchange
+from proxy.answer import Answer
+from proxy.call.exchange import Exchange, Outcome
 from proxy.call.headers import NOT_TO_UPSTREAM, upstream_headers
 from proxy.call.record import CallRecord
 from proxy.call.relay import read_plain, relay_stream
@@ -41,7 +40,7 @@ class AttemptFailed(Exception):
         detail: str,
         *,
         error: ProxyError | None = None,
-        answer: web.Response | None = None,
+        answer: Answer | None = None,
         retry_after: float | None = None,
         endpoint_fault: bool = True,
     ):
@@ -74,7 +73,7 @@ async def attempt(
     body: bytes,
     record: CallRecord,
     strip_usage: bool,
-) -> Answer:
+) -> Outcome:
     provider = upstream.provider
     headers = upstream_headers(exchange.headers, provider, upstream.headers, upstream.not_forwarded)
     url = upstream.endpoint.join(upstream.path)
@@ -112,7 +111,7 @@ async def attempt(
         response.close()
 
 
-async def _read(response: UpstreamResponse, provider: Provider) -> web.Response:
+async def _read(response: UpstreamResponse, provider: Provider) -> Answer:
     try:
         return await read_plain(response, provider)
     except ProxyError as exc:
@@ -136,12 +135,12 @@ async def _first_chunk(response: UpstreamResponse, provider: Provider) -> bytes:
     return first
 
 
-def _note_usage(record: CallRecord, answer: web.Response, provider: Provider) -> None:
+def _note_usage(record: CallRecord, answer: Answer, provider: Provider) -> None:
     """Read the usage of a JSON 200, which must parse: it is retried like a dud if not.
     RecursionError too: JSON nested thousands deep (json's C code and ``usage``'s
     walk both recurse) is the upstream's fault, not a reason for a 500."""
     try:
-        payload = json.loads(answer.body)  # type: ignore[arg-type]
+        payload = json.loads(answer.body)
         record.usage = reported(payload)
         record.completion_estimate = estimate_completion(payload)
     except (ValueError, RecursionError):

@@ -4,7 +4,7 @@ The lean front (proxy/http/front.py) serves ordinary calls to the proxied routes
 serves everything else, and the same routes when a request is anything but ordinary
 (a chunked body, HTTP/1.0, Expect: 100-continue). The pipeline sees only this: the
 request's head, its body, and a way to answer with a stream. A whole answer is a
-``web.Response`` the carrying server writes; a stream is written as it goes.
+``proxy.answer.Answer`` the carrying server writes; a stream is written as it goes.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.answer import Answer
 from proxy.config.model import ServerSettings
 from proxy.errors import RequestTimeout
+from proxy.services import Services
 
 
 class Sink(Protocol):
@@ -37,11 +38,9 @@ class Sink(Protocol):
     def can_push(self) -> bool: ...
 
 
-class CallSite(Protocol):
-    """Where a call came in: an aiohttp request, or a proxied call's exchange."""
-
+class Exchange(Protocol):
     @property
-    def app(self) -> web.Application: ...
+    def services(self) -> Services: ...
 
     @property
     def method(self) -> str: ...
@@ -49,8 +48,6 @@ class CallSite(Protocol):
     @property
     def path(self) -> str: ...
 
-
-class Exchange(CallSite, Protocol):
     @property
     def headers(self) -> CIMultiDictProxy[str] | CIMultiDict[str]: ...
 
@@ -70,7 +67,8 @@ class Streamed:
     status: int
 
 
-Answer = web.Response | Streamed
+# What a call ends with: its whole answer, or the stream it already wrote.
+Outcome = Answer | Streamed
 
 
 def too_large(limit: int) -> str:

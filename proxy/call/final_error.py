@@ -12,8 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
+from proxy.answer import Answer
 from proxy.call.attempt import AttemptFailed
 from proxy.config.model import Model
 from proxy.errors import (
@@ -41,7 +40,7 @@ class Failure:
         return f"{self.provider}: {error.message if error else self.failed.detail}".rstrip(".")
 
 
-def all_failed(model: Model, failures: list[Failure]) -> web.Response:
+def all_failed(model: Model, failures: list[Failure]) -> Answer:
     answers = [f.failed.answer for f in failures if f.failed.answer is not None]
     if answers and len({f.provider for f in failures}) == 1 and failures[-1].failed.answer:
         return failures[-1].failed.answer
@@ -65,7 +64,7 @@ def _proxy_error(errors: list[ProxyError], message: str) -> ProxyError:
     return UpstreamUnreachable(message)
 
 
-def _like_answer(answer: web.Response, message: str) -> web.Response:
+def _like_answer(answer: Answer, message: str) -> Answer:
     upstream = _error_fields(answer)
     response = json_error(
         answer.status,
@@ -80,14 +79,14 @@ def _like_answer(answer: web.Response, message: str) -> web.Response:
     return response
 
 
-def _error_fields(answer: web.Response) -> dict[str, Any]:
+def _error_fields(answer: Answer) -> dict[str, Any]:
     try:
-        error = json.loads(answer.body)["error"]  # type: ignore[arg-type]
+        error = json.loads(answer.body)["error"]
     except (ValueError, KeyError, TypeError, RecursionError):  # the upstream's body: anything
         return {}
     return error if isinstance(error, dict) else {"message": str(error)}
 
 
-def _message(answer: web.Response) -> str:
+def _message(answer: Answer) -> str:
     message = _error_fields(answer).get("message")
     return str(message)[:200] if message else ""

@@ -16,10 +16,9 @@ from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
-from proxy.appkeys import BALANCER, BREAKERS, ENGINES, METRICS, UPSTREAM_CLIENT
 from proxy.call.attempt import AttemptFailed, Upstream, attempt
 from proxy.call.body import Body
-from proxy.call.exchange import Answer, Exchange
+from proxy.call.exchange import Exchange, Outcome
 from proxy.call.final_error import Failure, all_failed
 from proxy.call.headers import NOT_TO_UPSTREAM
 from proxy.call.record import Attempt, CallRecord
@@ -47,11 +46,11 @@ class Call:
     not_forwarded: AbstractSet[str] = NOT_TO_UPSTREAM
 
 
-async def forward(exchange: Exchange, call: Call, record: CallRecord) -> Answer:
+async def forward(exchange: Exchange, call: Call, record: CallRecord) -> Outcome:
     # time.monotonic, not loop.time(): asyncio.get_running_loop() costs a getpid()
     # system call per use on CPython 3.11, and this deadline meets no loop timer.
     run = _Run(exchange, call, record, deadline=time.monotonic() + call.budget)
-    balancer = exchange.app[BALANCER]
+    balancer = exchange.services.balancer
     targets = balancer.order(
         f"model:{call.model.id}",
         call.model.targets,
@@ -80,18 +79,18 @@ class _Run:
         self.exchange, self.call, self.record, self.deadline = exchange, call, record, deadline
         self.failures: list[Failure] = []
 
-    async def target(self, target: Target, provider: Provider) -> Answer | None:
+    async def target(self, target: Target, provider: Provider) -> Outcome | None:
         if provider.engine is None:
             return await self._target(target, provider)
         try:
             # A local engine lends one ready replica for the whole call, stream included.
-            async with served_by(self.exchange.app[ENGINES], provider) as served:
+            async with served_by(self.exchange.services.engines, provider) as served:
                 return await self._target(target, served)
         except EngineUnavailable as exc:
             self._fail(provider, "-", "failed", AttemptFailed("engine_unavailable", error=exc))
             return None
 
-    async def _target(self, target: Target, provider: Provider) -> Answer | None:
+    async def _target(self, target: Target, provider: Provider) -> Outcome | None:
         if provider.missing_key_var:
             missing = ProviderUnavailable(
                 f"Provider '{provider.name}' has no API key: the environment variable "
@@ -115,7 +114,7 @@ class _Run:
             if provider.balance == "affinity" and len(provider.endpoints) > 1
             else None
         )
-        endpoints = self.exchange.app[BALANCER].order(
+        endpoints = self.exchange.services.balancer.order(
             f"provider:{provider.name}",
             provider.endpoints,
             provider.balance,
@@ -144,7 +143,7 @@ class _Run:
     ) -> Endpoint | None:
         """The first endpoint from this attempt's turn on whose circuit lets a call through
         (a half-open one only if this call is elected the deployment's one probe)."""
-        breakers = self.exchange.app[BREAKERS]
+        breakers = self.exchange.services.breakers
         lease = provider.timeouts.total
         for i in range(len(endpoints)):
             endpoint = endpoints[(number + i) % len(endpoints)]
@@ -170,13 +169,14 @@ class _Run:
 
     async def _attempt(
         self, provider: Provider, endpoint: Endpoint, body: bytes, strip_usage: bool
-    ) -> Answer:
-        app, breakers = self.exchange.app, self.exchange.app[BREAKERS]
+    ) -> Outcome:
+        services = self.exchange.services
+        breakers = services.breakers
         self.record.provider, self.record.endpoint = provider.name, endpoint.url
         was = breakers.state(endpoint.url)
         settled = False
         try:
-            with app[BALANCER].busy(endpoint.url):
+            with services.balancer.busy(endpoint.url):
                 target = Upstream(
                     provider,
                     endpoint,
@@ -186,7 +186,7 @@ class _Run:
                     self.call.not_forwarded,
                 )
                 response = await attempt(
-                    self.exchange, app[UPSTREAM_CLIENT], target, body, self.record, strip_usage
+                    self.exchange, services.upstream_client, target, body, self.record, strip_usage
                 )
             breakers.succeeded(endpoint.url)
             settled = True
@@ -202,7 +202,7 @@ class _Run:
             if was == "half_open" and breakers.end_probe is not None:
                 breakers.end_probe(endpoint.url)  # this call was the probe
             if now != was:
-                app[METRICS].circuit_changed(provider.name, endpoint_label(endpoint.url), now)
+                services.metrics.circuit_changed(provider.name, endpoint_label(endpoint.url), now)
         self.record.attempts.append(
             Attempt(provider.name, endpoint.url, "ok", str(response.status))
         )

@@ -3,9 +3,8 @@ admit, forward, settle."""
 
 from __future__ import annotations
 
-from proxy.appkeys import ACCOUNTANT, CONFIG, METRICS
 from proxy.call.auth import authenticate
-from proxy.call.exchange import Answer, Exchange
+from proxy.call.exchange import Exchange, Outcome
 from proxy.call.forward import Call, forward
 from proxy.call.headers import NOT_TO_UPSTREAM, check_forwardable, not_forwarded
 from proxy.call.record import CallRecord
@@ -16,9 +15,9 @@ from proxy.limits.rate_headers import rate_headers
 from proxy.limits.usage import estimate_prompt
 
 
-async def proxied_call(exchange: Exchange, api: Api, record: CallRecord) -> Answer:
+async def proxied_call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
     record.api = api.path
-    in_flight = exchange.app[METRICS].c_in_flight
+    in_flight = exchange.services.metrics.c_in_flight
     in_flight.inc()
     try:
         return await _call(exchange, api, record)
@@ -26,10 +25,10 @@ async def proxied_call(exchange: Exchange, api: Api, record: CallRecord) -> Answ
         in_flight.dec()
 
 
-async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Answer:
-    app = exchange.app
-    config = app[CONFIG].current  # this call's config, even if a reload swaps it
-    accountant = app[ACCOUNTANT]
+async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
+    services = exchange.services
+    config = services.config.current  # this call's config, even if a reload swaps it
+    accountant = services.accountant
     record.team = authenticate(exchange.headers, config)  # 1
     team = config.teams.get(record.team)  # None only when no team is configured
     dropped = not_forwarded(team.client_headers) if team else NOT_TO_UPSTREAM
@@ -45,7 +44,7 @@ async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Answer:
             config, record.team, model.id, reserved, prompt, record.request_id
         )
     except RateLimited as refused:
-        app[METRICS].rate_limit_rejected(record.team, refused.param or "unknown")
+        services.metrics.rate_limit_rejected(record.team, refused.param or "unknown")
         raise
     record.rate_headers = rate_headers(ticket.admission)
     budget = call_budget(exchange.headers, model.budget)

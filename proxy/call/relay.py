@@ -13,9 +13,7 @@ import json
 import logging
 import time
 
-from aiohttp import web
-
-from proxy.appkeys import METRICS
+from proxy.answer import Answer
 from proxy.call.exchange import Exchange, Sink, Streamed
 from proxy.call.headers import client_headers, name_the_call
 from proxy.call.record import CallRecord
@@ -29,10 +27,10 @@ from proxy.upstream.response import UpstreamResponse
 log = logging.getLogger(__name__)
 
 
-async def read_plain(response: UpstreamResponse, provider: Provider) -> web.Response:
+async def read_plain(response: UpstreamResponse, provider: Provider) -> Answer:
     """Read the whole body first, so that a body cut short can still fall back."""
     body = await read_all(response, provider)
-    return web.Response(status=response.status, headers=client_headers(response.headers), body=body)
+    return Answer(response.status, client_headers(response.headers), body)
 
 
 async def relay_stream(
@@ -48,7 +46,7 @@ async def relay_stream(
     headers["X-Accel-Buffering"] = "no"
     name_the_call(headers, record)
     out = await exchange.start_stream(response.status, headers)
-    clock = _Clock(record, exchange.app[METRICS].c_chunk_gap.get(provider.name))
+    clock = _Clock(record, exchange.services.metrics.c_chunk_gap.get(provider.name))
     relay = _Relay(out, tap, clock, response, StreamReads(response, provider))
     try:
         await (relay.piped(first) if out.can_push else relay.pulled(first))

@@ -17,7 +17,8 @@ from proxy.call.pipeline import proxied_call
 from proxy.call.request import Api
 from proxy.config.model import ServerSettings
 from proxy.errors import BodyTooLarge
-from proxy.http.middlewares import RECORD
+from proxy.http.middlewares import RECORD, to_response
+from proxy.services import SERVICES, Services
 
 _READ_SIZE = 64 * 1024
 
@@ -29,11 +30,11 @@ def proxied(api: Api) -> Handler:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         exchange = AiohttpExchange(request)
-        answer = await proxied_call(exchange, api, request[RECORD])
-        if isinstance(answer, Streamed):
+        outcome = await proxied_call(exchange, api, request[RECORD])
+        if isinstance(outcome, Streamed):
             assert exchange.streamed is not None
             return exchange.streamed
-        return answer
+        return to_response(outcome)
 
     handle.__name__ = f"proxy_{api.path.replace('/', '_')}"
     return handle
@@ -49,8 +50,8 @@ class AiohttpExchange:
         self.streamed: web.StreamResponse | None = None
 
     @property
-    def app(self) -> web.Application:
-        return self.request.app
+    def services(self) -> Services:
+        return self.request.app[SERVICES]
 
     @property
     def method(self) -> str:

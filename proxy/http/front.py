@@ -28,7 +28,7 @@ from typing import cast
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.appkeys import CONFIG
+from proxy.answer import Answer
 from proxy.call.exchange import Sink, Streamed, body_late, too_large
 from proxy.call.headers import name_the_call
 from proxy.call.pipeline import proxied_call
@@ -38,6 +38,7 @@ from proxy.errors import BodyTooLarge
 from proxy.http.middlewares import answered, finish, request_id
 from proxy.http.routes import PROXIED
 from proxy.http.wire import LAST_CHUNK, Head, HeadWriter, chunk, complete, read_head
+from proxy.services import SERVICES, Services
 
 # Read no further ahead than this beyond the request being served.
 _READ_AHEAD = 64 * 1024
@@ -53,8 +54,9 @@ class FrontServer:
 
     def __init__(self, app: web.Application, aiohttp_server: web.Server) -> None:
         self.app = app
+        self.services = app[SERVICES]
         self.aiohttp_server = aiohttp_server
-        self.keepalive = app[CONFIG].current.server.keepalive_timeout  # fixed at start
+        self.keepalive = self.services.config.current.server.keepalive_timeout  # fixed at start
         self.heads = HeadWriter()
         self.connections: set[FrontConnection] = set()
         self.closing = False
@@ -228,7 +230,7 @@ class FrontConnection(asyncio.Protocol):
         api = PROXIED[exchange.path]
         record = CallRecord(request_id=request_id())
         answer = await answered(proxied_call(exchange, api, record), exchange, record)
-        if isinstance(answer, web.Response) and not exchange.streaming:
+        if isinstance(answer, Answer) and not exchange.streaming:
             name_the_call(answer.headers, record)
             self._write_answer(answer, exchange)
         elif not isinstance(answer, Streamed):  # an error after a stream's head went out
@@ -237,9 +239,8 @@ class FrontConnection(asyncio.Protocol):
         finish(exchange, record)
         self._done(exchange.keep_alive)
 
-    def _write_answer(self, answer: web.Response, exchange: FrontExchange) -> None:
+    def _write_answer(self, answer: Answer, exchange: FrontExchange) -> None:
         body = answer.body
-        assert isinstance(body, bytes)  # the proxy's answers are all whole bytes
         if len(self.buffer) < self.wanted:  # a body not read (401, 413): do not wait for it
             exchange.keep_alive = False
         head = self.server.heads.head(answer.status, answer.headers, len(body), exchange.keep_alive)
@@ -335,6 +336,10 @@ class FrontExchange:
     @property
     def app(self) -> web.Application:
         return self.connection.server.app
+
+    @property
+    def services(self) -> Services:
+        return self.connection.server.services
 
     @property
     def path(self) -> str:

@@ -9,7 +9,6 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.appkeys import ACCOUNTANT, CONFIG, ENGINES, METRICS, PROBES
 from proxy.call.auth import require_admin
 from proxy.call.request import resolve_model
 from proxy.config.model import ANONYMOUS, Config, Provider
@@ -19,6 +18,7 @@ from proxy.limits.ledger import day_range, ledger_report
 from proxy.limits.store import StoreUnavailable
 from proxy.observe.metrics import endpoint_label
 from proxy.readiness import readiness
+from proxy.services import SERVICES
 
 
 def _model_entry(config: Config, model_id: str) -> dict[str, Any]:
@@ -32,13 +32,13 @@ def _model_entry(config: Config, model_id: str) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    config = request.app[CONFIG].current
+    config = request.app[SERVICES].config.current
     data = [_model_entry(config, model_id) for model_id in config.models]
     return web.json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    config = request.app[CONFIG].current
+    config = request.app[SERVICES].config.current
     model_id = request.match_info["model"]
     resolve_model(config, model_id)
     return web.json_response(_model_entry(config, model_id))
@@ -49,13 +49,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    config = request.app[CONFIG].current
-    metrics = request.app[METRICS]
+    services = request.app[SERVICES]
+    config = services.config.current
 
     def probed(provider: Provider, reached: bool) -> None:
-        metrics.endpoint_health(provider.name, endpoint_label(provider.base_url), reached)
+        services.metrics.endpoint_health(provider.name, endpoint_label(provider.base_url), reached)
 
-    problems = await readiness(config, request.app[ENGINES], request.app[PROBES], probed)
+    problems = await readiness(config, services.engines, services.probes, probed)
     status = 503 if problems else 200
     body = {
         "status": "not ready" if problems else "ready",
@@ -67,11 +67,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     """GET /v1/usage?team=&from=YYYY-MM-DD&to=YYYY-MM-DD (admin key): the ledger."""
-    config = request.app[CONFIG].current
+    config = request.app[SERVICES].config.current
     require_admin(request.headers, config)
     teams = [request.query["team"]] if "team" in request.query else [*config.teams, ANONYMOUS]
     first, last = day_range(request.query.get("from"), request.query.get("to"))
-    accountant = request.app[ACCOUNTANT]
+    accountant = request.app[SERVICES].accountant
     await accountant.settled()  # every call this process answered is in what it reads
     try:
         rows = await accountant.primary.ledger(teams, first, last)
@@ -81,12 +81,12 @@ async def usage(request: web.Request) -> web.Response:
 
 
 async def scrape_metrics(request: web.Request) -> web.Response:
-    exported = request.app[METRICS]
+    exported = request.app[SERVICES].metrics
     # Multiprocess mode reads every worker's files: keep that off the event loop.
     exported.flush()  # here, in the loop's thread; rendering may go to another
     render = exported.render
     text = await asyncio.to_thread(render) if exported.multiproc_dir else render()
     # This process's engines: their state, and their own metrics with an engine label.
-    engines = request.app[ENGINES]
+    engines = request.app[SERVICES].engines
     text += engine_status_text(engines).encode() + (await engine_metrics_text(engines)).encode()
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})

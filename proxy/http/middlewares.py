@@ -12,13 +12,12 @@ import logging
 import os
 import time
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.appkeys import METRICS
-from proxy.call.exchange import CallSite
+from proxy.answer import Answer
 from proxy.call.headers import name_the_call
 from proxy.call.record import Attempt, CallRecord
 from proxy.errors import ProxyError, error_body, json_error
@@ -27,12 +26,27 @@ from proxy.observe.access_log import encode as encode_access_line
 from proxy.observe.access_log import logged_model
 from proxy.observe.access_log import write as write_access_line
 from proxy.observe.metrics import endpoint_label
+from proxy.services import SERVICES
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("proxy.access")
 
 RECORD = web.RequestKey("record", CallRecord)
 A = TypeVar("A")
+
+
+class CallSite(Protocol):
+    """Where a call came in: an aiohttp request, or the front's exchange."""
+
+    @property
+    def app(self) -> web.Application: ...
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
 
 # Status aiohttp or the router raised → OpenAI error type.
 _HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error"}
@@ -42,7 +56,8 @@ _HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error"}
 async def calls(request: web.Request, handler: Handler) -> web.StreamResponse:
     record = CallRecord(request_id=request_id())
     request[RECORD] = record
-    response = await answered(handler(request), request, record)
+    answer = await answered(handler(request), request, record)
+    response = to_response(answer) if isinstance(answer, Answer) else answer
     if not response.prepared:  # a stream's relay named it before its headers went out
         name_the_call(response.headers, record)
     record.status = response.status
@@ -50,7 +65,7 @@ async def calls(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-async def answered(work: Awaitable[A], site: CallSite, record: CallRecord) -> A | web.Response:
+async def answered(work: Awaitable[A], site: CallSite, record: CallRecord) -> A | Answer:
     """The call's own answer, or the OpenAI-shaped error it raised."""
     try:
         return await work
@@ -79,7 +94,7 @@ def request_id() -> str:
     return raw.hex()
 
 
-def _http_error(exc: web.HTTPException) -> web.Response:
+def _http_error(exc: web.HTTPException) -> Answer:
     if exc.status == 404:
         message = "Unknown request URL. Please check the URL and method."
     else:
@@ -96,10 +111,15 @@ def _http_error(exc: web.HTTPException) -> web.Response:
     return response
 
 
+def to_response(answer: Answer) -> web.Response:
+    """The proxy's answer as aiohttp's response (the front writes it itself)."""
+    return web.Response(status=answer.status, headers=answer.headers, body=answer.body)
+
+
 def finish(site: CallSite, record: CallRecord) -> None:
     """The call is answered: count it, and write its access-log line."""
     elapsed = record.elapsed()
-    observe_call(site.app[METRICS], record, elapsed)
+    observe_call(site.app[SERVICES].metrics, record, elapsed)
     if access_log.isEnabledFor(logging.INFO):
         write_access_line(encode_access_line(_access_line(site, record, elapsed)))
 
