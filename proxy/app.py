@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from proxy.config.reload import ConfigHolder, watch_file
@@ -77,10 +76,7 @@ async def _circuit_sharing(app: web.Application) -> AsyncIterator[None]:
     if not settings.url:
         yield
         return
-    client = aioredis.Redis.from_url(
-        settings.url, socket_connect_timeout=settings.timeout, socket_timeout=settings.timeout
-    )
-    sync = CircuitSync(settings.url, client, app[SERVICES].breakers, settings.timeout)
+    sync = CircuitSync(settings.url, app[SERVICES].breakers, settings.timeout)
     follower = asyncio.create_task(sync.follow())
     yield
     follower.cancel()

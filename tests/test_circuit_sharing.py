@@ -9,7 +9,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
 from proxy.routing.circuit import Change, CircuitBreakers
 from proxy.routing.circuit_sync import CHANNEL, STATES, CircuitSync
@@ -107,11 +106,10 @@ async def test_a_circuit_change_that_cannot_be_shared_is_logged_without_userinfo
     # Redis refuses the connection (a bound port that never listens): the warning names
     # the endpoint as its metrics label does, never with the password in its URL.
     redis_url = dead_url("").replace("http://", "redis://")
-    redis = aioredis.Redis.from_url(redis_url)
-    sync = CircuitSync(redis_url, redis, CircuitBreakers(), timeout=1.0)
+    sync = CircuitSync(redis_url, CircuitBreakers(), timeout=1.0)
     sync.publish(Change("http://user:s3cret-pw@10.0.0.5:8000/v1", 1, 0.0))
     await eventually(lambda: "could not share circuit change" in caplog.text, timeout=5.0)
-    await redis.aclose()
+    await sync.close()
     [message] = [r.getMessage() for r in caplog.records if "could not share" in r.getMessage()]
     # The endpoint, then Redis's error: where it failed.
     assert message.startswith("could not share circuit change of http://10.0.0.5:8000/v1: ")

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from proxy.redis.protocol import RespError
 from proxy.redis.subscription import Subscription
@@ -89,9 +88,8 @@ async def test_a_cancelled_follower_ends_at_once(
     state: str, private_redis: RedisServer, silent_redis: str
 ):
     url = silent_redis if state == "silent" else private_redis.url
-    client = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
     breakers = CircuitBreakers()
-    sync = CircuitSync(url, client, breakers, timeout=0.5)
+    sync = CircuitSync(url, breakers, timeout=0.5)
     follower = asyncio.ensure_future(sync.follow())
     try:
         if state != "silent":
@@ -109,4 +107,4 @@ async def test_a_cancelled_follower_ends_at_once(
             await eventually(lambda: subscribers(private_redis) == 0, 5.0)  # its socket closed
     finally:
         follower.cancel()
-        await client.aclose()
+        await sync.close()

@@ -17,11 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 from proxy.limits.lua import ADMIT, RENEW, SETTLE
 from proxy.limits.store import (
     KIND_CODES,
@@ -133,23 +128,13 @@ def _unavailable(future: asyncio.Future[Reply]) -> StoreUnavailable | None:
 
 class RedisStore:
     def __init__(self, url: str, timeout: float):
-        self.redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=False,
-        )
         self._admit, self._settle, self._renew = (Script.of(s) for s in (ADMIT, SETTLE, RENEW))
         self.hot = RespClient(url, timeout, scripts=(self._admit, self._settle, self._renew))
         # (team, id(checks)) → parts; checks tuples are made once per config and team.
         self._parts: dict[tuple[str, int], TeamParts] = {}
 
     async def close(self) -> None:
-        try:
-            await self.hot.close()
-        finally:
-            await self.redis.aclose()
+        await self.hot.close()
 
     async def _run(self, call: Awaitable[Reply]) -> Any:
         try:
@@ -210,19 +195,31 @@ class RedisStore:
             return [
                 row for team in teams for row in await self._team_ledger(team, first_day, last_day)
             ]
-        except (RedisError, OSError) as exc:
+        except _FAILURES as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def _team_ledger(self, team: str, first_day: int, last_day: int) -> list[LedgerRow]:
         entries: list[tuple[int, str]] = []
-        for member in await self.redis.smembers(team_key(team, "ledger-index")):
-            text = member.decode() if isinstance(member, bytes) else member
-            day_text, _, model = text.partition(":")
+        for member in _strings(await self.hot.execute("SMEMBERS", team_key(team, "ledger-index"))):
+            day_text, _, model = member.partition(":")
             if first_day <= int(day_text) <= last_day:
                 entries.append((int(day_text), model))
+        entries.sort()
+        # Every day's hash in one write: the client pipelines a loop turn's commands.
+        replies = await asyncio.gather(
+            *(self.hot.execute("HGETALL", team_key(team, "ledger", str(d), m)) for d, m in entries)
+        )
         rows = []
-        for day, model in sorted(entries):
-            counts = await self.redis.hgetall(team_key(team, "ledger", str(day), model))
-            values = tuple(int(counts.get(f.encode(), 0)) for f in LEDGER_FIELDS)
+        for (day, model), reply in zip(entries, replies, strict=True):
+            flat = _strings(reply)
+            counts = dict(zip(flat[::2], flat[1::2], strict=True))  # HGETALL: field, value, …
+            values = tuple(int(counts.get(f, 0)) for f in LEDGER_FIELDS)
             rows.append(LedgerRow(team, model, day, values))
         return rows
+
+
+def _strings(reply: Reply) -> list[str]:
+    """An array reply of bulk strings (SMEMBERS, HGETALL), decoded."""
+    if not isinstance(reply, list):
+        raise RespError(f"expected an array from Redis, got {reply!r:.100}")
+    return [item.decode() for item in reply if isinstance(item, bytes)]

@@ -4,14 +4,16 @@ Off the hot path: a process publishes only when one of its circuits opens, grows
 closes (PUBLISH, plus a hash that a process starting later reads once), and applies
 what the others publish from a subscription. The one Redis call a call may make is
 when an endpoint is half-open: ``SET NX`` elects the single probe of the deployment.
-Redis being down never blocks a call: each process then decides alone. The
-subscription has a connection of its own (redis_subscription.py), so that cancelling
-it at shutdown ends at once.
+Redis being down never blocks a call: each process then decides alone. Commands go
+through the proxy's Redis client (proxy/redis/client.py), on a connection of their own,
+each bounded by the Redis timeout; the subscription has a socket of its own
+(proxy/redis/subscription.py), so that cancelling it at shutdown ends at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -20,11 +22,9 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from proxy.observe.metrics import endpoint_label
-from proxy.redis.protocol import ProtocolError, RespError
+from proxy.redis.client import RespClient
+from proxy.redis.protocol import Arg, ProtocolError, RespError
 from proxy.redis.subscription import Subscription
 from proxy.routing.circuit import Change, CircuitBreakers
 
@@ -33,16 +33,17 @@ log = logging.getLogger(__name__)
 CHANNEL = "llmproxy:circuit"
 STATES = "llmproxy:circuit:open"  # key → the latest opening, for processes that start later
 _RETRY = 1.0
+# What a Redis that is down, slow or refusing raises (Disconnected and TimeoutError are
+# OSErrors); anything else is a bug and is raised.
+_FAILURES = (RespError, ProtocolError, OSError)
 
 
 class CircuitSync:
-    def __init__(
-        self, url: str, redis: aioredis.Redis, breakers: CircuitBreakers, timeout: float
-    ) -> None:
-        self.url = url  # for the subscription; ``redis`` for the commands
-        self.redis = redis
+    def __init__(self, url: str, breakers: CircuitBreakers, timeout: float) -> None:
+        self.url = url  # for the subscription
+        self.redis = RespClient(url, timeout)  # for the commands
         self.breakers = breakers
-        self.timeout = timeout  # for the commands
+        self.timeout = timeout
         self.origin = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._tasks: set[asyncio.Task[None]] = set()
         breakers.on_change = self.publish
@@ -62,11 +63,8 @@ class CircuitSync:
         task.add_done_callback(self._tasks.discard)
 
     async def _delete(self, key: str) -> None:
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self.redis.delete(key)
-        except (RedisError, OSError, TimeoutError):
-            pass  # it expires after its lease
+        with contextlib.suppress(*_FAILURES):  # else it expires after its lease
+            await self.redis.execute("DEL", key)
 
     async def _publish(self, change: Change) -> None:
         message = json.dumps(
@@ -77,47 +75,45 @@ class CircuitSync:
                 "until": change.open_until,
             }
         )
-        try:
-            async with asyncio.timeout(self.timeout), self.redis.pipeline(False) as pipe:
-                if change.opened:
-                    pipe.hset(STATES, change.key, message)
-                else:
-                    pipe.hdel(STATES, change.key)
-                pipe.publish(CHANNEL, message)
-                await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("could not share circuit change of %s: %s", endpoint_label(change.key), exc)
+        stored: tuple[Arg, ...] = (
+            ("HSET", STATES, change.key, message) if change.opened else ("HDEL", STATES, change.key)
+        )
+        # Both in one write (the client sends a loop turn's commands together).
+        sent = [self.redis.execute(*stored), self.redis.execute("PUBLISH", CHANNEL, message)]
+        for outcome in await asyncio.gather(*sent, return_exceptions=True):
+            if isinstance(outcome, _FAILURES):
+                label = endpoint_label(change.key)
+                log.warning("could not share circuit change of %s: %s", label, outcome)
+                return
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def claim_probe(self, key: str, lease: float) -> bool:
         """Whether this process may send the deployment's one probe to ``key``."""
+        lease_ms = max(1, int(lease * 1000))
         try:
-            async with asyncio.timeout(self.timeout):
-                claimed = await self.redis.set(
-                    f"{CHANNEL}:probe:{key}", self.origin, nx=True, px=max(1, int(lease * 1000))
-                )
-        except (RedisError, OSError, TimeoutError):
+            claimed = await self.redis.execute(
+                "SET", f"{CHANNEL}:probe:{key}", self.origin, "NX", "PX", lease_ms
+            )
+        except _FAILURES:
             return True  # Redis is down: decide alone rather than never probe
-        return bool(claimed)
+        return claimed is not None  # OK, or nil when another process holds the claim
 
     async def follow(self) -> None:
         """Apply the others' changes, reconnecting after errors, until cancelled."""
         while True:
             try:
                 await self._listen()
-            except (RedisError, OSError, TimeoutError, RespError, ProtocolError) as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # A cancellation that a client library turned into an error of its
-                    # own: the follower must still end, or shutdown waits on it.
-                    raise asyncio.CancelledError from exc
+            except _FAILURES as exc:  # a cancellation stays one: the client converts none
                 log.warning("circuit sharing paused, Redis failed: %r", exc)
             await asyncio.sleep(_RETRY)
 
     async def _load(self) -> None:
-        async with asyncio.timeout(self.timeout):
-            states = await self.redis.hgetall(STATES)
-        for raw in states.values():
-            self._apply(raw)
+        states = await self.redis.execute("HGETALL", STATES)  # field, value, field, …
+        if isinstance(states, list):
+            for raw in states[1::2]:
+                if isinstance(raw, bytes):
+                    self._apply(raw)
 
     async def _listen(self) -> None:
         subscription = await Subscription.open(self.url, CHANNEL, self.timeout)
@@ -143,4 +139,4 @@ class CircuitSync:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.timeout)
-        await self.redis.aclose()
+        await self.redis.close()
