@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -58,10 +59,15 @@ async def test_429_retry_after_seconds_is_honoured(proxy: Proxy, wandb: Upstream
 
 
 async def test_429_retry_after_http_date_is_honoured(proxy: Proxy, wandb: Upstream):
-    wandb.fake.faults = [Fault(status=503, retry_after=formatdate(time.time() + 2, usegmt=True))]
+    wall, mono = time.time(), time.monotonic()
+    date = math.floor(wall + 2)  # what the header says: an HTTP date has 1 s resolution
+    wandb.fake.faults = [Fault(status=503, retry_after=formatdate(date, usegmt=True))]
     status, _, _ = await _call(proxy, PLAIN)
     assert status == 200
-    assert 1.0 <= gaps(wandb.fake)[0] < 2.0 + SLACK  # an HTTP date has 1 s resolution
+    # Not retried before the date (on the monotonic clock the fake records, to 5 ms),
+    # nor much after it.
+    assert wandb.fake.arrivals[1] >= mono + (date - wall) - 0.005
+    assert gaps(wandb.fake)[0] < 2.0 + SLACK
 
 
 async def test_retry_after_above_maximum_falls_back_without_sleeping(
