@@ -12,10 +12,10 @@ from proxy.app import make_app
 from proxy.config.load import load_config
 from proxy.config.reload import ConfigHolder
 from proxy.server import FAST_PATH_ENV
-from tests.fake_upstream import FakeUpstream
 from tests.support import Upstream, routes_yaml, serve_app
+from tests.support.fake_upstream import FakeUpstream
 
-pytest_plugins = ["tests.teams_setup"]
+pytest_plugins = ["tests.support.teams"]
 
 WANDB_KEY = "wandb-secret-key"
 PRIME_KEY = "prime-secret-key"

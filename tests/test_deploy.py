@@ -17,7 +17,7 @@ import pytest
 
 from proxy.config.load import load_config
 from proxy.observe.metrics import Metrics
-from tests.deploy_files import (
+from tests.support.deploy_files import (
     ALERTS,
     DEPLOY,
     alert_rules,
@@ -26,7 +26,7 @@ from tests.deploy_files import (
     series_names,
     yaml_documents,
 )
-from tests.prometheus_support import binary
+from tests.support.prometheus import binary
 
 K8S = DEPLOY / "k8s"
 # Series that Prometheus makes itself, not the proxy.

@@ -60,19 +60,19 @@ class Target:
 # pytest arguments, fastest killers first. test_teams.py runs each test on both backends
 # ([memory] and [redis]); ``-k`` keeps the backend the module serves (it also matches
 # test_redis.py by its file name).
-_TEAMS = "tests/test_teams.py"
-_BATCH = "tests/test_store_batch.py"
-_REDIS = "tests/test_redis.py"
-_STORES = "tests/test_store_lua.py"
+_TEAMS = "tests/limits/test_teams.py"
+_BATCH = "tests/limits/test_store_batch.py"
+_REDIS = "tests/limits/test_redis.py"
+_STORES = "tests/limits/test_store_lua.py"
 TARGETS: dict[str, Target] = {
     t.path.removeprefix("proxy/").removesuffix(".py").replace("/", "."): t
     for t in [
         Target(
             "proxy/limits/admission.py",
             (
-                "tests/test_usage.py",
-                "tests/test_hot_path.py",
-                "tests/test_accounting.py",
+                "tests/limits/test_usage.py",
+                "tests/call/test_hot_path.py",
+                "tests/limits/test_accounting.py",
                 _TEAMS,
                 _BATCH,
                 _REDIS,
@@ -82,8 +82,8 @@ TARGETS: dict[str, Target] = {
         Target(
             "proxy/limits/memory.py",
             (
-                "tests/test_store_memory.py",
-                "tests/test_hot_path.py",
+                "tests/limits/test_store_memory.py",
+                "tests/call/test_hot_path.py",
                 _STORES,
                 _TEAMS,
                 "-k",
@@ -93,8 +93,8 @@ TARGETS: dict[str, Target] = {
         Target(
             "proxy/limits/redis_store.py",
             (
-                "tests/test_resp.py",
-                "tests/test_store_redis.py",
+                "tests/redis/test_resp.py",
+                "tests/limits/test_store_redis.py",
                 _STORES,
                 _BATCH,
                 _TEAMS,
@@ -105,15 +105,19 @@ TARGETS: dict[str, Target] = {
         ),
         Target(
             "proxy/limits/usage.py",
-            ("tests/test_usage.py", "tests/test_metrics.py", "tests/test_teams.py"),
+            (
+                "tests/limits/test_usage.py",
+                "tests/observe/test_metrics.py",
+                "tests/limits/test_teams.py",
+            ),
         ),
-        Target("proxy/call/sse.py", ("tests/test_sse_tap.py", "tests/test_streaming.py")),
+        Target("proxy/call/sse.py", ("tests/call/test_sse_tap.py", "tests/call/test_streaming.py")),
         Target(
             "proxy/call/headers.py",
             (
-                "tests/test_client_input.py",
-                "tests/test_passthrough.py",
-                "tests/test_server.py",
+                "tests/call/test_client_input.py",
+                "tests/call/test_passthrough.py",
+                "tests/http/test_server.py",
                 _TEAMS,
                 "-k",
                 "not redis",
@@ -121,20 +125,33 @@ TARGETS: dict[str, Target] = {
         ),
         Target(
             "proxy/call/auth.py",
-            ("tests/test_client_input.py", _TEAMS, "tests/test_prometheus.py", "-k", "not redis"),
+            (
+                "tests/call/test_client_input.py",
+                _TEAMS,
+                "tests/observe/test_prometheus.py",
+                "-k",
+                "not redis",
+            ),
         ),
-        Target("proxy/config/exposure.py", ("tests/test_exposure.py",)),
-        Target("proxy/routing/backoff.py", ("tests/test_resilience.py", "tests/test_timeouts.py")),
+        Target("proxy/config/exposure.py", ("tests/config/test_exposure.py",)),
+        Target(
+            "proxy/routing/backoff.py",
+            ("tests/call/test_resilience.py", "tests/call/test_timeouts.py"),
+        ),
         Target(
             "proxy/routing/circuit.py",
-            ("tests/test_balance.py", "tests/test_circuit_sharing.py", "tests/test_resilience.py"),
+            (
+                "tests/routing/test_balance.py",
+                "tests/routing/test_circuit_sharing.py",
+                "tests/call/test_resilience.py",
+            ),
         ),
         Target(
             "proxy/routing/circuit_sync.py",
             (
-                "tests/test_circuit_sync.py",
-                "tests/test_circuit_sharing.py",
-                "tests/test_redis_subscription.py",
+                "tests/routing/test_circuit_sync.py",
+                "tests/routing/test_circuit_sharing.py",
+                "tests/redis/test_redis_subscription.py",
             ),
         ),
     ]

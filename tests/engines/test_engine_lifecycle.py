@@ -1,0 +1,163 @@
+"""The engine supervisor against a fake engine (tests/support/fake_engine.py), a real process
+that starts in a blink: stopping, restarting with backoff, the engines' metrics on the
+proxy's ``GET /metrics``; and the shipped launcher's OpenMP default."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.app import make_app
+from proxy.config.load import load_config
+from proxy.config.reload import ConfigHolder
+from proxy.engines.replica import Replica
+from proxy.services import SERVICES
+from tests.conftest import StartApp
+from tests.support import ROOT, eventually
+from tests.support.engines import alive
+from tests.support.metrics import scrape
+
+pytestmark = pytest.mark.timeout(60)
+
+FAKE_ENGINE = ROOT / "tests" / "fake_engine.py"
+
+
+def fake_engine_yaml(args: str = "", engine: str = "") -> str:
+    """routes.yaml with one engine provider ``local``: the fake engine, with ``args``."""
+    return f"""
+providers:
+  local:
+    engine:
+      command: ["{{python}}", "{FAKE_ENGINE}", "--port", "{{port}}"{args}]
+      ready: {{timeout: 10s, interval: 50ms}}
+{engine}
+models:
+  m: {{targets: [{{provider: local, model: m}}]}}
+"""
+
+
+MakeApp = Callable[[str], Awaitable[tuple[web.Application, str]]]
+
+
+@pytest.fixture
+async def make_engine_app(start_app: StartApp, tmp_path: Path) -> AsyncIterator[MakeApp]:
+    async def make(text: str) -> tuple[web.Application, str]:
+        path = tmp_path / "routes.yaml"
+        path.write_text(text)
+        app = make_app(ConfigHolder(load_config(path), path))
+        return app, await start_app(app)
+
+    yield make
+
+
+def replica(app: web.Application) -> Replica:
+    return app[SERVICES].engines.supervisors["local"].replicas[0]
+
+
+async def test_an_engine_that_ignores_sigterm_is_killed_after_stop_timeout(
+    make_engine_app: MakeApp, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="proxy.engines")
+    app, _ = await make_engine_app(
+        fake_engine_yaml(', "--ignore-sigterm"', "      stop_timeout: 300ms")
+    )
+    await eventually(lambda: "local" in app[SERVICES].engines.supervisors, timeout=10)
+    await eventually(lambda: replica(app).state == "ready", timeout=10)
+    pid = replica(app).pid
+    assert pid is not None
+    try:
+        async with asyncio.timeout(10):  # far above stop_timeout: a stop that never ends fails
+            await app[SERVICES].engines.supervisors["local"].stop()
+    finally:
+        if alive(pid):  # so that a failure here does not hang the app's cleanup too
+            os.kill(pid, signal.SIGKILL)
+    assert not alive(pid)
+    text = caplog.text
+    # SIGTERM first (the engine saw it and stayed), then the kill.
+    assert "fake engine: SIGTERM ignored" in text
+    warning = "engine local#0 did not stop in 0s after SIGTERM: killing it"
+    assert text.index("fake engine: SIGTERM ignored") < text.index(warning)
+
+
+async def test_restart_delays_double_and_start_afresh_after_max_delay_of_uptime(
+    make_engine_app: MakeApp, caplog: pytest.LogCaptureFixture, tmp_path: Path
+):
+    # Three runs that exit at once, one that serves for longer than max_delay, one more
+    # that exits at once; then it serves.
+    lives = tmp_path / "lives"
+    lives.write_text("0\n0\n0\n1.2\n0\n")
+    caplog.set_level(logging.INFO, logger="proxy.engines")
+    app, _ = await make_engine_app(
+        fake_engine_yaml(
+            f', "--lives", "{lives}"', "      restart: {base_delay: 200ms, max_delay: 800ms}"
+        )
+    )
+
+    def delays() -> list[str]:
+        return re.findall(r"engine local#0 .*; restarting in ([\d.]+)s", caplog.text)
+
+    await eventually(lambda: len(delays()) == 5, timeout=20)
+    assert delays() == ["0.2", "0.4", "0.8", "0.2", "0.4"]
+    await eventually(lambda: replica(app).state == "ready", timeout=10)
+    await app[SERVICES].engines.supervisors["local"].stop()
+
+
+async def test_the_engines_metrics_are_appended_to_get_metrics(make_engine_app: MakeApp):
+    app, url = await make_engine_app(fake_engine_yaml(engine="      metrics_path: /metrics"))
+    await eventually(lambda: "local" in app[SERVICES].engines.supervisors, timeout=10)
+    await eventually(lambda: replica(app).state == "ready", timeout=10)
+    async with aiohttp.ClientSession() as http:
+        counted = await scrape(http, url)
+    assert counted.value("fake_engine_calls_total", engine="local", replica="0") == 42
+    assert "llm_proxy_requests_total" in counted.text  # the proxy's own, the same scrape
+    await app[SERVICES].engines.supervisors["local"].stop()
+
+
+# The launcher runs under the proxy as the shipped routes.yaml runs it, with a stand-in
+# xllamacpp that records the environment it is imported in (libgomp reads it when it
+# loads), then refuses to load, so the launcher stops there.
+@pytest.mark.parametrize(
+    ("env", "seen"), [("", "1000"), (", GOMP_SPINCOUNT: '7'", "7")], ids=["default", "env"]
+)
+async def test_the_launcher_sets_gomp_spincount_before_loading_llama_cpp(
+    make_engine_app: MakeApp,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: str,
+    seen: str,
+):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    stub = tmp_path / "stub" / "xllamacpp"
+    stub.mkdir(parents=True)
+    record = tmp_path / "environ.json"
+    stub.joinpath("__init__.py").write_text(
+        "import json, os\n"
+        f"open({str(record)!r} + '.new', 'w').write(json.dumps(dict(os.environ)))\n"
+        f"os.replace({str(record)!r} + '.new', {str(record)!r})\n"
+        "raise ImportError('stand-in')\n"
+    )
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"")
+    app, _ = await make_engine_app(f"""
+providers:
+  local:
+    engine:
+      command: ["{{python}}", "-m", "proxy.engines.llamacpp", "--model", "{model}",
+                "--port", "{{port}}"]
+      env: {{PYTHONPATH: "{tmp_path / "stub"}{os.pathsep}{ROOT}"{env}}}
+models:
+  m: {{targets: [{{provider: local, model: m}}]}}
+""")
+    await eventually(record.exists, timeout=20)
+    assert json.loads(record.read_text())["GOMP_SPINCOUNT"] == seen
+    await app[SERVICES].engines.supervisors["local"].stop()

@@ -1,0 +1,167 @@
+"""With Redis, every proxy process shares circuit state and elects one probe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.routing.circuit import Change, CircuitBreakers
+from proxy.routing.circuit_sync import CHANNEL, STATES, CircuitSync
+from proxy.services import SERVICES
+from tests.conftest import MakeProxy
+from tests.routing.test_balance import Replicas, _chat, replica_routes, replicas  # noqa: F401
+from tests.support import ProxyProcess, dead_url, eventually, free_port
+from tests.support.redis_server import RedisServer
+from tests.support.teams import need_redis
+
+
+async def _calls(url: str, count: int) -> list[int]:
+    async def one(http: aiohttp.ClientSession) -> int:
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(url + "/v1/chat/completions", json=payload) as resp:
+            await resp.read()
+            return resp.status
+
+    async with aiohttp.ClientSession() as http:
+        return list(await asyncio.gather(*(one(http) for _ in range(count))))
+
+
+async def _both_subscribed(redis: RedisServer) -> None:
+    client = redis.client()
+    try:
+        for _ in range(200):
+            if dict(client.pubsub_numsub("llmproxy:circuit")).get(b"llmproxy:circuit") == 2:
+                return
+            await asyncio.sleep(0.02)
+    finally:
+        client.close()
+    raise AssertionError("the proxies never subscribed to circuit changes")
+
+
+async def _shared(redis: RedisServer, key: str, opened: bool) -> None:
+    client = redis.client()
+    try:
+        await eventually(lambda: bool(client.hexists(STATES, key)) == opened, timeout=5)
+    finally:
+        client.close()
+
+
+async def test_two_processes_share_circuits_and_one_probe(
+    tmp_path: Path,
+    replicas: Replicas,  # noqa: F811
+):
+    need_redis()
+    (tmp_path / "redis").mkdir()
+    redis = RedisServer(tmp_path / "redis")
+    path = tmp_path / "routes.yaml"
+    path.write_text(f"""
+redis: {{url: "{redis.url}"}}
+retry: {{attempts: 2, base_delay: 10ms, max_delay: 10ms}}
+providers:
+  engine:
+    endpoints: [{replicas.a_url}, {replicas.b_url}]
+    circuit: {{failures: 2, cooldown: 1s, max_cooldown: 8s}}
+models:
+  m: {{targets: [{{provider: engine, model: smol}}]}}
+""")
+    first, second = ProxyProcess(path, free_port()), ProxyProcess(path, free_port())
+    try:
+        await first.wait_listening()
+        await second.wait_listening()
+        await _both_subscribed(redis)
+        replicas.a.status = 500
+        while len(replicas.a.seen) < 2:  # the first process opens a's circuit
+            assert await _calls(first.url, 1) == [200]
+        # The opening is shared (its hash entry is written with the PUBLISH), before the
+        # second process is called.
+        await _shared(redis, replicas.a_url, opened=True)
+        seen = len(replicas.a.seen)
+        assert await _calls(second.url, 10) == [200] * 10
+        assert len(replicas.a.seen) == seen  # the second process kept away from a too
+        await asyncio.sleep(1.1)  # cool-down over; a still fails
+        results = await asyncio.gather(_calls(first.url, 10), _calls(second.url, 10))
+        assert [s for batch in results for s in batch] == [200] * 20
+        assert len(replicas.a.seen) == seen + 1  # one probe for the whole deployment
+        replicas.a.status = 200
+        await asyncio.sleep(2.2)  # the failed probe doubled the cool-down to 2 s
+        await _calls(first.url, 4)
+        await _shared(redis, replicas.a_url, opened=False)  # the closing reaches the second
+        before = len(replicas.a.seen)
+        assert await _calls(second.url, 10) == [200] * 10
+        assert len(replicas.a.seen) > before  # trusted again everywhere
+    finally:
+        first.stop()
+        second.stop()
+        redis.kill()
+
+
+async def test_a_circuit_change_that_cannot_be_shared_is_logged_without_userinfo(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Redis refuses the connection (a bound port that never listens): the warning names
+    # the endpoint as its metrics label does, never with the password in its URL.
+    redis_url = dead_url("").replace("http://", "redis://")
+    sync = CircuitSync(redis_url, CircuitBreakers(), timeout=1.0)
+    sync.publish(Change("http://user:s3cret-pw@10.0.0.5:8000/v1", 1, 0.0))
+    await eventually(lambda: "could not share circuit change" in caplog.text, timeout=5.0)
+    await sync.close()
+    [message] = [r.getMessage() for r in caplog.records if "could not share" in r.getMessage()]
+    # The endpoint, then Redis's error: where it failed.
+    assert message.startswith("could not share circuit change of http://10.0.0.5:8000/v1: ")
+    assert redis_url.removeprefix("redis://") in message
+    assert "s3cret-pw" not in caplog.text
+
+
+def _redis_routes(replicas: Replicas, redis: RedisServer) -> str:  # noqa: F811
+    return f'redis: {{url: "{redis.url}"}}\n' + replica_routes(replicas, "round_robin")
+
+
+def _change(key: str, opened: int, until: float) -> str:
+    """A circuit change as another proxy process publishes it."""
+    return json.dumps({"origin": "another-process", "key": key, "opened": opened, "until": until})
+
+
+async def test_a_process_started_later_reads_the_open_circuits(
+    private_redis: RedisServer,  # first: stopped after the proxy
+    make_proxy: MakeProxy,
+    replicas: Replicas,  # noqa: F811
+):
+    # Another process opened a's circuit for a minute before this one started.
+    client = private_redis.client()
+    client.hset(STATES, replicas.a_url, _change(replicas.a_url, 1, time.time() + 60))
+    client.close()
+    proxy = await make_proxy(_redis_routes(replicas, private_redis))
+    breakers = proxy.app[SERVICES].breakers
+    await eventually(lambda: breakers.state(replicas.a_url) == "open", timeout=5)
+    for _ in range(6):
+        assert await _chat(proxy) == 200
+    assert replicas.counts() == (0, 6)
+
+
+async def test_closings_published_by_other_processes_are_applied(
+    private_redis: RedisServer,  # first: stopped after the proxy
+    make_proxy: MakeProxy,
+    replicas: Replicas,  # noqa: F811
+):
+    proxy = await make_proxy(_redis_routes(replicas, private_redis))
+    breakers = proxy.app[SERVICES].breakers
+    client = private_redis.client()
+    try:
+        await eventually(lambda: client.pubsub_numsub(CHANNEL)[0][1] == 1, timeout=5)
+        client.publish(CHANNEL, _change(replicas.a_url, 1, time.time() + 60))
+        await eventually(lambda: breakers.state(replicas.a_url) == "open", timeout=5)
+        for _ in range(4):
+            assert await _chat(proxy) == 200
+        assert replicas.counts() == (0, 4)
+        client.publish(CHANNEL, _change(replicas.a_url, 0, 0.0))  # its probe succeeded
+        await eventually(lambda: breakers.state(replicas.a_url) == "closed", timeout=5)
+    finally:
+        client.close()
+    for _ in range(4):
+        assert await _chat(proxy) == 200
+    assert replicas.counts() == (2, 6)  # trusted again at once, no probe of its own

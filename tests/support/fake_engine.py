@@ -1,0 +1,71 @@
+"""A fake local engine: ``python tests/support/fake_engine.py --port N [options]``, a real HTTP
+server process for the engine supervisor's tests (llama.cpp takes seconds to start).
+
+It answers 200 on /health, and on /metrics one counter, ``fake_engine_calls_total 42``.
+``--lives FILE``: each start takes the first line of FILE (and rewrites FILE without it)
+as the seconds this run lives before it exits with code 3, 0 meaning before it ever
+listens; with FILE empty it serves until stopped. ``--ignore-sigterm``: SIGTERM is
+printed and ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+
+METRICS = (
+    b"# HELP fake_engine_calls_total Calls.\n# TYPE fake_engine_calls_total counter\n"
+    b"fake_engine_calls_total 42\n"
+)
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = {"/health": b"ok", "/metrics": METRICS}.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # the proxy logs every line of ours: keep it to the events below
+
+
+def _next_life(path: Path) -> float | None:
+    lines = path.read_text().split()
+    if not lines:
+        return None
+    path.write_text("\n".join(lines[1:]))
+    return float(lines[0])
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    print("fake engine: SIGTERM ignored", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--lives", type=Path)
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    args = parser.parse_args()
+    life = _next_life(args.lives) if args.lives else None
+    if life == 0:
+        return 3
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, _ignore)
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    if life is not None:
+        threading.Timer(life, server.shutdown).start()
+    print("fake engine: serving", flush=True)
+    server.serve_forever()
+    return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
