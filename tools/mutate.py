@@ -73,6 +73,7 @@ TARGETS: dict[str, Target] = {
                 "tests/test_usage.py",
                 "tests/test_hot_path.py",
                 "tests/test_accounting.py",
+                "tests/test_accounting_outages.py",
                 _TEAMS,
                 _BATCH,
                 _REDIS,
