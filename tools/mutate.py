@@ -73,6 +73,7 @@ TARGETS: dict[str, Target] = {
                 "tests/limits/test_usage.py",
                 "tests/call/test_hot_path.py",
                 "tests/limits/test_accounting.py",
+                "tests/limits/test_accounting_outages.py",
                 _TEAMS,
                 _BATCH,
                 _REDIS,

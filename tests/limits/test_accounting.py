@@ -5,11 +5,18 @@ redis-server or on a port where none listens."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 
 import pytest
 
+from proxy.config.model import RedisSettings
+from proxy.limits.admission import Accountant, Ticket
+from proxy.limits.memory import MemoryStore
+from proxy.limits.store import DAY, LEDGER_FIELDS, Admission
+from proxy.limits.usage import Usage
 from proxy.services import SERVICES
 from tests.conftest import MakeProxy
 from tests.support import Upstream, dead_url, routes_yaml
@@ -113,3 +120,24 @@ async def test_a_failed_settlement_is_logged_with_its_cause(
     await proxy.app[SERVICES].accountant.settled()
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "proxy.limits.admission"]
     assert warning.startswith("redis failed during settlement (1 errors so far): Disconnected")
+
+
+async def test_a_ledger_read_started_between_two_answers_of_one_loop_turn_sees_both():
+    # The read's first step lands between the two settlements' callbacks: it must wait
+    # for the second too (settled() counts the callbacks not run yet).
+    store = MemoryStore()
+    accountant = Accountant(RedisSettings(), store, fallback=None)
+    day = int(time.time() // DAY)
+
+    def ticket(request_id: str) -> Ticket:
+        return Ticket("research", "llama-8b", request_id, (), 10, 5, Admission(True, day))
+
+    async def read() -> int:
+        await accountant.settled()
+        rows = await store.ledger(["research"], day, day)
+        return sum(row.counts[LEDGER_FIELDS.index("requests")] for row in rows)
+
+    accountant.settle_soon(ticket("first"), Usage(5, 3))
+    reader = asyncio.ensure_future(read())
+    accountant.settle_soon(ticket("second"), Usage(5, 3))
+    assert await reader == 2
