@@ -29,7 +29,7 @@ from tests.support.metrics import scrape
 
 pytestmark = pytest.mark.timeout(60)
 
-FAKE_ENGINE = ROOT / "tests" / "fake_engine.py"
+FAKE_ENGINE = ROOT / "tests" / "support" / "fake_engine.py"
 
 
 def fake_engine_yaml(args: str = "", engine: str = "") -> str:
