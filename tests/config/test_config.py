@@ -107,6 +107,11 @@ extra: 1
             "  m: {targets: [{provider: p, model: x}]}",
             "server.max_body_bytes: must be",
         ),
+        (
+            "server: {fast_path: 'no'}\nproviders:\n  p: {base_url: 'http://h'}\nmodels:\n"
+            "  m: {targets: [{provider: p, model: x}]}",
+            "server.fast_path: must be true or false, got 'no'",
+        ),
     ],
 )
 def test_invalid_files(text: str, error: str):

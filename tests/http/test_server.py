@@ -9,7 +9,9 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+import pytest
 
+from proxy.server import FAST_PATH_ENV
 from tests.config.test_config import ECHOING, SECRET, SECRET_ENV
 from tests.conftest import MakeProxy
 from tests.support import (
@@ -71,6 +73,23 @@ async def test_sigterm_lets_a_stream_in_flight_finish(
     finally:
         process.stop()
     assert process.process.returncode == 0
+
+
+async def test_fast_path_false_leaves_every_call_to_aiohttp(
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, monkeypatch: pytest.MonkeyPatch
+):
+    # aiohttp's server names itself in a Server header; the front sends none
+    # (tests/http/test_front.py). With the environment allowing the front, the file decides.
+    monkeypatch.setenv(FAST_PATH_ENV, "1")
+    call = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}]}
+    for fast_path, aiohttp_serves in (("false", True), ("true", False)):
+        text = routes_yaml(wandb, prime).replace(
+            "server:\n", f"server:\n  fast_path: {fast_path}\n"
+        )
+        proxy = await make_proxy(text)
+        async with proxy.http.post(proxy.url + "/v1/chat/completions", json=call) as resp:
+            assert resp.status == 200
+            assert ("aiohttp" in resp.headers.get("Server", "")) is aiohttp_serves, resp.headers
 
 
 async def test_readyz_reports_required_providers(
