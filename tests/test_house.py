@@ -121,17 +121,23 @@ def test_no_module_imports_itself_through_others():
     assert not cycles, "\n".join(sorted(set(cycles)))
 
 
+def _third_party(path: Path) -> set[str]:
+    """The top-level packages a module imports, anywhere in it."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
 def test_the_lower_packages_do_not_know_aiohttp():
-    offenders = []
-    for module, path in _modules().items():
-        if _layer(module) not in NO_AIOHTTP:
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            if any(name.split(".")[0] == "aiohttp" for name in names):
-                offenders.append(module)
+    offenders = [
+        module
+        for module, path in _modules().items()
+        if _layer(module) in NO_AIOHTTP and "aiohttp" in _third_party(path)
+    ]
     assert not offenders, offenders
 
 
@@ -139,3 +145,9 @@ def test_every_top_level_module_has_a_layer_and_every_package_one_too():
     packages = {p.name for p in (ROOT / "proxy").iterdir() if (p / "__init__.py").exists()}
     assert packages <= set(LAYERS), packages - set(LAYERS)
     assert set(TOP_LEVEL.values()) <= set(LAYERS)
+
+
+def test_redis_is_reached_through_the_proxys_own_client_only():
+    """redis-py is the tests' view of Redis, not the proxy's (docs/ARCHITECTURE.md, "Redis")."""
+    offenders = [module for module, path in _modules().items() if "redis" in _third_party(path)]
+    assert not offenders, offenders
