@@ -216,3 +216,18 @@ async def test_redirects_are_relayed_never_followed(
             assert resp.headers["Location"] == elsewhere_url + CHAT
     assert len(wandb.fake.seen) == 4
     assert elsewhere.seen == []
+
+
+async def test_the_headers_the_proxy_writes_have_their_canonical_case(
+    proxy: Proxy, wandb: Upstream
+):
+    # Header names are case-insensitive, but not to every upstream or log pipeline that
+    # greps them: the proxy's own headers are written as the providers' docs spell them.
+    payload = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}]}
+    async with proxy.http.post(proxy.url + CHAT, json=payload) as resp:
+        assert resp.status == 200
+        to_client = [name for name, _ in resp.raw_headers]
+    assert b"X-Proxy-Request-Id" in to_client
+    to_upstream = list(wandb.fake.last.headers.keys())  # as received, case kept
+    for name in ("Authorization", "Accept-Encoding", "Content-Type"):
+        assert name in to_upstream, to_upstream
