@@ -27,6 +27,9 @@ class Seen:
     path: str
     headers: CIMultiDict[str]
     body: bytes
+    # The header names as they came on the wire: aiohttp's parser gives well-known
+    # names (Accept-Encoding…) their canonical case in ``headers``.
+    raw_names: tuple[bytes, ...] = ()
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -100,7 +103,9 @@ class FakeUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.arrivals.append(time.monotonic())
-        self.seen.append(Seen(request.method, request.path, CIMultiDict(request.headers), body))
+        raw_names = tuple(name for name, _ in request.raw_headers)
+        headers = CIMultiDict(request.headers)
+        self.seen.append(Seen(request.method, request.path, headers, body, raw_names))
         if self.key and request.headers.get("Authorization") != f"Bearer {self.key}":
             return web.json_response(_error("Invalid API key", "invalid_api_key"), status=401)
         if self.faults:
