@@ -54,15 +54,19 @@ class CircuitSync:
         self._spawn(self._publish(change))
 
     def end_probe(self, key: str) -> None:
-        """The probe has its answer (and published it): the next cool-down may elect another."""
-        self._spawn(self._delete(f"{CHANNEL}:probe:{key}"))
+        """The probe has its answer: the next cool-down may elect another, once the
+        answer's change (published just before) is out, so that no process that has not
+        heard of it yet finds the claim free and probes again."""
+        self._spawn(self._delete(f"{CHANNEL}:probe:{key}", after=set(self._tasks)))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _delete(self, key: str) -> None:
+    async def _delete(self, key: str, after: set[asyncio.Task[None]]) -> None:
+        if after:
+            await asyncio.wait(after)
         with contextlib.suppress(*_FAILURES):  # else it expires after its lease
             await self.redis.execute("DEL", key)
 

@@ -19,7 +19,7 @@ from proxy.routing import circuit_sync
 from proxy.routing.circuit import Change, CircuitBreakers, Passage
 from proxy.routing.circuit_sync import CHANNEL, STATES, CircuitSync
 from tests.support import dead_url, eventually
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import Monitor, RedisServer
 
 KEY = "http://10.0.0.5:8000/v1"
 PAUSED = "circuit sharing paused, Redis failed: "
@@ -250,3 +250,25 @@ async def test_an_opening_that_ends_at_this_very_instant_is_applied(
         follower.cancel()
         await asyncio.wait([follower], timeout=5)
         await sync.close()
+
+
+async def test_a_probe_s_claim_is_freed_only_after_its_change_is_shared(
+    private_redis: RedisServer,
+) -> None:
+    # A process that found the claim free before hearing of the failed probe's opening
+    # would probe again: the opening goes out first, then the claim is deleted.
+    sync = CircuitSync(private_redis.url, CircuitBreakers(), 1.0)
+    monitor = Monitor(private_redis.port)
+    try:
+        assert await sync.claim_probe(KEY, 600.0) is True
+        sync.publish(Change(KEY, 2, time.time() + 60))  # the probe failed
+        sync.end_probe(KEY)
+        client = private_redis.client()
+        try:
+            await eventually(lambda: not client.exists(f"{CHANNEL}:probe:{KEY}"), 5)
+        finally:
+            client.close()
+    finally:
+        commands = await monitor.stop()
+        await sync.close()
+    assert [c for c in commands if c in ("hset", "publish", "del")] == ["hset", "publish", "del"]
