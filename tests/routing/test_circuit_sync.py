@@ -272,3 +272,30 @@ async def test_a_probe_s_claim_is_freed_only_after_its_change_is_shared(
         commands = await monitor.stop()
         await sync.close()
     assert [c for c in commands if c in ("hset", "publish", "del")] == ["hset", "publish", "del"]
+
+
+async def test_a_process_starting_later_reads_every_open_circuit(
+    private_redis: RedisServer,
+) -> None:
+    keys = [f"http://10.0.0.{n}:8000/v1" for n in range(1, 5)]
+    client = private_redis.client()
+    try:
+        for key in keys:
+            message = {
+                "origin": "another-process",
+                "key": key,
+                "opened": 1,
+                "until": time.time() + 60,
+            }
+            client.hset(STATES, key, json.dumps(message))
+    finally:
+        client.close()
+    breakers = CircuitBreakers()
+    sync = CircuitSync(private_redis.url, breakers, 1.0)
+    follower = asyncio.ensure_future(sync.follow())
+    try:
+        await eventually(lambda: [breakers.state(k) for k in keys] == ["open"] * 4, 5)
+    finally:
+        follower.cancel()
+        await asyncio.wait([follower], timeout=5)
+        await sync.close()
