@@ -1,4 +1,4 @@
-"""The configuration as typed, frozen data. ``config_load`` builds it from routes.yaml."""
+"""The configuration as typed, frozen data. ``config/load.py`` builds it from routes.yaml."""
 
 from __future__ import annotations
 

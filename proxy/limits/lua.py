@@ -3,7 +3,7 @@
 They run on Redis's own clock (TIME), so every proxy replica sees the same time. All
 keys of a team share the hash tag ``{team}``, so a script touches one Cluster slot;
 ``tokens_per_day`` keys get the UTC day appended inside the script, which stays in
-that slot. The arithmetic mirrors store_memory.py: per-minute limits are token
+that slot. The arithmetic mirrors limits/memory.py: per-minute limits are token
 buckets refilled evenly over a minute, ``concurrent`` is a sorted set of leases
 scored by expiry in whole milliseconds, ``tokens_per_day`` a counter per UTC day.
 
@@ -32,7 +32,7 @@ end
 """
 
 # KEYS[i]: the state key of check i. ARGV: the number of calls, kind and limit per check,
-# then per call: lease, lease ttl, reserved tokens (resp_batch.py gathers the calls).
+# then per call: lease, lease ttl, reserved tokens (redis/batch.py gathers the calls).
 # Each check's state is read once and written once; the calls are taken in order, each
 # against what the calls before it left, as separate runs at one instant would be.
 # Returns per call {admitted, day, refused index, retry_after, now, level per check},

@@ -1,5 +1,5 @@
 """The limiter and ledger in this process: the embedded default, and the fail-open
-fallback when Redis is down. Same semantics as the Lua scripts in store_lua.py, with
+fallback when Redis is down. Same semantics as the Lua scripts in limits/lua.py, with
 the shared arithmetic of store.py (``wait_for``, ``limit_state``)."""
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 Every call is one script round trip (EVALSHA; EVAL once after a Redis restart), and
 the admissions (and the settlements) of a team made in one loop turn share one
-(resp_batch.py). The hot path (admit, settle, renew) runs on the lean pipelined client
-of resp_client.py; ledger reads, rare and off the hot path, on redis-py. Any Redis or
+(redis/batch.py). Everything, the hot path (admit, settle, renew) and the rare ledger
+reads alike, runs on the proxy's pipelined client (redis/client.py). Any Redis or
 socket error becomes ``StoreUnavailable``: the caller falls back or refuses, and
-queues settlements. Neither client retries, so a down Redis costs one short timeout,
-not several.
+queues settlements. The client does not retry, so a down Redis costs one short
+timeout, not several.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ each worker then writes its values to files there and a scrape of any worker mer
 all of them (prometheus-client's multiprocess mode), so one scrape sees every worker.
 
 Hot path: the labelled children used on every call are cached in plain dicts, and
-their updates are gathered in a tally (metrics_tally.py) that adds them to the values
+their updates are gathered in a tally (observe/tally.py) that adds them to the values
 every 50 ms and before a scrape, so a request costs a handful of dict lookups and
 additions.
 
@@ -117,7 +117,7 @@ class Metrics:
         self._define_calls(self.registry)
         self._define_upstreams(self.registry)
         self._define_teams_and_operations(self.registry)
-        # What every call updates, through the tally (metrics_tally.py), children cached.
+        # What every call updates, through the tally (observe/tally.py), children cached.
         self.tally = tally = Tally()
         self.c_requests = _Children(self.requests, TalliedCount, tally)
         self.c_duration = _Children(self.duration, TalliedHistogram, tally)

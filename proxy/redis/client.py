@@ -1,11 +1,13 @@
-"""A lean, pipelined Redis client for the limiter's hot path (admit, settle, renew).
+"""The proxy's Redis client: lean and pipelined, built for the limiter's hot path
+(admit, settle, renew) and used for every other command too (ledger reads, circuit
+sharing).
 
 redis-py spends a few hundred µs of CPU per script call; this client does only what
 the hot path needs. One persistent connection per client, shared by every concurrent
 caller: each command is written at once and replies are matched to callers in order
 (pipelining). Scripts run by EVALSHA, with EVAL after a NOSCRIPT (a restarted Redis
 has lost its script cache); calls to one script can be gathered per loop turn into one
-command (``run_batched``, resp_batch.py). Everything off the hot path stays on redis-py.
+command (``run_batched``, redis/batch.py).
 
 A command fails with ``RespError`` (Redis refused it; the connection is fine) or
 ``Disconnected`` (no connection, the socket broke, or the oldest reply is overdue). A
@@ -92,7 +94,7 @@ class _Connection(asyncio.Protocol):
         # costliest single step of a call with limits on).
         self._unsent: list[bytes | Batch] = []
         # The batch each ordering domain may still add calls to: its last command of
-        # this turn, if that is a batch (resp_batch.py).
+        # this turn, if that is a batch (redis/batch.py).
         self._open: dict[Hashable, Batch] = {}
         self._transport: asyncio.Transport | None = None
         # One timer per connection, not one per command: it checks the oldest command's
@@ -230,7 +232,7 @@ class RespClient:
         self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes
     ) -> Reply:
         """A script call gathered with the calls of ``domain`` to the same script and
-        shape made in this loop turn (resp_batch.py); its own reply comes back."""
+        shape made in this loop turn (redis/batch.py); its own reply comes back."""
         connection = self._ready() or await self._connect()
         return await connection.join(domain, shape, keys, args)
 

@@ -1,7 +1,7 @@
 """One Redis subscription on a connection of its own: SUBSCRIBE, then its messages.
 
-The circuit sharing follows the other processes' changes here rather than through
-redis-py's PubSub. Cleaning up a PubSub on cancellation takes locks it shares with
+The circuit sharing follows the other processes' changes here (it once did through
+redis-py's PubSub). Cleaning up a PubSub on cancellation takes locks it shares with
 its connection pool, and a follower cancelled at shutdown was seen (rarely, in CI) to
 stay pending for good: the event loop could then not close, nor the process exit.
 Here the subscription is one socket: a cancellation closes it and waits for nothing.

@@ -1,7 +1,7 @@
 """An upstream's answer as it arrives on its connection: status and headers once they are
 in, then the body read by read.
 
-The connection (upstream_client.py) parses the bytes and calls ``begin``, ``body``,
+The connection (upstream/client.py) parses the bytes and calls ``begin``, ``body``,
 ``end`` or ``fail``; the caller awaits ``started()``, then ``readany()`` until b"",
 and always ends with ``close()``, which hands the connection back or drops it. A body
 that stops short raises ``UpstreamConnectionError`` at the read that would have had
