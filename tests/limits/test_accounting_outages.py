@@ -10,8 +10,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -25,7 +24,7 @@ from tests.support import Upstream, eventually, routes_yaml
 from tests.support.metrics import scrape
 from tests.support.redis_relay import RedisRelay
 from tests.support.redis_server import Monitor, RedisServer
-from tests.support.teams import MESSAGES, RESEARCH_KEY, chat, ledger, need_redis, team_yaml
+from tests.support.teams import MESSAGES, RESEARCH_KEY, chat, ledger, team_yaml
 
 FLUSHED = "ledger queue flushed: Redis is back"
 ERRORS = "llm_proxy_redis_errors_total"
@@ -35,17 +34,6 @@ FIRST = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}
 
 # Each test names its Redis (or relay) first, so that it is torn down after the proxy:
 # the proxy's shutdown then writes what is queued instead of retrying it for 5 s.
-
-
-@pytest.fixture
-def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own whose keys survive a kill -9 and a restart."""
-    need_redis()
-    data = tmp_path / "redis-data"
-    data.mkdir()
-    server = RedisServer(data, persistent=True)
-    yield server
-    server.kill()
 
 
 @pytest.fixture

@@ -7,31 +7,18 @@ import json
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from tests.conftest import MakeProxy
 from tests.support import ProxyProcess, Upstream, eventually, free_port, routes_yaml
 from tests.support.metrics import scrape
 from tests.support.redis_server import Monitor, RedisServer
-from tests.support.teams import ADMIN_KEY, RESEARCH_KEY, chat, need_redis, team_yaml
+from tests.support.teams import ADMIN_KEY, RESEARCH_KEY, chat, team_yaml
 
 AUTH = {"Authorization": f"Bearer {RESEARCH_KEY}"}
 BODY = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own, persistent, which the test may kill and restart."""
-    need_redis()
-    data = tmp_path / "redis-data"
-    data.mkdir()
-    server = RedisServer(data, persistent=True)
-    yield server
-    server.kill()
 
 
 async def _statuses(url: str, count: int, concurrency: int) -> list[int]:
@@ -60,10 +47,11 @@ async def _processes(tmp_path: Path, text: str, count: int) -> list[ProxyProcess
 
 
 async def test_three_replicas_admit_exactly_the_limit(
-    tmp_path: Path, wandb: Upstream, prime: Upstream, redis_server: RedisServer
+    tmp_path: Path, wandb: Upstream, prime: Upstream, persistent_redis: RedisServer
 ):
     text = routes_yaml(wandb, prime) + team_yaml(
-        limits="{requests_per_minute: 50, tokens_per_minute: 100000}", redis_url=redis_server.url
+        limits="{requests_per_minute: 50, tokens_per_minute: 100000}",
+        redis_url=persistent_redis.url,
     )
     processes = await _processes(tmp_path, text, 3)
     try:
@@ -82,14 +70,14 @@ async def test_three_replicas_admit_exactly_the_limit(
 
 
 async def test_tokens_admitted_in_a_burst_never_exceed_the_limit(
-    tmp_path: Path, wandb: Upstream, prime: Upstream, redis_server: RedisServer
+    tmp_path: Path, wandb: Upstream, prime: Upstream, persistent_redis: RedisServer
 ):
     # Each call reserves 7 (prompt estimate) + 20 (max_tokens) = 27 tokens; a burst of 60
     # long calls over 3 replicas, all in flight before any settles, may take at most the
     # bucket (1000) plus what refills while it lasts (1000/60 per second).
     wandb.fake.pause_before_headers = 1.0
     text = routes_yaml(wandb, prime) + team_yaml(
-        limits="{tokens_per_minute: 1000}", redis_url=redis_server.url
+        limits="{tokens_per_minute: 1000}", redis_url=persistent_redis.url
     )
     processes = await _processes(tmp_path, text, 3)
     loop = asyncio.get_running_loop()
@@ -107,7 +95,7 @@ async def test_tokens_admitted_in_a_burst_never_exceed_the_limit(
 
 
 async def test_at_most_two_redis_round_trips_per_call(
-    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, redis_server: RedisServer
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, persistent_redis: RedisServer
 ):
     limits = "{requests_per_minute: 10000, tokens_per_minute: 10000000, concurrent: 100}"
     proxy = await make_proxy(
@@ -115,17 +103,17 @@ async def test_at_most_two_redis_round_trips_per_call(
         + team_yaml(
             limits=limits,
             model_limits="{llama-8b: {requests_per_minute: 10000}}",
-            redis_url=redis_server.url,
+            redis_url=persistent_redis.url,
         )
     )
     for _ in range(5):  # warm up: connection set-up and script loading
         await chat(proxy)
-    before = redis_server.command_calls()
-    monitor = Monitor(redis_server.port)
+    before = persistent_redis.command_calls()
+    monitor = Monitor(persistent_redis.port)
     for _ in range(50):
         assert (await chat(proxy))[0] == 200
     sent = await monitor.stop()
-    after = redis_server.command_calls()
+    after = persistent_redis.command_calls()
     # Every command a client sent is one round trip: one admission, one settlement.
     assert len(sent) <= 2 * 50, Counter(sent)
     assert Counter(sent) == {"evalsha": 100}
@@ -137,22 +125,22 @@ async def test_at_most_two_redis_round_trips_per_call(
 
 
 async def test_redis_killed_and_restarted_under_load_loses_and_doubles_nothing(
-    tmp_path: Path, wandb: Upstream, prime: Upstream, redis_server: RedisServer
+    tmp_path: Path, wandb: Upstream, prime: Upstream, persistent_redis: RedisServer
 ):
     text = routes_yaml(wandb, prime) + team_yaml(
         limits="{requests_per_minute: 100000, tokens_per_minute: 100000000}",
-        redis_url=redis_server.url,
+        redis_url=persistent_redis.url,
     )
     wandb.fake.pause_before_headers = 0.02
     (process,) = await _processes(tmp_path, text, 1)
     try:
         load = asyncio.create_task(_statuses(process.url, 300, 8))
         await eventually(lambda: len(wandb.fake.seen) >= 50, timeout=20)  # load in flight
-        redis_server.kill()
+        persistent_redis.kill()
         down_at = len(wandb.fake.seen)
         await eventually(lambda: len(wandb.fake.seen) >= down_at + 50, timeout=20)
         assert not load.done()  # calls served while Redis was down, more to come
-        await redis_server.restart()  # same port, same append-only file
+        await persistent_redis.restart()  # same port, same append-only file
         statuses = await load
         assert statuses == [200] * 300  # fail_open: the outage cost no call
         reported = wandb.fake.reported
@@ -168,37 +156,39 @@ async def test_redis_killed_and_restarted_under_load_loses_and_doubles_nothing(
 
 
 async def test_fail_closed_refuses_while_redis_is_down(
-    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, redis_server: RedisServer
+    make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, persistent_redis: RedisServer
 ):
     proxy = await make_proxy(
         routes_yaml(wandb, prime)
         + team_yaml(
-            limits="{requests_per_minute: 100}", redis_url=redis_server.url, on_error="fail_closed"
+            limits="{requests_per_minute: 100}",
+            redis_url=persistent_redis.url,
+            on_error="fail_closed",
         )
     )
     assert (await chat(proxy))[0] == 200
-    redis_server.kill()
+    persistent_redis.kill()
     status, body, _ = await chat(proxy)
     assert status == 503 and b"rate_limiter_unavailable" in body
     assert len(wandb.fake.seen) == 1
-    await redis_server.restart()
+    await persistent_redis.restart()
     assert (await chat(proxy))[0] == 200
 
 
 async def test_sigterm_flushes_the_queued_ledger(
-    tmp_path: Path, wandb: Upstream, prime: Upstream, redis_server: RedisServer
+    tmp_path: Path, wandb: Upstream, prime: Upstream, persistent_redis: RedisServer
 ):
-    text = routes_yaml(wandb, prime) + team_yaml(redis_url=redis_server.url)  # ledger only
+    text = routes_yaml(wandb, prime) + team_yaml(redis_url=persistent_redis.url)  # ledger only
     (process,) = await _processes(tmp_path, text, 1)
     try:
-        redis_server.kill()
+        persistent_redis.kill()
         assert await _statuses(process.url, 10, 5) == [200] * 10  # booked nowhere yet
-        await redis_server.restart()
+        await persistent_redis.restart()
         process.signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.process.wait, 20) == 0
     finally:
         process.stop()
-    client = redis_server.client()
+    client = persistent_redis.client()
     try:
         keys = client.keys("llmproxy:{research}:ledger:*")
         requests = sum(int(client.hget(k, "requests") or 0) for k in keys if b"index" not in k)
@@ -223,14 +213,14 @@ async def _totals(url: str) -> dict[str, int]:
 
 
 async def test_settlements_that_cannot_be_written_are_logged_at_shutdown(
-    tmp_path: Path, wandb: Upstream, prime: Upstream, redis_server: RedisServer
+    tmp_path: Path, wandb: Upstream, prime: Upstream, persistent_redis: RedisServer
 ):
     """Redis down for good: each call's settlement is logged as JSON at shutdown, never
     dropped silently, and the errors meanwhile are logged at most once a second."""
-    text = routes_yaml(wandb, prime) + team_yaml(redis_url=redis_server.url)  # ledger only
+    text = routes_yaml(wandb, prime) + team_yaml(redis_url=persistent_redis.url)  # ledger only
     (process,) = await _processes(tmp_path, text, 1)
     try:
-        redis_server.kill()
+        persistent_redis.kill()
         began = time.monotonic()
         assert await _statuses(process.url, 10, 5) == [200] * 10  # fail_open
         took = time.monotonic() - began

@@ -121,7 +121,7 @@ def _redis_routes(replicas: Replicas, redis: RedisServer) -> str:  # noqa: F811
     return f'redis: {{url: "{redis.url}"}}\n' + replica_routes(replicas, "round_robin")
 
 
-def _change(key: str, opened: int, until: float) -> str:
+def another_change(key: str, opened: int, until: float) -> str:
     """A circuit change as another proxy process publishes it."""
     return json.dumps({"origin": "another-process", "key": key, "opened": opened, "until": until})
 
@@ -133,7 +133,7 @@ async def test_a_process_started_later_reads_the_open_circuits(
 ):
     # Another process opened a's circuit for a minute before this one started.
     client = private_redis.client()
-    client.hset(STATES, replicas.a_url, _change(replicas.a_url, 1, time.time() + 60))
+    client.hset(STATES, replicas.a_url, another_change(replicas.a_url, 1, time.time() + 60))
     client.close()
     proxy = await make_proxy(_redis_routes(replicas, private_redis))
     breakers = proxy.app[SERVICES].breakers
@@ -153,12 +153,12 @@ async def test_closings_published_by_other_processes_are_applied(
     client = private_redis.client()
     try:
         await eventually(lambda: client.pubsub_numsub(CHANNEL)[0][1] == 1, timeout=5)
-        client.publish(CHANNEL, _change(replicas.a_url, 1, time.time() + 60))
+        client.publish(CHANNEL, another_change(replicas.a_url, 1, time.time() + 60))
         await eventually(lambda: breakers.state(replicas.a_url) == "open", timeout=5)
         for _ in range(4):
             assert await _chat(proxy) == 200
         assert replicas.counts() == (0, 4)
-        client.publish(CHANNEL, _change(replicas.a_url, 0, 0.0))  # its probe succeeded
+        client.publish(CHANNEL, another_change(replicas.a_url, 0, 0.0))  # its probe succeeded
         await eventually(lambda: breakers.state(replicas.a_url) == "closed", timeout=5)
     finally:
         client.close()

@@ -6,7 +6,7 @@ what must bound every command and the subscription."""
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +18,8 @@ from proxy.config.model import CircuitPolicy
 from proxy.routing import circuit_sync
 from proxy.routing.circuit import Change, CircuitBreakers, Passage
 from proxy.routing.circuit_sync import CHANNEL, STATES, CircuitSync
+from tests.redis.test_redis_subscription import subscribers
+from tests.routing.test_circuit_sharing import another_change
 from tests.support import dead_url, eventually
 from tests.support.redis_server import Monitor, RedisServer
 
@@ -67,20 +69,23 @@ def quick_retry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(circuit_sync, "_RETRY", 0.1)
 
 
-def _subscribers(server: RedisServer) -> int:
-    client = server.client()
+@contextlib.asynccontextmanager
+async def _following(sync: CircuitSync) -> AsyncIterator[None]:
+    """``sync`` following Redis for the block; then cancelled and closed, as at shutdown."""
+    follower = asyncio.ensure_future(sync.follow())
     try:
-        return int(dict(client.pubsub_numsub(CHANNEL)).get(CHANNEL.encode(), 0))
+        yield
     finally:
-        client.close()
+        follower.cancel()
+        await asyncio.wait([follower], timeout=5)
+        await sync.close()
 
 
 def _publish_other(server: RedisServer, key: str, opened: int, until: float) -> None:
     """A change as another proxy process publishes it."""
     client = server.client()
     try:
-        message = {"origin": "another-process", "key": key, "opened": opened, "until": until}
-        client.publish(CHANNEL, json.dumps(message))
+        client.publish(CHANNEL, another_change(key, opened, until))
     finally:
         client.close()
 
@@ -121,16 +126,11 @@ async def test_a_hung_subscription_is_reported_and_retried(
 ) -> None:
     url = await silent.start()
     sync = CircuitSync(url, CircuitBreakers(), timeout=0.2)
-    follower = asyncio.ensure_future(sync.follow())
-    try:
+    async with _following(sync):
         # Reported, and tried again on a new connection.
         await eventually(lambda: len(_messages(caplog, PAUSED)) >= 2, 5)
         assert set(_messages(caplog, PAUSED)) == {PAUSED + "TimeoutError()"}
         assert silent.opened >= 2
-    finally:
-        follower.cancel()
-        await asyncio.wait([follower], timeout=5)
-        await sync.close()
 
 
 async def test_the_follower_resumes_once_redis_is_back(
@@ -138,19 +138,14 @@ async def test_the_follower_resumes_once_redis_is_back(
 ) -> None:
     breakers = CircuitBreakers()
     sync = CircuitSync(private_redis.url, breakers, 1.0)
-    follower = asyncio.ensure_future(sync.follow())
-    try:
-        await eventually(lambda: _subscribers(private_redis) == 1, 5)
+    async with _following(sync):
+        await eventually(lambda: subscribers(private_redis) == 1, 5)
         private_redis.kill()
         await eventually(lambda: bool(_messages(caplog, PAUSED)), 5)  # it noticed
         await private_redis.restart()
-        await eventually(lambda: _subscribers(private_redis) == 1, 5)
+        await eventually(lambda: subscribers(private_redis) == 1, 5)
         _publish_other(private_redis, KEY, 1, time.time() + 60)
         await eventually(lambda: breakers.state(KEY) == "open", 5)
-    finally:
-        follower.cancel()
-        await asyncio.wait([follower], timeout=5)
-        await sync.close()
 
 
 async def test_changes_published_just_before_shutdown_still_reach_redis(
@@ -195,12 +190,9 @@ async def following(private_redis: RedisServer) -> AsyncIterator[tuple[CircuitSy
     now = [1000.0]
     breakers = CircuitBreakers(clock=lambda: now[0])
     sync = CircuitSync(private_redis.url, breakers, 1.0)
-    follower = asyncio.ensure_future(sync.follow())
-    await eventually(lambda: _subscribers(private_redis) == 1, 5)
-    yield sync, now
-    follower.cancel()
-    await asyncio.wait([follower], timeout=5)
-    await sync.close()
+    async with _following(sync):
+        await eventually(lambda: subscribers(private_redis) == 1, 5)
+        yield sync, now
 
 
 async def test_a_process_ignores_the_echo_of_its_own_changes(
@@ -238,18 +230,12 @@ async def test_an_opening_that_ends_at_this_very_instant_is_applied(
     # Another process's opening, read from the hash at start, ends now: the endpoint is
     # half-open here too (one probe), not trusted at once.
     client = private_redis.client()
-    message = {"origin": "another-process", "key": KEY, "opened": 1, "until": frozen_wall_clock}
-    client.hset(STATES, KEY, json.dumps(message))
+    client.hset(STATES, KEY, another_change(KEY, 1, frozen_wall_clock))
     client.close()
     breakers = CircuitBreakers()
     sync = CircuitSync(private_redis.url, breakers, 1.0)
-    follower = asyncio.ensure_future(sync.follow())
-    try:
+    async with _following(sync):
         await eventually(lambda: breakers.state(KEY) == "half_open", 5)
-    finally:
-        follower.cancel()
-        await asyncio.wait([follower], timeout=5)
-        await sync.close()
 
 
 async def test_a_probe_s_claim_is_freed_only_after_its_change_is_shared(
@@ -281,21 +267,10 @@ async def test_a_process_starting_later_reads_every_open_circuit(
     client = private_redis.client()
     try:
         for key in keys:
-            message = {
-                "origin": "another-process",
-                "key": key,
-                "opened": 1,
-                "until": time.time() + 60,
-            }
-            client.hset(STATES, key, json.dumps(message))
+            client.hset(STATES, key, another_change(key, 1, time.time() + 60))
     finally:
         client.close()
     breakers = CircuitBreakers()
     sync = CircuitSync(private_redis.url, breakers, 1.0)
-    follower = asyncio.ensure_future(sync.follow())
-    try:
+    async with _following(sync):
         await eventually(lambda: [breakers.state(k) for k in keys] == ["open"] * 4, 5)
-    finally:
-        follower.cancel()
-        await asyncio.wait([follower], timeout=5)
-        await sync.close()

@@ -68,6 +68,17 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.kill()
 
 
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own whose keys survive a kill -9 and a restart."""
+    need_redis()
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    server = RedisServer(data, persistent=True)
+    yield server
+    server.kill()
+
+
 MakeTeamProxy = Callable[..., Awaitable[Proxy]]
 
 
