@@ -43,15 +43,14 @@ def proxied(api: Api) -> Handler:
 class AiohttpExchange:
     """A call aiohttp carries: its request, and the stream response once one started."""
 
-    __slots__ = ("request", "streamed")
+    __slots__ = ("request", "services", "streamed")
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
+        # Read once: the call reaches it several times, and Application.__getitem__
+        # is a Python-level lookup.
+        self.services: Services = request.app[SERVICES]
         self.streamed: web.StreamResponse | None = None
-
-    @property
-    def services(self) -> Services:
-        return self.request.app[SERVICES]
 
     @property
     def method(self) -> str:
