@@ -27,7 +27,7 @@ from proxy.config.load import ConfigError
 from proxy.config.model import ServerSettings
 from proxy.config.reload import ConfigHolder
 from proxy.http.bad_requests import server_logger
-from proxy.http.front import FrontSite
+from proxy.http.front import FrontListener
 from proxy.observe import access_log
 from proxy.observe.metrics import MULTIPROC_ENV
 from proxy.pdeathsig import parent_death_signal
@@ -65,7 +65,7 @@ async def _worker(options: ServeOptions, reuse_port: bool) -> None:
     exposure = Exposure(options.host, options.allow_anonymous)
     config = load_to_serve(options.config_path, exposure)
     holder = ConfigHolder(config, options.config_path, exposure)
-    runner = await start_server(
+    serving = await start_server(
         make_app(holder), options.host, options.port, reuse_port, options.shutdown_timeout
     )
     # Everything made so far lives as long as the worker: keep it out of the cyclic
@@ -77,7 +77,7 @@ async def _worker(options: ServeOptions, reuse_port: bool) -> None:
     # less often (profiled under load: from 6 % of a worker's CPU to none seen in 8 s).
     # Refcounting still frees everything that is not a cycle at once.
     gc.set_threshold(10_000, 10, 10)
-    for host, port in (a[:2] for a in runner.addresses):
+    for host, port in serving.addresses:
         log.info("proxy listening on http://%s:%s", host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,14 +86,40 @@ async def _worker(options: ServeOptions, reuse_port: bool) -> None:
     loop.add_signal_handler(signal.SIGHUP, holder.reload)
     await stop.wait()
     log.info("shutting down: draining requests in flight (up to %ss)", options.shutdown_timeout)
-    await runner.cleanup()
+    await serving.cleanup()
     access_log.flush()
 
 
+class Serving:
+    """The proxy on its port: aiohttp's runner, and the front's listener when the fast
+    path is on. ``cleanup()`` stops it as aiohttp's runner would stop its sites: no new
+    connections, calls in flight finish within the shutdown timeout, then the app's own
+    cleanup (the accountant's last settlements, the engines)."""
+
+    def __init__(
+        self, runner: web.AppRunner, front: FrontListener | None, shutdown_timeout: float
+    ) -> None:
+        self.runner, self.front, self._shutdown_timeout = runner, front, shutdown_timeout
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        if self.front is not None:
+            return self.front.addresses
+        return [a[:2] for a in self.runner.addresses]
+
+    async def cleanup(self) -> None:
+        if self.front is not None:
+            await self.front.close(self._shutdown_timeout)
+        await self.runner.cleanup()
+
+
 async def start_server(
-    app: web.Application, host: str, port: int, reuse_port: bool = False,
+    app: web.Application,
+    host: str,
+    port: int,
+    reuse_port: bool = False,
     shutdown_timeout: float = 30.0,
-) -> web.AppRunner:  # fmt: skip
+) -> Serving:
     """The proxy's app on a port: the lean front first (unless ``fast_path`` is off),
     aiohttp for the rest."""
     # handler_cancellation: a client that disconnects cancels its handler, which
@@ -110,15 +136,12 @@ async def start_server(
         logger=server_logger(),
     )
     await runner.setup()
-    site: web.BaseSite
     if fast_path(app[SERVICES].config.current.server, os.environ):
-        site = FrontSite(
-            runner, host, port, reuse_port=reuse_port, shutdown_timeout=shutdown_timeout
-        )
-    else:  # aiohttp's own site; its shutdown_timeout is the runner's, set above
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
-    await site.start()
-    return runner
+        front = await FrontListener.open(runner, host, port, reuse_port)
+        return Serving(runner, front, shutdown_timeout)
+    # aiohttp's own site; its shutdown_timeout is the runner's, set above
+    await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+    return Serving(runner, None, shutdown_timeout)
 
 
 def fast_path(settings: ServerSettings, env: Mapping[str, str]) -> bool:

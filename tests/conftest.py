@@ -11,7 +11,7 @@ from aiohttp import web
 from proxy.app import make_app
 from proxy.config.load import load_config
 from proxy.config.reload import ConfigHolder
-from proxy.server import FAST_PATH_ENV
+from proxy.server import FAST_PATH_ENV, Serving
 from tests.support import Upstream, routes_yaml, serve_app
 from tests.support.fake_upstream import FakeUpstream
 
@@ -58,7 +58,7 @@ def provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def start_app() -> AsyncIterator[StartApp]:
-    runners: list[web.AppRunner] = []
+    runners: list[web.AppRunner | Serving] = []
 
     async def start(app: web.Application) -> str:
         runner, url = await serve_app(app)

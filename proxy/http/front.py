@@ -104,44 +104,37 @@ class FrontServer:
             self._changed.set()
 
 
-class FrontSite(web.BaseSite):
-    """A TCP site whose connections the front serves first; aiohttp's runner drives it."""
+class FrontListener:
+    """The front's listening socket, beside aiohttp's runner rather than one of its
+    sites: aiohttp has no public way to put another protocol behind a site. The runner's
+    server (public: a protocol factory) serves the connections the front hands over."""
 
-    def __init__(
-        self,
-        runner: web.AppRunner,
-        host: str,
-        port: int,
-        *,
-        reuse_port: bool = False,
-        shutdown_timeout: float = 30.0,
-    ) -> None:
-        super().__init__(runner)
-        self.host, self.port, self.reuse_port = host, port, reuse_port
-        self.shutdown_timeout = shutdown_timeout
-        self.front: FrontServer | None = None
+    def __init__(self, front: FrontServer, server: asyncio.Server) -> None:
+        self.front, self.server = front, server
+
+    @classmethod
+    async def open(
+        cls, runner: web.AppRunner, host: str, port: int, reuse_port: bool = False
+    ) -> FrontListener:
+        assert runner.server is not None, "the runner is set up first"
+        front = FrontServer(runner.app, runner.server)
+        server = await asyncio.get_running_loop().create_server(
+            front,
+            host,
+            port,
+            reuse_port=reuse_port,
+            backlog=128,  # aiohttp's, not asyncio's 100
+        )
+        return cls(front, server)
 
     @property
-    def name(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for s in self.server.sockets]
 
-    async def start(self) -> None:
-        await super().start()
-        runner = cast(web.AppRunner, self._runner)
-        assert runner.server is not None
-        self.front = FrontServer(runner.app, runner.server)
-        self._server = await asyncio.get_running_loop().create_server(
-            self.front,
-            self.host,
-            self.port,
-            reuse_port=self.reuse_port,
-            backlog=self._backlog,  # aiohttp's 128, not asyncio's 100
-        )
-
-    async def stop(self) -> None:
-        await super().stop()  # the listening socket first
-        if self.front is not None:
-            await self.front.shutdown(self.shutdown_timeout)
+    async def close(self, grace: float) -> None:
+        """Stop listening, then let the front's calls in flight finish (``grace``)."""
+        self.server.close()
+        await self.front.shutdown(grace)
 
 
 class FrontConnection(asyncio.Protocol):

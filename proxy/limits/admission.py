@@ -17,16 +17,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from proxy.config.model import Config, RedisSettings
 from proxy.errors import LimiterUnavailable, RateLimited
 from proxy.limits.leases import LeaseRenewer
 from proxy.limits.memory import MemoryStore
+from proxy.limits.plan import LimitPlan
 from proxy.limits.rate_headers import describe_refusal, rate_headers
 from proxy.limits.redis_store import RedisStore
-from proxy.limits.store import DAY, Admission, Check, Settlement, Store, StoreUnavailable
+from proxy.limits.store import DAY, Admission, Settlement, Store, StoreUnavailable, TeamChecks
 from proxy.limits.usage import Usage
 from proxy.observe.metrics import Metrics
 
@@ -40,25 +41,11 @@ class Ticket:
     team: str
     model: str
     request_id: str
-    checks: tuple[Check, ...]
+    team_checks: TeamChecks
     reserved: int
     prompt_estimate: int
     admission: Admission
     fallback: bool = False  # admitted by this process's own limits while Redis was down
-
-
-def checks_for(config: Config, team: str, model: str) -> tuple[Check, ...]:
-    found = config.teams.get(team)
-    if found is None:
-        return ()
-    scopes = [("*", found.limits), (model, found.model_limits.get(model))]
-    return tuple(
-        Check(scope, kind, value)
-        for scope, limits in scopes
-        if limits
-        for kind, value in asdict(limits).items()
-        if value is not None
-    )
 
 
 class Accountant:
@@ -82,9 +69,10 @@ class Accountant:
         self._sending: set[asyncio.Future[Any]] = set()  # settlements sent without a task
         self._queued = 0  # settle_soon() callbacks not run yet
         self._loop: asyncio.AbstractEventLoop | None = None  # not get_running_loop() per call
-        # checks_for() per (team, model) of the running config: it is the same every call.
-        self._checks_of: Config | None = None
-        self._checks: dict[tuple[str, str], tuple[Check, ...]] = {}
+        # The running config's limits, compiled when it is first used, and the previous
+        # config's: calls that began before a reload still admit by the limits they read.
+        self._plan: LimitPlan | None = None
+        self._previous: LimitPlan | None = None
 
     def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` to the end even if its caller is cancelled; shutdown waits for it."""
@@ -103,8 +91,8 @@ class Accountant:
     async def admit(
         self, config: Config, team: str, model: str, reserved: int, prompt: int, request_id: str
     ) -> Ticket:
-        checks = self._checks_for(config, team, model)
-        if not checks:
+        checks = self._plan_of(config).checks(team, model)
+        if not checks.checks:
             return Ticket(
                 team,
                 model,
@@ -117,7 +105,7 @@ class Accountant:
         try:
             with self._timed("admit"):
                 admission = await self.primary.admit(
-                    team, checks, reserved, request_id, self.settings.lease_ttl
+                    checks, reserved, request_id, self.settings.lease_ttl
                 )
         except StoreUnavailable as exc:
             ticket = Ticket(
@@ -135,13 +123,15 @@ class Accountant:
             raise _refusal(ticket)
         return ticket
 
-    def _checks_for(self, config: Config, team: str, model: str) -> tuple[Check, ...]:
-        if config is not self._checks_of:  # a reload: the limits may have changed
-            self._checks_of, self._checks = config, {}
-        checks = self._checks.get((team, model))
-        if checks is None:
-            checks = self._checks[(team, model)] = checks_for(config, team, model)
-        return checks
+    def _plan_of(self, config: Config) -> LimitPlan:
+        plan = self._plan
+        if plan is not None and plan.config is config:
+            return plan
+        if self._previous is not None and self._previous.config is config:
+            return self._previous
+        # A config not seen before (the first call, or the first after a reload).
+        self._previous, self._plan = plan, LimitPlan(config, self.primary)
+        return self._plan
 
     async def _admit_without_redis(self, ticket: Ticket, exc: StoreUnavailable) -> Ticket:
         self._redis_failed("admission", exc)
@@ -151,7 +141,7 @@ class Accountant:
             ) from None
         self.fallback_admissions += 1
         admission = await self.fallback.admit(
-            ticket.team, ticket.checks, ticket.reserved, ticket.request_id, self.settings.lease_ttl
+            ticket.team_checks, ticket.reserved, ticket.request_id, self.settings.lease_ttl
         )
         ticket = replace(ticket, admission=admission, fallback=True)
         if not admission.admitted:
@@ -161,7 +151,7 @@ class Accountant:
     async def _settle(self, ticket: Ticket, settlement: Settlement) -> None:
         if ticket.fallback and self.fallback is not None:
             await self.fallback.settle(settlement)  # its limits live here; the ledger does not
-            settlement = replace(settlement, checks=())
+            settlement = replace(settlement, team_checks=self.primary.prepare(ticket.team, ()))
         if self.queue:  # keep the ledger's order: nothing overtakes what is queued
             self.queue.append(settlement)
             return
@@ -258,7 +248,7 @@ class Accountant:
         while not await self.flush() and time.monotonic() < end:  # noqa: ASYNC110 - polls Redis
             await asyncio.sleep(0.2)
         for settlement in self.queue:
-            log.error("ledger write lost at shutdown: %s", json.dumps(asdict(settlement)))
+            log.error("ledger write lost at shutdown: %s", json.dumps(settlement.described()))
 
     def _timed(self, operation: str) -> contextlib.AbstractContextManager[None]:
         if self.redis_metrics is None:
@@ -278,10 +268,9 @@ class Accountant:
 def _settlement(ticket: Ticket, usage: Usage) -> Settlement:
     return Settlement(
         request_id=ticket.request_id,
-        team=ticket.team,
+        team_checks=ticket.team_checks,
         model=ticket.model,
         day=ticket.admission.day,
-        checks=ticket.checks,
         reserved=ticket.reserved,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
@@ -332,10 +321,10 @@ class LeaseKeeper:
 
     def __enter__(self) -> LeaseKeeper:
         ticket, accountant = self._ticket, self._accountant
-        if any(c.kind == "concurrent" for c in ticket.checks):
+        if any(c.kind == "concurrent" for c in ticket.team_checks.checks):
             fallback = accountant.fallback
             store = fallback if ticket.fallback and fallback else accountant.primary
-            accountant.leases.hold(store, ticket.team, ticket.checks, ticket.request_id)
+            accountant.leases.hold(store, ticket.team_checks, ticket.request_id)
             self._held = True
         return self
 

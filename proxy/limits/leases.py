@@ -15,14 +15,14 @@ import asyncio
 import contextlib
 import time
 
-from proxy.limits.store import Check, Store, StoreUnavailable
+from proxy.limits.store import Store, StoreUnavailable, TeamChecks
 
 
 class _Lease:
-    __slots__ = ("checks", "due", "store", "task", "team")
+    __slots__ = ("due", "store", "task", "team_checks")
 
-    def __init__(self, store: Store, team: str, checks: tuple[Check, ...], due: float) -> None:
-        self.store, self.team, self.checks, self.due = store, team, checks, due
+    def __init__(self, store: Store, team_checks: TeamChecks, due: float) -> None:
+        self.store, self.team_checks, self.due = store, team_checks, due
         self.task: asyncio.Task[None] | None = None
 
 
@@ -34,9 +34,9 @@ class LeaseRenewer:
         self._leases: dict[str, _Lease] = {}
         self._ticker: asyncio.TimerHandle | None = None
 
-    def hold(self, store: Store, team: str, checks: tuple[Check, ...], lease: str) -> None:
+    def hold(self, store: Store, team_checks: TeamChecks, lease: str) -> None:
         """Keep ``lease`` alive in ``store`` until ``release(lease)``."""
-        self._leases[lease] = _Lease(store, team, checks, time.monotonic() + self._ttl / 3)
+        self._leases[lease] = _Lease(store, team_checks, time.monotonic() + self._ttl / 3)
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().call_later(self._ttl / 6, self._tick)
 
@@ -58,4 +58,4 @@ class LeaseRenewer:
     async def _renew(self, held: _Lease, lease: str) -> None:
         # If Redis is down the lease expires: a slot is freed early, never leaked.
         with contextlib.suppress(StoreUnavailable):
-            await held.store.renew(held.team, held.checks, lease, self._ttl)
+            await held.store.renew(held.team_checks, lease, self._ttl)

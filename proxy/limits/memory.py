@@ -16,6 +16,7 @@ from proxy.limits.store import (
     Check,
     LedgerRow,
     Settlement,
+    TeamChecks,
     limit_state,
     wait_for,
 )
@@ -37,9 +38,13 @@ class MemoryStore:
         self._ledger: dict[tuple[str, str, int], list[int]] = {}
         self._done: OrderedDict[str, float] = OrderedDict()  # in settlement order
 
+    def prepare(self, team: str, checks: tuple[Check, ...]) -> TeamChecks:
+        return TeamChecks(team, checks)  # nothing to encode: the checks are used as they are
+
     async def admit(
-        self, team: str, checks: tuple[Check, ...], reserved: int, lease: str, lease_ttl: float
+        self, team_checks: TeamChecks, reserved: int, lease: str, lease_ttl: float
     ) -> Admission:
+        team, checks = team_checks.team, team_checks.checks
         now = self._clock()
         day = int(now // DAY)
         levels = [self._level(team, check, now, day) for check in checks]
@@ -104,7 +109,7 @@ class MemoryStore:
             return
         self._done[s.request_id] = now + DONE_TTL
         delta = s.used - s.reserved
-        for check in s.checks:
+        for check in s.team_checks.checks:
             if check.kind == "concurrent":
                 self._leases.get((s.team, check.scope), {}).pop(s.request_id, None)
             elif check.kind == "tokens_per_day":
@@ -122,9 +127,9 @@ class MemoryStore:
         while done and (len(done) >= DONE_MAX or next(iter(done.values())) <= now):
             done.popitem(last=False)
 
-    async def renew(self, team: str, checks: tuple[Check, ...], lease: str, ttl: float) -> None:
-        for check in checks:
-            leases = self._leases.get((team, check.scope), {})
+    async def renew(self, team_checks: TeamChecks, lease: str, ttl: float) -> None:
+        for check in team_checks.checks:
+            leases = self._leases.get((team_checks.team, check.scope), {})
             if check.kind == "concurrent" and lease in leases:
                 leases[lease] = self._clock() + ttl
 

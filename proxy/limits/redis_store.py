@@ -26,6 +26,7 @@ from proxy.limits.store import (
     LedgerRow,
     Settlement,
     StoreUnavailable,
+    TeamChecks,
     limit_state,
 )
 from proxy.redis.batch import BatchShape
@@ -54,13 +55,14 @@ def _check_args(checks: tuple[Check, ...]) -> list[Arg]:
 
 @dataclass(frozen=True)
 class TeamParts:
-    """What the script calls of one team's checks have in common, encoded once: every
-    call then encodes only what is its own (request id, tokens, day). Encoding all of a
-    call's keys and arguments anew was the largest Python cost of the Redis path."""
+    """What the script calls of one team's checks have in common, encoded once, when a
+    config is loaded: every call then encodes only what is its own (request id, tokens,
+    day). Encoding all of a call's keys and arguments anew was the largest Python cost
+    of the Redis path."""
 
-    checks: tuple[Check, ...]
     admit: BatchShape  # KEYS: the checks' keys; ARGV: kind code and limit per check
     settle: BatchShape  # KEYS: the ledger index, the checks' keys; ARGV: as admit's
+    renew: tuple[str, ...]  # the concurrency checks' keys, whose leases a long call renews
 
     @classmethod
     def of(cls, team: str, checks: tuple[Check, ...], admit: Script, settle: Script) -> TeamParts:
@@ -68,7 +70,6 @@ class TeamParts:
         limits = _check_args(checks)
         n = len(checks)
         return cls(
-            checks,
             BatchShape(admit, encode_items(keys), n, encode_items(limits), 2 * n, 0, 3),
             BatchShape(
                 settle,
@@ -79,7 +80,15 @@ class TeamParts:
                 2,
                 8,
             ),
+            tuple(k for k, c in zip(keys, checks, strict=True) if c.kind == "concurrent"),
         )
+
+
+def _parts(team_checks: TeamChecks) -> TeamParts:
+    parts = team_checks.encoded
+    if not isinstance(parts, TeamParts):  # a TeamChecks another store prepared: a bug
+        raise TypeError(f"checks of team {team_checks.team!r} not prepared by a RedisStore")
+    return parts
 
 
 def admit_args(lease: str, lease_ttl: float, reserved: int) -> bytes:
@@ -130,8 +139,6 @@ class RedisStore:
     def __init__(self, url: str, timeout: float):
         self._admit, self._settle, self._renew = (Script.of(s) for s in (ADMIT, SETTLE, RENEW))
         self.hot = RespClient(url, timeout, scripts=(self._admit, self._settle, self._renew))
-        # (team, id(checks)) → parts; checks tuples are made once per config and team.
-        self._parts: dict[tuple[str, int], TeamParts] = {}
 
     async def close(self) -> None:
         await self.hot.close()
@@ -142,24 +149,17 @@ class RedisStore:
         except _FAILURES as exc:
             raise _store_unavailable(exc) from exc
 
-    def _team_parts(self, team: str, checks: tuple[Check, ...]) -> TeamParts:
-        parts = self._parts.get((team, id(checks)))
-        # The entry keeps its tuple alive, so no other tuple can have its id meanwhile;
-        # the identity check only guards that reasoning.
-        if parts is None or parts.checks is not checks:
-            if len(self._parts) > 4096:  # reloads leave old tuples behind: bound it
-                self._parts.clear()
-            parts = self._parts[(team, id(checks))] = TeamParts.of(
-                team, checks, self._admit, self._settle
-            )
-        return parts
+    def prepare(self, team: str, checks: tuple[Check, ...]) -> TeamChecks:
+        return TeamChecks(team, checks, TeamParts.of(team, checks, self._admit, self._settle))
 
     async def admit(
-        self, team: str, checks: tuple[Check, ...], reserved: int, lease: str, lease_ttl: float
+        self, team_checks: TeamChecks, reserved: int, lease: str, lease_ttl: float
     ) -> Admission:
-        shape = self._team_parts(team, checks).admit
+        checks = team_checks.checks
         args = admit_args(lease, lease_ttl, reserved)
-        reply = await self._run(self.hot.run_batched(team, shape, b"", args))
+        reply = await self._run(
+            self.hot.run_batched(team_checks.team, _parts(team_checks).admit, b"", args)
+        )
         admitted, day, refused = int(reply[0]), int(reply[1]), int(reply[2])
         retry, now = float(reply[3]), float(reply[4])
         levels = [float(v) for v in reply[5:]]
@@ -170,7 +170,7 @@ class RedisStore:
         return Admission(False, day, states, refused=checks[refused - 1], retry_after=retry)
 
     async def settle(self, s: Settlement) -> None:
-        shape = self._team_parts(s.team, s.checks).settle
+        shape = _parts(s.team_checks).settle
         await self._run(self.hot.run_batched(s.team, shape, *settle_parts(s)))
 
     def settle_soon(
@@ -179,14 +179,13 @@ class RedisStore:
         """``settle`` for a caller that does not wait for it: the script call joins this
         turn's batch at once and ``done`` gets its outcome. Returns the call's future, or
         None (nothing sent) when no connection is open yet."""
-        shape = self._team_parts(s.team, s.checks).settle
-        future = self.hot.join_now(s.team, shape, *settle_parts(s))
+        future = self.hot.join_now(s.team, _parts(s.team_checks).settle, *settle_parts(s))
         if future is not None:
             future.add_done_callback(lambda f: done(_unavailable(f)))
         return future
 
-    async def renew(self, team: str, checks: tuple[Check, ...], lease: str, ttl: float) -> None:
-        keys = [check_key(team, c) for c in checks if c.kind == "concurrent"]
+    async def renew(self, team_checks: TeamChecks, lease: str, ttl: float) -> None:
+        keys = _parts(team_checks).renew
         if keys:
             await self._run(self.hot.run_script(self._renew, keys, [lease, math.ceil(ttl)]))
 

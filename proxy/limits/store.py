@@ -12,7 +12,7 @@ them does not know which one runs:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 # Kind codes shared with the Lua scripts.
@@ -39,6 +39,18 @@ class Check:
 
 
 @dataclass(frozen=True)
+class TeamChecks:
+    """A team's checks for one model, with what the store makes of them once: made by
+    ``Store.prepare`` when a config is loaded (limits/plan.py), so a call encodes only
+    what is its own. ``encoded`` is the store's own (RedisStore: the scripts' keys and
+    arguments; MemoryStore: nothing)."""
+
+    team: str
+    checks: tuple[Check, ...]
+    encoded: object = None
+
+
+@dataclass(frozen=True)
 class LimitState:
     """After admission (or refusal): what the x-ratelimit-* headers report for a check."""
 
@@ -59,18 +71,26 @@ class Admission:
 @dataclass(frozen=True)
 class Settlement:
     request_id: str
-    team: str
+    team_checks: TeamChecks  # what admission took here; no checks for ledger-only
     model: str
     day: int
-    checks: tuple[Check, ...]  # what admission took here; empty for ledger-only
     reserved: int
     prompt_tokens: int
     completion_tokens: int
     estimated: bool
 
     @property
+    def team(self) -> str:
+        return self.team_checks.team
+
+    @property
     def used(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def described(self) -> dict[str, object]:
+        """What a log line says of it (the store's encoding is not for people)."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "team_checks"}
+        return {"team": self.team, **own}
 
 
 @dataclass(frozen=True)
@@ -82,13 +102,15 @@ class LedgerRow:
 
 
 class Store(Protocol):
+    def prepare(self, team: str, checks: tuple[Check, ...]) -> TeamChecks: ...
+
     async def admit(
-        self, team: str, checks: tuple[Check, ...], reserved: int, lease: str, lease_ttl: float
+        self, team_checks: TeamChecks, reserved: int, lease: str, lease_ttl: float
     ) -> Admission: ...
 
     async def settle(self, settlement: Settlement) -> None: ...
 
-    async def renew(self, team: str, checks: tuple[Check, ...], lease: str, ttl: float) -> None: ...
+    async def renew(self, team_checks: TeamChecks, lease: str, ttl: float) -> None: ...
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]: ...
 

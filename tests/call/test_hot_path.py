@@ -17,7 +17,7 @@ from proxy.errors import RateLimited
 from proxy.http.middlewares import request_id
 from proxy.limits.admission import Accountant
 from proxy.limits.memory import DONE_MAX, MemoryStore
-from proxy.limits.store import Settlement
+from proxy.limits.store import Settlement, TeamChecks
 from proxy.observe.access_log import encode
 
 
@@ -33,10 +33,9 @@ def test_request_ids_are_uuid4_hex():
 def _settlement(rid: str) -> Settlement:
     return Settlement(
         request_id=rid,
-        team="t",
+        team_checks=TeamChecks("t", ()),
         model="m",
         day=1,
-        checks=(),
         reserved=0,
         prompt_tokens=1,
         completion_tokens=1,
@@ -66,7 +65,7 @@ teams: {{t: {{keys: ["sha256:{"0" * 64}"], limits: {limits}}}}}
 
 
 async def test_limits_of_a_reloaded_config_apply_at_once():
-    """The checks of a (team, model) are cached per config; a reload must not keep them."""
+    """A config's limits are compiled when it is first used; a reload's apply at once."""
     accountant = Accountant(RedisSettings(), MemoryStore(), fallback=None)
     for rid in "ab":
         await accountant.admit(_config("{}"), "t", "m", 1, 1, rid)
@@ -74,6 +73,17 @@ async def test_limits_of_a_reloaded_config_apply_at_once():
     await accountant.admit(reloaded, "t", "m", 1, 1, "c")
     with pytest.raises(RateLimited):
         await accountant.admit(reloaded, "t", "m", 1, 1, "d")
+
+
+async def test_a_call_that_read_the_config_before_a_reload_admits_by_its_limits():
+    """Calls that began before a reload and calls after it alternate at admission: each
+    is held to the limits of the config it read, not to the newest one."""
+    accountant = Accountant(RedisSettings(), MemoryStore(), fallback=None)
+    old, new = _config("{concurrent: 1}"), _config("{concurrent: 5}")
+    await accountant.admit(new, "t", "m", 1, 1, "a")  # holds one slot
+    with pytest.raises(RateLimited):
+        await accountant.admit(old, "t", "m", 1, 1, "b")  # 1 of 1 taken, not 1 of 5
+    await accountant.admit(new, "t", "m", 1, 1, "c")  # 2 of 5: the old config's 1 is gone
 
 
 KEYS = st.sampled_from(["model", "messages", "stream_options", "tools", "mod\\u0065l", "x"])

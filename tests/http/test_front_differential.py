@@ -28,8 +28,7 @@ from hypothesis import strategies as st
 from proxy.app import make_app
 from proxy.config.load import load_config
 from proxy.config.reload import ConfigHolder
-from proxy.http.front import FrontSite
-from proxy.server import start_server
+from proxy.server import Serving, start_server
 from proxy.services import SERVICES
 from tests.support import Upstream, routes_yaml
 from tests.support.raw_http import read_answer
@@ -55,7 +54,7 @@ LAST = (
 class Served:
     url: str
     port: int
-    runner: web.AppRunner
+    runner: web.AppRunner | Serving
 
 
 @dataclass
@@ -86,20 +85,21 @@ async def servers(tmp_path: Path, wandb: Upstream, prime: Upstream) -> AsyncIter
     path = tmp_path / "routes.yaml"
     path.write_text(routes_yaml(wandb, prime).replace("server:\n", "server:\n" + SETTINGS))
     made = []
-    for serve in (lambda app: start_server(app, "127.0.0.1", 0), _serve_plain):
-        runner = await serve(make_app(ConfigHolder(load_config(path), path)))
+    front = await start_server(make_app(ConfigHolder(load_config(path), path)), "127.0.0.1", 0)
+    plain = await _serve_plain(make_app(ConfigHolder(load_config(path), path)))
+    for runner in (front, plain):
         port = runner.addresses[0][1]
         made.append(Served(f"http://127.0.0.1:{port}", port, runner))
     handed_over: list[int] = []
-    site = next(s for s in made[0].runner.sites if isinstance(s, FrontSite))
-    assert site.front is not None
-    server = site.front.aiohttp_server
+    assert front.front is not None
+    listener = front.front
+    server = listener.front.aiohttp_server
 
     def counting() -> web.RequestHandler:
         handed_over.append(1)
         return server()
 
-    site.front.aiohttp_server = cast(web.Server, counting)
+    listener.front.aiohttp_server = cast(web.Server, counting)
     yield Servers(made[0], made[1], wandb, handed_over)
     for served in made:
         await served.runner.cleanup()

@@ -8,7 +8,6 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
 import aiohttp
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from proxy.app import make_app
 from proxy.config.load import load_config
 from proxy.config.reload import ConfigHolder
-from proxy.http.front import FrontSite
+from proxy.server import Serving
 from tests.http.test_front import _request
 from tests.support import (
     ProxyProcess,
@@ -114,8 +113,8 @@ async def test_a_connection_accepted_before_a_shutdown_gets_its_first_answer(
     path = tmp_path / "routes.yaml"
     path.write_text(routes_yaml(wandb, prime))
     runner, url = await serve_app(make_app(ConfigHolder(load_config(path), path)))
-    front = cast(FrontSite, next(iter(runner.sites))).front
-    assert front is not None
+    assert isinstance(runner, Serving) and runner.front is not None
+    front = runner.front.front
     host, _, port = url.removeprefix("http://").partition(":")
     (reader, writer), (_, silent) = [
         await asyncio.open_connection(host, int(port)) for _ in range(2)

@@ -55,7 +55,9 @@ async def test_while_redis_is_down_calls_are_admitted_booked_and_queued_quietly(
     # Each admission failed; the first settlement too, and the others queued behind it.
     assert len(accountant.queue) == 3 and accountant.redis_errors == 3 + 1
     assert [s.estimated for s in accountant.queue] == [False, False, True]
-    assert {s.checks for s in accountant.queue} == {()}  # the limits were this process's
+    assert {s.team_checks.checks for s in accountant.queue} == {
+        ()
+    }  # the limits were this process's
     assert accountant.queue[2].prompt_tokens > 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     ours = [r for r in caplog.records if r.name == "proxy.limits.admission"]
@@ -130,7 +132,8 @@ async def test_a_ledger_read_started_between_two_answers_of_one_loop_turn_sees_b
     day = int(time.time() // DAY)
 
     def ticket(request_id: str) -> Ticket:
-        return Ticket("research", "llama-8b", request_id, (), 10, 5, Admission(True, day))
+        checks = store.prepare("research", ())
+        return Ticket("research", "llama-8b", request_id, checks, 10, 5, Admission(True, day))
 
     async def read() -> int:
         await accountant.settled()

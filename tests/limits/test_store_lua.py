@@ -31,7 +31,7 @@ async def admitted_eventually(store: RedisStore, checks: tuple[Check, ...], rese
     """Admit a call as soon as the limits let it, failing after a few seconds (the
     condition is a Redis call, so this is tests.support.eventually's loop, awaited)."""
     async with asyncio.timeout(5.0):
-        while not (await store.admit("t", checks, reserved, "late", 60.0)).admitted:
+        while not (await store.admit(store.prepare("t", checks), reserved, "late", 60.0)).admitted:
             await asyncio.sleep(0.01)
 
 
@@ -41,8 +41,8 @@ def _seen(a: Admission) -> tuple[bool, str | None, list[int]]:
 
 async def test_a_bucket_refills_at_its_limit_per_minute(store: RedisStore):
     tpm = (Check("*", "tokens_per_minute", 600),)  # 10 tokens a second
-    assert (await store.admit("t", tpm, 600, "all", 60.0)).admitted
-    refused = await store.admit("t", tpm, 10, "more", 60.0)
+    assert (await store.admit(store.prepare("t", tpm), 600, "all", 60.0)).admitted
+    refused = await store.admit(store.prepare("t", tpm), 10, "more", 60.0)
     assert _seen(refused) == (False, "tokens_per_minute", [0])
     assert 0.8 < refused.retry_after <= 1.0  # 10 tokens at 10 a second, less what refilled
     assert 0.8 < refused.states[0].reset <= 60.0
@@ -82,11 +82,11 @@ async def test_a_bucket_refills_evenly_over_one_minute(
     # The refill is read from what the bucket holds after an interval on Redis's clock:
     # from admissions timed by the test, 60 s could not be told from 61 s.
     tpm = (Check("*", "tokens_per_minute", 6000),)  # 100 tokens a second
-    assert (await store.admit("t", tpm, 6000, "all", 60.0)).admitted
+    assert (await store.admit(store.prepare("t", tpm), 6000, "all", 60.0)).admitted
     left, emptied_at = bucket(private_redis)
     assert left == 0
     await redis_clock(private_redis, lambda now: now > emptied_at + 0.5)
-    assert (await store.admit("t", tpm, 1, "one", 60.0)).admitted
+    assert (await store.admit(store.prepare("t", tpm), 1, "one", 60.0)).admitted
     left, at = bucket(private_redis)
     assert at > emptied_at + 0.5
     assert abs(left + 1 - (at - emptied_at) * 100) < 0.1  # refilled, less the 1 taken
@@ -98,7 +98,7 @@ async def test_a_bucket_key_lives_until_the_bucket_is_full_again(
     # An expired bucket reads as full: a key that expired sooner would hand out tokens
     # the limit has not refilled yet; one that lived longer would only cost memory.
     tpm = (Check("*", "tokens_per_minute", 600),)  # 10 tokens a second
-    assert (await store.admit("t", tpm, 300, "half", 60.0)).admitted
+    assert (await store.admit(store.prepare("t", tpm), 300, "half", 60.0)).admitted
     client = private_redis.client()
     try:
         ttl = int(client.pttl("llmproxy:{t}:tpm:*"))
@@ -111,9 +111,9 @@ async def test_a_renewed_lease_that_is_never_settled_still_expires(store: RedisS
     # A proxy that died mid-call: its slot comes back when the lease runs out, also
     # after a renewal moved the lease's expiry.
     one = (Check("*", "concurrent", 1),)
-    assert (await store.admit("t", one, 1, "dead", 0.3)).admitted
-    await store.renew("t", one, "dead", 0.3)
-    refused = await store.admit("t", one, 1, "next", 60.0)
+    assert (await store.admit(store.prepare("t", one), 1, "dead", 0.3)).admitted
+    await store.renew(store.prepare("t", one), "dead", 0.3)
+    refused = await store.admit(store.prepare("t", one), 1, "next", 60.0)
     assert _seen(refused) == (False, "concurrent", [0]) and refused.retry_after == 1.0
     await admitted_eventually(store, one, 1)
 
@@ -137,16 +137,16 @@ async def test_a_lease_expires_when_its_admission_then_its_renewal_says(
     store: RedisStore, private_redis: RedisServer
 ):
     two = (Check("*", "concurrent", 2),)
-    assert (await store.admit("t", two, 1, "long", 90.0)).admitted
+    assert (await store.admit(store.prepare("t", two), 1, "long", 90.0)).admitted
     expiry, ttl = lease_expiry(private_redis)
     assert 89_900 < expiry <= 90_000 and 179_000 < ttl <= 180_000  # the set: twice as long
-    await store.renew("t", two, "long", 60.0)
+    await store.renew(store.prepare("t", two), "long", 60.0)
     expiry, ttl = lease_expiry(private_redis)
     assert 59_900 < expiry <= 60_000 and 119_000 < ttl <= 120_000
     # Refusals leave the held slots as they are.
-    assert (await store.admit("t", two, 1, "second", 60.0)).admitted
+    assert (await store.admit(store.prepare("t", two), 1, "second", 60.0)).admitted
     for n in range(2):
-        assert _seen(await store.admit("t", two, 1, f"refused-{n}", 60.0)) == (
+        assert _seen(await store.admit(store.prepare("t", two), 1, f"refused-{n}", 60.0)) == (
             False,
             "concurrent",
             [0],
@@ -161,7 +161,7 @@ async def test_a_lease_counts_from_the_millisecond_of_its_admission(
     # admitted with it records the script's instant to compare with.
     checks = (Check("*", "concurrent", 2), Check("*", "tokens_per_minute", 6000))
     await redis_clock(private_redis, lambda now: 0.2 <= now % 1 < 0.8)
-    assert (await store.admit("t", checks, 1, "long", 90.0)).admitted
+    assert (await store.admit(store.prepare("t", checks), 1, "long", 90.0)).admitted
     _, admitted_at = bucket(private_redis)
     client = private_redis.client()
     try:
@@ -174,33 +174,48 @@ async def test_a_lease_counts_from_the_millisecond_of_its_admission(
 
 async def test_a_limit_admits_up_to_its_last_token(store: RedisStore):
     checks = (Check("*", "tokens_per_day", 100), Check("*", "tokens_per_minute", 100))
-    assert _seen(await store.admit("t", checks, 100, "all", 60.0)) == (True, None, [0, 0])
-    assert _seen(await store.admit("u", checks, 40, "some", 60.0)) == (True, None, [60, 60])
-    assert _seen(await store.admit("u", checks, 60, "rest", 60.0)) == (True, None, [0, 0])
-    assert not (await store.admit("u", checks, 1, "over", 60.0)).admitted
+    assert _seen(await store.admit(store.prepare("t", checks), 100, "all", 60.0)) == (
+        True,
+        None,
+        [0, 0],
+    )
+    assert _seen(await store.admit(store.prepare("u", checks), 40, "some", 60.0)) == (
+        True,
+        None,
+        [60, 60],
+    )
+    assert _seen(await store.admit(store.prepare("u", checks), 60, "rest", 60.0)) == (
+        True,
+        None,
+        [0, 0],
+    )
+    assert not (await store.admit(store.prepare("u", checks), 1, "over", 60.0)).admitted
 
 
 async def test_the_day_counter_is_corrected_and_resets_at_midnight_utc(store: RedisStore):
     tpd = (Check("*", "tokens_per_day", 100), Check("m", "tokens_per_day", 1000))
     memory = MemoryStore()
-    first = await store.admit("t", tpd, 60, "a", 60.0)
-    assert _seen(first) == _seen(await memory.admit("t", tpd, 60, "a", 60.0))
+    first = await store.admit(store.prepare("t", tpd), 60, "a", 60.0)
+    assert _seen(first) == _seen(await memory.admit(memory.prepare("t", tpd), 60, "a", 60.0))
     assert _seen(first) == (True, None, [40, 940])
     assert first.day == int(time.time() // DAY)  # Redis's day is the UTC day
 
-    refused = await store.admit("t", tpd, 50, "b", 60.0)
-    assert _seen(refused) == _seen(await memory.admit("t", tpd, 50, "b", 60.0))
+    refused = await store.admit(store.prepare("t", tpd), 50, "b", 60.0)
+    assert _seen(refused) == _seen(await memory.admit(memory.prepare("t", tpd), 50, "b", 60.0))
     midnight = (time.time() // DAY + 1) * DAY - time.time()
     assert abs(refused.retry_after - midnight) < 5 and abs(refused.states[0].reset - midnight) < 5
 
     # The call used 20 of its 60: the day's count drops to 20, and 50 more fit.
-    used = Settlement("a", "t", "m", first.day, tpd, 60, 15, 5, False)
+    used = Settlement("a", store.prepare("t", tpd), "m", first.day, 60, 15, 5, False)
     await store.settle(used)
     await memory.settle(used)
-    again = await store.admit("t", tpd, 50, "c", 60.0)
-    assert _seen(again) == _seen(await memory.admit("t", tpd, 50, "c", 60.0))
+    again = await store.admit(store.prepare("t", tpd), 50, "c", 60.0)
+    assert _seen(again) == _seen(await memory.admit(memory.prepare("t", tpd), 50, "c", 60.0))
     assert _seen(again) == (True, None, [30, 930])
-    assert _seen(await store.admit("t", tpd, 101, "d", 60.0))[:2] == (False, "tokens_per_day")
+    assert _seen(await store.admit(store.prepare("t", tpd), 101, "d", 60.0))[:2] == (
+        False,
+        "tokens_per_day",
+    )
 
 
 async def test_refusals_report_the_figures_of_the_other_backend(store: RedisStore):
@@ -213,8 +228,8 @@ async def test_refusals_report_the_figures_of_the_other_backend(store: RedisStor
     # 2000 first: more than the per-minute limit, refused by it while requests are left
     # (a minute's wait on both); last: refused by the requests left, the first check.
     for i, reserved in enumerate([2000, 400, 500, 50, 2000]):
-        got = await store.admit("t", checks, reserved, f"r{i}", 60.0)
-        want = await memory.admit("t", checks, reserved, f"r{i}", 60.0)
+        got = await store.admit(store.prepare("t", checks), reserved, f"r{i}", 60.0)
+        want = await memory.admit(memory.prepare("t", checks), reserved, f"r{i}", 60.0)
         assert _seen(got) == _seen(want), i
         assert abs(got.retry_after - want.retry_after) < 0.5, i
         for g, w in zip(got.states, want.states, strict=True):
@@ -224,22 +239,22 @@ async def test_refusals_report_the_figures_of_the_other_backend(store: RedisStor
 async def test_one_turn_of_settlements_books_each_model_on_its_own_row(store: RedisStore):
     # One script run settles them all; the ledger hash is per team, day and model.
     checks = (Check("*", "tokens_per_day", 1000),)
-    day = (await store.admit("t", checks, 10, "a", 60.0)).day
+    day = (await store.admit(store.prepare("t", checks), 10, "a", 60.0)).day
     for lease in ("b", "c"):
-        await store.admit("t", checks, 10, lease, 60.0)
+        await store.admit(store.prepare("t", checks), 10, lease, 60.0)
     await asyncio.gather(
-        store.settle(Settlement("a", "t", "small", day, checks, 10, 3, 4, False)),
-        store.settle(Settlement("b", "t", "large", day, checks, 10, 5, 6, False)),
-        store.settle(Settlement("c", "t", "small", day, checks, 10, 1, 1, True)),
+        store.settle(Settlement("a", store.prepare("t", checks), "small", day, 10, 3, 4, False)),
+        store.settle(Settlement("b", store.prepare("t", checks), "large", day, 10, 5, 6, False)),
+        store.settle(Settlement("c", store.prepare("t", checks), "small", day, 10, 1, 1, True)),
     )
     rows = {row.model: row.counts for row in await store.ledger(["t"], day, day)}
     assert rows == {"small": (2, 3, 4, 1, 1), "large": (1, 5, 6, 0, 0)}
     # The day's count took each correction: 30 reserved, 20 used.
-    assert _seen(await store.admit("t", checks, 980, "d", 60.0)) == (True, None, [0])
+    assert _seen(await store.admit(store.prepare("t", checks), 980, "d", 60.0)) == (True, None, [0])
 
 
 async def test_a_correction_of_one_token_counts(store: RedisStore):
     checks = (Check("*", "tokens_per_day", 100),)
-    day = (await store.admit("t", checks, 10, "a", 60.0)).day
-    await store.settle(Settlement("a", "t", "m", day, checks, 10, 6, 5, False))
-    assert _seen(await store.admit("t", checks, 89, "b", 60.0)) == (True, None, [0])
+    day = (await store.admit(store.prepare("t", checks), 10, "a", 60.0)).day
+    await store.settle(Settlement("a", store.prepare("t", checks), "m", day, 10, 6, 5, False))
+    assert _seen(await store.admit(store.prepare("t", checks), 89, "b", 60.0)) == (True, None, [0])

@@ -29,8 +29,8 @@ async def store(private_redis: RedisServer) -> AsyncIterator[RedisStore]:
     await store.close()
 
 
-def _settled(rid: str, model: str, day: int, prompt: int) -> Settlement:
-    return Settlement(rid, "t", model, day, (), 0, prompt, 1, False)
+def _settled(store: RedisStore, rid: str, model: str, day: int, prompt: int) -> Settlement:
+    return Settlement(rid, store.prepare("t", ()), model, day, 0, prompt, 1, False)
 
 
 def _stop(redis: RedisServer) -> None:
@@ -51,7 +51,7 @@ async def test_the_ledger_answers_the_days_asked_with_models_named_with_a_colon(
     for n, (model, day) in enumerate(
         [("llama3:8b", D - 1), ("llama3:8b", D), ("gpt", D + 1), ("gpt", D + 2)]
     ):
-        await store.settle(_settled(f"r{n}", model, day, 10 + n))
+        await store.settle(_settled(store, f"r{n}", model, day, 10 + n))
     rows = await store.ledger(["t", "u"], D, D + 1)
     assert [(r.team, r.model, r.day, r.counts) for r in rows] == [
         ("t", "llama3:8b", D, (1, 11, 1, 0, 0)),
@@ -62,10 +62,10 @@ async def test_the_ledger_answers_the_days_asked_with_models_named_with_a_colon(
 async def test_an_unreachable_redis_is_reported_with_its_cause(
     store: RedisStore, private_redis: RedisServer
 ):
-    assert (await store.admit("t", TPD, 1, "a", 60.0)).admitted  # connected
+    assert (await store.admit(store.prepare("t", TPD), 1, "a", 60.0)).admitted  # connected
     private_redis.kill()
     with pytest.raises(StoreUnavailable) as admit:
-        await store.admit("t", TPD, 1, "b", 60.0)
+        await store.admit(store.prepare("t", TPD), 1, "b", 60.0)
     with pytest.raises(StoreUnavailable) as ledger:
         await store.ledger(["t"], D, D)
     assert _named_by_its_cause(admit.value) and _named_by_its_cause(ledger.value)
@@ -110,17 +110,21 @@ async def test_a_settlement_sent_without_waiting_reports_its_outcome(
 ):
     outcomes: list[StoreUnavailable | None] = []
     # No connection yet: nothing is sent, and the caller settles another way.
-    assert store.settle_soon(_settled("early", "m", D, 1), outcomes.append) is None
-    day = (await store.admit("t", TPD, 50, "a", 60.0)).day
-    sent = store.settle_soon(Settlement("a", "t", "m", day, TPD, 50, 5, 5, False), outcomes.append)
+    assert store.settle_soon(_settled(store, "early", "m", D, 1), outcomes.append) is None
+    day = (await store.admit(store.prepare("t", TPD), 50, "a", 60.0)).day
+    sent = store.settle_soon(
+        Settlement("a", store.prepare("t", TPD), "m", day, 50, 5, 5, False), outcomes.append
+    )
     assert sent is not None
     await eventually(lambda: len(outcomes) == 1)
     assert outcomes == [None]
     assert [r.counts for r in await store.ledger(["t"], day, day)] == [(1, 5, 5, 0, 0)]
-    assert (await store.admit("t", TPD, 90, "b", 60.0)).states[0].remaining == 0  # 50 → 10
+    assert (await store.admit(store.prepare("t", TPD), 90, "b", 60.0)).states[
+        0
+    ].remaining == 0  # 50 → 10
 
     _stop(private_redis)
-    assert store.settle_soon(_settled("lost", "m", day, 1), outcomes.append) is not None
+    assert store.settle_soon(_settled(store, "lost", "m", day, 1), outcomes.append) is not None
     await eventually(lambda: len(outcomes) == 2, timeout=5.0)
     failed = outcomes[1]
     assert isinstance(failed, StoreUnavailable) and _named_by_its_cause(failed)
@@ -133,12 +137,12 @@ async def test_a_call_admitted_after_a_settlement_sent_without_waiting_finds_its
     # admitted after it, in the same turn, must find the settled call's slot free, not
     # join an admission batch sent before the settlement.
     one = (Check("*", "concurrent", 1),)
-    first = await store.admit("t", one, 1, "first", 60.0)
+    first = await store.admit(store.prepare("t", one), 1, "first", 60.0)
     assert first.admitted
-    settled = Settlement("first", "t", "m", first.day, one, 1, 1, 0, False)
+    settled = Settlement("first", store.prepare("t", one), "m", first.day, 1, 1, 0, False)
     outcomes: list[StoreUnavailable | None] = []
-    early = asyncio.ensure_future(store.admit("t", one, 1, "early", 60.0))
+    early = asyncio.ensure_future(store.admit(store.prepare("t", one), 1, "early", 60.0))
     asyncio.get_running_loop().call_soon(store.settle_soon, settled, outcomes.append)
-    late = asyncio.ensure_future(store.admit("t", one, 1, "late", 60.0))
+    late = asyncio.ensure_future(store.admit(store.prepare("t", one), 1, "late", 60.0))
     assert ((await early).admitted, (await late).admitted) == (False, True)
     assert outcomes == [None]

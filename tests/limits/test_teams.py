@@ -155,7 +155,7 @@ def test_tokens_per_day_roll_over_at_utc_midnight():
     daily = (Check("*", "tokens_per_day", 100),)
 
     def admit(tokens: int) -> Admission:
-        return asyncio.run(store.admit("research", daily, tokens, "lease", 60.0))
+        return asyncio.run(store.admit(store.prepare("research", daily), tokens, "lease", 60.0))
 
     first = admit(90)
     assert first.admitted and first.day == 20791  # 2026-12-04 in days since the epoch

@@ -171,7 +171,7 @@ def test_recording_functions_for_later_features() -> None:
 
 
 async def test_a_tally_writes_what_the_library_s_own_calls_write() -> None:
-    """The hot path's updates reach prometheus-client through a tally (metrics_tally.py),
+    """The hot path's updates reach prometheus-client through a tally (observe/tally.py),
     which adds histogram observations through the library's value objects: the result
     must be what its own observe(), inc() and dec() write."""
     tallied, direct = Metrics(), Metrics()

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.limits.redis_store import TeamParts, admit_args, check_key, settle_parts
-from proxy.limits.store import KIND_CODES, Check, Settlement
+from proxy.limits.store import KIND_CODES, Check, Settlement, TeamChecks
 from proxy.redis.batch import Batch
 from proxy.redis.client import Address
 from proxy.redis.protocol import Parser, ProtocolError, RespError, Script, encode
@@ -141,7 +141,11 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
 
     batch = Batch(parts.settle, asyncio.get_running_loop(), lambda command, receiver: None)
     for i in ids:
-        batch.add(*settle_parts(Settlement(i, "team-a", "gpt", 20000, checks, 1234, 12, 7, True)))
+        batch.add(
+            *settle_parts(
+                Settlement(i, TeamChecks("team-a", checks), "gpt", 20000, 1234, 12, 7, True)
+            )
+        )
     assert batch.encode(by_body=True) == encode(
         [
             "EVAL",
@@ -181,7 +185,11 @@ async def test_a_team_s_batched_scripts_on_the_wire():
         b"$5\r\nreq-0\r\n$4\r\n30.0\r\n$4\r\n1234\r\n$5\r\nreq-1\r\n$4\r\n30.0\r\n$4\r\n1234\r\n"
     )
     batch = Batch(parts.settle, asyncio.get_running_loop(), lambda command, receiver: None)
-    batch.add(*settle_parts(Settlement("req-0", "team-a", "gpt", 20000, checks, 1234, 12, 7, True)))
+    batch.add(
+        *settle_parts(
+            Settlement("req-0", TeamChecks("team-a", checks), "gpt", 20000, 1234, 12, 7, True)
+        )
+    )
     assert batch.encode(by_body=True) == (
         b"*24\r\n$4\r\nEVAL\r\n$8\r\nreturn 2\r\n$1\r\n6\r\n"
         b"$30\r\nllmproxy:{team-a}:ledger-index\r\n$23\r\nllmproxy:{team-a}:rpm:*\r\n"

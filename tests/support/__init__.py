@@ -16,14 +16,16 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy.server import start_server
+from proxy.server import Serving, start_server
 from proxy.services import SERVICES
 from tests.support.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
+async def serve_app(app: web.Application) -> tuple[web.AppRunner | Serving, str]:
+    """The app on a free port, and its URL; ``cleanup()`` of the first item stops it."""
+    runner: web.AppRunner | Serving
     if SERVICES in app:  # the proxy itself: served as in production, the front first
         runner = await start_server(app, "127.0.0.1", 0)
     else:
