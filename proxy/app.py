@@ -55,8 +55,8 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 async def _accounting(app: web.Application) -> AsyncIterator[None]:
     # The store is chosen at start: changing redis.url takes a restart.
     settings = app[SERVICES].config.current.redis
-    if settings.url:
-        redis = RedisStore(settings.url, settings.timeout)
+    if settings.urls:
+        redis = RedisStore(settings.urls, settings.timeout)
         accountant = Accountant(settings, redis, MemoryStore(), redis_metrics=app[SERVICES].metrics)
     else:
         accountant = Accountant(settings, MemoryStore(), fallback=None)
@@ -67,16 +67,16 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await flusher
     await accountant.drain(deadline=5.0)
-    if settings.url:
+    if settings.urls:
         await _bounded(redis.close(), "closing the limiter's Redis connections")
 
 
 async def _circuit_sharing(app: web.Application) -> AsyncIterator[None]:
     settings = app[SERVICES].config.current.redis
-    if not settings.url:
+    if not settings.urls:
         yield
         return
-    sync = CircuitSync(settings.url, app[SERVICES].breakers, settings.timeout)
+    sync = CircuitSync(settings.urls, app[SERVICES].breakers, settings.timeout)
     follower = asyncio.create_task(sync.follow())
     yield
     follower.cancel()

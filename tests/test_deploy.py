@@ -121,5 +121,5 @@ def test_configmap_routes_yaml_is_a_valid_config(
     path = tmp_path / "routes.yaml"
     path.write_text(_k8s("ConfigMap")["data"]["routes.yaml"])
     config = load_config(path)
-    assert config.redis.url == "redis://redis:6379/0"
+    assert config.redis.urls == ("redis://redis:6379/0",)
     assert config.models

@@ -155,7 +155,9 @@ class Team:
 
 @dataclass(frozen=True)
 class RedisSettings:
-    url: str = ""  # empty: limits and ledger live in this process
+    # Seed nodes of one Redis, a Cluster, or one redis+sentinel:// URL (proxy/redis/
+    # router.py); none: limits and ledger live in this process.
+    urls: tuple[str, ...] = ()
     on_error: str = "fail_open"  # or fail_closed
     # A concurrency slot is a lease: a process that dies leaks it for this long at most.
     lease_ttl: float = 60.0

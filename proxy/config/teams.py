@@ -128,17 +128,37 @@ def read_redis(reader: FieldReader, raw: Any) -> RedisSettings:
     node = reader.mapping(raw or {}, "redis", REDIS_KEYS)
     durations = {k: v for k, v in node.items() if k in REDIS_FIELDS}
     fields = reader.fields(durations, "redis", REDIS_FIELDS)
-    url = reader.string(node.get("url", ""), "redis.url", allow_empty=True) or ""
+    urls = _redis_urls(reader, node.get("url", ""))
     on_error = (
         reader.choice(
             node.get("on_error", "fail_open"), "redis.on_error", ("fail_open", "fail_closed")
         )
         or "fail_open"
     )
-    if url and not url.startswith(("redis://", "rediss://", "unix://")):
-        schemes = "redis://, rediss:// or unix://"
-        reader.error("redis.url", f"must start with {schemes}, got {shown(url)}")
-    return replace(RedisSettings(url=url, on_error=on_error), **fields)
+    return replace(RedisSettings(urls=urls, on_error=on_error), **fields)
+
+
+_SEED_SCHEMES = ("redis://", "rediss://")
+_ALONE_SCHEMES = ("unix://", "redis+sentinel://")  # one URL names the whole deployment
+
+
+def _redis_urls(reader: FieldReader, raw: Any) -> tuple[str, ...]:
+    """``redis.url``: one URL, or a list of a Cluster's seed nodes."""
+    listed = isinstance(raw, list)
+    urls = []
+    for i, item in enumerate(raw if listed else [raw]):
+        path = f"redis.url[{i}]" if listed else "redis.url"
+        url = reader.string(item, path, allow_empty=not listed) or ""
+        if url and not url.startswith(_SEED_SCHEMES + _ALONE_SCHEMES):
+            schemes = "redis://, rediss://, unix:// or redis+sentinel://"
+            reader.error(path, f"must start with {schemes}, got {shown(url)}")
+        elif url.startswith(_ALONE_SCHEMES) and listed and len(raw) > 1:
+            reader.error(
+                path, f"{url.split(':', 1)[0]}:// names the whole deployment: list no other URL"
+            )
+        if url:
+            urls.append(url)
+    return tuple(urls)
 
 
 def read_accounting(reader: FieldReader, raw: Any) -> Accounting:

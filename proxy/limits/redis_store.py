@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +30,8 @@ from proxy.limits.store import (
     limit_state,
 )
 from proxy.redis.batch import BatchShape
-from proxy.redis.client import RespClient
 from proxy.redis.protocol import Arg, Reply, RespError, Script, encode_items
+from proxy.redis.router import Router
 
 PREFIX = "llmproxy"
 
@@ -60,6 +60,7 @@ class TeamParts:
     day). Encoding all of a call's keys and arguments anew was the largest Python cost
     of the Redis path."""
 
+    route: str  # a key of the team: its hash tag names the team's Cluster slot
     admit: BatchShape  # KEYS: the checks' keys; ARGV: kind code and limit per check
     settle: BatchShape  # KEYS: the ledger index, the checks' keys; ARGV: as admit's
     renew: tuple[str, ...]  # the concurrency checks' keys, whose leases a long call renews
@@ -70,6 +71,7 @@ class TeamParts:
         limits = _check_args(checks)
         n = len(checks)
         return cls(
+            team_key(team),
             BatchShape(admit, encode_items(keys), n, encode_items(limits), 2 * n, 0, 3),
             BatchShape(
                 settle,
@@ -136,9 +138,10 @@ def _unavailable(future: asyncio.Future[Reply]) -> StoreUnavailable | None:
 
 
 class RedisStore:
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, urls: str | Sequence[str], timeout: float):
         self._admit, self._settle, self._renew = (Script.of(s) for s in (ADMIT, SETTLE, RENEW))
-        self.hot = RespClient(url, timeout, scripts=(self._admit, self._settle, self._renew))
+        scripts = (self._admit, self._settle, self._renew)
+        self.hot = Router([urls] if isinstance(urls, str) else urls, timeout, scripts)
 
     async def close(self) -> None:
         await self.hot.close()
@@ -157,9 +160,8 @@ class RedisStore:
     ) -> Admission:
         checks = team_checks.checks
         args = admit_args(lease, lease_ttl, reserved)
-        reply = await self._run(
-            self.hot.run_batched(team_checks.team, _parts(team_checks).admit, b"", args)
-        )
+        parts = _parts(team_checks)
+        reply = await self._run(self.hot.run_batched(parts.route, parts.admit, b"", args))
         admitted, day, refused = int(reply[0]), int(reply[1]), int(reply[2])
         retry, now = float(reply[3]), float(reply[4])
         levels = [float(v) for v in reply[5:]]
@@ -170,8 +172,8 @@ class RedisStore:
         return Admission(False, day, states, refused=checks[refused - 1], retry_after=retry)
 
     async def settle(self, s: Settlement) -> None:
-        shape = _parts(s.team_checks).settle
-        await self._run(self.hot.run_batched(s.team, shape, *settle_parts(s)))
+        parts = _parts(s.team_checks)
+        await self._run(self.hot.run_batched(parts.route, parts.settle, *settle_parts(s)))
 
     def settle_soon(
         self, s: Settlement, done: Callable[[StoreUnavailable | None], None]
@@ -179,7 +181,8 @@ class RedisStore:
         """``settle`` for a caller that does not wait for it: the script call joins this
         turn's batch at once and ``done`` gets its outcome. Returns the call's future, or
         None (nothing sent) when no connection is open yet."""
-        future = self.hot.join_now(s.team, _parts(s.team_checks).settle, *settle_parts(s))
+        parts = _parts(s.team_checks)
+        future = self.hot.join_now(parts.route, parts.settle, *settle_parts(s))
         if future is not None:
             future.add_done_callback(lambda f: done(_unavailable(f)))
         return future

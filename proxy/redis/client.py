@@ -122,6 +122,10 @@ class _Connection(asyncio.Protocol):
             self.enqueue(batch, batch)
         return batch.add(keys, args)
 
+    def ask_next(self) -> None:
+        self._open.clear()
+        self.send(encode(("ASKING",))).add_done_callback(_ignore)
+
     def enqueue(self, command: bytes | Batch, receiver: Receiver) -> None:
         if self.broken is not None:
             raise Disconnected(*self.broken.args)
@@ -196,9 +200,19 @@ class _Connection(asyncio.Protocol):
                 receiver.set_exception(Disconnected(*self.broken.args))
 
 
+def _ignore(future: asyncio.Future[Reply]) -> None:
+    """A reply nobody waits for (ASKING's OK): retrieved, so that no error is logged."""
+    if not future.cancelled():
+        future.exception()
+
+
 class RespClient:
-    def __init__(self, url: str, timeout: float, scripts: Sequence[Script] = ()) -> None:
-        self.address = Address.from_url(url)
+    """One Redis node, on one pipelined connection (redis/router.py picks the node)."""
+
+    def __init__(
+        self, address: Address | str, timeout: float, scripts: Sequence[Script] = ()
+    ) -> None:
+        self.address = Address.from_url(address) if isinstance(address, str) else address
         self.timeout = timeout
         # Loaded on every new connection, before any command: a script call then never
         # meets NOSCRIPT in the ordinary course. The EVAL it would take instead leaves a
@@ -247,6 +261,21 @@ class RespClient:
     async def _send(self, command: bytes) -> Reply:
         connection = self._ready() or await self._connect()
         return await connection.send(command)
+
+    async def connect(self) -> None:
+        """Open the connection now if there is none (``ask_next`` needs one)."""
+        if self._ready() is None:
+            await self._connect()
+
+    def ask_next(self) -> None:
+        """Send ``ASKING`` now, so that the next command written on this connection may
+        use a slot being migrated to this node (a Cluster's ``ASK`` redirection). The
+        caller sends its command right after, before yielding to the loop; a batch
+        still open this turn takes no more calls, so no call joins it past ASKING."""
+        connection = self._ready()
+        if connection is None:
+            raise Disconnected("no connection to send ASKING on")
+        connection.ask_next()
 
     def _ready(self) -> _Connection | None:
         """The open connection, if there is one that is not broken."""

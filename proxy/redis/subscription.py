@@ -24,9 +24,10 @@ class Subscription:
         self._replies: deque[Reply] = deque()
 
     @classmethod
-    async def open(cls, url: str, channel: str, within: float) -> Subscription:
+    async def open(cls, address: Address | str, channel: str, within: float) -> Subscription:
         """Connected, authenticated and subscribed to ``channel``, in ``within`` seconds."""
-        address = Address.from_url(url)
+        if isinstance(address, str):
+            address = Address.from_url(address)
         async with asyncio.timeout(within):
             subscription = cls(*await _dial(address))
             try:

@@ -19,12 +19,12 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from proxy.observe.metrics import endpoint_label
-from proxy.redis.client import RespClient
 from proxy.redis.protocol import Arg, ProtocolError, RespError
+from proxy.redis.router import Router
 from proxy.redis.subscription import Subscription
 from proxy.routing.circuit import Change, CircuitBreakers
 
@@ -39,9 +39,8 @@ _FAILURES = (RespError, ProtocolError, OSError)
 
 
 class CircuitSync:
-    def __init__(self, url: str, breakers: CircuitBreakers, timeout: float) -> None:
-        self.url = url  # for the subscription
-        self.redis = RespClient(url, timeout)  # for the commands
+    def __init__(self, urls: str | Sequence[str], breakers: CircuitBreakers, timeout: float):
+        self.redis = Router([urls] if isinstance(urls, str) else urls, timeout)
         self.breakers = breakers
         self.timeout = timeout
         self.origin = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -110,6 +109,7 @@ class CircuitSync:
                 await self._listen()
             except _FAILURES as exc:  # a cancellation stays one: the client converts none
                 log.warning("circuit sharing paused, Redis failed: %r", exc)
+                self.redis.suspect()  # a Cluster's node or Sentinel's primary may be gone
             await asyncio.sleep(_RETRY)
 
     async def _load(self) -> None:
@@ -120,7 +120,8 @@ class CircuitSync:
                     self._apply(raw)
 
     async def _listen(self) -> None:
-        subscription = await Subscription.open(self.url, CHANNEL, self.timeout)
+        address = await self.redis.subscribe_address()
+        subscription = await Subscription.open(address, CHANNEL, self.timeout)
         try:
             await self._load()  # after subscribing: no change falls between the two
             while True:

@@ -28,12 +28,13 @@ class RedisServer:
         persistent: bool = False,
         password: str = "",
         args: tuple[str, ...] = (),
+        port: int | None = None,
     ):
         binary = redis_binary()
         if binary is None:
             raise RuntimeError("no redis-server on PATH (.ci/run installs Debian's redis-server)")
         self.binary = binary
-        self.port = free_port()
+        self.port = port or free_port()
         self.dir = workdir
         self.persistent = persistent
         self.password = password

@@ -12,6 +12,7 @@ from proxy.call.auth import key_hash
 from proxy.services import SERVICES
 from tests.conftest import MakeProxy, Proxy
 from tests.support import Upstream, routes_yaml
+from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer, redis_binary
 
 RESEARCH_KEY = "sk-proxy-research-0123456789"
@@ -79,14 +80,37 @@ def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.kill()
 
 
+@pytest.fixture(scope="session")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """One Redis Cluster for the tests that only read and write (none kills a node)."""
+    need_redis()
+    cluster = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A Redis Cluster of the test's own, whose nodes it may kill."""
+    need_redis()
+    cluster = RedisCluster(tmp_path)
+    yield cluster
+    cluster.stop()
+
+
 MakeTeamProxy = Callable[..., Awaitable[Proxy]]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The same tests run against both backends: "" (memory) or a Redis URL."""
+    """The same tests run against every backend: "" (memory), or the URL of a Redis or
+    of one node of a Redis Cluster (the proxy finds the others)."""
     if request.param == "memory":
         return ""
+    if request.param == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("shared_cluster")
+        cluster.flushall()
+        return cluster.url
     server: RedisServer = request.getfixturevalue("shared_redis")
     client = server.client()
     client.flushall()

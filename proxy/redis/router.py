@@ -1,0 +1,353 @@
+"""Which Redis node takes a command: the one node, a Redis Cluster's slot owner, or the
+primary that Sentinel names. Every user of Redis goes through here, so this routing
+is written once (docs/ARCHITECTURE.md, "Redis").
+
+``redis.url`` names a node, or several (seeds: a start needs one of them up). The
+first that answers tells which kind of deployment it is: ``CLUSTER SLOTS`` gives a
+Cluster's slot map, and a node without cluster support refuses it, so it is a single
+node. ``redis+sentinel://host:port[,host:port…]/SERVICE`` asks the sentinels for the
+primary of SERVICE instead.
+
+Each node is a ``RespClient`` (redis/client.py): one pipelined connection, whose
+batches of script calls per loop turn stay per node. A command goes to the owner of
+its key's slot (a team's keys share the hash tag ``{team}``, so a team lives on one
+node). The topology changes under a running proxy, and this follows it:
+
+- ``MOVED``: the slot's new owner is noted, the map read again, the command resent.
+- ``ASK`` (a slot being migrated): resent to the node named, after ``ASKING``.
+- ``TRYAGAIN``, ``CLUSTERDOWN``: resent after a short backoff, a few times; then the
+  error is the caller's (for the limiter: its ``on_error``).
+- a node that does not answer (a primary killed) or is read-only (demoted): its
+  callers fail at once, and the map, or the sentinels' answer, is read again, at most
+  every ``REFRESH_EVERY`` seconds, until a replica has taken over.
+
+Only commands that Redis refused with ``MOVED``, ``ASK``, ``TRYAGAIN`` or
+``CLUSTERDOWN`` are resent: it ran none of them, so a resend cannot count anything
+twice. A command whose connection broke is not resent, as in the single-node client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+from urllib.parse import unquote
+
+from proxy.redis.batch import BatchShape
+from proxy.redis.client import Address, Disconnected, RespClient
+from proxy.redis.protocol import Arg, Reply, RespError, Script
+
+log = logging.getLogger(__name__)
+
+SLOTS = 16384
+REFRESH_EVERY = 0.5  # seconds between two readings of the topology after a failure
+_REDIRECTS = 5  # MOVED or ASK in a row before the command fails
+_RETRIES = 4  # TRYAGAIN or CLUSTERDOWN in a row, resent after 25, 50, 100, 200 ms
+# Commands whose first argument is not a key: any node takes them (a Cluster's PUBLISH
+# reaches every node's subscribers).
+_UNKEYED = frozenset({"PUBLISH", "PING", "CLUSTER", "SENTINEL", "ROLE", "INFO", "WAIT"})
+
+Send = Callable[[RespClient], Awaitable[Reply]]
+
+
+def key_slot(key: str) -> int:
+    """Redis Cluster's slot of a key: CRC16 of its hash tag (the part between the first
+    ``{`` and the next ``}``, when not empty), else of the whole key."""
+    raw = key.encode()
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return binascii.crc_hqx(raw, 0) % SLOTS
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """What ``redis.url`` names: nodes to ask first, or sentinels and a service."""
+
+    addresses: tuple[Address, ...]
+    service: str = ""  # set: the addresses are sentinels
+    node: Address | None = None  # what a node's URL adds to a host and port (TLS, auth, db)
+
+    @classmethod
+    def parse(cls, urls: Sequence[str]) -> Seeds:
+        if len(urls) == 1 and urls[0].startswith("redis+sentinel://"):
+            return cls._sentinel(urls[0])
+        addresses = tuple(Address.from_url(url) for url in urls)
+        return cls(addresses, node=addresses[0])
+
+    @classmethod
+    def _sentinel(cls, url: str) -> Seeds:
+        """redis+sentinel://[[user]:password@]host:port[,host:port…]/SERVICE[/db]; the
+        password is the data node's (sentinels without one, as Debian ships them)."""
+        rest = url.removeprefix("redis+sentinel://")
+        netloc, _, path = rest.partition("/")
+        credentials, _, hosts = netloc.rpartition("@")
+        service, _, db = path.partition("/")
+        if not service or not hosts:
+            raise ValueError(f"a Sentinel URL names hosts and a service: {url!r}")
+        sentinels = []
+        for host in hosts.split(","):
+            name, _, port = host.rpartition(":")
+            sentinels.append(Address(host=name or port, port=int(port) if name else 26379))
+        user, _, password = credentials.partition(":")
+        node = Address(username=unquote(user), password=unquote(password), db=int(db or 0))
+        return cls(tuple(sentinels), service=unquote(service), node=node)
+
+
+@dataclass(frozen=True)
+class Topology:
+    kind: Literal["node", "cluster", "sentinel"]
+    slots: tuple[RespClient, ...]  # one entry, or SLOTS of them for a Cluster
+
+    def owner(self, key: str | None) -> RespClient:
+        slots = self.slots
+        return slots[0] if key is None or len(slots) == 1 else slots[key_slot(key)]
+
+
+class Router:
+    """``RespClient``'s calls, each sent to the node that serves its key."""
+
+    def __init__(self, urls: Sequence[str], timeout: float, scripts: Sequence[Script] = ()):
+        self.seeds = Seeds.parse(urls)
+        self.timeout = timeout
+        self.scripts = tuple(scripts)
+        self.topology: Topology | None = None
+        self._nodes: dict[tuple[str, int], RespClient] = {}
+        self._reading: asyncio.Task[Topology] | None = None
+        self._last_read = -REFRESH_EVERY
+        self._closed = False
+
+    # The calls, as RespClient has them.
+
+    async def execute(self, *args: Arg) -> Reply:
+        keyed = len(args) > 1 and str(args[0]).upper() not in _UNKEYED
+        return await self._routed(str(args[1]) if keyed else None, lambda c: c.execute(*args))
+
+    async def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Reply:
+        key = keys[0] if keys else None
+        return await self._routed(key, lambda c: c.run_script(script, keys, args))
+
+    async def run_batched(self, route: str, shape: BatchShape, keys: bytes, args: bytes) -> Reply:
+        """A script call batched per loop turn with the others of ``route``, a key of
+        the batch (its hash tag names the slot, and the batch's order is per route)."""
+        topology = self.topology
+        if topology is not None and topology.kind == "node":  # no routing to do
+            return await topology.slots[0].run_batched(route, shape, keys, args)
+        return await self._routed(route, lambda c: c.run_batched(route, shape, keys, args))
+
+    def join_now(
+        self, route: str, shape: BatchShape, keys: bytes, args: bytes
+    ) -> asyncio.Future[Reply] | None:
+        """``run_batched`` for a caller that does not wait: the reply's future, or None
+        (nothing sent) when the node's connection is not open yet."""
+        topology = self.topology
+        if topology is None:
+            return None
+        sent = topology.owner(route).join_now(route, shape, keys, args)
+        if sent is None or topology.kind == "node":
+            return sent
+        # A redirection is followed off the caller's path, by a task.
+        outcome: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+
+        def settled(first: asyncio.Future[Reply]) -> None:
+            error = None if first.cancelled() else first.exception()
+            if isinstance(error, RespError) and _resendable(error):
+                again = asyncio.ensure_future(self.run_batched(route, shape, keys, args))
+                again.add_done_callback(lambda f: _copy(f, outcome))
+            else:
+                _copy(first, outcome)
+
+        sent.add_done_callback(settled)
+        return outcome
+
+    async def subscribe_address(self) -> Address:
+        """A node to subscribe on: in a Cluster any node hears every PUBLISH."""
+        topology = self.topology or await self._read()
+        return topology.slots[0].address
+
+    def suspect(self) -> None:
+        """A caller saw a node fail outside these calls (a subscription): read the
+        topology again soon."""
+        self._read_soon()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reading is not None:
+            with contextlib.suppress(Exception):
+                await self._reading
+        await asyncio.gather(*(node.close() for node in self._nodes.values()))
+
+    # Routing.
+
+    async def _routed(self, key: str | None, send: Send) -> Reply:
+        redirects = retries = 0
+        asked: RespClient | None = None
+        while True:
+            topology = self.topology or await self._read()
+            node = asked or topology.owner(key)
+            try:
+                if asked is None:
+                    return await send(node)
+                await node.connect()
+                node.ask_next()
+                return await send(node)  # ASKING and the command leave together
+            except RespError as error:
+                asked = None
+                kind = _resendable(error)
+                if kind is None or topology.kind != "cluster":
+                    if error.message.startswith("READONLY"):  # a primary demoted
+                        self._read_soon()
+                    raise
+                if kind in ("MOVED", "ASK"):
+                    redirects += 1
+                    if redirects > _REDIRECTS:
+                        raise
+                    target = self._redirected(error, topology, moved=kind == "MOVED")
+                    asked = target if kind == "ASK" else None
+                else:  # TRYAGAIN, CLUSTERDOWN: the slot is busy or the cluster unsure
+                    retries += 1
+                    if retries > _RETRIES:
+                        raise
+                    await asyncio.sleep(0.025 * 2 ** (retries - 1))
+            except (Disconnected, OSError, TimeoutError):
+                if topology.kind != "node":
+                    self._read_soon()
+                raise
+
+    def _redirected(self, error: RespError, topology: Topology, moved: bool) -> RespClient:
+        """The node a MOVED or ASK names (``MOVED 3999 127.0.0.1:6381``); a MOVED also
+        changes the slot's owner now, and the whole map is read again."""
+        _, slot_text, where = error.message.split()
+        host, _, port = where.rpartition(":")
+        node = self._node(host or topology.owner(None).address.host, int(port))
+        if moved and len(topology.slots) == SLOTS:
+            slots = list(topology.slots)
+            slots[int(slot_text)] = node
+            self.topology = replace(topology, slots=tuple(slots))
+            self._read_soon()
+        return node
+
+    def _node(self, host: str, port: int) -> RespClient:
+        node = self._nodes.get((host, port))
+        if node is None:
+            assert self.seeds.node is not None
+            address = replace(self.seeds.node, host=host, port=port, path="")
+            node = self._nodes[(host, port)] = RespClient(address, self.timeout, self.scripts)
+        return node
+
+    # Reading the topology: once at the first call, again after a failure.
+
+    async def _read(self) -> Topology:
+        if self._closed:
+            raise Disconnected("the client was closed")
+        if self._reading is None:
+            self._last_read = time.monotonic()
+            self._reading = asyncio.ensure_future(self._discover())
+            self._reading.add_done_callback(self._have_read)
+        return await asyncio.shield(self._reading)
+
+    def _read_soon(self) -> None:
+        if self._reading is None and time.monotonic() - self._last_read >= REFRESH_EVERY:
+            asyncio.ensure_future(self._read()).add_done_callback(_quiet)
+
+    def _have_read(self, task: asyncio.Task[Topology]) -> None:
+        self._reading = None
+        if not task.cancelled() and task.exception() is None:
+            before, self.topology = self.topology, task.result()
+            if before is not None and before.slots != self.topology.slots:
+                log.info("Redis topology changed: %s", _describe(self.topology))
+
+    async def _discover(self) -> Topology:
+        if self.seeds.service:
+            return await self._ask_sentinels()
+        known = [] if self.topology is None else list(dict.fromkeys(self.topology.slots))
+        seeds = [self._seed(a) for a in self.seeds.addresses]
+        failures = []
+        for node in dict.fromkeys([*known, *seeds]):
+            try:
+                reply = await node.execute("CLUSTER", "SLOTS")
+            except RespError:  # no cluster support (or not allowed): one node
+                return Topology("node", (node,))
+            except (Disconnected, OSError, TimeoutError) as exc:
+                failures.append(str(exc))
+                continue
+            return Topology("cluster", self._slot_map(reply, node))
+        raise Disconnected("; ".join(failures) or "no Redis node to ask")
+
+    def _seed(self, address: Address) -> RespClient:
+        if address.path:  # a unix socket: one node, by its path
+            key = (address.path, 0)
+            if key not in self._nodes:
+                self._nodes[key] = RespClient(address, self.timeout, self.scripts)
+            return self._nodes[key]
+        return self._node(address.host, address.port)
+
+    def _slot_map(self, reply: Reply, answered: RespClient) -> tuple[RespClient, ...]:
+        """CLUSTER SLOTS: [[first, last, [host, port, id], replicas…], …]. A slot no
+        range covers (a cluster being set up) goes to the node that answered, which
+        answers for it with MOVED or CLUSTERDOWN."""
+        slots = [answered] * SLOTS
+        for entry in reply if isinstance(reply, list) else []:
+            match entry:
+                case [int(first), int(last), [bytes(host), int(port), *_], *_]:
+                    node = self._node(host.decode() or answered.address.host, port)
+                    slots[first : last + 1] = [node] * (last - first + 1)
+                case _:
+                    raise RespError(f"CLUSTER SLOTS gave an entry not understood: {entry!r:.200}")
+        return tuple(slots)
+
+    async def _ask_sentinels(self) -> Topology:
+        failures = []
+        for sentinel in self.seeds.addresses:
+            asking = RespClient(sentinel, self.timeout)
+            try:
+                reply = await asking.execute(
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.seeds.service
+                )
+            except (RespError, Disconnected, OSError, TimeoutError) as exc:
+                failures.append(f"sentinel {sentinel.host}:{sentinel.port}: {exc}")
+                continue
+            finally:
+                await asking.close()
+            if isinstance(reply, list) and len(reply) == 2:
+                host, port = (part.decode() for part in reply if isinstance(part, bytes))
+                return Topology("sentinel", (self._node(host, int(port)),))
+            failures.append(f"sentinel {sentinel.host}:{sentinel.port} knows no primary")
+        raise Disconnected("; ".join(failures))
+
+
+def _resendable(error: RespError) -> str | None:
+    kind = error.message.split(" ", 1)[0]
+    return kind if kind in ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN") else None
+
+
+def _copy(source: asyncio.Future[Reply], target: asyncio.Future[Reply]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (error := source.exception()) is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
+
+
+def _quiet(task: asyncio.Future[Topology]) -> None:
+    """A reading started by a failure: its own failure is the next caller's to see."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _describe(topology: Topology) -> str:
+    owners: dict[str, int] = {}
+    for node in topology.slots:
+        where = f"{node.address.host}:{node.address.port}"
+        owners[where] = owners.get(where, 0) + 1
+    return ", ".join(f"{where} ({count} slots)" for where, count in sorted(owners.items()))
