@@ -56,7 +56,7 @@ async def _accounting(app: web.Application) -> AsyncIterator[None]:
     # The store is chosen at start: changing redis.url takes a restart.
     settings = app[SERVICES].config.current.redis
     if settings.urls:
-        redis = RedisStore(settings.urls, settings.timeout)
+        redis = RedisStore(settings.urls, settings.timeout, settings.ledger_replicas)
         accountant = Accountant(settings, redis, MemoryStore(), redis_metrics=app[SERVICES].metrics)
     else:
         accountant = Accountant(settings, MemoryStore(), fallback=None)

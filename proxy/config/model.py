@@ -162,6 +162,9 @@ class RedisSettings:
     # A concurrency slot is a lease: a process that dies leaks it for this long at most.
     lease_ttl: float = 60.0
     timeout: float = 0.5
+    # A settlement counts as written once this many replicas confirm it (WAIT); until
+    # then it stays queued and is sent again. 0: once the primary has it.
+    ledger_replicas: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ TEAM_KEYS = {"keys", "limits", "model_limits", "headers", "client_headers"}
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 LIMIT_FIELDS = dict.fromkeys(LIMIT_KINDS, "count")
 REDIS_FIELDS = {"lease_ttl": "duration", "timeout": "duration"}
-REDIS_KEYS = {"url", "on_error", *REDIS_FIELDS}
+REDIS_KEYS = {"url", "on_error", "ledger_replicas", *REDIS_FIELDS}
 ACCOUNTING_FIELDS = {"default_max_tokens": "count"}
 
 # Headers that choose which account, project or team of the provider a call is billed
@@ -135,7 +135,11 @@ def read_redis(reader: FieldReader, raw: Any) -> RedisSettings:
         )
         or "fail_open"
     )
-    return replace(RedisSettings(urls=urls, on_error=on_error), **fields)
+    replicas = node.get("ledger_replicas", 0)
+    if replicas != 0 or isinstance(replicas, bool):  # 0, the default, is off
+        replicas = reader.count(replicas, "redis.ledger_replicas") or 0
+    settings = RedisSettings(urls=urls, on_error=on_error, ledger_replicas=replicas)
+    return replace(settings, **fields)
 
 
 _SEED_SCHEMES = ("redis://", "rediss://")

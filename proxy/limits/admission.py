@@ -27,11 +27,21 @@ from proxy.limits.memory import MemoryStore
 from proxy.limits.plan import LimitPlan
 from proxy.limits.rate_headers import describe_refusal, rate_headers
 from proxy.limits.redis_store import RedisStore
-from proxy.limits.store import DAY, Admission, Settlement, Store, StoreUnavailable, TeamChecks
+from proxy.limits.store import (
+    DAY,
+    Admission,
+    Settlement,
+    Store,
+    StoreUnavailable,
+    TeamChecks,
+    Unconfirmed,
+)
 from proxy.limits.usage import Usage
 from proxy.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+FLUSH_CHUNK = 256  # queued settlements sent again in one loop turn
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,9 @@ class Accountant:
         self.fallback = fallback  # None when the primary already is this process's memory
         self.redis_metrics = redis_metrics  # set when the primary is Redis
         self.queue: deque[Settlement] = deque()
+        # Applied by the primary, not yet confirmed by ledger_replicas replicas: sent
+        # again until they are. They hold nothing up, as their limits are corrected.
+        self.unconfirmed: deque[Settlement] = deque()
         self.redis_errors = 0
         self.fallback_admissions = 0
         self._last_warning = 0.0
@@ -152,12 +165,19 @@ class Accountant:
         if ticket.fallback and self.fallback is not None:
             await self.fallback.settle(settlement)  # its limits live here; the ledger does not
             settlement = replace(settlement, team_checks=self.primary.prepare(ticket.team, ()))
-        if self.queue:  # keep the ledger's order: nothing overtakes what is queued
-            self.queue.append(settlement)
-            return
+            if self.queue:  # a ledger-only write: in order, behind those waiting for Redis
+                self.queue.append(settlement)
+                return
+        # A call admitted through Redis holds its limits there (a concurrency slot):
+        # its settlement goes at once, never behind a backlog left by an outage (seen:
+        # every slot held, and 429s, until thousands of ledger-only writes went out).
+        # The ledger's sums do not depend on the order of its writes.
         try:
             with self._timed("settle"):
                 await self.primary.settle(settlement)
+        except Unconfirmed as exc:
+            self._redis_failed("settlement", exc)
+            self.unconfirmed.append(settlement)
         except StoreUnavailable as exc:
             self._redis_failed("settlement", exc)
             self.queue.append(settlement)
@@ -183,8 +203,8 @@ class Accountant:
         self._queued -= 1
         if isinstance(self.primary, MemoryStore):
             self.primary.settle_now(settlement)  # no I/O, nothing to wait for
-        elif ticket.fallback or self.queue or not self._send(settlement):
-            # Fallback limits, queued settlements or no connection yet: a task does it.
+        elif ticket.fallback or not self._send(settlement):
+            # Fallback limits, or no connection yet (or replicas to wait for): a task.
             self.track(self._settle(ticket, settlement))
 
     def _send(self, settlement: Settlement) -> bool:
@@ -224,20 +244,53 @@ class Accountant:
             await asyncio.wait(in_flight)
 
     async def flush(self) -> bool:
-        """Write queued settlements in order; True when the queue is empty."""
+        """Write queued settlements in order, then send the unconfirmed ones again; True
+        when none is left. Up to ``FLUSH_CHUNK`` leave in one loop turn: on one
+        connection Redis runs them in that order, and a backlog of thousands is not
+        sent one round trip at a time."""
         while self.queue:
-            try:
-                with self._timed("flush"):
-                    await self.primary.settle(self.queue[0])
-            except StoreUnavailable:
+            chunk = [self.queue.popleft() for _ in range(min(len(self.queue), FLUSH_CHUNK))]
+            failed, unconfirmed = await self._send_again(chunk)
+            self.unconfirmed.extend(unconfirmed)
+            if failed:
+                self.queue.extendleft(reversed(failed))  # in their order, at the front
                 return False
-            self.queue.popleft()
-        return True
+        # Applied already, so they hold nothing up: a chunk at a time, until replicas
+        # confirm none of one (they are still missing) or Redis fails.
+        for _ in range(len(self.unconfirmed) // FLUSH_CHUNK + 1):
+            chunk = [
+                self.unconfirmed.popleft() for _ in range(min(len(self.unconfirmed), FLUSH_CHUNK))
+            ]
+            failed, unconfirmed = await self._send_again(chunk)
+            self.unconfirmed.extend(failed + unconfirmed)
+            if len(failed) + len(unconfirmed) == len(chunk):
+                break
+        return not self.queue and not self.unconfirmed
+
+    async def _send_again(self, chunk: list[Settlement]) -> tuple[list[Settlement], ...]:
+        """Send ``chunk`` in one turn: what Redis did not take, and what it took but
+        too few replicas confirmed."""
+        start = time.perf_counter()
+        outcomes = await asyncio.gather(
+            *(self.primary.settle(s) for s in chunk), return_exceptions=True
+        )
+        if self.redis_metrics is not None:  # one round trip: an error if any failed
+            ok = not any(isinstance(o, StoreUnavailable) for o in outcomes)
+            self.redis_metrics.redis_call("flush", time.perf_counter() - start, ok=ok)
+        failed, unconfirmed = [], []
+        for settlement, outcome in zip(chunk, outcomes, strict=True):
+            if isinstance(outcome, Unconfirmed):
+                unconfirmed.append(settlement)
+            elif isinstance(outcome, StoreUnavailable):
+                failed.append(settlement)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        return failed, unconfirmed
 
     async def flush_forever(self, interval: float = 0.5) -> None:
         while True:
             await asyncio.sleep(interval)
-            if self.queue and await self.flush():
+            if (self.queue or self.unconfirmed) and await self.flush():
                 log.info("ledger queue flushed: Redis is back")
 
     async def drain(self, deadline: float) -> None:
@@ -249,6 +302,12 @@ class Accountant:
             await asyncio.sleep(0.2)
         for settlement in self.queue:
             log.error("ledger write lost at shutdown: %s", json.dumps(settlement.described()))
+        for settlement in self.unconfirmed:
+            log.warning(
+                "ledger write not confirmed by %d replicas at shutdown: %s",
+                self.settings.ledger_replicas,
+                json.dumps(settlement.described()),
+            )
 
     def _timed(self, operation: str) -> contextlib.AbstractContextManager[None]:
         if self.redis_metrics is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from proxy.limits.store import (
     Settlement,
     StoreUnavailable,
     TeamChecks,
+    Unconfirmed,
     limit_state,
 )
 from proxy.redis.batch import BatchShape
@@ -34,6 +36,7 @@ from proxy.redis.protocol import Arg, Reply, RespError, Script, encode_items
 from proxy.redis.router import Router
 
 PREFIX = "llmproxy"
+REPLICAS_RETRY = 1.0  # seconds between two WAITs once too few replicas answered
 
 
 def team_key(team: str, *parts: str) -> str:
@@ -138,15 +141,27 @@ def _unavailable(future: asyncio.Future[Reply]) -> StoreUnavailable | None:
 
 
 class RedisStore:
-    def __init__(self, urls: str | Sequence[str], timeout: float):
+    def __init__(self, urls: str | Sequence[str], timeout: float, ledger_replicas: int = 0):
         self._admit, self._settle, self._renew = (Script.of(s) for s in (ADMIT, SETTLE, RENEW))
         scripts = (self._admit, self._settle, self._renew)
-        self.hot = Router([urls] if isinstance(urls, str) else urls, timeout, scripts)
+        seeds = [urls] if isinstance(urls, str) else urls
+        self.hot = Router(seeds, timeout, scripts)
+        # With ledger_replicas, settlements go on connections of their own: WAIT holds
+        # up the commands behind it, and admissions must not wait for replicas.
+        self.ledger_replicas = ledger_replicas
+        self._lane = "ledger" if ledger_replicas else ""
+        self._wait_ms = max(1, int(timeout * 1000 / 2))  # well within the client's timeout
+        # Per team route: whether its node had enough replicas when last asked (ROLE),
+        # and until when that holds. A WAIT goes only where they were there: a WAIT for
+        # replicas that are not holds every command behind it on its connection until
+        # it times out (seen: the concurrency slots held, and 429s, while a promoted
+        # primary had no replica yet).
+        self._replicas_seen: dict[str, tuple[bool, float]] = {}
 
     async def close(self) -> None:
         await self.hot.close()
 
-    async def _run(self, call: Awaitable[Reply]) -> Any:
+    async def _run(self, call: Awaitable[Any]) -> Any:
         try:
             return await call
         except _FAILURES as exc:
@@ -173,14 +188,63 @@ class RedisStore:
 
     async def settle(self, s: Settlement) -> None:
         parts = _parts(s.team_checks)
-        await self._run(self.hot.run_batched(parts.route, parts.settle, *settle_parts(s)))
+        if not self._lane:
+            await self._run(self.hot.run_batched(parts.route, parts.settle, *settle_parts(s)))
+            return
+        if await self._too_few_replicas(parts.route):
+            await self._run(
+                self.hot.run_batched(parts.route, parts.settle, *settle_parts(s), self._lane)
+            )
+            raise Unconfirmed(f"fewer than {self.ledger_replicas} replicas are connected")
+        try:
+            _, confirmed = await self._replicated_settle(parts, s)
+        except StoreUnavailable:
+            self._replicas_seen.pop(parts.route, None)  # a failover, maybe: ask again
+            raise
+        if confirmed < self.ledger_replicas:
+            self._replicas_seen[parts.route] = (False, time.monotonic() + REPLICAS_RETRY)
+            raise Unconfirmed(
+                f"{confirmed} of {self.ledger_replicas} replicas confirmed a ledger write"
+            )
+
+    async def _replicated_settle(self, parts: TeamParts, s: Settlement) -> tuple[Reply, int]:
+        return await self._run(  # type: ignore[no-any-return]
+            self.hot.run_batched_replicated(
+                parts.route,
+                parts.settle,
+                *settle_parts(s),
+                self.ledger_replicas,
+                self._wait_ms,
+                self._lane,
+            )
+        )
+
+    async def _too_few_replicas(self, route: str) -> bool:
+        """Whether the team's node lacks replicas, as last seen: asked again (ROLE, which
+        does not block) every ``REPLICAS_RETRY`` seconds, and after a failure."""
+        seen = self._replicas_seen.get(route)
+        now = time.monotonic()
+        if seen is not None and now < seen[1]:
+            return not seen[0]
+        if seen is not None:  # asked once at a time: meanwhile the last answer stands
+            self._replicas_seen[route] = (seen[0], now + REPLICAS_RETRY)
+        try:
+            enough = await self._run(self.hot.replicas(route)) >= self.ledger_replicas
+        except StoreUnavailable:
+            self._replicas_seen.pop(route, None)
+            raise
+        self._replicas_seen[route] = (enough, time.monotonic() + REPLICAS_RETRY)
+        return not enough
 
     def settle_soon(
         self, s: Settlement, done: Callable[[StoreUnavailable | None], None]
     ) -> asyncio.Future[Reply] | None:
         """``settle`` for a caller that does not wait for it: the script call joins this
         turn's batch at once and ``done`` gets its outcome. Returns the call's future, or
-        None (nothing sent) when no connection is open yet."""
+        None (nothing sent) when no connection is open yet, or when replicas must confirm
+        the write (a task waits for that)."""
+        if self._lane:
+            return None
         parts = _parts(s.team_checks)
         future = self.hot.join_now(parts.route, parts.settle, *settle_parts(s))
         if future is not None:

@@ -29,6 +29,12 @@ class StoreUnavailable(Exception):
     """The backend could not be reached; the caller decides between fail open and closed."""
 
 
+class Unconfirmed(StoreUnavailable):
+    """A settlement the primary applied but fewer replicas than ``ledger_replicas``
+    confirmed: the limits are corrected; the ledger write is sent again (it counts once)
+    until they do."""
+
+
 @dataclass(frozen=True)
 class Check:
     """One limit a call must pass: ``scope`` is "*" (the whole team) or a model id."""

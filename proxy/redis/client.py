@@ -96,6 +96,9 @@ class _Connection(asyncio.Protocol):
         # The batch each ordering domain may still add calls to: its last command of
         # this turn, if that is a batch (redis/batch.py).
         self._open: dict[Hashable, Batch] = {}
+        # This turn's WAIT, and how many commands were unsent before it: a call whose
+        # batch is among them is covered by it (redis/router.py, ledger_replicas).
+        self._wait: tuple[asyncio.Future[Reply], int, bytes] | None = None
         self._transport: asyncio.Transport | None = None
         # One timer per connection, not one per command: it checks the oldest command's
         # age a few times per timeout while any command waits.
@@ -122,6 +125,17 @@ class _Connection(asyncio.Protocol):
             self.enqueue(batch, batch)
         return batch.add(keys, args)
 
+    def join_confirmed(
+        self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes, wait: bytes
+    ) -> tuple[asyncio.Future[Reply], asyncio.Future[Reply]]:
+        """``join``, then the ``wait`` command (WAIT n ms) after it: one WAIT per turn
+        serves every call whose batch was written before it."""
+        reply = self.join(domain, shape, keys, args)
+        position = self._unsent.index(self._open[domain])
+        if self._wait is None or self._wait[1] <= position or self._wait[2] != wait:
+            self._wait = (self.send(wait), len(self._unsent), wait)
+        return reply, self._wait[0]
+
     def ask_next(self) -> None:
         self._open.clear()
         self.send(encode(("ASKING",))).add_done_callback(_ignore)
@@ -140,6 +154,7 @@ class _Connection(asyncio.Protocol):
     def _write(self) -> None:
         unsent, self._unsent = self._unsent, []
         self._open.clear()  # what is written takes no more calls
+        self._wait = None
         if self.broken is None and self._transport is not None:
             self._transport.write(
                 b"".join(
@@ -249,6 +264,19 @@ class RespClient:
         shape made in this loop turn (redis/batch.py); its own reply comes back."""
         connection = self._ready() or await self._connect()
         return await connection.join(domain, shape, keys, args)
+
+    async def run_batched_replicated(
+        self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes, replicas: int, ms: int
+    ) -> tuple[Reply, int]:
+        """``run_batched``, then ``WAIT replicas ms`` on the same connection in the same
+        write: the call's reply, and how many replicas confirmed every write before it."""
+        connection = self._ready() or await self._connect()
+        wait = encode(("WAIT", replicas, ms))
+        reply, acked = connection.join_confirmed(domain, shape, keys, args, wait)
+        acked.add_done_callback(_ignore)  # if the call fails, its WAIT is moot
+        own = await reply
+        confirmed = await acked
+        return own, confirmed if isinstance(confirmed, int) else 0
 
     def join_now(
         self, domain: Hashable, shape: BatchShape, keys: bytes, args: bytes

@@ -33,9 +33,10 @@ import binascii
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import unquote
 
 from proxy.redis.batch import BatchShape
@@ -52,7 +53,7 @@ _RETRIES = 4  # TRYAGAIN or CLUSTERDOWN in a row, resent after 25, 50, 100, 200 
 # reaches every node's subscribers).
 _UNKEYED = frozenset({"PUBLISH", "PING", "CLUSTER", "SENTINEL", "ROLE", "INFO", "WAIT"})
 
-Send = Callable[[RespClient], Awaitable[Reply]]
+T = TypeVar("T")
 
 
 def key_slot(key: str) -> int:
@@ -120,6 +121,9 @@ class Router:
         self.scripts = tuple(scripts)
         self.topology: Topology | None = None
         self._nodes: dict[tuple[str, int], RespClient] = {}
+        # Second connections to the same nodes, for calls that must not share the
+        # first's pipeline (the ledger's WAITs): same topology, other sockets.
+        self._lanes: dict[tuple[str, RespClient], RespClient] = {}
         self._reading: asyncio.Task[Topology] | None = None
         self._last_read = -REFRESH_EVERY
         self._closed = False
@@ -134,13 +138,34 @@ class Router:
         key = keys[0] if keys else None
         return await self._routed(key, lambda c: c.run_script(script, keys, args))
 
-    async def run_batched(self, route: str, shape: BatchShape, keys: bytes, args: bytes) -> Reply:
+    async def run_batched(
+        self, route: str, shape: BatchShape, keys: bytes, args: bytes, lane: str = ""
+    ) -> Reply:
         """A script call batched per loop turn with the others of ``route``, a key of
-        the batch (its hash tag names the slot, and the batch's order is per route)."""
+        the batch (its hash tag names the slot, and the batch's order is per route).
+        ``lane``: on the node's connection of that name rather than its first."""
         topology = self.topology
-        if topology is not None and topology.kind == "node":  # no routing to do
+        if topology is not None and topology.kind == "node" and not lane:  # no routing
             return await topology.slots[0].run_batched(route, shape, keys, args)
-        return await self._routed(route, lambda c: c.run_batched(route, shape, keys, args))
+        return await self._routed(route, lambda c: c.run_batched(route, shape, keys, args), lane)
+
+    async def run_batched_replicated(
+        self,
+        route: str,
+        shape: BatchShape,
+        keys: bytes,
+        args: bytes,
+        replicas: int,
+        ms: int,
+        lane: str = "",
+    ) -> tuple[Reply, int]:
+        """``run_batched`` confirmed by ``WAIT`` (redis/client.py): its reply, and how
+        many replicas have the write."""
+        return await self._routed(
+            route,
+            lambda c: c.run_batched_replicated(route, shape, keys, args, replicas, ms),
+            lane,
+        )
 
     def join_now(
         self, route: str, shape: BatchShape, keys: bytes, args: bytes
@@ -167,6 +192,15 @@ class Router:
         sent.add_done_callback(settled)
         return outcome
 
+    async def replicas(self, key: str) -> int:
+        """How many replicas the node that owns ``key`` has connected (ROLE: it does not
+        block, where a WAIT for missing replicas holds its connection up)."""
+        reply = await self._routed(key, lambda c: c.execute("ROLE"))
+        match reply:
+            case [b"master", _, list(replicas)]:
+                return len(replicas)
+        return 0
+
     async def subscribe_address(self) -> Address:
         """A node to subscribe on: in a Cluster any node hears every PUBLISH."""
         topology = self.topology or await self._read()
@@ -182,16 +216,19 @@ class Router:
         if self._reading is not None:
             with contextlib.suppress(Exception):
                 await self._reading
-        await asyncio.gather(*(node.close() for node in self._nodes.values()))
+        nodes = [*self._nodes.values(), *self._lanes.values()]
+        await asyncio.gather(*(node.close() for node in nodes))
 
     # Routing.
 
-    async def _routed(self, key: str | None, send: Send) -> Reply:
+    async def _routed(
+        self, key: str | None, send: Callable[[RespClient], Awaitable[T]], lane: str = ""
+    ) -> T:
         redirects = retries = 0
         asked: RespClient | None = None
         while True:
             topology = self.topology or await self._read()
-            node = asked or topology.owner(key)
+            node = self._lane(asked or topology.owner(key), lane)
             try:
                 if asked is None:
                     return await send(node)
@@ -233,6 +270,14 @@ class Router:
             self.topology = replace(topology, slots=tuple(slots))
             self._read_soon()
         return node
+
+    def _lane(self, node: RespClient, lane: str) -> RespClient:
+        if not lane:
+            return node
+        other = self._lanes.get((lane, node))
+        if other is None:
+            other = self._lanes[(lane, node)] = RespClient(node.address, self.timeout, self.scripts)
+        return other
 
     def _node(self, host: str, port: int) -> RespClient:
         node = self._nodes.get((host, port))
@@ -304,23 +349,29 @@ class Router:
         return tuple(slots)
 
     async def _ask_sentinels(self) -> Topology:
-        failures = []
-        for sentinel in self.seeds.addresses:
-            asking = RespClient(sentinel, self.timeout)
-            try:
-                reply = await asking.execute(
-                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.seeds.service
-                )
-            except (RespError, Disconnected, OSError, TimeoutError) as exc:
-                failures.append(f"sentinel {sentinel.host}:{sentinel.port}: {exc}")
-                continue
-            finally:
-                await asking.close()
-            if isinstance(reply, list) and len(reply) == 2:
-                host, port = (part.decode() for part in reply if isinstance(part, bytes))
-                return Topology("sentinel", (self._node(host, int(port)),))
-            failures.append(f"sentinel {sentinel.host}:{sentinel.port} knows no primary")
-        raise Disconnected("; ".join(failures))
+        """The primary most of the sentinels that answer name: right after a failover
+        one that has not heard of it yet may still name the old primary."""
+        answers = await asyncio.gather(*(self._ask(s) for s in self.seeds.addresses))
+        named = Counter(a for a in answers if isinstance(a, tuple))
+        if not named:
+            raise Disconnected("; ".join(a for a in answers if isinstance(a, str)))
+        (host, port), _ = named.most_common(1)[0]
+        return Topology("sentinel", (self._node(host, port),))
+
+    async def _ask(self, sentinel: Address) -> tuple[str, int] | str:
+        """What one sentinel names as the primary, or why it did not say."""
+        asking = RespClient(sentinel, self.timeout)
+        where = f"sentinel {sentinel.host}:{sentinel.port}"
+        try:
+            reply = await asking.execute("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.seeds.service)
+        except (RespError, Disconnected, OSError, TimeoutError) as exc:
+            return f"{where}: {exc}"
+        finally:
+            await asking.close()
+        match reply:
+            case [bytes(host), bytes(port)]:
+                return host.decode(), int(port)
+        return f"{where} knows no primary {self.seeds.service!r}"
 
 
 def _resendable(error: RespError) -> str | None:

@@ -5,6 +5,7 @@ through a primary killed under load, and through a slot moved under load."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import signal
 import time
@@ -36,13 +37,13 @@ def _key(team: str) -> str:
     return f"sk-proxy-{team}-0123456789"
 
 
-def _teams_yaml(url: str, limits: str, on_error: str = "fail_open") -> str:
+def _teams_yaml(url: str, limits: str, on_error: str = "fail_open", replicas: int = 0) -> str:
     teams = "\n".join(
         f'  {team}: {{keys: ["{key_hash(_key(team))}"], limits: {limits}}}' for team in TEAMS
     )
     return f"""
 admin_key: {ADMIN_KEY}
-redis: {{url: "{url}", on_error: {on_error}, timeout: 500ms}}
+redis: {{url: "{url}", on_error: {on_error}, timeout: 500ms, ledger_replicas: {replicas}}}
 accounting: {{default_max_tokens: 50}}
 teams:
 {teams}
@@ -81,18 +82,19 @@ async def stopped_at_end() -> AsyncIterator[list[ProxyProcess]]:
         process.stop()
 
 
-async def _ledger(url: str) -> dict[str, int]:
-    """Requests booked per team, from GET /v1/usage (every shard's rows)."""
+async def _ledger(url: str, field: str = "requests") -> dict[str, int]:
+    """What is booked per team, from GET /v1/usage (every shard's rows)."""
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    since = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)).isoformat()  # midnight
     async with (
         aiohttp.ClientSession() as http,
-        http.get(url + "/v1/usage", headers=headers) as resp,
+        http.get(url + "/v1/usage", params={"from": since}, headers=headers) as resp,
     ):
         assert resp.status == 200, await resp.text()
         rows = (await resp.json())["data"]
     booked: Counter[str] = Counter()
     for row in rows:
-        booked[row["team"]] += row["requests"]
+        booked[row["team"]] += row[field]
     return dict(booked)
 
 
@@ -245,3 +247,52 @@ async def test_a_team_s_slot_moved_under_load_fails_no_call_and_keeps_its_limit(
     assert limit <= statuses[200] <= limit + elapsed * limit / 60 + 1
     assert redis_cluster.owner(f"{{{team}}}").port == target.port
     assert not any("redis failed" in p.log() for p in stopped_at_end)
+
+
+async def test_with_ledger_replicas_a_failover_loses_no_ledger_write(
+    tmp_path: Path,
+    wandb: Upstream,
+    prime: Upstream,
+    redis_cluster: RedisCluster,
+    stopped_at_end: list[ProxyProcess],
+) -> None:
+    """``ledger_replicas: 1``: a settlement counts as written once a replica has it, so
+    the kill -9 of the team's primary under load loses none. The promoted replica has
+    no replica of its own until the killed node rejoins as one: until then settlements
+    wait in the processes' queues. The ledger then books exactly the calls answered and
+    the tokens the upstream reported for them."""
+    team = "alpha"
+    text = routes_yaml(wandb, prime) + _teams_yaml(
+        redis_cluster.url, "{requests_per_minute: 30000}", replicas=1
+    )
+    stopped_at_end += await _processes(tmp_path, text, 2)
+    urls = [p.url for p in stopped_at_end]
+    seen: list[tuple[float, int, str]] = []
+    stop = asyncio.Event()
+    calls = [asyncio.ensure_future(_steady_calls(urls, team, seen, stop, 0)) for _ in range(4)]
+    await asyncio.sleep(0.5)
+    owner = redis_cluster.owner(f"{{{team}}}")
+    assert owner.process is not None
+    owner.process.send_signal(signal.SIGKILL)
+    owner.process.wait()
+    owner.process = None
+    await asyncio.to_thread(redis_cluster.wait_until_ok)
+    await asyncio.sleep(1.0)
+    await owner.restart()  # back as the new primary's replica
+    await asyncio.to_thread(redis_cluster.wait_until_ok)
+    stop.set()
+    await asyncio.gather(*calls)
+    answered = [body for _, status, body in seen if status == 200]
+    assert len(answered) == len(seen)  # fail_open: every call was answered
+    usage = [json.loads(body)["usage"] for body in answered]
+
+    async def booked() -> dict[str, int]:
+        return await _ledger(urls[0])
+
+    deadline = time.monotonic() + 10
+    while (await booked()).get(team) != len(answered) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)  # the queued settlements are sent again every 0.5 s
+    assert await booked() == {team: len(answered)}
+    assert await _ledger(urls[0], "prompt_tokens") == {team: sum(u["prompt_tokens"] for u in usage)}
+    completion = sum(u["completion_tokens"] for u in usage)
+    assert await _ledger(urls[0], "completion_tokens") == {team: completion}

@@ -18,6 +18,7 @@ from proxy.limits.redis_store import RedisStore
 from proxy.limits.store import Check, StoreUnavailable
 from proxy.redis.protocol import RespError
 from proxy.redis.router import Router, key_slot
+from tests.support import eventually
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 
@@ -148,3 +149,40 @@ async def test_the_router_and_redis_py_agree_on_every_key(
         assert all(client.smembers(key) == {b"1:m"} for key in keys)
     finally:
         client.close()
+
+
+async def test_a_cluster_that_is_down_fails_a_command_after_a_few_retries(
+    redis_cluster: RedisCluster,
+) -> None:
+    """CLUSTERDOWN (a shard with neither primary nor replica): resent a few times with a
+    backoff, then the caller's error, so that the limiter's on_error decides."""
+    router = Router([redis_cluster.url], timeout=5.0)
+    try:
+        await router.execute("SET", "{alpha}k", "v")
+        owner = redis_cluster.owner("{beta}")
+        replica_of_owner = [n for n in redis_cluster.nodes if n.port != owner.port]
+        for node in [owner, *replica_of_owner]:
+            client = node.client()
+            try:
+                role = client.info("replication")
+            finally:
+                client.close()
+            if node is owner or role.get("master_port") == owner.port:
+                assert node.process is not None
+                node.process.kill()
+                node.process.wait()
+                node.process = None
+        alive = next(n for n in redis_cluster.nodes if n.process is not None)
+
+        def down() -> bool:
+            client = alive.client()
+            try:
+                return bool(client.cluster("info").get("cluster_state") == "fail")
+            finally:
+                client.close()
+
+        await eventually(down, 10)
+        with pytest.raises(RespError, match="CLUSTERDOWN"):
+            await router.execute("GET", "{alpha}k")  # a shard that is up, a cluster down
+    finally:
+        await router.close()

@@ -13,6 +13,7 @@ from proxy.services import SERVICES
 from tests.conftest import MakeProxy, Proxy
 from tests.support import Upstream, routes_yaml
 from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_sentinel import RedisSentinels
 from tests.support.redis_server import RedisServer, redis_binary
 
 RESEARCH_KEY = "sk-proxy-research-0123456789"
@@ -148,3 +149,12 @@ async def ledger(proxy: Proxy, **query: str) -> Any:
     async with proxy.http.get(proxy.url + "/v1/usage", params=query, headers=admin) as resp:
         assert resp.status == 200, await resp.text()
         return await resp.json()
+
+
+@pytest.fixture
+def redis_sentinels(tmp_path: Path) -> Iterator[RedisSentinels]:
+    """A primary, its replica and three sentinels of the test's own."""
+    need_redis()
+    sentinels = RedisSentinels(tmp_path)
+    yield sentinels
+    sentinels.stop()

@@ -1,0 +1,94 @@
+"""Limits and the ledger behind Redis Sentinel: a proxy whose redis.url names the
+sentinels follows the primary they name, through a failover, and with
+``ledger_replicas: 1`` loses no settlement."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+
+from proxy.call.auth import key_hash
+from tests.support import ProxyProcess, Upstream, free_port, routes_yaml
+from tests.support.redis_sentinel import RedisSentinels
+from tests.support.teams import ADMIN_KEY
+
+KEY = "sk-proxy-research-0123456789"
+BODY = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+
+
+def _yaml(url: str, limits: str) -> str:
+    return f"""
+admin_key: {ADMIN_KEY}
+redis: {{url: "{url}", timeout: 500ms, ledger_replicas: 1}}
+teams:
+  research: {{keys: ["{key_hash(KEY)}"], limits: {limits}}}
+"""
+
+
+async def _calls(url: str, seen: list[tuple[int, str]], stop: asyncio.Event) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with aiohttp.ClientSession() as http:
+        while not stop.is_set():
+            async with http.post(url + "/v1/chat/completions", json=BODY, headers=headers) as r:
+                seen.append((r.status, await r.text()))
+
+
+async def _booked(url: str) -> dict[str, int]:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(url + "/v1/usage", params={"from": "2026-01-01"}, headers=headers) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        rows = (await resp.json())["data"]
+    fields = ("requests", "prompt_tokens", "completion_tokens")
+    return {f: sum(row[f] for row in rows) for f in fields}
+
+
+async def test_the_proxy_follows_a_failover_and_loses_no_settlement(
+    tmp_path: Path, wandb: Upstream, prime: Upstream, redis_sentinels: RedisSentinels
+) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_yaml(wandb, prime) + _yaml(redis_sentinels.url, "{concurrent: 100}"))
+    proxy = ProxyProcess(path, free_port())
+    try:
+        await proxy.wait_listening()
+        seen: list[tuple[int, str]] = []
+        stop = asyncio.Event()
+        calls = [asyncio.ensure_future(_calls(proxy.url, seen, stop)) for _ in range(4)]
+        await asyncio.sleep(0.5)
+        old = redis_sentinels.primary
+        assert redis_sentinels.primary_port() == old.port
+        assert old.process is not None
+        old.process.send_signal(signal.SIGKILL)
+        old.process.wait()
+        old.process = None
+        killed_at = time.monotonic()
+        await asyncio.to_thread(
+            redis_sentinels.wait_for, lambda: redis_sentinels.primary_port() not in (old.port, None)
+        )
+        promoted_after = time.monotonic() - killed_at
+        await old.restart()  # sentinel makes it the new primary's replica
+        await asyncio.to_thread(redis_sentinels.wait_for, lambda: redis_sentinels._in_sync(old))
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*calls)
+        assert [status for status, _ in seen if status != 200] == []  # fail_open
+        usage = [json.loads(body)["usage"] for _, body in seen]
+        want = {
+            "requests": len(seen),
+            "prompt_tokens": sum(u["prompt_tokens"] for u in usage),
+            "completion_tokens": sum(u["completion_tokens"] for u in usage),
+        }
+        deadline = time.monotonic() + 10
+        while await _booked(proxy.url) != want and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert await _booked(proxy.url) == want, f"promoted {promoted_after:.1f} s after"
+        assert "Redis topology changed" in proxy.log()
+    finally:
+        proxy.stop()
