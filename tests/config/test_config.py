@@ -230,3 +230,57 @@ def test_check_never_prints_a_value_from_the_environment(tmp_path: Path):
     shown = "got 'ftp://${T_SECRET}.example/v1'"
     assert f"providers.p.base_url: must be an http(s) URL with a host, {shown}" in errors
     assert any(e.startswith("providers.p.balance: unknown balance '${T_SECRET}'") for e in errors)
+
+
+_MINIMAL = (
+    "providers: {p: {base_url: 'http://h'}}\nmodels: {m: {targets: [{provider: p, model: x}]}}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("redis", "urls", "replicas"),
+    [
+        ("{url: 'redis://h:6379/0'}", ("redis://h:6379/0",), 0),
+        ("{url: ['redis://a:7000', 'rediss://b:7001']}", ("redis://a:7000", "rediss://b:7001"), 0),
+        (
+            "{url: 'redis+sentinel://s1:26379,s2:26379/main', ledger_replicas: 1}",
+            ("redis+sentinel://s1:26379,s2:26379/main",),
+            1,
+        ),
+        ("{url: '', ledger_replicas: 0}", (), 0),
+    ],
+)
+def test_redis_url_takes_one_url_seed_nodes_or_sentinels(
+    redis: str, urls: tuple[str, ...], replicas: int
+) -> None:
+    config = parse_config(f"redis: {redis}\n" + _MINIMAL, {})
+    assert (config.redis.urls, config.redis.ledger_replicas) == (urls, replicas)
+
+
+@pytest.mark.parametrize(
+    ("redis", "error"),
+    [
+        (
+            "{url: 'http://h:6379'}",
+            "redis.url: must start with redis://, rediss://, unix:// or redis+sentinel://, "
+            "got 'http://h:6379'",
+        ),
+        (
+            "{url: ['redis://a:1', 'redis+sentinel://s:26379/m']}",
+            "redis.url[1]: redis+sentinel:// names the whole deployment: list no other URL",
+        ),
+        ("{url: ['redis://a:1', '']}", "redis.url[1]: must not be empty"),
+        (
+            "{url: 'redis://a:1', ledger_replicas: -1}",
+            "redis.ledger_replicas: must be a whole number of at least 1, got -1",
+        ),
+        (
+            "{url: 'redis://a:1', ledger_replicas: true}",
+            "redis.ledger_replicas: must be a whole number of at least 1, got True",
+        ),
+    ],
+)
+def test_a_redis_url_that_cannot_work_is_refused_with_its_path(redis: str, error: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f"redis: {redis}\n" + _MINIMAL, {})
+    assert error in caught.value.errors, caught.value.errors
