@@ -19,9 +19,11 @@ from bench.nginx import have_nginx
 from bench.procs import (
     ROOT,
     Child,
+    cluster_port,
     free_port,
     start_aiohttp_upstream,
     start_redis,
+    start_redis_cluster,
     start_upstream,
 )
 from bench.report import Machine, calibrated_table, load_average, machine, table
@@ -75,6 +77,8 @@ def _run(tmp: Path, d: Durations) -> tuple[Figures, list[Figures], Calibrated]:
         redis_dir = tmp / "redis"
         redis_dir.mkdir()
         children.append(start_redis(redis_port, redis_dir))
+        cluster = [cluster_port() for _ in range(3)]
+        children += start_redis_cluster(cluster, redis_dir)
         _say("direct to the fake upstream")
         direct = measure_direct(upstream_port, tmp, d)
         proxied = []
@@ -84,6 +88,7 @@ def _run(tmp: Path, d: Durations) -> tuple[Figures, list[Figures], Calibrated]:
             Setup("2 workers", 2),
             Setup("1 worker + Redis", 1, redis_port),
             Setup("2 workers + Redis", 2, redis_port),
+            Setup("2 workers + Redis Cluster", 2, cluster[0], cluster_ports=tuple(cluster[1:])),
         ]
         for setup in setups:
             _say(setup.name)

@@ -41,6 +41,23 @@ def wait_for(check: object, what: str, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+def cluster_port() -> int:
+    """A free port below 55535 whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port < 55535 and _free(port + 10000):
+            return port
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def accepts(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=1):
         return True
@@ -193,6 +210,32 @@ def start_redis(port: int, workdir: Path) -> Child:
     return child
 
 
+def start_redis_cluster(ports: list[int], workdir: Path) -> list[Child]:
+    """A Redis Cluster of ``len(ports)`` primaries (no replicas: the bench measures the
+    routing, not a failover), made with ``redis-cli --cluster create``."""
+    binary = shutil.which("redis-server") or shutil.which("valkey-server")
+    cli = shutil.which("redis-cli") or shutil.which("valkey-cli")
+    if binary is None or cli is None:
+        raise RuntimeError("no redis-server or redis-cli on PATH: apt-get install redis-server")
+    children = []
+    for port in ports:
+        node = workdir / f"node-{port}"
+        node.mkdir()
+        cluster = ["--cluster-enabled", "yes", "--cluster-config-file", str(node / "nodes.conf")]
+        args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        children.append(Child([binary, *args, "--dir", str(node), *cluster]))
+        wait_for(lambda port=port: accepts(port), "redis-server")
+    nodes = [f"127.0.0.1:{p}" for p in ports]
+    create = [cli, "--cluster", "create", *nodes, "--cluster-yes"]
+    subprocess.run(create, check=True, capture_output=True, timeout=60)
+    cluster_info = b"*2\r\n$7\r\nCLUSTER\r\n$4\r\nINFO\r\n"
+    wait_for(
+        lambda: all("cluster_state:ok" in _info(p, cluster_info) for p in ports),
+        "the Redis Cluster",
+    )
+    return children
+
+
 def redis_stats(port: int) -> dict[str, float]:
     """Redis's command counts ({command: calls}, from ``INFO commandstats``) and its CPU
     seconds (``cpu``, from ``INFO cpu``), over a raw socket (one tiny dependency less)."""
@@ -207,9 +250,10 @@ def redis_stats(port: int) -> dict[str, float]:
     return stats
 
 
-def _info(port: int) -> str:
+def _info(port: int, command: bytes = b"*2\r\n$4\r\nINFO\r\n$3\r\nall\r\n") -> str:
+    """A command whose reply is one bulk string (INFO, CLUSTER INFO), over a raw socket."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(b"*2\r\n$4\r\nINFO\r\n$3\r\nall\r\n")
+        s.sendall(command)
         data = b""
         while b"\r\n" not in data:
             data += s.recv(65536)

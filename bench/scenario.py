@@ -47,6 +47,12 @@ class Setup:
     workers: int
     redis_port: int | None = None
     kind: Kind = "proxy"
+    # A Redis Cluster's other nodes (redis_port is the one routes.yaml names): the
+    # Redis figures are summed over all of them.
+    cluster_ports: tuple[int, ...] = ()
+
+    def redis_ports(self) -> tuple[int, ...]:
+        return () if self.redis_port is None else (self.redis_port, *self.cluster_ports)
 
 
 @dataclass
@@ -115,7 +121,7 @@ def routes_yaml(upstream_port: int, redis_port: int | None) -> str:
 def _start(setup: Setup, upstream_port: int, tmp: Path) -> tuple[Child, int, Path]:
     """What serves a setup, in front of the upstream on a port: the process, the port
     it serves and the proxy's routes.yaml (written for every kind, read by the proxy)."""
-    config = tmp / f"routes-{setup.workers}-{setup.redis_port or 0}.yaml"
+    config = tmp / f"routes-{setup.workers}-{setup.redis_port or 0}-{len(setup.cluster_ports)}.yaml"
     config.write_text(routes_yaml(upstream_port, setup.redis_port))
     port = free_port()
     if setup.kind == "relay":
@@ -215,15 +221,15 @@ def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> 
     rss = {"idle": proxy.rss_mb()}
     run_wrk(url, script, 64, d.warmup)
     rss["warm"] = proxy.rss_mb()
-    sequential = _redis_state(setup.redis_port, port)
+    sequential = _redis_state(setup.redis_ports(), port)
     latency = run_wrk(url, script, 1, d.latency)
-    before = _redis_state(setup.redis_port, port)
+    before = _redis_state(setup.redis_ports(), port)
     cpu = proxy.cpu_seconds()
     throughput = run_wrk(
         url, script, 64, d.throughput, during=lambda: rss.update(load=proxy.rss_mb())
     )
     cpu = proxy.cpu_seconds() - cpu
-    after = _redis_state(setup.redis_port, port)
+    after = _redis_state(setup.redis_ports(), port)
     done = latency.requests + throughput.requests
     while done < d.memory_requests:
         more = (d.memory_requests - done) / max(throughput.rps, 100.0) * 1.1 + 1
@@ -261,14 +267,17 @@ def _say_why(name: str, streams: StreamResult, log: Path | None) -> None:
 State = dict[str, float]
 
 
-def _redis_state(redis_port: int | None, port: int) -> State:
-    """Redis's command counts and CPU, and the proxy's own count of calls, once every
-    call in flight has settled: calls wrk cut off at its end are admitted and settled
-    too."""
-    if redis_port is None:
+def _redis_state(redis_ports: tuple[int, ...], port: int) -> State:
+    """Redis's command counts and CPU (summed over a Cluster's nodes), and the proxy's
+    own count of calls, once every call in flight has settled: calls wrk cut off at its
+    end are admitted and settled too."""
+    if not redis_ports:
         return {}
     time.sleep(0.5)
-    state = redis_stats(redis_port)
+    state: State = {}
+    for redis_port in redis_ports:
+        for name, value in redis_stats(redis_port).items():
+            state[name] = state.get(name, 0.0) + value
     state["proxied calls"] = sum(float(v) for v in _REQUESTS.findall(_scrape(port)))
     return state
 

@@ -138,16 +138,18 @@ class Router:
         key = keys[0] if keys else None
         return await self._routed(key, lambda c: c.run_script(script, keys, args))
 
-    async def run_batched(
+    def run_batched(
         self, route: str, shape: BatchShape, keys: bytes, args: bytes, lane: str = ""
-    ) -> Reply:
+    ) -> Awaitable[Reply]:
         """A script call batched per loop turn with the others of ``route``, a key of
         the batch (its hash tag names the slot, and the batch's order is per route).
-        ``lane``: on the node's connection of that name rather than its first."""
+        ``lane``: on the node's connection of that name rather than its first. Not a
+        coroutine itself: on a single node the node's own call is handed back, one
+        coroutine less per call (the hot path's admission and settlement)."""
         topology = self.topology
         if topology is not None and topology.kind == "node" and not lane:  # no routing
-            return await topology.slots[0].run_batched(route, shape, keys, args)
-        return await self._routed(route, lambda c: c.run_batched(route, shape, keys, args), lane)
+            return topology.slots[0].run_batched(route, shape, keys, args)
+        return self._routed(route, lambda c: c.run_batched(route, shape, keys, args), lane)
 
     async def run_batched_replicated(
         self,
