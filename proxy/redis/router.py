@@ -37,11 +37,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
-from urllib.parse import unquote
 
 from proxy.redis.batch import BatchShape
 from proxy.redis.client import Address, Disconnected, RespClient
 from proxy.redis.protocol import Arg, Reply, RespError, Script
+from proxy.redis.seeds import Seeds
 
 log = logging.getLogger(__name__)
 
@@ -66,40 +66,6 @@ def key_slot(key: str) -> int:
         if end > start + 1:
             raw = raw[start + 1 : end]
     return binascii.crc_hqx(raw, 0) % SLOTS
-
-
-@dataclass(frozen=True)
-class Seeds:
-    """What ``redis.url`` names: nodes to ask first, or sentinels and a service."""
-
-    addresses: tuple[Address, ...]
-    service: str = ""  # set: the addresses are sentinels
-    node: Address | None = None  # what a node's URL adds to a host and port (TLS, auth, db)
-
-    @classmethod
-    def parse(cls, urls: Sequence[str]) -> Seeds:
-        if len(urls) == 1 and urls[0].startswith("redis+sentinel://"):
-            return cls._sentinel(urls[0])
-        addresses = tuple(Address.from_url(url) for url in urls)
-        return cls(addresses, node=addresses[0])
-
-    @classmethod
-    def _sentinel(cls, url: str) -> Seeds:
-        """redis+sentinel://[[user]:password@]host:port[,host:port…]/SERVICE[/db]; the
-        password is the data node's (sentinels without one, as Debian ships them)."""
-        rest = url.removeprefix("redis+sentinel://")
-        netloc, _, path = rest.partition("/")
-        credentials, _, hosts = netloc.rpartition("@")
-        service, _, db = path.partition("/")
-        if not service or not hosts:
-            raise ValueError(f"a Sentinel URL names hosts and a service: {url!r}")
-        sentinels = []
-        for host in hosts.split(","):
-            name, _, port = host.rpartition(":")
-            sentinels.append(Address(host=name or port, port=int(port) if name else 26379))
-        user, _, password = credentials.partition(":")
-        node = Address(username=unquote(user), password=unquote(password), db=int(db or 0))
-        return cls(tuple(sentinels), service=unquote(service), node=node)
 
 
 @dataclass(frozen=True)
