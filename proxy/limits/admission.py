@@ -4,8 +4,10 @@ Admission reserves tokens (prompt estimate + max_tokens, or the configured defau
 and takes every limit in one store call; settlement corrects the reservation with the
 real usage and books it, once per request however many attempts the call made. When
 Redis fails, admission falls back to this process's own limits (``fail_open``) or
-refuses with 503 (``fail_closed``); settlements are queued in order and written when
-Redis is back, and a shutdown flushes the queue.
+refuses with 503 (``fail_closed``); settlements Redis cannot take are queued and
+written when Redis is back, and a shutdown flushes the queue. With
+``redis.ledger_replicas``, a settlement the primary applied but too few replicas
+confirmed is kept apart and sent again until they do.
 """
 
 from __future__ import annotations

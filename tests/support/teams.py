@@ -102,16 +102,31 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
 MakeTeamProxy = Callable[..., Awaitable[Proxy]]
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture(scope="session")
+def shared_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinels]:
+    """One Sentinel deployment for the tests that only read and write."""
+    need_redis()
+    sentinels = RedisSentinels(tmp_path_factory.mktemp("sentinel"))
+    yield sentinels
+    sentinels.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The same tests run against every backend: "" (memory), or the URL of a Redis or
-    of one node of a Redis Cluster (the proxy finds the others)."""
+    """The same tests run against every backend: "" (memory), or the URL of a Redis, of
+    one node of a Redis Cluster (the proxy finds the others), or of Sentinel."""
     if request.param == "memory":
         return ""
     if request.param == "cluster":
         cluster: RedisCluster = request.getfixturevalue("shared_cluster")
         cluster.flushall()
         return cluster.url
+    if request.param == "sentinel":
+        sentinels: RedisSentinels = request.getfixturevalue("shared_sentinels")
+        client = sentinels.primary.client()
+        client.flushall()
+        client.close()
+        return sentinels.url
     server: RedisServer = request.getfixturevalue("shared_redis")
     client = server.client()
     client.flushall()
