@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+import redis
 
 from proxy.routing.circuit import Change, CircuitBreakers
 from proxy.routing.circuit_sync import CHANNEL, STATES, CircuitSync
@@ -16,6 +18,8 @@ from proxy.services import SERVICES
 from tests.conftest import MakeProxy
 from tests.routing.test_balance import Replicas, _chat, replica_routes, replicas  # noqa: F401
 from tests.support import ProxyProcess, dead_url, eventually, free_port
+from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_sentinel import RedisSentinels
 from tests.support.redis_server import RedisServer
 from tests.support.teams import need_redis
 
@@ -31,36 +35,68 @@ async def _calls(url: str, count: int) -> list[int]:
         return list(await asyncio.gather(*(one(http) for _ in range(count))))
 
 
-async def _both_subscribed(redis: RedisServer) -> None:
-    client = redis.client()
-    try:
-        for _ in range(200):
-            if dict(client.pubsub_numsub("llmproxy:circuit")).get(b"llmproxy:circuit") == 2:
-                return
-            await asyncio.sleep(0.02)
-    finally:
-        client.close()
+@pytest.fixture(params=["node", "cluster", "sentinel"])
+def deployment(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[str, list[RedisServer]]]:
+    """A Redis of the test's own, of each kind: its URL for routes.yaml, and its nodes."""
+    need_redis()
+    (tmp_path / "redis").mkdir()
+    if request.param == "node":
+        node = RedisServer(tmp_path / "redis")
+        yield node.url, [node]
+        node.kill()
+    elif request.param == "cluster":
+        cluster = RedisCluster(tmp_path / "redis")
+        yield cluster.url, cluster.nodes
+        cluster.stop()
+    else:
+        sentinels = RedisSentinels(tmp_path / "redis")
+        yield sentinels.url, [sentinels.primary, sentinels.replica]
+        sentinels.stop()
+
+
+def _on_every_node(nodes: list[RedisServer], ask: Callable[[redis.Redis], int]) -> int:
+    """The sum of ``ask`` over the nodes; a node that refuses (a Cluster's MOVED) adds 0."""
+    total = 0
+    for node in nodes:
+        client = node.client()
+        try:
+            total += ask(client)
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
+    return total
+
+
+async def _both_subscribed(nodes: list[RedisServer]) -> None:
+    def subscribers(client: redis.Redis) -> int:
+        return int(dict(client.pubsub_numsub(CHANNEL)).get(CHANNEL.encode(), 0))
+
+    for _ in range(200):
+        if _on_every_node(nodes, subscribers) == 2:
+            return
+        await asyncio.sleep(0.02)
     raise AssertionError("the proxies never subscribed to circuit changes")
 
 
-async def _shared(redis: RedisServer, key: str, opened: bool) -> None:
-    client = redis.client()
-    try:
-        await eventually(lambda: bool(client.hexists(STATES, key)) == opened, timeout=5)
-    finally:
-        client.close()
+async def _shared(nodes: list[RedisServer], key: str, opened: bool) -> None:
+    def held(client: redis.Redis) -> int:
+        return int(bool(client.hexists(STATES, key)))
+
+    await eventually(lambda: bool(_on_every_node(nodes, held)) == opened, timeout=5)
 
 
 async def test_two_processes_share_circuits_and_one_probe(
     tmp_path: Path,
     replicas: Replicas,  # noqa: F811
+    deployment: tuple[str, list[RedisServer]],
 ):
-    need_redis()
-    (tmp_path / "redis").mkdir()
-    redis = RedisServer(tmp_path / "redis")
+    url, nodes = deployment
     path = tmp_path / "routes.yaml"
     path.write_text(f"""
-redis: {{url: "{redis.url}"}}
+redis: {{url: "{url}"}}
 retry: {{attempts: 2, base_delay: 10ms, max_delay: 10ms}}
 providers:
   engine:
@@ -73,13 +109,13 @@ models:
     try:
         await first.wait_listening()
         await second.wait_listening()
-        await _both_subscribed(redis)
+        await _both_subscribed(nodes)
         replicas.a.status = 500
         while len(replicas.a.seen) < 2:  # the first process opens a's circuit
             assert await _calls(first.url, 1) == [200]
         # The opening is shared (its hash entry is written with the PUBLISH), before the
         # second process is called.
-        await _shared(redis, replicas.a_url, opened=True)
+        await _shared(nodes, replicas.a_url, opened=True)
         seen = len(replicas.a.seen)
         assert await _calls(second.url, 10) == [200] * 10
         assert len(replicas.a.seen) == seen  # the second process kept away from a too
@@ -90,14 +126,13 @@ models:
         replicas.a.status = 200
         await asyncio.sleep(2.2)  # the failed probe doubled the cool-down to 2 s
         await _calls(first.url, 4)
-        await _shared(redis, replicas.a_url, opened=False)  # the closing reaches the second
+        await _shared(nodes, replicas.a_url, opened=False)  # the closing reaches the second
         before = len(replicas.a.seen)
         assert await _calls(second.url, 10) == [200] * 10
         assert len(replicas.a.seen) > before  # trusted again everywhere
     finally:
         first.stop()
         second.stop()
-        redis.kill()
 
 
 async def test_a_circuit_change_that_cannot_be_shared_is_logged_without_userinfo(
