@@ -74,6 +74,7 @@ TARGETS: dict[str, Target] = {
                 "tests/call/test_hot_path.py",
                 "tests/limits/test_accounting.py",
                 "tests/limits/test_accounting_outages.py",
+                "tests/limits/test_ledger_replicas.py",
                 _TEAMS,
                 _BATCH,
                 _REDIS,
@@ -96,6 +97,7 @@ TARGETS: dict[str, Target] = {
             (
                 "tests/redis/test_resp.py",
                 "tests/limits/test_store_redis.py",
+                "tests/limits/test_ledger_replicas.py",
                 _STORES,
                 _BATCH,
                 _TEAMS,
