@@ -161,13 +161,17 @@ class Router:
         return outcome
 
     async def replicas(self, key: str) -> int:
-        """How many replicas the node that owns ``key`` has connected (ROLE: it does not
-        block, where a WAIT for missing replicas holds its connection up)."""
-        reply = await self._routed(key, lambda c: c.execute("ROLE"))
-        match reply:
-            case [b"master", _, list(replicas)]:
-                return len(replicas)
-        return 0
+        """How many replicas of the node that owns ``key`` are online and caught up
+        (``INFO replication``: ``state=online``, ``lag`` of a second at most). It does
+        not block, where a WAIT for replicas that are missing or still syncing holds
+        its connection up until it times out."""
+        reply = await self._routed(key, lambda c: c.execute("INFO", "replication"))
+        text = reply.decode(errors="replace") if isinstance(reply, bytes) else ""
+        return sum(
+            1
+            for line in text.splitlines()
+            if line.startswith("slave") and "state=online" in line and _lag(line) <= 1
+        )
 
     async def subscribe_address(self) -> Address:
         """A node to subscribe on: in a Cluster any node hears every PUBLISH."""
@@ -340,6 +344,14 @@ class Router:
             case [bytes(host), bytes(port)]:
                 return host.decode(), int(port)
         return f"{where} knows no primary {self.seeds.service!r}"
+
+
+def _lag(line: str) -> int:
+    """A replica's ``lag=N`` (seconds since its last acknowledgement) in INFO's line."""
+    for field in line.split(","):
+        if field.startswith("lag="):
+            return int(field[4:]) if field[4:].isdigit() else 1 << 30
+    return 1 << 30
 
 
 def _resendable(error: RespError) -> str | None:
