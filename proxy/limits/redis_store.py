@@ -151,11 +151,11 @@ class RedisStore:
         self.ledger_replicas = ledger_replicas
         self._lane = "ledger" if ledger_replicas else ""
         self._wait_ms = max(1, int(timeout * 1000 / 2))  # well within the client's timeout
-        # Per team route: whether its node had enough replicas when last asked (ROLE),
-        # and until when that holds. A WAIT goes only where they were there: a WAIT for
-        # replicas that are not holds every command behind it on its connection until
-        # it times out (seen: the concurrency slots held, and 429s, while a promoted
-        # primary had no replica yet).
+        # Per team route: whether its node had enough replicas online and caught up when
+        # last asked, and until when that holds. A WAIT goes only where they were: a
+        # WAIT for replicas that are missing or syncing holds every command behind it on
+        # its connection until it times out (seen: the concurrency slots held, and 429s,
+        # while a promoted primary had no replica yet, or one still syncing).
         self._replicas_seen: dict[str, tuple[bool, float]] = {}
 
     async def close(self) -> None:
@@ -220,8 +220,9 @@ class RedisStore:
         )
 
     async def _too_few_replicas(self, route: str) -> bool:
-        """Whether the team's node lacks replicas, as last seen: asked again (ROLE, which
-        does not block) every ``REPLICAS_RETRY`` seconds, and after a failure."""
+        """Whether the team's node lacks replicas, as last seen: asked again (INFO
+        replication, which does not block) every ``REPLICAS_RETRY`` seconds, and after a
+        failure."""
         seen = self._replicas_seen.get(route)
         now = time.monotonic()
         if seen is not None and now < seen[1]:
