@@ -53,17 +53,17 @@ class RedisCluster:
         for port in ports:
             node_dir = workdir / f"node-{port}"
             node_dir.mkdir()
-            args = (
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", str(node_dir / "nodes.conf"),
-                "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
-            )  # fmt: skip
+            config = str(node_dir / "nodes.conf")
+            timeout = str(NODE_TIMEOUT_MS)
+            args: tuple[str, ...] = ("--cluster-enabled", "yes", "--cluster-config-file", config)
+            args = (*args, "--cluster-node-timeout", timeout)
             self.nodes.append(RedisServer(node_dir, args=args, port=port))
+        nodes = [f"127.0.0.1:{p}" for p in ports]
+        create = [cli, "--cluster", "create", *nodes, "--cluster-replicas", str(replicas)]
+        quiet = subprocess.DEVNULL
         subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-             "--cluster-replicas", str(replicas), "--cluster-yes"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
-        )  # fmt: skip
+            [*create, "--cluster-yes"], check=True, stdout=quiet, stderr=quiet, timeout=60
+        )
         self.wait_until_ok()
 
     @property
