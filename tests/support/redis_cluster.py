@@ -9,7 +9,6 @@ over a killed primary within a test's patience.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,28 +16,18 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
+from bench.procs import cluster_port
 from tests.support.redis_server import RedisServer
 
 NODE_TIMEOUT_MS = 1000
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def cluster_ports(count: int) -> list[int]:
-    """Ports whose bus port (+10000) is free too, all below 55535."""
+    """Distinct ports whose bus port (+10000) is free too, all below 55535."""
     ports: list[int] = []
     while len(ports) < count:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port < 55535 and port not in ports and _free(port + 10000):
+        port = cluster_port()  # the bench's own pick (bench/procs.py)
+        if port not in ports:
             ports.append(port)
     return ports
 
