@@ -143,7 +143,8 @@ def read_redis(reader: FieldReader, raw: Any) -> RedisSettings:
 
 
 _SEED_SCHEMES = ("redis://", "rediss://")
-_ALONE_SCHEMES = ("unix://", "redis+sentinel://")  # one URL names the whole deployment
+# One URL names the whole deployment (rediss+sentinel://: TLS to sentinels and nodes).
+_ALONE_SCHEMES = ("unix://", "redis+sentinel://", "rediss+sentinel://")
 
 
 def _redis_urls(reader: FieldReader, raw: Any) -> tuple[str, ...]:
@@ -154,7 +155,7 @@ def _redis_urls(reader: FieldReader, raw: Any) -> tuple[str, ...]:
         path = f"redis.url[{i}]" if listed else "redis.url"
         url = reader.string(item, path, allow_empty=not listed) or ""
         if url and not url.startswith(_SEED_SCHEMES + _ALONE_SCHEMES):
-            schemes = "redis://, rediss://, unix:// or redis+sentinel://"
+            schemes = "redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://"
             reader.error(path, f"must start with {schemes}, got {shown(url)}")
         elif url.startswith(_ALONE_SCHEMES) and listed and len(raw) > 1:
             reader.error(

@@ -20,7 +20,7 @@ class Seeds:
 
     @classmethod
     def parse(cls, urls: Sequence[str]) -> Seeds:
-        if len(urls) == 1 and urls[0].startswith("redis+sentinel://"):
+        if len(urls) == 1 and urls[0].startswith(("redis+sentinel://", "rediss+sentinel://")):
             return cls._sentinel(urls[0])
         addresses = tuple(Address.from_url(url) for url in urls)
         return cls(addresses, node=addresses[0])
@@ -28,8 +28,10 @@ class Seeds:
     @classmethod
     def _sentinel(cls, url: str) -> Seeds:
         """redis+sentinel://[[user]:password@]host:port[,host:port…]/SERVICE[/db]; the
-        password is the data node's (sentinels without one, as Debian ships them)."""
-        rest = url.removeprefix("redis+sentinel://")
+        password is the data node's (sentinels without one, as Debian ships them).
+        rediss+sentinel://: TLS to the sentinels and to the nodes they name."""
+        tls = url.startswith("rediss+")
+        rest = url.partition("://")[2]
         netloc, _, path = rest.partition("/")
         credentials, _, hosts = netloc.rpartition("@")
         service, _, db = path.partition("/")
@@ -38,7 +40,7 @@ class Seeds:
         sentinels = []
         for host in hosts.split(","):
             name, _, port = host.rpartition(":")
-            sentinels.append(Address(host=name or port, port=int(port) if name else 26379))
+            sentinels.append(Address(host=name or port, port=int(port) if name else 26379, tls=tls))
         user, _, password = credentials.partition(":")
-        node = Address(username=unquote(user), password=unquote(password), db=int(db or 0))
+        node = Address(username=unquote(user), password=unquote(password), db=int(db or 0), tls=tls)
         return cls(tuple(sentinels), service=unquote(service), node=node)

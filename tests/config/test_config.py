@@ -247,6 +247,7 @@ _MINIMAL = (
             ("redis+sentinel://s1:26379,s2:26379/main",),
             1,
         ),
+        ("{url: 'rediss+sentinel://:pw@s1/main'}", ("rediss+sentinel://:pw@s1/main",), 0),
         ("{url: '', ledger_replicas: 0}", (), 0),
     ],
 )
@@ -262,8 +263,8 @@ def test_redis_url_takes_one_url_seed_nodes_or_sentinels(
     [
         (
             "{url: 'http://h:6379'}",
-            "redis.url: must start with redis://, rediss://, unix:// or redis+sentinel://, "
-            "got 'http://h:6379'",
+            "redis.url: must start with redis://, rediss://, unix://, redis+sentinel:// or "
+            "rediss+sentinel://, got 'http://h:6379'",
         ),
         (
             "{url: ['redis://a:1', 'redis+sentinel://s:26379/m']}",

@@ -21,7 +21,8 @@ from proxy.redis.router import key_slot
 from tests.support import ProxyProcess, Upstream, eventually, free_port, routes_yaml
 from tests.support.metrics import scrape
 from tests.support.redis_cluster import NODE_TIMEOUT_MS, RedisCluster
-from tests.support.teams import ADMIN_KEY
+from tests.support.redis_server import Tls
+from tests.support.teams import ADMIN_KEY, need_redis
 
 # Three teams whose slots lie on the three shards of a fresh cluster (redis-cli gives
 # the first primary slots 0-5460, the second 5461-10922, the third the rest).
@@ -65,10 +66,12 @@ async def _burst(urls: list[str], team: str, count: int) -> list[int]:
         )
 
 
-async def _processes(tmp_path: Path, text: str, count: int) -> list[ProxyProcess]:
+async def _processes(
+    tmp_path: Path, text: str, count: int, env: dict[str, str] | None = None
+) -> list[ProxyProcess]:
     path = tmp_path / "routes.yaml"
     path.write_text(text)
-    processes = [ProxyProcess(path, free_port()) for _ in range(count)]
+    processes = [ProxyProcess(path, free_port(), env=env) for _ in range(count)]
     for process in processes:
         await process.wait_listening()
     return processes
@@ -105,10 +108,42 @@ async def test_three_processes_admit_exactly_each_team_s_limit_on_every_shard(
     redis_cluster: RedisCluster,
     stopped_at_end: list[ProxyProcess],
 ) -> None:
-    text = routes_yaml(wandb, prime) + _teams_yaml(
-        redis_cluster.url, "{requests_per_minute: 50, tokens_per_minute: 1000000}"
+    await _admits_exactly(tmp_path, routes_yaml(wandb, prime), redis_cluster, stopped_at_end)
+
+
+async def test_a_cluster_behind_tls_and_a_password(
+    tmp_path: Path,
+    wandb: Upstream,
+    prime: Upstream,
+    stopped_at_end: list[ProxyProcess],
+) -> None:
+    """``rediss://:password@node`` of a Cluster that speaks only TLS (clients, replicas
+    and its bus) and requires a password: every node the proxy learns of from the slot
+    map is reached with the seed's TLS and credentials, and the limits are as exact."""
+    need_redis()
+    tls = Tls.make(tmp_path)
+    cluster = RedisCluster(tmp_path, password="s3cret-pw", tls=tls)
+    try:
+        assert cluster.url.startswith("rediss://:s3cret-pw@")
+        env = {"SSL_CERT_FILE": str(tls.ca)}  # the proxy trusts the test's CA
+        await _admits_exactly(tmp_path, routes_yaml(wandb, prime), cluster, stopped_at_end, env)
+    finally:
+        cluster.stop()
+
+
+async def _admits_exactly(
+    tmp_path: Path,
+    routes: str,
+    cluster: RedisCluster,
+    stopped_at_end: list[ProxyProcess],
+    env: dict[str, str] | None = None,
+) -> None:
+    """Three processes, 200 calls per team at once against requests_per_minute 50:
+    exactly 50 admitted per team, booked once, each team's keys on its own shard."""
+    text = routes + _teams_yaml(
+        cluster.url, "{requests_per_minute: 50, tokens_per_minute: 1000000}"
     )
-    stopped_at_end += await _processes(tmp_path, text, 3)
+    stopped_at_end += await _processes(tmp_path, text, 3, env)
     urls = [p.url for p in stopped_at_end]
     results = await asyncio.gather(*(_burst(urls, team, 200) for team in TEAMS))
     for statuses in results:
@@ -117,8 +152,8 @@ async def test_three_processes_admit_exactly_each_team_s_limit_on_every_shard(
     assert await _ledger(urls[0]) == dict.fromkeys(TEAMS, 50)
     assert not any("redis failed" in p.log() for p in stopped_at_end)  # no fallback
     for team in TEAMS:  # each team's keys on the shard that owns its slot, nowhere else
-        owner = redis_cluster.owner(f"{{{team}}}")
-        for node in redis_cluster.primaries():
+        owner = cluster.owner(f"{{{team}}}")
+        for node in cluster.primaries():
             client = node.client()
             try:
                 keys = client.keys(f"llmproxy:{{{team}}}:*")

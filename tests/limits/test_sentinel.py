@@ -15,7 +15,8 @@ import aiohttp
 from proxy.call.auth import key_hash
 from tests.support import ProxyProcess, Upstream, free_port, routes_yaml
 from tests.support.redis_sentinel import RedisSentinels
-from tests.support.teams import ADMIN_KEY
+from tests.support.redis_server import Tls
+from tests.support.teams import ADMIN_KEY, need_redis
 
 KEY = "sk-proxy-research-0123456789"
 BODY = {"model": "llama-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
@@ -100,3 +101,38 @@ async def test_the_proxy_follows_a_failover_and_loses_no_settlement(
         assert "Redis topology changed" in proxy.log()
     finally:
         proxy.stop()
+
+
+async def test_sentinels_and_nodes_behind_tls_and_a_password(
+    tmp_path: Path, wandb: Upstream, prime: Upstream
+) -> None:
+    """``rediss+sentinel://:password@…``: the sentinels and the nodes they name speak
+    only TLS, the nodes require a password. The proxy reaches the primary through
+    them, holds the team to its limit there and has each settlement confirmed by the
+    replica (``ledger_replicas: 1``)."""
+    need_redis()
+    tls = Tls.make(tmp_path)
+    sentinels = RedisSentinels(tmp_path, password="s3cret-pw", tls=tls)
+    path = tmp_path / "routes.yaml"
+    limits = "{requests_per_minute: 20, tokens_per_minute: 1000000}"
+    path.write_text(routes_yaml(wandb, prime) + _yaml(sentinels.url, limits))
+    proxy = ProxyProcess(path, free_port(), env={"SSL_CERT_FILE": str(tls.ca)})
+    try:
+        assert sentinels.url.startswith("rediss+sentinel://:s3cret-pw@")
+        await proxy.wait_listening()
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with aiohttp.ClientSession() as http:
+
+            async def call() -> int:
+                url = proxy.url + "/v1/chat/completions"
+                async with http.post(url, json=BODY, headers=headers) as resp:
+                    return resp.status
+
+            statuses = await asyncio.gather(*(call() for _ in range(40)))
+        assert sorted(statuses) == [200] * 20 + [429] * 20
+        await asyncio.sleep(0.3)  # settlements leave after the answers
+        assert (await _booked(proxy.url))["requests"] == 20
+        assert "redis failed" not in proxy.log().lower()
+    finally:
+        proxy.stop()
+        sentinels.stop()

@@ -16,11 +16,39 @@ from redis.crc import key_slot as redis_py_key_slot
 
 from proxy.limits.redis_store import RedisStore
 from proxy.limits.store import Check, StoreUnavailable
+from proxy.redis.client import Address
 from proxy.redis.protocol import RespError
 from proxy.redis.router import Router, key_slot
+from proxy.redis.seeds import Seeds
 from tests.support import eventually
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
+
+
+@pytest.mark.parametrize(
+    ("url", "sentinels", "service", "node"),
+    [
+        (
+            "redis+sentinel://s1:26380,s2/main",
+            (Address("s1", 26380), Address("s2", 26379)),
+            "main",
+            Address(),
+        ),
+        (
+            "rediss+sentinel://alice:p%40ss@s1:26380/my%20svc/2",
+            (Address("s1", 26380, tls=True),),
+            "my svc",
+            Address(username="alice", password="p@ss", db=2, tls=True),
+        ),
+    ],
+)
+def test_sentinel_urls_name_sentinels_a_service_and_the_node_s_login(
+    url: str, sentinels: tuple[Address, ...], service: str, node: Address
+) -> None:
+    """The sentinels are asked without the login (Debian's have none); the nodes they
+    name get it, and TLS (rediss+) goes to both."""
+    seeds = Seeds.parse([url])
+    assert (seeds.addresses, seeds.service, seeds.node) == (sentinels, service, node)
 
 
 @given(st.text(max_size=20))

@@ -17,7 +17,7 @@ import redis
 from redis.crc import key_slot
 
 from bench.procs import cluster_port
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, Tls
 
 NODE_TIMEOUT_MS = 1000
 
@@ -33,7 +33,14 @@ def cluster_ports(count: int) -> list[int]:
 
 
 class RedisCluster:
-    def __init__(self, workdir: Path, primaries: int = 3, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        primaries: int = 3,
+        replicas: int = 1,
+        password: str = "",
+        tls: Tls | None = None,
+    ) -> None:
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RuntimeError("no redis-cli on PATH (Debian's redis-tools)")
@@ -46,9 +53,16 @@ class RedisCluster:
             timeout = str(NODE_TIMEOUT_MS)
             args: tuple[str, ...] = ("--cluster-enabled", "yes", "--cluster-config-file", config)
             args = (*args, "--cluster-node-timeout", timeout)
-            self.nodes.append(RedisServer(node_dir, args=args, port=port))
+            if password:  # a replica authenticates to its primary with the same one
+                args = (*args, "--masterauth", password)
+            node = RedisServer(node_dir, password=password, args=args, port=port, tls=tls)
+            self.nodes.append(node)
         nodes = [f"127.0.0.1:{p}" for p in ports]
         create = [cli, "--cluster", "create", *nodes, "--cluster-replicas", str(replicas)]
+        if password:
+            create += ["-a", password, "--no-auth-warning"]
+        if tls is not None:
+            create += ["--tls", "--cacert", str(tls.ca)]
         quiet = subprocess.DEVNULL
         subprocess.run(
             [*create, "--cluster-yes"], check=True, stdout=quiet, stderr=quiet, timeout=60
@@ -64,7 +78,9 @@ class RedisCluster:
 
     def client(self) -> redis.RedisCluster:
         node = next(n for n in self.nodes if n.process is not None)
-        return redis.RedisCluster(host="127.0.0.1", port=node.port, socket_timeout=5)
+        return redis.RedisCluster(
+            host="127.0.0.1", port=node.port, socket_timeout=5, **node.client_options()
+        )
 
     def wait_until_ok(self, timeout: float = 30.0) -> None:
         """Every running node sees the cluster as ok and agrees on every slot's owner,

@@ -12,30 +12,36 @@ from pathlib import Path
 import redis
 
 from tests.support import free_port
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, Tls
 
 SERVICE = "proxy-primary"
 DOWN_AFTER_MS = 1000
 
 
 class RedisSentinels:
-    def __init__(self, workdir: Path) -> None:
+    """``password``: the data nodes require it (the sentinels do not, as Debian ships
+    them); ``tls``: everything speaks TLS only, sentinels included."""
+
+    def __init__(self, workdir: Path, password: str = "", tls: Tls | None = None) -> None:
         (workdir / "primary").mkdir()
         (workdir / "replica").mkdir()
-        self.primary = RedisServer(workdir / "primary")
-        self.replica = RedisServer(
-            workdir / "replica", args=("--replicaof", "127.0.0.1", str(self.primary.port))
-        )
+        self.tls = tls
+        auth = ("--masterauth", password) if password else ()
+        self.primary = RedisServer(workdir / "primary", password=password, args=auth, tls=tls)
+        follow = ("--replicaof", "127.0.0.1", str(self.primary.port), *auth)
+        self.replica = RedisServer(workdir / "replica", password=password, args=follow, tls=tls)
         self.ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
         for port in self.ports:
             conf = workdir / f"sentinel-{port}.conf"  # sentinel rewrites it: its own file
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {workdir}\n"
-                f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary.port} 2\n"
+                f"bind 127.0.0.1\nprotected-mode no\ndir {workdir}\n"
+                + _listen(port, tls)
+                + f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary.port} 2\n"
                 f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {SERVICE} 5000\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
+                + (f"sentinel auth-pass {SERVICE} {password}\n" if password else "")
             )
             self.sentinels.append(
                 subprocess.Popen(
@@ -49,11 +55,17 @@ class RedisSentinels:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.ports)
-        return f"redis+sentinel://{hosts}/{SERVICE}"
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        password = self.primary.password
+        return f"{scheme}://{f':{password}@' if password else ''}{hosts}/{SERVICE}"
+
+    def _sentinel(self) -> redis.Redis:
+        tls = {} if self.tls is None else {"ssl": True, "ssl_ca_certs": str(self.tls.ca)}
+        return redis.Redis(port=self.ports[0], socket_timeout=2, **tls)  # type: ignore[arg-type]
 
     def primary_port(self) -> int | None:
         """The primary the sentinels name now."""
-        client = redis.Redis(port=self.ports[0], socket_timeout=2)
+        client = self._sentinel()
         try:
             host_port = client.execute_command(  # type: ignore[no-untyped-call]
                 "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE
@@ -65,7 +77,7 @@ class RedisSentinels:
         return int(host_port[1]) if host_port else None
 
     def _replica_seen(self) -> bool:
-        client = redis.Redis(port=self.ports[0], socket_timeout=2)
+        client = self._sentinel()
         try:
             replicas = client.execute_command("SENTINEL", "REPLICAS", SERVICE)  # type: ignore[no-untyped-call]
         except redis.RedisError:
@@ -99,3 +111,13 @@ class RedisSentinels:
             sentinel.wait()
         self.primary.kill()
         self.replica.kill()
+
+
+def _listen(port: int, tls: Tls | None) -> str:
+    """A sentinel's port lines: plain, or TLS only (to clients and to the nodes)."""
+    if tls is None:
+        return f"port {port}\n"
+    return (
+        f"port 0\ntls-port {port}\ntls-cert-file {tls.cert}\ntls-key-file {tls.key}\n"
+        f"tls-ca-cert-file {tls.ca}\ntls-auth-clients no\ntls-replication yes\n"
+    )

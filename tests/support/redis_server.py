@@ -10,15 +10,47 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
+import trustme
 
 from tests.support import eventually, free_port
 
 
 def redis_binary() -> str | None:
     return shutil.which("redis-server") or shutil.which("valkey-server")
+
+
+@dataclass(frozen=True)
+class Tls:
+    """A throwaway CA and a certificate for 127.0.0.1 that it signed, as files: what a
+    TLS-only redis-server serves, and what a client (the proxy: SSL_CERT_FILE) trusts."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> Tls:
+        ca = trustme.CA()
+        issued = ca.issue_cert("127.0.0.1", "localhost")
+        tls = cls(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+        ca.cert_pem.write_to_path(str(tls.ca))
+        issued.cert_chain_pems[0].write_to_path(str(tls.cert))
+        issued.private_key_pem.write_to_path(str(tls.key))
+        return tls
+
+    def server_args(self, port: int) -> tuple[str, ...]:
+        """TLS only (no plain port), for clients, replication and a Cluster's bus."""
+        files = ("--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key))
+        return (
+            *("--port", "0", "--tls-port", str(port), *files),
+            *("--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no"),
+            *("--tls-replication", "yes", "--tls-cluster", "yes"),
+        )
 
 
 class RedisServer:
@@ -29,6 +61,7 @@ class RedisServer:
         password: str = "",
         args: tuple[str, ...] = (),
         port: int | None = None,
+        tls: Tls | None = None,
     ):
         binary = redis_binary()
         if binary is None:
@@ -38,9 +71,14 @@ class RedisServer:
         self.dir = workdir
         self.persistent = persistent
         self.password = password
+        self.tls = tls
         self.args = ("--requirepass", password, *args) if password else args
+        if tls is not None:
+            self.args = (*self.args, *tls.server_args(self.port))
         self.process: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        credentials = f":{password}@" if password else ""
+        scheme = "rediss" if tls else "redis"
+        self.url = f"{scheme}://{credentials}127.0.0.1:{self.port}/0"
         self.start()
 
     def start(self) -> None:
@@ -95,8 +133,15 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(
-            host="127.0.0.1", port=self.port, socket_timeout=5, password=self.password or None
+            host="127.0.0.1", port=self.port, socket_timeout=5, **self.client_options()
         )
+
+    def client_options(self) -> dict[str, Any]:
+        """redis-py's options for this server's password and TLS."""
+        options: dict[str, Any] = {"password": self.password or None}
+        if self.tls is not None:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls.ca))
+        return options
 
     def command_calls(self) -> dict[str, int]:
         client = self.client()
