@@ -26,6 +26,7 @@ from bench.procs import (
     start_redis_cluster,
     start_upstream,
 )
+from bench.redis_floor import RedisFloor, measure_redis_floor
 from bench.report import Machine, calibrated_table, load_average, machine, table
 from bench.scenario import (
     Calibrated,
@@ -36,7 +37,14 @@ from bench.scenario import (
     measure_direct,
     measure_proxy,
 )
-from bench.targets import against_relay, check, check_calibrated, compiled_reference
+from bench.targets import (
+    MEMORY_LIMITS,
+    against_relay,
+    check,
+    check_calibrated,
+    compiled_reference,
+    redis_cost,
+)
 from bench.wrk import require_wrk
 
 CHUNKS, INTERVAL_MS = 100, 20.0
@@ -58,10 +66,10 @@ def main() -> None:
     about = machine(load_average())
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp:
-        direct, proxied, calibrated = _run(Path(tmp), durations)
+        direct, proxied, calibrated, floor = _run(Path(tmp), durations)
     about = Machine(**{**about.__dict__, "load_after": load_average()})
     seconds = time.monotonic() - started
-    text = _document(about, direct, proxied, calibrated, seconds, durations)
+    text = _document(about, direct, proxied, calibrated, floor, seconds, durations)
     print(text)
     if not args.no_write:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +77,7 @@ def main() -> None:
         print(f"written to {args.out}")
 
 
-def _run(tmp: Path, d: Durations) -> tuple[Figures, list[Figures], Calibrated]:
+def _run(tmp: Path, d: Durations) -> tuple[Figures, list[Figures], Calibrated, RedisFloor]:
     children: list[Child] = []
     try:
         upstream_port, redis_port = free_port(), free_port()
@@ -86,6 +94,7 @@ def _run(tmp: Path, d: Durations) -> tuple[Figures, list[Figures], Calibrated]:
             *_references(),
             Setup("1 worker", 1),
             Setup("2 workers", 2),
+            Setup(MEMORY_LIMITS, 1, limits=True),
             Setup("1 worker + Redis", 1, redis_port),
             Setup("2 workers + Redis", 2, redis_port),
             Setup("2 workers + Redis Cluster", 2, cluster[0], cluster_ports=tuple(cluster[1:])),
@@ -94,11 +103,13 @@ def _run(tmp: Path, d: Durations) -> tuple[Figures, list[Figures], Calibrated]:
             _say(setup.name)
             proxied.append(measure_proxy(setup, upstream_port, tmp, d))
         children[0].stop()  # the fast upstream: the aiohttp one takes over its core
+        _say("the admission's Redis round trip alone (reference)")
+        floor = measure_redis_floor(redis_port)
         aiohttp_port = free_port()
         children.append(start_aiohttp_upstream(aiohttp_port))
         _say("c=64 throughput in front of the aiohttp upstream")
         calibrated = measure_calibrated(setups, aiohttp_port, tmp, d)
-        return direct, proxied, calibrated
+        return direct, proxied, calibrated, floor
     finally:
         for child in children:
             child.stop()
@@ -124,6 +135,7 @@ def _document(
     direct: Figures,
     proxied: list[Figures],
     calibrated: Calibrated,
+    floor: RedisFloor,
     seconds: float,
     d: Durations,
 ) -> str:
@@ -153,6 +165,10 @@ def _document(
         "",
         *against_relay(direct, proxied),
         *compiled_reference(direct, proxied),
+        "",
+        "## Targets (issue 18): what Redis adds",
+        "",
+        *redis_cost(proxied, floor),
         "",
         "## Throughput in front of an aiohttp upstream",
         "",

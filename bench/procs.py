@@ -239,14 +239,29 @@ def start_redis_cluster(ports: list[int], workdir: Path) -> list[Child]:
 def redis_stats(port: int) -> dict[str, float]:
     """Redis's command counts ({command: calls}, from ``INFO commandstats``) and its CPU
     seconds (``cpu``, from ``INFO cpu``), over a raw socket (one tiny dependency less)."""
-    stats: dict[str, float] = {}
-    for line in _info(port).splitlines():
+    info = _info(port)
+    stats = {name: float(fields["calls"]) for name, fields in _commandstats(info).items()}
+    for line in info.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("used_cpu_sys", "used_cpu_user"):
+            stats["cpu"] = stats.get("cpu", 0.0) + float(value)
+    return stats
+
+
+def redis_script_us(port: int) -> tuple[float, int]:
+    """Redis's time running scripts by digest (µs, summed) and how many it ran."""
+    fields = _commandstats(_info(port)).get("evalsha", {})
+    return float(fields.get("usec", 0)), int(fields.get("calls", 0))
+
+
+def _commandstats(info: str) -> dict[str, dict[str, str]]:
+    """``cmdstat_NAME:calls=…,usec=…`` lines: {NAME: {field: value}}."""
+    stats = {}
+    for line in info.splitlines():
         name, _, value = line.partition(":")
         if name.startswith("cmdstat_"):
             fields = dict(part.split("=", 1) for part in value.split(","))
-            stats[name.removeprefix("cmdstat_")] = int(fields["calls"])
-        elif name in ("used_cpu_sys", "used_cpu_user"):
-            stats["cpu"] = stats.get("cpu", 0.0) + float(value)
+            stats[name.removeprefix("cmdstat_")] = fields
     return stats
 
 

@@ -50,6 +50,13 @@ class Setup:
     # A Redis Cluster's other nodes (redis_port is the one routes.yaml names): the
     # Redis figures are summed over all of them.
     cluster_ports: tuple[int, ...] = ()
+    # A team with limits, its calls authenticated: always with Redis; without it, the
+    # limits and ledger in the process (what Redis's cost is measured against).
+    limits: bool = False
+
+    @property
+    def teams(self) -> bool:
+        return self.limits or self.redis_port is not None
 
     def redis_ports(self) -> tuple[int, ...]:
         return () if self.redis_port is None else (self.redis_port, *self.cluster_ports)
@@ -98,7 +105,7 @@ def measure_direct(port: int, tmp: Path, d: Durations) -> Figures:
     )
 
 
-def routes_yaml(upstream_port: int, redis_port: int | None) -> str:
+def routes_yaml(upstream_port: int, redis_port: int | None, limits: bool = False) -> str:
     lines = [
         "server: {max_body_bytes: 1MiB, reload_interval: 60s}",
         "providers:",
@@ -107,8 +114,9 @@ def routes_yaml(upstream_port: int, redis_port: int | None) -> str:
         "  bench-model: {targets: [{provider: bench, model: bench-model}]}",
     ]
     if redis_port is not None:
+        lines.append(f"redis: {{url: 'redis://127.0.0.1:{redis_port}/0'}}")
+    if redis_port is not None or limits:
         lines += [
-            f"redis: {{url: 'redis://127.0.0.1:{redis_port}/0'}}",
             "teams:",
             "  bench:",
             f"    keys: ['{key_hash(BENCH_KEY)}']",
@@ -121,8 +129,9 @@ def routes_yaml(upstream_port: int, redis_port: int | None) -> str:
 def _start(setup: Setup, upstream_port: int, tmp: Path) -> tuple[Child, int, Path]:
     """What serves a setup, in front of the upstream on a port: the process, the port
     it serves and the proxy's routes.yaml (written for every kind, read by the proxy)."""
-    config = tmp / f"routes-{setup.workers}-{setup.redis_port or 0}-{len(setup.cluster_ports)}.yaml"
-    config.write_text(routes_yaml(upstream_port, setup.redis_port))
+    name = f"{setup.workers}-{setup.redis_port or 0}-{len(setup.cluster_ports)}-{setup.teams}"
+    config = tmp / f"routes-{name}.yaml"
+    config.write_text(routes_yaml(upstream_port, setup.redis_port, setup.limits))
     port = free_port()
     if setup.kind == "relay":
         return start_bare_relay(upstream_port, port), port, config
@@ -171,7 +180,7 @@ def measure_calibrated(
         proxy, port, _ = _start(setup, upstream_port, tmp)
         try:
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            script = write_script(tmp, BENCH_KEY if setup.redis_port else None)
+            script = write_script(tmp, BENCH_KEY if setup.teams else None)
             run_wrk(url, script, 64, d.warmup / 2)
             proxied.append((setup.name, run_wrk(url, script, 64, d.throughput)))
         finally:
@@ -209,14 +218,14 @@ def _instructions(setup: Setup, upstream_port: int, config: Path, tmp: Path) -> 
         ]
 
     headers = {"Content-Type": "application/json"}
-    if setup.redis_port:
+    if setup.teams:
         headers["Authorization"] = f"Bearer {BENCH_KEY}"
     return instructions.per_request(argv, BODY.encode(), headers, tmp)
 
 
 def _measure(setup: Setup, proxy: Child, port: int, tmp: Path, d: Durations) -> Figures:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    key = BENCH_KEY if setup.redis_port else None
+    key = BENCH_KEY if setup.teams else None
     script = write_script(tmp, key)
     rss = {"idle": proxy.rss_mb()}
     run_wrk(url, script, 64, d.warmup)

@@ -7,6 +7,7 @@ down, the difference can come out negative and would pass any target.
 
 from __future__ import annotations
 
+from bench.redis_floor import RedisFloor
 from bench.scenario import Calibrated, Figures
 
 
@@ -188,4 +189,34 @@ def check_calibrated(c: Calibrated) -> list[str]:
                 f"- {'met' if ratio >= floor else '**not met**'}: c=64 throughput, "
                 f"{name}, ≥ {floor:.0f} % of direct (measured {ratio:.3g} %)"
             )
+    return lines
+
+
+# Issue 18: what Redis adds to a call, against limits kept in the process.
+MEMORY_LIMITS = "1 worker + limits in memory"
+_REDIS_CPU_US, _REDIS_C1_MS = 40.0, 0.1
+
+
+def redis_cost(proxied: list[Figures], floor: RedisFloor | None) -> list[str]:
+    """Redis's added CPU per call and c=1 latency (1 worker + Redis minus 1 worker with
+    the same team and limits in memory), beside what any admission through this Redis
+    waits for at c=1, measured in the same run (bench/redis_floor.py)."""
+    memory, redis = _by_name(proxied, MEMORY_LIMITS), _by_name(proxied, "1 worker + Redis")
+    if memory is None or redis is None:
+        return []
+    cpu = redis.cpu_us - memory.cpu_us
+    c1 = redis.latency.p50_ms - memory.latency.p50_ms
+    lines = [
+        f"- {'met' if cpu <= _REDIS_CPU_US else '**not met**'}: Redis adds ≤ "
+        f"{_REDIS_CPU_US:g} µs of proxy CPU per call at c=64 (measured {cpu:.3g} µs)",
+        f"- {'met' if c1 <= _REDIS_C1_MS else '**not met**'}: c=1 latency p50 with Redis "
+        f"≤ {_REDIS_C1_MS:g} ms above limits in memory (measured {c1:.3g} ms)",
+    ]
+    if floor is not None:
+        lines.append(
+            f"- reference: one admission through this Redis, c=1 p50, with nothing else "
+            f"running: {floor.admit_p50_ms:.3g} ms by the proxy's own client "
+            f"(`RedisStore.admit`), of which a PING round trip is {floor.ping_p50_ms:.3g} ms "
+            f"and Redis's own time running the script {floor.script_us / 1000:.3g} ms"
+        )
     return lines

@@ -37,6 +37,7 @@ from proxy.redis.router import Router
 
 PREFIX = "llmproxy"
 REPLICAS_RETRY = 1.0  # seconds between two WAITs once too few replicas answered
+WAIT_MS = 50  # at most, per WAIT for ledger_replicas (RedisStore.__init__)
 
 
 def team_key(team: str, *parts: str) -> str:
@@ -150,7 +151,12 @@ class RedisStore:
         # up the commands behind it, and admissions must not wait for replicas.
         self.ledger_replicas = ledger_replicas
         self._lane = "ledger" if ledger_replicas else ""
-        self._wait_ms = max(1, int(timeout * 1000 / 2))  # well within the client's timeout
+        # How long a WAIT may take: a replica in sync confirms within a round trip or
+        # two, and meanwhile the settlements that follow are held (redis/client.py), with
+        # their concurrency slots. What is not confirmed in time is sent again later.
+        # Short of a quarter of the client's timeout: a settlement held behind one WAIT,
+        # then under its own, stays well within it.
+        self._wait_ms = max(1, min(WAIT_MS, int(timeout * 1000 / 4)))
         # Per team route: whether its node had enough replicas online and caught up when
         # last asked, and until when that holds. A WAIT goes only where they were: a
         # WAIT for replicas that are missing or syncing holds every command behind it on

@@ -99,6 +99,13 @@ class _Connection(asyncio.Protocol):
         # This turn's WAIT, and how many commands were unsent before it: a call whose
         # batch is among them is covered by it (redis/router.py, ledger_replicas).
         self._wait: tuple[asyncio.Future[Reply], int, bytes] | None = None
+        # A WAIT written and not answered yet: what is sent meanwhile is held back and
+        # leaves, with one WAIT, once it is answered. Written at once, each turn's
+        # commands would queue in Redis behind the WAITs before them, each of which may
+        # take its whole timeout while a replica lags: a convoy that held settlements
+        # (and their concurrency slots) for seconds, and 429s, while a failed primary
+        # rejoined as a replica.
+        self._held: asyncio.Future[Reply] | None = None
         self._transport: asyncio.Transport | None = None
         # One timer per connection, not one per command: it checks the oldest command's
         # age a few times per timeout while any command waits.
@@ -152,8 +159,13 @@ class _Connection(asyncio.Protocol):
             self._watchdog = self._loop.call_later(self._timeout / 4, self._watch)
 
     def _write(self) -> None:
+        if self._held is not None:
+            return  # sent by _release, with the calls that join it meanwhile
         unsent, self._unsent = self._unsent, []
         self._open.clear()  # what is written takes no more calls
+        if self._wait is not None:
+            self._held = self._wait[0]
+            self._held.add_done_callback(self._release)
         self._wait = None
         if self.broken is None and self._transport is not None:
             self._transport.write(
@@ -164,6 +176,11 @@ class _Connection(asyncio.Protocol):
                     ]
                 )
             )
+
+    def _release(self, _: asyncio.Future[Reply]) -> None:
+        self._held = None
+        if self._unsent:
+            self._write()
 
     def data_received(self, data: bytes) -> None:
         try:
