@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import MakeProxy
 from tests.support import ProxyProcess, Upstream, eventually, free_port, routes_yaml
@@ -69,15 +70,16 @@ async def test_three_replicas_admit_exactly_the_limit(
     assert statuses.count(429) == 150
 
 
+@pytest.mark.parametrize("backend", ["redis", "cluster", "sentinel"], indirect=True)
 async def test_tokens_admitted_in_a_burst_never_exceed_the_limit(
-    tmp_path: Path, wandb: Upstream, prime: Upstream, persistent_redis: RedisServer
+    tmp_path: Path, wandb: Upstream, prime: Upstream, backend: str
 ):
     # Each call reserves 7 (prompt estimate) + 20 (max_tokens) = 27 tokens; a burst of 60
     # long calls over 3 replicas, all in flight before any settles, may take at most the
     # bucket (1000) plus what refills while it lasts (1000/60 per second).
     wandb.fake.pause_before_headers = 1.0
     text = routes_yaml(wandb, prime) + team_yaml(
-        limits="{tokens_per_minute: 1000}", redis_url=persistent_redis.url
+        limits="{tokens_per_minute: 1000}", redis_url=backend
     )
     processes = await _processes(tmp_path, text, 3)
     loop = asyncio.get_running_loop()
