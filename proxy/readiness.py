@@ -57,8 +57,7 @@ def _engine_problem(engines: Engines, provider: Provider) -> str | None:
     supervisor = engines.supervisor(provider)
     if not supervisor.running or any(r.state == "ready" for r in supervisor.replicas):
         return None
-    states = ", ".join(f"#{r.index} {r.state}" for r in supervisor.replicas)
-    return f"engine '{provider.name}': no replica is ready ({states})"
+    return f"engine '{provider.name}': no replica is ready ({supervisor.describe()})"
 
 
 async def _provider_problem(

@@ -88,6 +88,8 @@ class EngineSupervisor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.spec.wait
         while (replica := self._least_busy()) is None:
+            if self.failing():
+                raise EngineUnavailable(self._failing_message())
             change = self._change  # set and replaced on every replica state change
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
@@ -105,14 +107,30 @@ class EngineSupervisor:
         self._turn = (chosen.index + 1) % n
         return chosen
 
-    def _not_ready_message(self) -> str:
-        states = ", ".join(
+    def failing(self) -> bool:
+        """No start is under way: every replica waits out its backoff after an exit or
+        a failed start. A call would wait for nothing, so it is refused at once; the
+        wait (``engine.wait``) is for a start in progress."""
+        return all(r.state == "backoff" for r in self.replicas)
+
+    def describe(self) -> str:
+        """Each replica's state, and why it last exited: ``#0 backoff (last: …)``."""
+        return ", ".join(
             f"#{r.index} {r.state}" + (f" (last: {r.stats.last_exit})" if r.stats.last_exit else "")
             for r in self.replicas
         )
+
+    def _failing_message(self) -> str:
+        return (
+            f"Local engine '{self.name}' cannot serve now: no replica is running or "
+            f"starting (replicas: {self.describe()}). It is restarted in the background; "
+            "try again shortly."
+        )
+
+    def _not_ready_message(self) -> str:
         return (
             f"Local engine '{self.name}' is not ready after waiting {self.spec.wait:g}s "
-            f"(replicas: {states}). Try again shortly."
+            f"(replicas: {self.describe()}). Try again shortly."
         )
 
     def _changed(self) -> None:

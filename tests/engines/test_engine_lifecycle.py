@@ -123,6 +123,71 @@ async def test_the_engines_metrics_are_appended_to_get_metrics(make_engine_app: 
     await app[SERVICES].engines.supervisors["local"].stop()
 
 
+def _command_yaml(command: str, engine: str, provider: str = "") -> str:
+    """routes.yaml with one engine provider ``local`` running ``command`` (a JSON list)."""
+    return f"""
+providers:
+  local:
+{provider}    engine:
+      command: {command}
+{engine}
+models:
+  m: {{targets: [{{provider: local, model: m}}]}}
+"""
+
+
+async def _failed_call(url: str) -> tuple[dict[str, str], float]:
+    """A call that gets a 503: its error, and how long it took."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as http:
+        began = loop.time()
+        async with http.post(url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 503
+            error: dict[str, str] = (await resp.json())["error"]
+    assert error["code"] == "engine_unavailable"
+    return error, loop.time() - began
+
+
+async def test_a_crash_looping_engine_fails_readyz_and_its_calls_at_once(
+    make_engine_app: MakeApp,
+):
+    """An engine whose every start fails (the image without the model, say): while it
+    waits out its backoff, a call gets 503 engine_unavailable with the last error at
+    once rather than after ``wait`` (30 s here), and /readyz fails, since it is
+    required, naming that error."""
+    command = """["{python}", "-c", "import sys; print('no model here'); sys.exit(3)"]"""
+    engine = "      ready: {timeout: 10s, interval: 50ms}\n      wait: 30s\n"
+    engine += "      restart: {base_delay: 5s, max_delay: 5s}"
+    app, url = await make_engine_app(_command_yaml(command, engine, "    required: true\n"))
+    await eventually(lambda: "local" in app[SERVICES].engines.supervisors, timeout=10)
+    await eventually(lambda: replica(app).state == "backoff", timeout=10)
+    error, took = await _failed_call(url)
+    assert took < 10  # not the 30 s wait
+    assert "cannot serve now" in error["message"]
+    assert "#0 backoff (last: failed to start: " in error["message"]
+    assert "exited with code 3" in error["message"]
+    async with aiohttp.ClientSession() as http, http.get(url + "/readyz") as ready:
+        assert ready.status == 503
+        readiness = await ready.text()
+    assert "engine 'local': no replica is ready (#0 backoff (last: failed to start" in readiness
+    await app[SERVICES].engines.supervisors["local"].stop()
+
+
+async def test_a_call_waits_for_a_start_in_progress_then_gets_a_503(make_engine_app: MakeApp):
+    """An engine still starting (it never answers its ready check here): a call waits
+    ``wait`` for it, then gets 503 engine_unavailable saying the replica is starting."""
+    command = """["{python}", "-c", "import time; time.sleep(60)"]"""
+    engine = "      ready: {timeout: 50s, interval: 50ms}\n      wait: 1s"
+    app, url = await make_engine_app(_command_yaml(command, engine))
+    await eventually(lambda: "local" in app[SERVICES].engines.supervisors, timeout=10)
+    await eventually(lambda: replica(app).state == "starting", timeout=10)
+    error, took = await _failed_call(url)
+    assert took >= 1.0  # it waited for the start
+    assert "is not ready after waiting 1s (replicas: #0 starting)" in error["message"]
+    await app[SERVICES].engines.supervisors["local"].stop()
+
+
 # The launcher runs under the proxy as the shipped routes.yaml runs it, with a stand-in
 # xllamacpp that records the environment it is imported in (libgomp reads it when it
 # loads), then refuses to load, so the launcher stops there.
