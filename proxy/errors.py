@@ -132,6 +132,11 @@ class AdminOnly(ProxyError):
     code = "admin_key_required"
 
 
+def retry_seconds(retry_after: float) -> int:
+    """Retry-After's whole seconds: rounded up, and at least 1."""
+    return max(1, math.ceil(retry_after))
+
+
 class RateLimited(ProxyError):
     status = 429
     type = "rate_limit_error"
@@ -152,7 +157,7 @@ class RateLimited(ProxyError):
     def response(self) -> Answer:
         response = super().response()
         response.headers.update(self.headers)
-        response.headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+        response.headers["Retry-After"] = str(retry_seconds(self.retry_after))
         return response
 
 

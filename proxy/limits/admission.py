@@ -343,7 +343,7 @@ def _refusal(ticket: Ticket) -> RateLimited:
     admission = ticket.admission
     assert admission.refused is not None
     return RateLimited(
-        describe_refusal(admission.refused, ticket.reserved),
+        describe_refusal(admission.refused, ticket.reserved, admission.retry_after),
         retry_after=admission.retry_after,
         param=admission.refused.kind,
         headers=rate_headers(admission),

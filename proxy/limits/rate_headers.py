@@ -3,22 +3,32 @@ a refusal."""
 
 from __future__ import annotations
 
+from proxy.errors import retry_seconds
 from proxy.limits.store import Admission, Check, LimitState
 
 _HEADER_KINDS = (("requests", "requests_per_minute"), ("tokens", "tokens_per_minute"))
 
 
 def rate_headers(admission: Admission) -> dict[str, str]:
-    """For requests and tokens: the tightest of the team's and the model's limits."""
+    """For requests and tokens: the tightest of the team's and the model's limits. On a
+    refusal, the refused limit's own figures, and its reset is when this call fits
+    (what Retry-After says, rounded up to whole seconds), not when its bucket is full
+    again: the two differ (30 s and 59.85 s for 2 requests a minute), and a client
+    that read both would not know which to wait."""
     headers: dict[str, str] = {}
+    refused = admission.refused
     for name, kind in _HEADER_KINDS:
         states = [s for s in admission.states if s.check.kind == kind]
         if not states:
             continue
-        tightest: LimitState = min(states, key=lambda s: s.remaining)
-        headers[f"x-ratelimit-limit-{name}"] = str(tightest.check.limit)
-        headers[f"x-ratelimit-remaining-{name}"] = str(tightest.remaining)
-        headers[f"x-ratelimit-reset-{name}"] = duration_text(tightest.reset)
+        chosen: LimitState = min(states, key=lambda s: s.remaining)
+        reset = chosen.reset
+        if refused is not None and refused.kind == kind:
+            chosen = next(s for s in states if s.check == refused)
+            reset = admission.retry_after
+        headers[f"x-ratelimit-limit-{name}"] = str(chosen.check.limit)
+        headers[f"x-ratelimit-remaining-{name}"] = str(chosen.remaining)
+        headers[f"x-ratelimit-reset-{name}"] = duration_text(reset)
     return headers
 
 
@@ -36,7 +46,7 @@ def duration_text(seconds: float) -> str:
     return text
 
 
-def describe_refusal(check: Check, reserved: int) -> str:
+def describe_refusal(check: Check, reserved: int, retry_after: float) -> str:
     scope = "" if check.scope == "*" else f" for model '{check.scope}'"
     limit = f"{check.kind} limit of {check.limit}{scope}"
     if check.kind in ("tokens_per_minute", "tokens_per_day") and reserved > check.limit:
@@ -44,4 +54,5 @@ def describe_refusal(check: Check, reserved: int) -> str:
             f"Rate limit exceeded: this request reserves {reserved} tokens (prompt estimate "
             f"+ max_tokens), more than the team's {limit}. Lower max_tokens."
         )
-    return f"Rate limit exceeded: the team's {limit} is used up. Retry after the Retry-After."
+    wait = duration_text(retry_seconds(retry_after))
+    return f"Rate limit exceeded: the team's {limit} is used up. Retry in {wait}."

@@ -59,11 +59,27 @@ async def test_requests_per_minute_refuses_with_retry_after(team_proxy: MakeTeam
         "rate_limit_exceeded",
         "requests_per_minute",
     )
-    assert 1 <= int(headers["Retry-After"]) <= 20  # one request refills in 20 s
+    retry = int(headers["Retry-After"])
+    assert 1 <= retry <= 20  # one request refills in 20 s
     assert headers["x-ratelimit-remaining-requests"] == "0"
-    assert headers["x-ratelimit-reset-requests"].endswith("s")
+    # The refused limit's reset is when this call fits: Retry-After, before rounding up
+    # (not when the bucket is full again, 60 s away).
+    reset = _seconds(headers["x-ratelimit-reset-requests"])
+    assert retry - 1 < reset <= retry
+    assert error["message"] == (
+        "Rate limit exceeded: the team's requests_per_minute limit of 3 is used up. "
+        f"Retry in {retry}s."
+    )
     status, _, _ = await chat(proxy, key=OPS_KEY)  # another team is not affected
     assert status == 200
+
+
+def _seconds(duration: str) -> float:
+    """OpenAI's reset durations (``20ms``, ``19.95s``, ``1m0s``) in seconds."""
+    if duration.endswith("ms"):
+        return float(duration[:-2]) / 1000
+    minutes, _, secs = duration.removesuffix("s").rpartition("m")
+    return float(minutes or 0) * 60 + float(secs)
 
 
 async def test_every_answer_names_its_call_and_a_stream_carries_the_limits(
