@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import TextIO
 from proxy.call.auth import key_hash, new_key
 from proxy.config.exposure import Exposure, load_to_serve
 from proxy.config.load import ConfigError, load_config
-from proxy.observe import access_log
+from proxy.observe.log_setup import FORMATS, setup_logging
 from proxy.server import ServeOptions, run_worker, supervise
 from proxy.usage_cli import show_usage
 
@@ -49,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         help="serve without team keys on a non-loopback address",
     )
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="plain",
+        help="json: every line of stderr one JSON object (the access log is JSON either way)",
+    )
     serve.set_defaults(run=_serve)
 
     check = sub.add_parser("check", help="validate a routes.yaml and print every error")
@@ -74,13 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(process)d %(levelname)s %(name)s %(message)s",
-    )
-    _lean_log_records()
-    access_log.install(logging.getLogger().level)
+    setup_logging(args.log_level, args.log_format)
     try:
         config = load_to_serve(args.config, Exposure(args.host, args.allow_anonymous))
     except ConfigError as exc:
@@ -110,24 +109,6 @@ def _serve(args: argparse.Namespace) -> int:
         run_worker(options)
         return 0
     return supervise(options)
-
-
-def _lean_log_records() -> None:
-    """Skip what every log record collects and the format above never shows (thread and
-    multiprocessing names, the caller's file and line): there is one access-log line per
-    call. The logging HOWTO's own advice ("Optimization"). The pid, a getpid() system
-    call per record, is filled in only for the plain lines that print it."""
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    logging.logProcesses = False
-    logging._srcfile = None
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_with_pid)
-
-
-def _with_pid(record: logging.LogRecord) -> bool:
-    record.process = os.getpid()  # not cached: --workers forks after this is set up
-    return True
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from proxy.config.engine import EngineSpec
 from proxy.config.engine_load import read_engine
 from proxy.config.envsubst import expand
 from proxy.config.fields import FieldReader, hint
+from proxy.config.locate import located
 from proxy.config.model import (
     BALANCES,
     STRATEGIES,
@@ -55,9 +56,21 @@ CIRCUIT_FIELDS = {"failures": "count", "cooldown": "duration", "max_cooldown": "
 
 
 class ConfigError(Exception):
-    def __init__(self, errors: list[str]):
+    def __init__(self, errors: list[str], located: bool = False):
         super().__init__("\n".join(errors))
         self.errors = errors
+        self.located = located  # each error names its file (and line) already
+
+
+def _yaml_error(exc: yaml.YAMLError, name: str) -> ConfigError:
+    """``routes.yaml:3:5: yaml: mapping values are not allowed here``: the file, not
+    PyYAML's "<unicode string>", and where it stopped."""
+    if not name:
+        return ConfigError([f"yaml: {exc}"])
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+    return ConfigError([f"{where}: yaml: {problem}"], located=True)
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -65,14 +78,19 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from None
-    return parse_config(text, os.environ if env is None else env)
+    try:
+        return parse_config(text, os.environ if env is None else env, str(path))
+    except ConfigError as exc:
+        if exc.located:
+            raise
+        raise ConfigError(located(exc.errors, text, str(path))) from None
 
 
-def parse_config(text: str, env: Mapping[str, str]) -> Config:
+def parse_config(text: str, env: Mapping[str, str], name: str = "") -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"yaml: {exc}"]) from None
+        raise _yaml_error(exc, name) from None
     reader = _Reader(env)
     config = reader.config(raw)
     if reader.errors or config is None:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from proxy.config.changes import describe_changes
 from proxy.config.exposure import Exposure, load_to_serve
 from proxy.config.load import ConfigError
 from proxy.config.model import Config
@@ -51,10 +52,10 @@ class ConfigHolder:
             config = load_to_serve(self.path, self.exposure)
         except ConfigError as exc:
             return self._refuse(exc.errors)
-        self.current = config
+        old, self.current = self.current, config
         self.reloads["ok"] += 1
         self._tell(True)
-        log.info("config reloaded from %s: %d models", self.path, len(config.models))
+        log.info("config reloaded from %s: %s", self.path, describe_changes(old, config))
         log_warnings(config)
         return True
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 from collections.abc import Mapping
 
@@ -48,7 +49,31 @@ async def _pump(stream: asyncio.StreamReader, label: str) -> None:
             line = await stream.read(65536)
         if not line:
             return
-        output_log.info("[%s] %s", label, line.decode(errors="replace").rstrip())
+        text = line.decode(errors="replace").rstrip()
+        output_log.log(line_level(text), "[%s] %s", label, text)
+
+
+# llama.cpp's server starts each line with its clock and a level letter
+# ("0.00.006.267 I srv  load_model: ..."); other engines (vLLM) print level words.
+_LLAMA_LEVEL = re.compile(r"\d+\.\d+\.\d+\.\d+ ([DIWE]) ")
+_LETTERS = {"W": logging.WARNING, "E": logging.ERROR}
+_ERROR_WORDS = re.compile(r"\b(error|exception|traceback|fatal|critical)\b", re.IGNORECASE)
+_WARNING_WORDS = re.compile(r"\bwarn(ing)?\b", re.IGNORECASE)
+
+
+def line_level(line: str) -> int:
+    """An engine's line at DEBUG unless it warns or errs: its chatter was most of the
+    proxy's log (78 % of the lines with llama.cpp at INFO). The launcher's own lines
+    (what it serves, a model download) stay at INFO."""
+    if line.startswith("llamacpp: "):
+        return logging.INFO
+    if found := _LLAMA_LEVEL.match(line):
+        return _LETTERS.get(found.group(1), logging.DEBUG)
+    if _ERROR_WORDS.search(line):
+        return logging.ERROR
+    if _WARNING_WORDS.search(line):
+        return logging.WARNING
+    return logging.DEBUG
 
 
 def signal_group(pid: int, signum: int) -> None:

@@ -193,12 +193,31 @@ def test_check_refuses_credentials_in_urls_without_printing_them(tmp_path: Path)
     path.write_text(USERINFO_URLS)
     result = _check(path)
     assert result.returncode == 1, result.stdout
-    assert result.stdout.splitlines()[1:4] == [
-        f"providers.one.base_url: {CREDENTIALS}",
-        f"providers.two.endpoints[1]: {CREDENTIALS}",
-        f"providers.two.endpoints[2].url: {CREDENTIALS}",
+    assert result.stdout.splitlines()[1:4] == [  # each with its file and line
+        f"{path}:4: providers.one.base_url: {CREDENTIALS}",
+        f"{path}:8: providers.two.endpoints[1]: {CREDENTIALS}",
+        f"{path}:9: providers.two.endpoints[2].url: {CREDENTIALS}",
     ]
     assert "pass-LITERAL" not in result.stdout + result.stderr
+
+
+def test_check_names_the_file_and_line_of_each_error(tmp_path: Path):
+    """A YAML syntax error names the file, line and column (not PyYAML's "<unicode
+    string>"); any other error the line of the key or item its path names, model ids
+    with dots included."""
+    path = tmp_path / "routes.yaml"
+    path.write_text("providers:\n  p: {base_url: 'http://h/v1'}\nmodels: [x\nextra: 1\n")
+    result = _check(path)
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[1] == (f"{path}:4:6: yaml: expected ',' or ']', but got ':'")
+    path.write_text(
+        "providers:\n  p: {base_url: 'http://h/v1'}\nmodels:\n  llama-3.1-70b:\n"
+        "    targets:\n      - {provider: p, model: a}\n      - {provider: q, model: b}\n"
+    )
+    result = _check(path)
+    assert result.stdout.splitlines()[1:] == [
+        f"{path}:7: models.llama-3.1-70b.targets[1].provider: unknown provider 'q' (known: p)"
+    ]
 
 
 SECRET = "S3cr3t-Value-xyz"
@@ -228,8 +247,9 @@ def test_check_never_prints_a_value_from_the_environment(tmp_path: Path):
     errors = result.stdout.splitlines()[1:]
     assert len(errors) == 6, errors  # all but api_key, headers and the model id
     shown = "got 'ftp://${T_SECRET}.example/v1'"
-    assert f"providers.p.base_url: must be an http(s) URL with a host, {shown}" in errors
-    assert any(e.startswith("providers.p.balance: unknown balance '${T_SECRET}'") for e in errors)
+    assert f"{path}:5: providers.p.base_url: must be an http(s) URL with a host, {shown}" in errors
+    balance = f"{path}:6: providers.p.balance: unknown balance '${{T_SECRET}}'"
+    assert any(e.startswith(balance) for e in errors)
 
 
 _MINIMAL = (

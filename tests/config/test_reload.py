@@ -35,8 +35,15 @@ async def _eventually(check, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.05)
 
 
-async def test_file_change_is_picked_up(proxy: Proxy, wandb: Upstream, prime: Upstream):
-    proxy.write_config(routes_yaml(wandb, prime, extra=NEW_MODEL))
+async def test_file_change_is_picked_up(
+    proxy: Proxy, wandb: Upstream, prime: Upstream, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="proxy.config.reload")
+    changed = routes_yaml(wandb, prime, extra=NEW_MODEL).replace(
+        "model: meta-llama/Llama-3.1-8B-Instruct", "model: another/upstream-id", 1
+    )
+    assert changed != routes_yaml(wandb, prime, extra=NEW_MODEL)
+    proxy.write_config(changed)
 
     async def has_new() -> bool:
         return "brand-new" in await _model_ids(proxy.url, proxy.http)
@@ -47,6 +54,8 @@ async def test_file_change_is_picked_up(proxy: Proxy, wandb: Upstream, prime: Up
     ) as resp:
         assert resp.status == 200
     assert wandb.fake.last.json()["model"] == "new/upstream-id"
+    # One line says what changed: a model added, one whose target changed.
+    assert f"config reloaded from {proxy.path}: models +brand-new ~llama-8b" in caplog.text
 
 
 async def test_bad_file_is_refused_and_old_config_serves(
@@ -62,7 +71,10 @@ async def test_bad_file_is_refused_and_old_config_serves(
         return proxy.holder.reloads["error"] >= 1
 
     await _eventually(refused)
-    assert "models.brand-new.targets[0].provider: unknown provider 'wandbb'" in caplog.text
+    # The file and the line of the error.
+    line = bad.splitlines().index("      - {provider: wandbb, model: new/upstream-id}") + 1
+    unknown = "models.brand-new.targets[0].provider: unknown provider 'wandbb'"
+    assert f"{proxy.path}:{line}: {unknown}" in caplog.text
     assert await _model_ids(proxy.url, proxy.http) == ["llama-70b", "llama-8b", "same-name"]
     async with proxy.http.post(
         proxy.url + CHAT, json={"model": "llama-8b", "messages": MESSAGES}

@@ -188,6 +188,37 @@ async def test_a_call_waits_for_a_start_in_progress_then_gets_a_503(make_engine_
     await app[SERVICES].engines.supervisors["local"].stop()
 
 
+async def test_an_engine_s_chatter_is_debug_and_its_warnings_and_errors_are_not(
+    make_engine_app: MakeApp, caplog: pytest.LogCaptureFixture
+):
+    """llama.cpp's lines carry a level letter (I, W, E); other engines print level
+    words. At the default INFO only the warnings, the errors and the launcher's own
+    lines show; at DEBUG the chatter shows too."""
+    caplog.set_level(logging.DEBUG, logger="proxy.engines")
+    printed = [
+        "0.00.006.267 I srv  load_model: loading model",
+        "0.00.006.300 W srv  the context is small",
+        "0.00.006.400 E srv  cannot allocate",
+        "llamacpp: serving model.gguf on 127.0.0.1:1",
+        "INFO:     Started server process",
+        "WARNING: this is a warning",
+        "Traceback (most recent call last):",
+    ]
+    script = "import sys, time; print(*sys.argv[1:], sep='\\n', flush=True); time.sleep(60)"
+    command = json.dumps(["{python}", "-c", script, *printed])
+    app, _ = await make_engine_app(_command_yaml(command, "      ready: {timeout: 50s}"))
+
+    def levels() -> dict[str, str]:
+        output = [r for r in caplog.records if r.name == "proxy.engines.output"]
+        return {r.getMessage().removeprefix("[local#0] "): r.levelname for r in output}
+
+    await eventually(lambda: len(levels()) == len(printed), timeout=10)
+    assert [levels()[line] for line in printed] == [
+        *("DEBUG", "WARNING", "ERROR", "INFO", "DEBUG", "WARNING", "ERROR")
+    ]
+    await app[SERVICES].engines.supervisors["local"].stop()
+
+
 # The launcher runs under the proxy as the shipped routes.yaml runs it, with a stand-in
 # xllamacpp that records the environment it is imported in (libgomp reads it when it
 # loads), then refuses to load, so the launcher stops there.
