@@ -75,11 +75,13 @@ TARGETS: dict[str, Target] = {
                 "tests/limits/test_accounting.py",
                 "tests/limits/test_accounting_outages.py",
                 "tests/limits/test_ledger_replicas.py",
+                "tests/call/test_output_caps.py",
                 _TEAMS,
                 _BATCH,
                 _REDIS,
             ),
         ),
+        Target("proxy/call/caps.py", ("tests/call/test_output_caps.py",)),
         Target("proxy/limits/lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory")),
         Target(
             "proxy/limits/memory.py",

@@ -2,16 +2,19 @@
 
 Bytes through, not objects: the fields are read with one ``json.loads``; only a body
 that must change is scanned key by key with the stdlib's C scanner, to find where the
-``model`` and ``stream_options`` values sit in the text and where the object closes.
-The upstream receives the client's text unchanged except at those spans, so every
-field the proxy does not know (tools, response_format, logit_bias, big integers,
-floats, key order, whitespace) arrives exactly as the client wrote it.
+``model`` and ``stream_options`` values (and a null ``max_tokens`` the model's default
+replaces) sit in the text and where the object closes. The upstream receives the
+client's text unchanged except at those spans, and with the fields the proxy adds
+appended before the closing brace, so every field the proxy does not know (tools,
+response_format, logit_bias, big integers, floats, key order, whitespace) arrives
+exactly as the client wrote it.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +22,6 @@ from proxy.errors import InvalidRequest
 
 _DECODER = json.JSONDecoder()
 _WHITESPACE = " \t\n\r"
-_SPLICED = ("model", "stream_options")
 # The top-level fields the proxy reads. Given twice, the proxy would route, limit and
 # bill on the last, and an upstream that keeps the first would serve what was never
 # routed (a model outside the team's model_limits, say): refused.
@@ -56,6 +58,14 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 class Body:
     text: str
     fields: dict[str, Any]
+    # Fields the proxy sets that the client's text lacks or gives as null (a model's
+    # default max_tokens): in ``fields`` already, written into the text by rewritten().
+    added: tuple[tuple[str, Any], ...] = ()
+
+    def with_field(self, name: str, value: Any) -> Body:
+        """This body with ``name`` set, for a field the client did not give (or gave as
+        null): the upstream receives the client's bytes with that one member added."""
+        return Body(self.text, {**self.fields, name: value}, (*self.added, (name, value)))
 
     def wants_usage(self) -> bool:
         """Whether the client itself asked for the usage chunk of a stream."""
@@ -63,8 +73,10 @@ class Body:
         return isinstance(options, dict) and options.get("include_usage") is True
 
     def rewritten(self, model: str, include_usage: bool = False) -> bytes:
-        """The original body with ``model`` replaced and, if asked, usage requested."""
-        changes: dict[str, Any] = {}
+        """The original body with ``model`` replaced, the added fields written in and, if
+        asked, usage requested. A field already in the text is replaced where it stands;
+        the others are appended, in order, just before the object's closing brace."""
+        changes: dict[str, Any] = dict(self.added)
         if self.fields.get("model") != model:
             changes["model"] = model
         append_usage = include_usage and not self.wants_usage()
@@ -75,19 +87,25 @@ class Body:
             append_usage = False
         if not changes and not append_usage:
             return self.text.encode()
-        spans, close = _spliceable(self.text)
+        spans, close, empty = _spliceable(self.text, changes)
         parts: list[str] = []
         last = 0
         for key, start, end in spans:
-            if key in changes:
-                parts += [self.text[last:start], json.dumps(changes[key], ensure_ascii=False)]
-                last = end
+            parts += [self.text[last:start], json.dumps(changes[key], ensure_ascii=False)]
+            last = end
         parts.append(self.text[last:close])
+        found = {key for key, _, _ in spans}
+        appended = [f"{_compact(k)}:{_compact(v)}" for k, v in changes.items() if k not in found]
         if append_usage:
-            comma = "," if self.fields else ""
-            parts.append(f'{comma}"stream_options":{{"include_usage":true}}')
+            appended.append('"stream_options":{"include_usage":true}')
+        if appended:
+            parts.append(("" if empty else ",") + ",".join(appended))
         parts.append(self.text[close:])
         return "".join(parts).encode()
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def parse_body(raw: bytes) -> Body:
@@ -137,24 +155,25 @@ def _expect(text: str, pos: int, char: str, what: str) -> int:
     return pos + 1
 
 
-def _spliceable(text: str) -> tuple[list[tuple[str, int, int]], int]:
-    """(key, start, end) of the values the proxy may replace, and where the object
-    closes: the object is valid JSON already, so only positions are found here."""
+def _spliceable(text: str, keys: Collection[str]) -> tuple[list[tuple[str, int, int]], int, bool]:
+    """(key, start, end) of the values of ``keys``, where the object closes, and whether
+    it is empty: the object is valid JSON already, so only positions are found here."""
     spans: list[tuple[str, int, int]] = []
     pos = _skip(text, _expect(text, _skip(text, 0), "{", "a JSON object"))
-    if pos >= len(text) or text[pos] != "}":
+    empty = pos < len(text) and text[pos] == "}"
+    if not empty:
         while True:
             pos = _expect(text, pos, '"', "property name enclosed in double quotes")
             key, pos = json.decoder.scanstring(text, pos)  # type: ignore[attr-defined]
             pos = _skip(text, _expect(text, _skip(text, pos), ":", "':' delimiter"))
             end = _value_end(text, pos)
-            if key in _SPLICED:
+            if key in keys:
                 spans.append((key, pos, end))
             pos = _skip(text, end)
             if pos < len(text) and text[pos] == "}":
                 break
             pos = _skip(text, _expect(text, pos, ",", "',' delimiter"))
-    return spans, pos
+    return spans, pos, empty
 
 
 def _value_end(text: str, pos: int) -> int:

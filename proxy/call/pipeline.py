@@ -4,6 +4,7 @@ admit, forward, settle."""
 from __future__ import annotations
 
 from proxy.call.auth import authenticate
+from proxy.call.caps import capped
 from proxy.call.exchange import Exchange, Outcome
 from proxy.call.forward import Call, forward
 from proxy.call.headers import NOT_TO_UPSTREAM, check_forwardable, not_forwarded
@@ -37,8 +38,10 @@ async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
     record.model = body.fields["model"]
     model = resolve_model(config, body.fields["model"])  # 3
     record.route = model.id
+    body = capped(body, model, api)  # 3b: the model's max_tokens, refused or added
     prompt = estimate_prompt(body.fields)
-    reserved = reservation(body.fields, prompt, config.accounting.default_max_tokens)
+    most = model.max_tokens.default if model.max_tokens else config.accounting.default_max_tokens
+    reserved = reservation(body.fields, prompt, most)
     try:
         ticket = await accountant.admit(  # 4
             config, record.team, model.id, reserved, prompt, record.request_id

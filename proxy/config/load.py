@@ -17,11 +17,13 @@ from proxy.config.fields import FieldReader, hint
 from proxy.config.locate import located
 from proxy.config.model import (
     BALANCES,
+    MAX_TOKENS_FIELDS,
     STRATEGIES,
     CircuitPolicy,
     Config,
     Endpoint,
     Model,
+    OutputCap,
     Provider,
     RetryPolicy,
     ServerSettings,
@@ -39,7 +41,11 @@ PROVIDER_KEYS = {
     "base_url", "endpoints", "balance", "api_key", "headers", "timeouts", "retry", "circuit",
     "required", "stream_usage", "engine",
 }  # fmt: skip
-MODEL_KEYS = {"targets", "strategy", "owned_by", "retry"}
+MODEL_KEYS = {"targets", "strategy", "owned_by", "retry", "max_tokens"}
+OUTPUT_CAP_KEYS = {"default", "limit", "field"}
+# The largest count a client may send (proxy.limits.usage.MAX_COUNT): a default above it
+# would be injected and reserved as no client could ask.
+MAX_OUTPUT_CAP = 2**31 - 1
 TARGET_KEYS = {"provider", "model", "weight"}
 ENDPOINT_KEYS = {"url", "weight"}
 # Each block: key → kind, so that one reader serves them all.
@@ -250,6 +256,9 @@ class _Reader(FieldReader):
         strategy = self.choice(node.get("strategy", "fallback"), f"{path}.strategy", STRATEGIES)
         retry = self.fields(node.get("retry"), f"{path}.retry", RETRY_FIELDS)
         owned_by = self.string(node.get("owned_by", "system"), f"{path}.owned_by") or "system"
+        cap = None
+        if "max_tokens" in node:
+            cap = self.output_cap(node["max_tokens"], f"{path}.max_tokens")
         targets_raw = node.get("targets")
         if not isinstance(targets_raw, list) or not targets_raw:
             self.error(f"{path}.targets", "must be a non-empty list of {provider, model}")
@@ -268,7 +277,35 @@ class _Reader(FieldReader):
             owned_by=owned_by,
             retry_overrides=frozen_map(retry),
             budget=retry.get("budget", self.retry.budget),
+            max_tokens=cap,
         )
+
+    def output_cap(self, raw: Any, path: str) -> OutputCap | None:
+        """``{default, limit, field}``: one or both counts, the default not above the limit."""
+        errors = len(self.errors)
+        node = self.mapping(raw, path, OUTPUT_CAP_KEYS)
+        field = self.choice(node.get("field", "max_tokens"), f"{path}.field", MAX_TOKENS_FIELDS)
+        default, limit = (self.cap_count(node, key, path) for key in ("default", "limit"))
+        if isinstance(raw, dict) and "default" not in node and "limit" not in node:
+            self.error(path, "needs a default, a limit or both")
+        if default is not None and limit is not None and default > limit:
+            self.error(f"{path}.default", f"{default} is above the limit, {limit}")
+        if len(self.errors) > errors or field is None:
+            return None
+        # Only a limit: it is the default too, or a call that names no cap would get
+        # whatever the upstream's own default is, past the limit.
+        most = default if default is not None else limit
+        assert most is not None
+        return OutputCap(default=most, limit=limit, field=field)
+
+    def cap_count(self, node: dict[str, Any], key: str, path: str) -> int | None:
+        if key not in node:
+            return None
+        count = self.count(node[key], f"{path}.{key}")
+        if count is not None and count > MAX_OUTPUT_CAP:
+            self.error(f"{path}.{key}", f"must be at most {MAX_OUTPUT_CAP}, got {count}")
+            return None
+        return count
 
     def target(self, raw: Any, path: str, providers: Mapping[str, Provider]) -> Target | None:
         node = self.mapping(raw, path, TARGET_KEYS)

@@ -92,6 +92,25 @@ class Target:
     weight: float = 1.0
 
 
+# The two names of a call's output cap: ``max_tokens``, and OpenAI's newer
+# ``max_completion_tokens`` (chat only; OpenAI's reasoning models take no other).
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+@dataclass(frozen=True)
+class OutputCap:
+    """``models.ID.max_tokens``: the most a call may ask the model to generate."""
+
+    # Injected into a call that names no cap (neither field, or both null), and so what
+    # admission reserves for it. Without one set, the limit is the default.
+    default: int
+    # A call asking for more (in either field) is refused; None: no limit.
+    limit: int | None = None
+    # The name the default is injected under in chat calls; /v1/completions has only
+    # max_tokens.
+    field: str = "max_tokens"
+
+
 @dataclass(frozen=True)
 class Model:
     id: str
@@ -101,6 +120,7 @@ class Model:
     # Only the retry fields the model sets itself; they win over its providers' policy.
     retry_overrides: Mapping[str, Any] = field(default_factory=frozen_map)
     budget: float = RetryPolicy.budget
+    max_tokens: OutputCap | None = None
 
     def retry_for(self, provider: Provider) -> RetryPolicy:
         if not self.retry_overrides:
@@ -169,7 +189,8 @@ class RedisSettings:
 
 @dataclass(frozen=True)
 class Accounting:
-    # Reserved at admission for a call that does not say max_tokens.
+    # Reserved at admission for a call that does not say max_tokens, when its model
+    # sets no max_tokens default (models.ID.max_tokens).
     default_max_tokens: int = 1024
 
 

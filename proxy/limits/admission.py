@@ -351,10 +351,14 @@ def _refusal(ticket: Ticket) -> RateLimited:
 
 
 def reservation(fields: dict[str, Any], prompt: int, default_max_tokens: int) -> int:
-    """Tokens to hold at admission: the prompt estimate plus what the call may generate."""
+    """Tokens to hold at admission: the prompt estimate plus what the call may generate.
+    ``default_max_tokens``: the model's max_tokens default if it sets one (then already
+    in ``fields`` when the client named no cap), else accounting.default_max_tokens."""
     if "input" in fields and "messages" not in fields and "prompt" not in fields:
         return prompt  # embeddings generate nothing
-    limit = fields.get("max_completion_tokens", fields.get("max_tokens"))
+    limit = fields.get("max_completion_tokens")
+    if limit is None:  # absent or null: the other name, if the call gives it
+        limit = fields.get("max_tokens")
     most = limit if isinstance(limit, int) and limit > 0 else default_max_tokens
     n = fields.get("n")
     return prompt + most * (n if isinstance(n, int) and n > 0 else 1)
