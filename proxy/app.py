@@ -12,6 +12,7 @@ from aiohttp import web
 
 from proxy.config.reload import ConfigHolder, watch_file
 from proxy.engines.registry import running_engines
+from proxy.engines.worker_view import own_view, write_view
 from proxy.http.middlewares import calls
 from proxy.http.routes import add_routes
 from proxy.limits.admission import Accountant
@@ -34,6 +35,7 @@ def make_app(holder: ConfigHolder) -> web.Application:
     app.cleanup_ctx.append(_circuit_sharing)
     app.cleanup_ctx.append(_config_watcher)
     app.cleanup_ctx.append(_engines)
+    app.cleanup_ctx.append(_worker_sampling)
     # Last: what the calls and the settlements of the drain recorded reaches the values.
     app.on_cleanup.append(_flush_metrics)
     add_routes(app)
@@ -102,6 +104,29 @@ async def _config_watcher(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _worker_sampling(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_sample_every_second(app[SERVICES]), name="worker sampling")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _sample_every_second(services: Services) -> None:
+    """This worker's process gauges, and under --workers its engines' view for the
+    other workers' scrapes (engines/worker_view.py)."""
+    metrics = services.metrics
+    while True:
+        metrics.worker.sample()
+        if metrics.multiproc_dir is not None:
+            view = own_view(services.engines, metrics.worker.worker)
+            try:
+                write_view(metrics.multiproc_dir, view)
+            except OSError as exc:  # the directory went away: shutting down
+                log.debug("engine view not written: %s", exc)
+        await asyncio.sleep(1.0)
 
 
 async def _engines(app: web.Application) -> AsyncIterator[None]:

@@ -30,6 +30,7 @@ from proxy.http.bad_requests import server_logger
 from proxy.http.front import FrontListener
 from proxy.observe import access_log
 from proxy.observe.metrics import MULTIPROC_ENV
+from proxy.observe.worker_metrics import WORKER_ENV
 from proxy.pdeathsig import parent_death_signal
 from proxy.services import SERVICES
 
@@ -167,16 +168,16 @@ def _supervise(options: ServeOptions, metrics_dir: str) -> int:
     context = multiprocessing.get_context("fork")
     stopping = False
 
-    def start() -> BaseProcess:
+    def start(index: int) -> BaseProcess:
         process = context.Process(
             target=_worker_process,
-            args=(options, parent_death_signal(signal.SIGTERM)),
+            args=(options, parent_death_signal(signal.SIGTERM), index),
             daemon=False,
         )
         process.start()
         return process
 
-    workers = [start() for _ in range(options.workers)]
+    workers = [start(i) for i in range(options.workers)]
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -201,16 +202,17 @@ def _supervise(options: ServeOptions, metrics_dir: str) -> int:
                     process.exitcode,
                 )
                 time.sleep(1.0)
-                workers[i] = start()
+                workers[i] = start(i)  # the same worker label as the one it replaces
     for process in workers:
         process.join()
     return 0
 
 
-def _worker_process(options: ServeOptions, die_with_parent: Callable[[], None]) -> None:
+def _worker_process(options: ServeOptions, die_with_parent: Callable[[], None], index: int) -> None:
     # A parent killed with SIGKILL cannot stop its workers: the kernel sends them SIGTERM,
     # and they shut down as usual, their local engines included.
     die_with_parent()
+    os.environ[WORKER_ENV] = str(index)  # its metrics' "worker" label
     try:
         run_worker(options, reuse_port=True)
     except ConfigError as exc:

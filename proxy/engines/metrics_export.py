@@ -1,11 +1,12 @@
 """What the engines tell the metrics exporter: their own Prometheus metrics, and their state.
 
 llama.cpp (``--metrics``) and vLLM export ``/metrics``. ``engine_metrics_text`` fetches
-it from every ready replica of every engine with a ``metrics_path`` and returns one
-exposition text in which each family appears once and each sample carries
-``engine="<provider>"`` and ``replica="<n>"`` labels, ready to be appended to the
-proxy's own ``GET /metrics`` output. A replica that does not answer in time is left
-out of that scrape (and logged at debug), never failing the scrape.
+it from every ready replica with a ``metrics_path`` (of every worker: engines/
+worker_view.py) and returns one exposition text in which each family appears once and
+each sample carries ``engine="<provider>"``, ``replica="<n>"`` and ``worker="<i>"``
+labels, ready to be appended to the proxy's own ``GET /metrics`` output. A replica
+that does not answer in time is left out of that scrape (and logged at debug), never
+failing the scrape.
 
 ``engine_status`` is the proxy's own view of each replica (state, calls in flight,
 starts, crashes, restarts, idle unloads) as plain rows, for gauges and counters.
@@ -26,7 +27,6 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Sample
 
 from proxy.engines.registry import Engines
-from proxy.engines.replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +64,34 @@ def engine_status(engines: Engines) -> list[ReplicaStatus]:
     ]
 
 
-async def engine_metrics_text(engines: Engines) -> str:
-    replicas = [
-        r
+@dataclass(frozen=True)
+class MetricsSource:
+    engine: str
+    replica: int
+    url: str  # the replica's /metrics
+
+
+def metrics_sources(engines: Engines) -> list[MetricsSource]:
+    """Where this process's ready replicas export their metrics."""
+    return [
+        MetricsSource(s.name, r.index, r.root_url + s.spec.metrics_path)
         for s in engines.supervisors.values()
         if s.spec.metrics_path is not None
         for r in s.replicas
         if r.state == "ready"
     ]
-    texts = await asyncio.gather(*(_fetch(engines.session, r) for r in replicas))
+
+
+async def engine_metrics_text(
+    session: aiohttp.ClientSession, sources: list[tuple[str, MetricsSource]]
+) -> str:
+    """Each (worker, source)'s metrics, fetched now, merged and labelled."""
+    texts = await asyncio.gather(*(_fetch(session, source) for _, source in sources))
     merged: dict[str, Metric] = {}
-    for replica, text in zip(replicas, texts, strict=True):
+    for (worker, source), text in zip(sources, texts, strict=True):
         if text:
-            _merge(merged, text, {"engine": replica.engine, "replica": str(replica.index)})
+            labels = {"engine": source.engine, "replica": str(source.replica), "worker": worker}
+            _merge(merged, text, labels)
     if not merged:
         return ""
     registry = CollectorRegistry(auto_describe=False)
@@ -84,16 +99,17 @@ async def engine_metrics_text(engines: Engines) -> str:
     return generate_latest(registry).decode()
 
 
-async def _fetch(session: aiohttp.ClientSession, replica: Replica) -> str:
-    url = replica.root_url + (replica.spec.metrics_path or "/metrics")
+async def _fetch(session: aiohttp.ClientSession, source: MetricsSource) -> str:
+    label = f"{source.engine}#{source.replica}"
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT)) as response:
+        timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
+        async with session.get(source.url, timeout=timeout) as response:
             if response.status != 200:
-                log.debug("engine %s metrics: HTTP %s", replica.label, response.status)
+                log.debug("engine %s metrics: HTTP %s", label, response.status)
                 return ""
             return await response.text()
     except (aiohttp.ClientError, TimeoutError) as exc:
-        log.debug("engine %s metrics: %r", replica.label, exc)
+        log.debug("engine %s metrics: %r", label, exc)
         return ""
 
 
@@ -121,13 +137,12 @@ class _Families(Collector):
         return iter(self.families)
 
 
-def engine_status_text(engines: Engines) -> str:
+def engine_status_text(rows: list[tuple[str, ReplicaStatus]]) -> str:
     """The proxy's view of its engines as Prometheus text: up, in flight, starts,
-    crashes, restarts and idle unloads per replica."""
-    rows = engine_status(engines)
+    crashes, restarts and idle unloads per (worker, engine, replica)."""
     if not rows:
         return ""
-    labels = ["engine", "replica"]
+    labels = ["engine", "replica", "worker"]
     up = GaugeMetricFamily(
         "llm_proxy_engine_up", "1 if the replica is ready, else 0.", labels=labels
     )
@@ -143,8 +158,8 @@ def engine_status_text(engines: Engines) -> str:
             ("unloads", "Idle unloads of the engine."),
         )
     }
-    for row in rows:
-        values = [row.engine, str(row.replica)]
+    for worker, row in rows:
+        values = [row.engine, str(row.replica), worker]
         up.add_metric(values, 1.0 if row.state == "ready" else 0.0)
         in_flight.add_metric(values, row.in_flight)
         for name, family in counters.items():

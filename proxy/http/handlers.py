@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy.call.auth import require_admin
 from proxy.call.request import resolve_model
 from proxy.config.model import ANONYMOUS, Config, Provider
-from proxy.engines.metrics_export import engine_metrics_text, engine_status_text
+from proxy.engines.worker_view import engines_text
 from proxy.errors import LimiterUnavailable
 from proxy.limits.ledger import day_range, ledger_report
 from proxy.limits.store import StoreUnavailable
@@ -84,9 +84,11 @@ async def scrape_metrics(request: web.Request) -> web.Response:
     exported = request.app[SERVICES].metrics
     # Multiprocess mode reads every worker's files: keep that off the event loop.
     exported.flush()  # here, in the loop's thread; rendering may go to another
+    exported.worker.sample()
     render = exported.render
     text = await asyncio.to_thread(render) if exported.multiproc_dir else render()
-    # This process's engines: their state, and their own metrics with an engine label.
+    # Every worker's engines: their state, and their own metrics, labelled.
     engines = request.app[SERVICES].engines
-    text += engine_status_text(engines).encode() + (await engine_metrics_text(engines)).encode()
+    worker = exported.worker.worker
+    text += (await engines_text(engines, exported.multiproc_dir, worker)).encode()
     return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -46,6 +46,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 from proxy.observe.tally import TalliedCount, TalliedHistogram, Tally
+from proxy.observe.worker_metrics import WORKER_ENV, WorkerMetrics
 
 PREFIX = "llm_proxy_"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -111,9 +112,10 @@ class _Children(Generic[M, W]):
 
 
 class Metrics:
-    def __init__(self, multiproc_dir: str | None = None) -> None:
+    def __init__(self, multiproc_dir: str | None = None, worker: str = "0") -> None:
         self.multiproc_dir = multiproc_dir
         self.registry = CollectorRegistry()
+        self.worker = WorkerMetrics(self.registry, PREFIX, worker)
         self._define_calls(self.registry)
         self._define_upstreams(self.registry)
         self._define_teams_and_operations(self.registry)
@@ -137,7 +139,7 @@ class Metrics:
             # the supervisor sets the variable later (just before forking), so the
             # worker asks it to choose again. Idempotent.
             values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
-        return cls(directory)
+        return cls(directory, os.environ.get(WORKER_ENV, "0"))
 
     def _define_calls(self, r: CollectorRegistry) -> None:
         p = PREFIX
@@ -276,6 +278,8 @@ class Metrics:
 
     def config_reloaded(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "error").inc()
+        if ok:
+            self.worker.config_loaded()
 
     # -- exposition
 
@@ -286,6 +290,7 @@ class Metrics:
     def scrape(self) -> bytes:
         """Everything, this process's updates to this instant included."""
         self.flush()
+        self.worker.sample()
         return self.render()
 
     def render(self) -> bytes:

@@ -67,7 +67,7 @@ def replica(app: web.Application) -> Replica:
 async def test_an_engine_that_ignores_sigterm_is_killed_after_stop_timeout(
     make_engine_app: MakeApp, caplog: pytest.LogCaptureFixture
 ):
-    caplog.set_level(logging.INFO, logger="proxy.engines")
+    caplog.set_level(logging.DEBUG, logger="proxy.engines")  # the engine's own lines too
     app, _ = await make_engine_app(
         fake_engine_yaml(', "--ignore-sigterm"', "      stop_timeout: 300ms")
     )

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.app import make_app
 from proxy.config.load import load_config
 from proxy.config.reload import ConfigHolder
-from proxy.engines.metrics_export import engine_metrics_text, engine_status
+from proxy.engines.metrics_export import engine_metrics_text, engine_status, metrics_sources
 from proxy.engines.supervisor import EngineSupervisor
 from proxy.services import SERVICES
 from tests.conftest import StartApp
@@ -69,9 +69,16 @@ async def make_engine_proxy(start_app: StartApp, tmp_path: Path) -> AsyncIterato
         await client.close()
 
 
+async def _engine_metrics(proxy: EngineProxy) -> str:
+    """The engines' own metrics as the proxy's scrape relabels them (one worker: "0")."""
+    engines = proxy.app[SERVICES].engines
+    sources = [("0", source) for source in metrics_sources(engines)]
+    return await engine_metrics_text(engines.session, sources)
+
+
 async def engine_counters(proxy: EngineProxy) -> dict[tuple[str, str], float]:
     """(sample name, replica) → value, from the relabelled engine metrics."""
-    text = await engine_metrics_text(proxy.app[SERVICES].engines)
+    text = await _engine_metrics(proxy)
     return {
         (s.name, s.labels["replica"]): s.value
         for family in text_string_to_metric_families(text)
@@ -171,9 +178,9 @@ async def test_two_replicas_both_serve(make_engine_proxy: MakeEngineProxy):
     assert all(tokens > 0 for tokens in served.values()), served
     assert [r.stats.starts for r in proxy.supervisor.replicas] == [1, 1]
     # One family per metric in the merged scrape, one labelled sample per replica.
-    text = await engine_metrics_text(proxy.app[SERVICES].engines)
+    text = await _engine_metrics(proxy)
     assert text.count("# TYPE llamacpp:tokens_predicted_total counter") == 1
-    assert 'llamacpp:tokens_predicted_total{engine="local",replica="1"}' in text
+    assert 'llamacpp:tokens_predicted_total{engine="local",replica="1",worker="0"}' in text
 
 
 async def test_killed_engine_is_restarted(
@@ -225,7 +232,8 @@ async def test_an_engine_that_cannot_start_gets_a_clear_503(make_engine_proxy: M
     body = caught.value.body
     assert isinstance(body, dict) and body["code"] == "engine_unavailable"
     assert "cannot start '/nonexistent/python'" in body["message"]
-    assert proxy.supervisor.replicas[0].stats.crashes >= 2  # retried, with backoff
+    replica = proxy.supervisor.replicas[0]
+    await until(lambda: replica.stats.crashes >= 2, 5, "a retry")  # retried, with backoff
 
 
 async def test_first_request_start_and_idle_unload(make_engine_proxy: MakeEngineProxy):

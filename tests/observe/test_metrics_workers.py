@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import aiohttp
@@ -71,3 +72,55 @@ def _worker_metrics_dir(pid: int) -> Path:
 
 def _metrics_dirs() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("llm-proxy-metrics-*"))
+
+
+FAKE_ENGINE = Path(__file__).parents[1] / "support" / "fake_engine.py"
+
+
+async def test_every_scrape_shows_every_worker_s_engines_and_process(
+    tmp_path: Path, wandb: Upstream, prime: Upstream
+) -> None:
+    """Each worker runs its own engine: every scrape, whichever worker answers it, shows
+    both workers' engines (state and the engine's own metrics) and both workers' build,
+    config and process gauges, each with its ``worker`` label, so no counter seems to
+    run backwards from one scrape to the next."""
+    engine = f"""
+  local:
+    engine:
+      command: ["{{python}}", "{FAKE_ENGINE}", "--port", "{{port}}"]
+      ready: {{timeout: 10s, interval: 50ms}}
+      metrics_path: /metrics
+"""
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_yaml(wandb, prime).replace("providers:\n", "providers:" + engine, 1))
+    process = ProxyProcess(path, free_port(), "--workers", "2")
+    workers = {"0", "1"}
+    try:
+        await process.wait_listening(workers=2)
+
+        async def complete() -> bool:
+            async with aiohttp.ClientSession() as http:
+                m = await scrape(http, process.url)
+            seen = {w for w in workers if m.value("fake_engine_calls_total", worker=w) == 42}
+            return seen == workers and m.value("llm_proxy_engine_up") == 2
+
+        async with asyncio.timeout(20):
+            while not await complete():
+                await asyncio.sleep(0.2)
+        for _ in range(6):  # new connections: the kernel spreads them over the workers
+            async with aiohttp.ClientSession() as http:
+                m = await scrape(http, process.url)
+            assert m.value("fake_engine_calls_total") == 84  # 42 per worker, never less
+            for w in workers:
+                assert m.value("fake_engine_calls_total", engine="local", replica="0", worker=w)
+                assert m.value("llm_proxy_engine_up", engine="local", worker=w) == 1
+                assert m.value("llm_proxy_engine_starts_total", worker=w) == 1
+                assert m.value("llm_proxy_build_info", worker=w) == 1
+                assert m.value("llm_proxy_process_resident_memory_bytes", worker=w) > 10e6
+                assert m.value("llm_proxy_process_cpu_seconds", worker=w) > 0
+                assert m.value("llm_proxy_process_open_fds", worker=w) > 3
+                started = m.value("llm_proxy_process_start_time_seconds", worker=w)
+                loaded = m.value("llm_proxy_config_last_reload_success_timestamp_seconds", worker=w)
+                assert started <= loaded <= time.time()
+    finally:
+        assert process.stop() == 0
