@@ -133,11 +133,18 @@ def test_dashboard_takes_its_datasource_and_filters_from_variables() -> None:
             assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
     assert len({p["id"] for p in dashboard()["panels"]}) == len(dashboard()["panels"])
     exprs = " ".join(q.expr for q in panel_queries())
-    for name in ("team", "model", "provider"):
+    # A provider's values come from its attempts: one that fails every attempt (or
+    # only ever falls back) never appears in requests_total's provider label.
+    sources = {
+        "team": "llm_proxy_requests_total",
+        "model": "llm_proxy_requests_total",
+        "provider": "llm_proxy_upstream_attempts_total",
+    }
+    for name, series in sources.items():
         variable = variables[name]
         assert variable["includeAll"] and variable["multi"], name
         assert variable["allValue"] == ".*", name  # All must match every value, even none
-        assert variable["query"]["query"] == f"label_values(llm_proxy_requests_total, {name})"
+        assert variable["query"]["query"] == f"label_values({series}, {name})"
         assert f'=~"${name}"' in exprs, f"no panel is filtered by ${name}"
 
 
