@@ -494,6 +494,7 @@ def test_kubernetes_redis_keeps_its_data_behind_a_password() -> None:
     assert mount == {"name": claim["metadata"]["name"], "mountPath": "/data"}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     service = _k8s("Service", "redis")
     assert service["metadata"]["name"] == redis["spec"]["serviceName"]
