@@ -270,6 +270,9 @@ def test_compose_keeps_its_secrets_in_the_environment() -> None:
     assert _required_variable(redis["environment"]["REDISCLI_AUTH"]) == password
     assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
     assert _required_variable(proxy["PROXY_ADMIN_KEY"]) == "PROXY_ADMIN_KEY"
+    # Every variable the image's routes.yaml reads is set for the proxy.
+    read = set(re.findall(r"\$\{(\w+)", (DEPLOY / "config" / "routes.yaml").read_text()))
+    assert read == set(proxy), read ^ set(proxy)
     grafana = services["grafana"]["environment"]
     assert _required_variable(grafana["GF_SECURITY_ADMIN_PASSWORD"]) == "GRAFANA_ADMIN_PASSWORD"
     assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
@@ -447,6 +450,11 @@ def test_kubernetes_deployment_shares_redis_and_mounts_config_and_keys() -> None
     volume = next(v for v in pod["volumes"] if v["name"] == "routes")
     assert volume["configMap"]["name"] == _k8s("ConfigMap")["metadata"]["name"]
     assert _k8s("Service")["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    # The image's port, user and config path, as the Dockerfile has them.
+    [image_port] = _instruction("EXPOSE")
+    assert _flag(container["args"], "--port") == image_port
+    assert str(pod["securityContext"]["runAsUser"]) == _instruction("USER")[0]
+    assert Path(_flag(container["args"], "--config")).name in _k8s("ConfigMap")["data"]
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == _flag(container["args"], "--port")
     [port] = container["ports"]
