@@ -1,18 +1,24 @@
 """A real Prometheus scrapes a real proxy under load; every panel and alert is evaluated.
 
 The proxy runs as ``python -m proxy serve --workers 2`` on a free port in front of
-the fake upstreams; Prometheus (Debian's package) scrapes it every second with
-deploy/alerts.yml loaded. A short load of successes, upstream errors, fallbacks,
-streams, a 404 and a refused and an accepted reload passes through in two rounds, so
-every series has at least two samples. The load also has retries (prime answers 503),
+the fake upstreams and a real llama.cpp engine (SmolLM2, one per worker); Prometheus
+(Debian's package) scrapes it every second under the job name of
+deploy/prometheus.yml, with deploy/alerts.yml loaded. A short load of successes,
+upstream errors, fallbacks, streams, local-engine calls, a 404 and a refused and an
+accepted reload passes through in four rounds, so every series has at least two
+samples. The load also has retries (prime answers 503),
 an endpoint whose circuit opens (nothing listens), a team over its rate limit, and a
 private Redis that is killed and restarted (fail_open). Then each query of each
-dashboard panel is sent through Prometheus's HTTP API and must return data.
+dashboard panel is sent through Prometheus's HTTP API, its variables ($team, $model,
+$provider) set to All, and must return data; a few are sent again with one value
+chosen, as an operator narrowing the dashboard would, and the variables' own lists
+must hold the values the load produced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,8 +28,19 @@ import aiohttp
 import pytest
 
 from proxy.call.auth import key_hash
+from proxy.engines.llamacpp import model_path
 from tests.support import ProxyProcess, Upstream, dead_url, free_port, routes_yaml
-from tests.support.deploy_files import ALERTS, alert_rules, grafana_to_promql, panel_queries
+from tests.support.deploy_files import (
+    ALERTS,
+    DEPLOY,
+    alert_rules,
+    dashboard,
+    grafana_to_promql,
+    panel_queries,
+    proxy_job,
+    template_variables,
+)
+from tests.support.engines import MODEL, engine_yaml
 from tests.support.metrics import scrape
 from tests.support.prometheus import PrometheusServer, binary
 from tests.support.redis_server import RedisServer
@@ -32,6 +49,8 @@ from tests.support.teams import RESEARCH_KEY, need_redis, team_yaml
 TIGHT_KEY = "sk-proxy-tight-0123456789"
 MESSAGES = [{"role": "user", "content": "hi"}]
 STREAM = {"stream": True, "stream_options": {"include_usage": True}}
+# The job deploy/prometheus.yml gives the proxy, which deploy/alerts.yml matches.
+JOB = proxy_job(DEPLOY / "prometheus.yml")
 
 
 class Load:
@@ -59,6 +78,8 @@ class Load:
         await self.call(chat, {"model": "llama-8b", "messages": MESSAGES, **STREAM}, 200)
         await self.call(chat, {"model": "llama-70b", "messages": MESSAGES, **STREAM}, 200)
         await self.call("/v1/embeddings", {"model": "llama-8b", "input": "hi"}, 200)
+        # the local engine: tokens that llama.cpp itself counts
+        await self.call(chat, {"model": "smollm2", "messages": MESSAGES, "max_tokens": 4}, 200)
         await self.call(chat, {"model": "not-configured", "messages": MESSAGES}, 404)
         # 502 the first time, then 503 while its circuit is open
         await self.call(chat, {"model": "broken", "messages": MESSAGES}, {502, 503})
@@ -70,11 +91,12 @@ class Load:
 
 def _routes(wandb: Upstream, prime: Upstream, redis_url: str) -> str:
     dead = dead_url()  # nothing listens: 502 upstream_unreachable, then its circuit opens
-    extra = "  broken:\n    targets: [{provider: dead, model: x}]"
+    extra = "  broken:\n    targets: [{provider: dead, model: x}]\n" + _smollm2_model()
     text = routes_yaml(wandb, prime, extra=extra, retry="{attempts: 2, base_delay: 10ms}")
     text = text.replace(
         "providers:\n",
-        f"providers:\n  dead: {{base_url: '{dead}', circuit: {{failures: 1, cooldown: 1m}}}}\n",
+        f"providers:\n  dead: {{base_url: '{dead}', circuit: {{failures: 1, cooldown: 1m}}}}\n"
+        + _engine_provider(),
         1,
     )
     text = text.replace(  # /readyz probes prime: endpoint health gets a value
@@ -88,12 +110,24 @@ def _routes(wandb: Upstream, prime: Upstream, redis_url: str) -> str:
     return text + team_yaml(limits="{requests_per_minute: 10000}", redis_url=redis_url) + tight
 
 
+def _engine_provider() -> str:
+    """The provider ``local`` of tests/support/engines.py: llama.cpp with --metrics, one
+    thread (each of the two workers runs its own)."""
+    text = engine_yaml(threads=1)
+    return text[text.index("  local:\n") : text.index("models:")]
+
+
+def _smollm2_model() -> str:
+    text = engine_yaml()
+    return text[text.index("  smollm2:\n") :].rstrip() + "\n"
+
+
 def _prometheus_config(proxy_port: int) -> str:
     return f"""
 global: {{scrape_interval: 1s, evaluation_interval: 1s}}
 rule_files: ["{ALERTS}"]
 scrape_configs:
-  - job_name: llm-proxy
+  - job_name: {JOB}
     static_configs: [{{targets: ["127.0.0.1:{proxy_port}"]}}]
 """
 
@@ -109,6 +143,7 @@ async def test_dashboard_and_alerts_against_a_real_prometheus(
 ) -> None:
     binary("prometheus")
     need_redis()
+    await asyncio.to_thread(model_path, MODEL)  # downloaded once, before any timeout runs
     prime.fake.status = 503  # every llama-70b call is retried on prime, then falls back
     wandb.fake.chunk_pause = 0.01  # stream chunks arrive apart: chunk gaps get samples
     (tmp_path / "redis").mkdir()
@@ -123,6 +158,8 @@ async def test_dashboard_and_alerts_against_a_real_prometheus(
         await _run_load(Load(http, proxy.url), prometheus, config, http, redis)
         await _wait_rules_evaluated(prometheus, http)
         await _check_panels(prometheus, http)
+        await _check_narrowed_panels(prometheus, http)
+        await _check_variables(prometheus, http)
         await _check_alerts(prometheus, http)
     finally:
         prometheus.stop()
@@ -201,9 +238,53 @@ async def _check_panels(prometheus: PrometheusServer, http: aiohttp.ClientSessio
     assert not empty, "panels without data:\n" + "\n".join(empty)
 
 
+async def _series(
+    prometheus: PrometheusServer, http: aiohttp.ClientSession, panel: str, **chosen: str
+) -> list[dict[str, Any]]:
+    """What one panel's first query returns with the dashboard's variables as chosen."""
+    [expr] = [p["targets"][0]["expr"] for p in dashboard()["panels"] if p["title"] == panel]
+    answer = await prometheus.query(http, grafana_to_promql(expr, chosen=chosen))
+    assert answer["status"] == "success", f"{panel}: {answer}"
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
+async def _check_narrowed_panels(prometheus: PrometheusServer, http: aiohttp.ClientSession) -> None:
+    # llama-8b never failed: its 5xx ratio is 0, not "No data"; "broken" always fails.
+    ratio = await _series(prometheus, http, "5xx ratio by model", model="llama-8b")
+    assert [(r["metric"], float(r["value"][1])) for r in ratio] == [({"model": "llama-8b"}, 0.0)]
+    ratio = await _series(prometheus, http, "5xx ratio by model", model="broken")
+    assert [(r["metric"], float(r["value"][1])) for r in ratio] == [({"model": "broken"}, 1.0)]
+    teams = await _series(prometheus, http, "Requests per second by team", team="tight")
+    assert [r["metric"] for r in teams] == [{"team": "tight"}]
+    # An engine is a provider: the provider variable narrows the engine panels too.
+    engines = await _series(prometheus, http, "llama.cpp tokens per second", provider="local")
+    assert [r["metric"] for r in engines] == [{"engine": "local"}]
+    assert await _series(prometheus, http, "llama.cpp tokens per second", provider="wandb") == []
+
+
+async def _check_variables(prometheus: PrometheusServer, http: aiohttp.ClientSession) -> None:
+    """Each variable lists what label_values(series, label) finds: Prometheus's label API."""
+    expected = {
+        "team": {"research", "tight"},
+        "model": {"llama-8b", "llama-70b", "smollm2", "broken", "unknown"},
+        "provider": {"wandb", "prime", "local", "dead"},  # prime: tried, never answered
+    }
+    for name, variable in template_variables().items():
+        if variable["type"] != "query":
+            continue
+        series, label = re.fullmatch(
+            r"label_values\((\w+), (\w+)\)", variable["query"]["query"]
+        ).groups()  # type: ignore[union-attr]
+        answer = await prometheus.api(http, f"label/{label}/values", **{"match[]": series})
+        assert set(answer["data"]) == expected[name], name
+
+
 async def _check_alerts(prometheus: PrometheusServer, http: aiohttp.ClientSession) -> None:
     for rule in alert_rules():
         answer = await prometheus.query(http, rule["expr"])
         assert answer["status"] == "success", f"{rule['alert']}: {answer}"
-    down = await prometheus.query(http, 'up{job="llm-proxy"}')
+        if rule["alert"] in ("LLMProxyDown", "LLMProxyAbsent"):  # the proxy is up
+            assert answer["data"]["result"] == [], rule["alert"]
+    down = await prometheus.query(http, f'up{{job="{JOB}"}}')
     assert [float(r["value"][1]) for r in down["data"]["result"]] == [1.0]
