@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
+
+import yaml
 
 from proxy.call.auth import key_hash, new_key
 from proxy.config.exposure import Exposure, load_to_serve
 from proxy.config.load import ConfigError, load_config
+from proxy.config.teams import expiry_text, key_name_problem, parse_expiry
 from proxy.observe.log_setup import FORMATS, setup_logging
 from proxy.server import ServeOptions, run_worker, supervise
 from proxy.usage_cli import show_usage
@@ -60,8 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config", type=Path)
     check.set_defaults(run=_check)
 
-    keygen = sub.add_parser("keygen", help="print a new key for a team, once")
+    keygen = sub.add_parser(
+        "keygen", help="print a new key for a team, once, and its entry for routes.yaml"
+    )
     keygen.add_argument("team")
+    keygen.add_argument("--name", required=True, help="the key's name in the access log")
+    keygen.add_argument(
+        "--expires",
+        metavar="DATE",
+        help="YYYY-MM-DD (refused from 00:00 UTC that day), or an ISO date and time "
+        "with its UTC offset (2026-01-31T18:00:00+01:00, or Z)",
+    )
     keygen.set_defaults(run=_keygen)
 
     usage = sub.add_parser("usage", help="show the ledger of a running proxy")
@@ -124,11 +139,39 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    problem = key_name_problem(args.name)
+    if problem:
+        print(f"--name {problem}", file=sys.stderr)
+        return 2
+    entry = {"name": _yaml_text(args.name)}
+    expires = None
+    if args.expires is not None:
+        try:
+            expires = parse_expiry(args.expires)
+        except ValueError as exc:
+            print(f"--expires {exc}", file=sys.stderr)
+            return 2
+        if expires <= time.time():
+            print(f"--expires {expiry_text(expires)} has passed already", file=sys.stderr)
+            return 2
     key = new_key()
-    print(f"key for team {args.team} (shown once, store it now): {key}")
-    print("add its hash to routes.yaml:")
-    print(f'teams:\n  {args.team}:\n    keys: ["{key_hash(key)}"]')
+    entry["hash"] = f'"{key_hash(key)}"'
+    if expires is not None:
+        entry["expires"] = f'"{expiry_text(expires)}"'
+    until = f", expires at {expiry_text(expires)}" if expires is not None else ""
+    print(f"key {args.name} for team {args.team}{until} (shown once, store it now): {key}")
+    print(f"add its entry to teams.{args.team}.keys in routes.yaml (the key is stored nowhere):")
+    fields = ", ".join(f"{name}: {value}" for name, value in entry.items())
+    print(f"teams:\n  {_yaml_text(args.team)}:\n    keys:\n      - {{{fields}}}")
     return 0
+
+
+def _yaml_text(text: str) -> str:
+    """``text`` as a YAML flow scalar that reads back as this very string: plain when it
+    is a plain word YAML reads as a string, in JSON's double quotes (valid YAML) if not."""
+    if re.fullmatch(r"[A-Za-z][A-Za-z0-9._@-]*", text) and yaml.safe_load(text) == text:
+        return text
+    return json.dumps(text)
 
 
 def _print_errors(path: Path, exc: ConfigError, stream: TextIO) -> None:

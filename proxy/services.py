@@ -8,6 +8,9 @@ server takes its first call. Never in module globals.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from aiohttp import web
 
 from proxy.config.reload import ConfigHolder
@@ -22,7 +25,7 @@ from proxy.upstream.client import UpstreamClient
 
 class Services:
     __slots__ = (
-        "accountant", "balancer", "breakers", "config", "engines", "metrics", "probes",
+        "accountant", "balancer", "breakers", "clock", "config", "engines", "metrics", "probes",
         "upstream_client",
     )  # fmt: skip
 
@@ -39,6 +42,8 @@ class Services:
         self.balancer = Balancer()
         self.breakers = CircuitBreakers()
         self.probes = Probes()  # /readyz's TCP probes, shared within a second
+        # The wall clock team keys expire by (a test sets its own).
+        self.clock: Callable[[], float] = time.time
 
 
 SERVICES = web.AppKey("services", Services)

@@ -30,13 +30,13 @@ async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
     services = exchange.services
     config = services.config.current  # this call's config, even if a reload swaps it
     accountant = services.accountant
-    record.team = authenticate(exchange.headers, config)  # 1
+    authenticate(exchange.headers, config, record, services.clock)  # 1
     team = config.teams.get(record.team)  # None only when no team is configured
     dropped = not_forwarded(team.client_headers) if team else NOT_TO_UPSTREAM
     check_forwardable(exchange.headers, dropped)
     body = checked_body(await exchange.read_body(config.server), api)  # 2
     record.model = body.fields["model"]
-    model = resolve_model(config, body.fields["model"])  # 3
+    model = resolve_model(config, body.fields["model"], team)  # 3
     record.route = model.id
     body = capped(body, model, api)  # 3b: the model's max_tokens, refused or added
     prompt = estimate_prompt(body.fields)

@@ -28,6 +28,8 @@ class CallRecord:
     request_id: str
     started: float = field(default_factory=time.perf_counter)
     team: str = ANONYMOUS
+    # The name routes.yaml gives the caller's key (never the key); None: no key named.
+    key: str | None = None
     api: str | None = None  # the proxied API (chat/completions …); None for other paths
     model: str | None = None  # what the client asked for, as sent
     route: str | None = None  # the routes.yaml model id, once routed: a safe metric label

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from proxy.call.body import Body, parse_body
-from proxy.config.model import Config, Model
+from proxy.config.model import Config, Model, Team
 from proxy.errors import InvalidRequest, ModelNotFound
 from proxy.limits.usage import MAX_COUNT
 
@@ -86,12 +86,26 @@ def _has_type(value: object, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
-def resolve_model(config: Config, model_id: str) -> Model:
+def resolve_model(config: Config, model_id: str, team: Team | None) -> Model:
+    """The model a call names. One outside its team's ``models`` is answered exactly as
+    an unknown one (the same 404, listing only the team's models): a team cannot learn
+    which other models exist."""
     model = config.models.get(model_id)
-    if model is None:
-        available = ", ".join(sorted(config.models)) or "none"
+    if model is None or (
+        team is not None and team.models is not None and model_id not in team.models
+    ):
+        available = ", ".join(sorted(team_models(config, team))) or "none"
         raise ModelNotFound(
             f"The model '{model_id}' does not exist. Available models: {available}.",
             param="model",
         )
     return model
+
+
+def team_models(config: Config, team: Team | None) -> list[str]:
+    """The model ids ``team`` may call, in routes.yaml's order: every one for a team
+    without ``models``, and without teams."""
+    if team is None or team.models is None:
+        return list(config.models)
+    allowed = team.models
+    return [model_id for model_id in config.models if model_id in allowed]

@@ -25,7 +25,7 @@ class Exposure:
             return None
         return (
             f"routes.yaml configures no team, so anyone who reaches {self.host} could use "
-            "your provider keys. Add teams (python -m proxy keygen TEAM) or pass "
+            "your provider keys. Add teams (python -m proxy keygen TEAM --name NAME) or pass "
             "--allow-anonymous."
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +32,13 @@ from proxy.config.model import (
     Timeouts,
     frozen_map,
 )
-from proxy.config.teams import key_index, read_accounting, read_redis, read_teams
+from proxy.config.teams import (
+    expired_keys,
+    key_index,
+    read_accounting,
+    read_redis,
+    read_teams,
+)
 
 TOP_KEYS = {
     "redis", "server", "providers", "models", "retry", "circuit", "teams", "accounting",
@@ -92,9 +99,23 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
         raise ConfigError(located(exc.errors, text, str(path))) from None
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a timestamp stays the text it was written as: the one field
+    that takes a date (a key's ``expires``) reads it itself, with its path in any error,
+    where PyYAML raised a bare ValueError on ``2026-02-30``."""
+
+
+def _timestamp_as_text(loader: _YamlLoader, node: yaml.Node) -> str:
+    assert isinstance(node, yaml.ScalarNode)  # a timestamp is a scalar
+    return str(loader.construct_scalar(node))
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_as_text)
+
+
 def parse_config(text: str, env: Mapping[str, str], name: str = "") -> Config:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_YamlLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, name) from None
     reader = _Reader(env)
@@ -126,6 +147,7 @@ class _Reader(FieldReader):
         models = self.models(top.get("models"), providers)
         server = self.fields(top.get("server"), "server", SERVER_FIELDS)
         teams = read_teams(self, top.get("teams"), providers, set(models))
+        self.warnings.extend(expired_keys(teams, time.time()))
         admin_key = self.string(top.get("admin_key", ""), "admin_key", allow_empty=True) or ""
         return Config(
             providers=providers,

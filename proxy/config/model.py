@@ -162,9 +162,21 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class TeamKey:
+    """One key of a team, by the name routes.yaml gives it; the key itself is never stored."""
+
+    team: str
+    name: str  # what the access log shows; "sha256:<12 hex>" for a bare hash
+    hash: str  # "sha256:<hex>" of the key
+    expires: float | None = None  # Unix time from which it is refused; None: never
+
+
+@dataclass(frozen=True)
 class Team:
     name: str
-    key_hashes: tuple[str, ...] = ()  # "sha256:<hex>" of each key; keys are never stored
+    keys: tuple[TeamKey, ...] = ()
+    # The model ids its ``models`` patterns matched when the file was read; None: every model.
+    models: frozenset[str] | None = None
     limits: Limits = Limits()
     model_limits: Mapping[str, Limits] = field(default_factory=frozen_map)
     # provider name → headers sent to that provider for this team's calls
@@ -202,8 +214,8 @@ class Config:
     redis: RedisSettings = RedisSettings()
     teams: Mapping[str, Team] = field(default_factory=frozen_map)
     accounting: Accounting = Accounting()
-    # "sha256:<hex>" → team name, built by the loader for one lookup per call.
-    key_index: Mapping[str, str] = field(default_factory=frozen_map)
+    # "sha256:<hex>" → the team's key, built by the loader for one lookup per call.
+    key_index: Mapping[str, TeamKey] = field(default_factory=frozen_map)
     admin_key: str = ""
     # Warnings that do not make the file invalid (a provider key variable unset).
     warnings: tuple[str, ...] = ()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from datetime import UTC, date, datetime
+from fnmatch import fnmatchcase
 from typing import Any
 
-from proxy.config.fields import FieldReader, hint, shown
+from proxy.config.fields import FieldReader, hint, known_list, shown
 from proxy.config.model import (
     ANONYMOUS,
     LIMIT_KINDS,
@@ -16,11 +18,28 @@ from proxy.config.model import (
     Provider,
     RedisSettings,
     Team,
+    TeamKey,
     frozen_map,
 )
 
-TEAM_KEYS = {"keys", "limits", "model_limits", "headers", "client_headers"}
+TEAM_KEYS = {"keys", "models", "limits", "model_limits", "headers", "client_headers"}
+KEY_FIELDS = {"name", "hash", "expires"}
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+KEY_PREFIX = "sk-proxy-"  # of the keys keygen makes
+# A key's name is written in the access log: a short word, nothing a key could be mistaken
+# for. A bare hash is named by its first 12 hex digits ("sha256:1f0c…"), which no chosen
+# name can be (no ':').
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")  # fullmatch
+BARE_NAME_CHARS = len("sha256:") + 12
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")  # fullmatch
+EXPIRY_FORMS = (
+    "a date (2026-01-31: refused from 00:00 UTC that day) or a date and time with its "
+    "UTC offset (2026-01-31T18:00:00+01:00, or Z for UTC)"
+)
+KEYS_NEEDED = (
+    "must be a non-empty list of keys, each {name, hash, expires} or a bare "
+    "'sha256:<hex>' hash (python -m proxy keygen TEAM --name NAME prints one)"
+)
 LIMIT_FIELDS = dict.fromkeys(LIMIT_KINDS, "count")
 REDIS_FIELDS = {"lease_ttl": "duration", "timeout": "duration"}
 REDIS_KEYS = {"url", "on_error", "ledger_replicas", *REDIS_FIELDS}
@@ -34,55 +53,210 @@ SCOPING_HEADERS = frozenset(name.lower() for name in SCOPING_NAMES)
 
 
 def read_teams(
-    reader: FieldReader, raw: Any, providers: Mapping[str, Provider], models: set[str]
+    reader: FieldReader, raw: Any, providers: Mapping[str, Provider], models: Iterable[str]
 ) -> dict[str, Team]:
     teams: dict[str, Team] = {}
-    owners: dict[str, str] = {}
+    owners: dict[str, tuple[str, int]] = {}
     for name, node in reader.mapping(raw or {}, "teams").items():
         path = f"teams.{name}"
         if name == ANONYMOUS:
             reader.error(path, f"'{ANONYMOUS}' is the name of calls without a team")
             continue
-        team = _team(reader, str(name), node, path, providers, models)
-        for i, digest in enumerate(team.key_hashes):
-            if digest in owners:
-                reader.error(f"{path}.keys[{i}]", f"the same key is also team {owners[digest]}'s")
-            owners[digest] = str(name)
+        team = _team(reader, str(name), node, path, providers, list(models))
+        for i, key in enumerate(team.keys):
+            if key.hash in owners:
+                owner, at = owners[key.hash]
+                also = f"keys[{at}]" if owner == str(name) else f"team {owner}'s"
+                reader.error(f"{path}.keys[{i}]", f"the same key is also {also}")
+            owners[key.hash] = (str(name), i)
         teams[str(name)] = team
     return teams
 
 
 def _team(
     reader: FieldReader, name: str, raw: Any, path: str,
-    providers: Mapping[str, Provider], models: set[str],
+    providers: Mapping[str, Provider], models: list[str],
 ) -> Team:  # fmt: skip
     node = reader.mapping(raw, path, TEAM_KEYS)
-    keys = node.get("keys", [])
-    if not isinstance(keys, list) or not keys:
-        reader.error(
-            f"{path}.keys",
-            "must be a non-empty list of 'sha256:<hex>' key hashes "
-            "(python -m proxy keygen TEAM prints one)",
-        )
-        keys = []
-    for i, digest in enumerate(keys):
-        if not isinstance(digest, str) or not KEY_HASH.match(digest):
-            reader.error(f"{path}.keys[{i}]", "must be 'sha256:' and 64 hex digits, not a key")
+    allowed = (
+        _models(reader, node["models"], f"{path}.models", models) if "models" in node else None
+    )
     model_limits = {}
     for model, limits in reader.mapping(
         node.get("model_limits") or {}, f"{path}.model_limits"
     ).items():
         if model not in models:
-            reader.error(f"{path}.model_limits.{model}", f"unknown model{hint(str(model), models)}")
+            hint_text = hint(str(model), set(models))
+            reader.error(f"{path}.model_limits.{model}", f"unknown model{hint_text}")
+        elif allowed is not None and model not in allowed:
+            reader.error(f"{path}.model_limits.{model}", f"not one of {path}.models")
         model_limits[str(model)] = _limits(reader, limits, f"{path}.model_limits.{model}")
     return Team(
         name=name,
-        key_hashes=tuple(k for k in keys if isinstance(k, str)),
+        keys=_keys(reader, name, node.get("keys"), f"{path}.keys"),
+        models=allowed,
         limits=_limits(reader, node.get("limits"), f"{path}.limits"),
         model_limits=frozen_map(model_limits),
         headers=_headers(reader, node.get("headers"), f"{path}.headers", providers),
         client_headers=_client_headers(reader, node.get("client_headers"), path),
     )
+
+
+def _keys(reader: FieldReader, team: str, raw: Any, path: str) -> tuple[TeamKey, ...]:
+    if not isinstance(raw, list) or not raw:
+        reader.error(path, KEYS_NEEDED)
+        return ()
+    keys: list[TeamKey] = []
+    named: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        key = _key(reader, team, item, f"{path}[{i}]")
+        if key is None:
+            continue
+        if key.name in named:
+            reader.error(
+                f"{path}[{i}].name", f"{key.name!r} is also keys[{named[key.name]}]'s name"
+            )
+        named[key.name] = i
+        keys.append(key)
+    return tuple(keys)
+
+
+def _key(reader: FieldReader, team: str, raw: Any, path: str) -> TeamKey | None:
+    """One entry of ``keys``: ``{name, hash, expires?}``, or a bare hash. A value that is
+    not a hash is never echoed: it may be the key itself."""
+    if isinstance(raw, str):
+        if not KEY_HASH.fullmatch(raw):
+            reader.error(path, "must be 'sha256:' and 64 hex digits, not a key")
+            return None
+        return TeamKey(team, raw[:BARE_NAME_CHARS], raw)
+    if not isinstance(raw, dict):
+        reader.error(path, "must be {name, hash, expires} or a bare 'sha256:<hex>' hash")
+        return None
+    node = reader.mapping(raw, path, KEY_FIELDS)
+    bad_name = key_name_problem(node.get("name"))
+    if bad_name:
+        reader.error(f"{path}.name", bad_name)
+    digest = node.get("hash")
+    good_hash = isinstance(digest, str) and KEY_HASH.fullmatch(digest) is not None
+    if not good_hash:
+        reader.error(f"{path}.hash", "must be 'sha256:' and 64 hex digits, not a key")
+    expires = None
+    if "expires" in node:
+        try:
+            expires = parse_expiry(node["expires"])
+        except ValueError as exc:
+            reader.error(f"{path}.expires", str(exc))
+    if bad_name or not good_hash:
+        return None
+    return TeamKey(team, str(node["name"]), str(digest), expires)
+
+
+def key_name_problem(name: Any) -> str | None:
+    """What is wrong with a key's name (routes.yaml's, or keygen's --name), or None."""
+    if name is None:
+        return "is required: what the access log calls the key (laptop, ci, alice-2026)"
+    if not isinstance(name, str):
+        return f"must be a string, got {type(name).__name__}"
+    if name.startswith(KEY_PREFIX):
+        return "looks like a key: a key's name is logged, so it must not be the key"
+    if not KEY_NAME.fullmatch(name):
+        return (
+            "must be 1 to 64 letters, digits and . _ @ -, starting with a letter or digit, "
+            f"got {name!r}"
+        )
+    return None
+
+
+def parse_expiry(raw: Any) -> float:
+    """``expires`` (or keygen's --expires) as the Unix time from which the key is refused.
+
+    A date means 00:00 UTC of that day: a key that ``expires: 2026-01-31`` works through
+    January 30th, UTC. A date and time must carry its UTC offset; without one, which zone
+    it meant is a guess, so it is refused. routes.yaml's loader leaves a timestamp as its
+    text (config/load.py), so a date is read here, quoted or not."""
+    value = raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            value = (
+                date.fromisoformat(text) if _DATE.fullmatch(text) else datetime.fromisoformat(text)
+            )
+        except ValueError:
+            raise ValueError(f"must be {EXPIRY_FORMS}, got {raw!r}") from None
+    if isinstance(value, datetime):
+        if value.utcoffset() is None:
+            raise ValueError(
+                f"has no UTC offset: add one (Z for UTC, or such as +01:00), got {raw!r}"
+            )
+        return value.timestamp()
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp()
+    raise ValueError(f"must be {EXPIRY_FORMS}, got {raw!r}")
+
+
+def expiry_text(expires: float) -> str:
+    """An expiry as people read it, in UTC: ``2026-01-31T00:00:00Z``."""
+    return datetime.fromtimestamp(expires, UTC).isoformat().replace("+00:00", "Z")
+
+
+def expired_keys(teams: Mapping[str, Team], now: float) -> list[str]:
+    """Warnings for the keys already expired when the file is read (refused with 401)."""
+    return [
+        f"teams.{team.name}.keys: key {key.name!r} expired at {expiry_text(key.expires)} "
+        "and is refused; remove it once its clients have moved to another key"
+        for team in teams.values()
+        for key in team.keys
+        if key.expires is not None and key.expires <= now
+    ]
+
+
+def _models(reader: FieldReader, raw: Any, path: str, models: list[str]) -> frozenset[str]:
+    """The model ids a team's ``models`` patterns (globs, as fnmatch reads them, case
+    counted) match. A pattern that matches no model is an error, as a typo would be."""
+    if not isinstance(raw, list) or not raw:
+        got = f", got {type(raw).__name__}" if not isinstance(raw, list) else ""
+        reader.error(path, f"must be a non-empty list of model ids or glob patterns{got}")
+        return frozenset()
+    allowed: set[str] = set()
+    for i, pattern in enumerate(raw):
+        where = f"{path}[{i}]"
+        if not isinstance(pattern, str) or not pattern:
+            reader.error(where, f"must be a model id or a glob pattern, got {pattern!r}")
+            continue
+        problem = glob_problem(pattern)
+        if problem:
+            reader.error(where, problem)
+            continue
+        matched = [m for m in models if fnmatchcase(m, pattern)]
+        if not matched:
+            known = f" ({known_list(set(models))})" if _GLOB.search(pattern) else None
+            reader.error(
+                where, f"{pattern!r} matches no model{known or hint(pattern, set(models))}"
+            )
+        allowed.update(matched)
+    return frozenset(allowed)
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def glob_problem(pattern: str) -> str | None:
+    """A ``[`` that fnmatch would read as a plain character (no ``]`` closes it): surely
+    not what was meant."""
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "[":
+            j = i + 1
+            if j < len(pattern) and pattern[j] == "!":
+                j += 1
+            if j < len(pattern) and pattern[j] == "]":
+                j += 1
+            close = pattern.find("]", j)
+            if close < 0:
+                return f"{pattern!r}: the '[' at {i} is never closed by ']'"
+            i = close
+        i += 1
+    return None
 
 
 def _limits(reader: FieldReader, raw: Any, path: str) -> Limits:
@@ -170,5 +344,5 @@ def read_accounting(reader: FieldReader, raw: Any) -> Accounting:
     return replace(Accounting(), **reader.fields(raw, "accounting", ACCOUNTING_FIELDS))
 
 
-def key_index(teams: Mapping[str, Team]) -> Mapping[str, str]:
-    return frozen_map({digest: t.name for t in teams.values() for digest in t.key_hashes})
+def key_index(teams: Mapping[str, Team]) -> Mapping[str, TeamKey]:
+    return frozen_map({key.hash: key for t in teams.values() for key in t.keys})

@@ -9,11 +9,12 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.call.auth import require_admin
-from proxy.call.request import resolve_model
-from proxy.config.model import ANONYMOUS, Config, Provider
+from proxy.call.auth import authenticate, require_admin
+from proxy.call.request import resolve_model, team_models
+from proxy.config.model import ANONYMOUS, Config, Model, Provider, Team
 from proxy.engines.worker_view import engines_text
-from proxy.errors import LimiterUnavailable
+from proxy.errors import LimiterUnavailable, ProviderUnavailable
+from proxy.http.middlewares import RECORD
 from proxy.limits.ledger import day_range, ledger_report
 from proxy.limits.store import StoreUnavailable
 from proxy.observe.metrics import endpoint_label
@@ -32,16 +33,52 @@ def _model_entry(config: Config, model_id: str) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    config = request.app[SERVICES].config.current
-    data = [_model_entry(config, model_id) for model_id in config.models]
+    """The caller's models (with teams, a key is needed), less those that cannot serve."""
+    config, team = _caller(request)
+    data = [
+        _model_entry(config, model_id)
+        for model_id in team_models(config, team)
+        if not keys_missing(config, config.models[model_id])
+    ]
     return web.json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    config = request.app[SERVICES].config.current
+    config, team = _caller(request)
     model_id = request.match_info["model"]
-    resolve_model(config, model_id)
+    model = resolve_model(config, model_id, team)
+    missing = keys_missing(config, model)
+    if missing:
+        unset = (
+            f"variable {missing[0]} is"
+            if len(missing) == 1
+            else f"variables {', '.join(missing)} are"
+        )
+        raise ProviderUnavailable(
+            f"The model '{model_id}' cannot answer now: none of its providers has its API "
+            f"key (the environment {unset} not set)."
+        )
     return web.json_response(_model_entry(config, model_id))
+
+
+def _caller(request: web.Request) -> tuple[Config, Team | None]:
+    """This request's config, and its caller's team (None without teams) once its key is
+    checked like a call's."""
+    services = request.app[SERVICES]
+    config = services.config.current
+    record = request[RECORD]
+    authenticate(request.headers, config, record, services.clock)
+    return config, config.teams.get(record.team)
+
+
+def keys_missing(config: Config, model: Model) -> list[str]:
+    """The unset key variables that stop every target of ``model``, or [] if one can serve.
+    Such a model is left out of /v1/models: a client that picks from the list must not
+    pick one that can only fail with 503."""
+    missing = [config.providers[t.provider].missing_key_var for t in model.targets]
+    if not all(missing):
+        return []
+    return sorted({name for name in missing if name})
 
 
 async def healthz(request: web.Request) -> web.Response:

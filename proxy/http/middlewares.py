@@ -1,8 +1,8 @@
 """Around every request: a call record, the OpenAI error shape, one access-log line, metrics.
 
-The access log names the call (request id, team, model, provider, endpoint, status,
-attempts, tokens, time to first token, duration) and never a key: nothing from the
-request's headers is written.
+The access log names the call (request id, team, the key's name, model, provider,
+endpoint, status, attempts, tokens, time to first token, duration) and never a key:
+nothing from the request's headers is written.
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ def _access_line(site: CallSite, record: CallRecord, elapsed: float) -> dict[str
         "path": site.path,
         "api": record.api,
         "team": record.team,
+        "key": record.key,  # its name in routes.yaml, never the key
         "model": logged_model(record.model),
         "provider": record.provider,
         "endpoint": endpoint_label(record.endpoint) if record.endpoint else None,

@@ -145,7 +145,8 @@ async def test_serve_refuses_no_teams_on_a_name_that_is_not_localhost(
     # The whole message: what is wrong, and both ways out of it.
     assert (
         f"routes.yaml configures no team, so anyone who reaches {host} could use your "
-        "provider keys. Add teams (python -m proxy keygen TEAM) or pass --allow-anonymous.\n"
+        "provider keys. Add teams (python -m proxy keygen TEAM --name NAME) or pass "
+        "--allow-anonymous.\n"
     ) in out
 
 

@@ -325,26 +325,6 @@ async def test_anonymous_without_teams(make_proxy, wandb: Upstream, prime: Upstr
         assert (await resp.json())["data"][0]["team"] == "anonymous"
 
 
-def test_keygen_prints_a_key_and_its_hash():
-    import subprocess
-    import sys
-
-    from proxy.call.auth import key_hash
-    from tests.support import ROOT
-
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "keygen", "research"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    key = result.stdout.split("): ", 1)[1].split()[0]
-    assert key.startswith("sk-proxy-") and len(key) > 40
-    assert f'keys: ["{key_hash(key)}"]' in result.stdout
-
-
 def test_serve_refuses_anonymous_on_a_public_address(tmp_path):
     import subprocess
     import sys

@@ -109,7 +109,7 @@ async def test_access_log_names_the_call_and_never_a_key(
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "proxy.access"]
     assert len(lines) == 1
     line = lines[0]
-    assert line["team"] == "anonymous"
+    assert (line["team"], line["key"]) == ("anonymous", None)
     assert (line["model"], line["provider"], line["status"]) == ("llama-8b", "wandb", 200)
     assert (line["api"], line["endpoint"]) == ("chat/completions", wandb.url)
     assert line["attempts"] == [
