@@ -1,10 +1,9 @@
-"""``python -m proxy serve|check``."""
+"""The command line: ``llm-proxy`` once installed, or ``python -m proxy``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -18,8 +17,9 @@ from proxy.config.exposure import Exposure, load_to_serve
 from proxy.config.load import ConfigError, load_config
 from proxy.config.teams import expiry_text, key_name_problem, parse_expiry
 from proxy.observe.log_setup import FORMATS, setup_logging
+from proxy.observe.worker_metrics import package_version
 from proxy.server import ServeOptions, run_worker, supervise
-from proxy.usage_cli import show_usage
+from proxy.usage_cli import ADMIN_KEY_ENV, show_usage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,14 +28,38 @@ def main(argv: list[str] | None = None) -> int:
     return command
 
 
+DESCRIPTION = (
+    "An LLM routing proxy: one OpenAI-compatible endpoint in front of hosted providers "
+    "and local engines, routed by routes.yaml."
+)
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in --help, except where there is none to show (a flag
+    that is off, an option that is unset unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _prog() -> str:
+    """``llm-proxy`` when run as the installed command, else ``python -m proxy``."""
+    return "llm-proxy" if Path(sys.argv[0]).name == "llm-proxy" else "python -m proxy"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m proxy", description=__doc__)
+    parser = argparse.ArgumentParser(prog=_prog(), description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", type=Path, default=Path("routes.yaml"))
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve = sub.add_parser("serve", help="run the proxy", formatter_class=_Defaults)
+    serve.add_argument("--config", type=Path, default=Path("routes.yaml"), help="routes file")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)"
+    )
+    serve.add_argument("--port", type=int, default=8080, help="port to bind")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     serve.add_argument(
         "--shutdown-timeout",
@@ -53,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve without team keys on a non-loopback address",
     )
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING (no access log) or ERROR"
+    )
     serve.add_argument(
         "--log-format",
         choices=FORMATS,
@@ -63,13 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
 
     check = sub.add_parser("check", help="validate a routes.yaml and print every error")
-    check.add_argument("config", type=Path)
+    check.add_argument("config", type=Path, help="the routes file to check")
     check.set_defaults(run=_check)
 
     keygen = sub.add_parser(
         "keygen", help="print a new key for a team, once, and its entry for routes.yaml"
     )
-    keygen.add_argument("team")
+    keygen.add_argument("team", help="the team (under teams: in routes.yaml)")
     keygen.add_argument("--name", required=True, help="the key's name in the access log")
     keygen.add_argument(
         "--expires",
@@ -79,15 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     keygen.set_defaults(run=_keygen)
 
-    usage = sub.add_parser("usage", help="show the ledger of a running proxy")
-    usage.add_argument("--url", default="http://127.0.0.1:8080")
-    usage.add_argument("--team")
-    usage.add_argument("--from", dest="first", metavar="YYYY-MM-DD")
-    usage.add_argument("--to", dest="last", metavar="YYYY-MM-DD")
+    usage = sub.add_parser(
+        "usage", help="show the ledger of a running proxy", formatter_class=_Defaults
+    )
+    usage.add_argument("--url", default="http://127.0.0.1:8080", help="the running proxy")
+    usage.add_argument("--team", help="one team (default: every team)")
+    usage.add_argument("--from", dest="first", metavar="YYYY-MM-DD", help="first UTC day (today)")
+    usage.add_argument("--to", dest="last", metavar="YYYY-MM-DD", help="last UTC day (today)")
     usage.add_argument(
         "--admin-key",
-        default=os.environ.get("PROXY_ADMIN_KEY", ""),
-        help="default: $PROXY_ADMIN_KEY",
+        help=f"routes.yaml's admin_key (default: ${ADMIN_KEY_ENV}, never shown here)",
     )
     usage.set_defaults(run=show_usage)
     return parser

@@ -382,6 +382,20 @@ async def test_usage_command_prints_the_ledger(team_proxy: MakeTeamProxy, backen
     assert lines[0].split()[:4] == ["date", "team", "model", "requests"]
     assert lines[1].split()[1:4] == ["research", "llama-8b", "1"]
     assert lines[-1].split()[:2] == ["total", "1"]
+    # Without the admin key: the proxy's refusal, and how to pass the key.
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "proxy", "usage", "--url", proxy.url],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "PROXY_ADMIN_KEY"},
+    )
+    assert refused.returncode == 1
+    err = refused.stderr.decode()
+    assert "HTTP 401" in err or "HTTP 403" in err, err
+    assert "pass it with --admin-key KEY or PROXY_ADMIN_KEY=KEY" in err
+    assert '{"error"' not in err  # the message, not the raw body
 
 
 @pytest.mark.parametrize(
