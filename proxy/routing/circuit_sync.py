@@ -3,7 +3,8 @@
 Off the hot path: a process publishes only when one of its circuits opens, grows or
 closes (PUBLISH, plus a hash that a process starting later reads once), and applies
 what the others publish from a subscription. The one Redis call a call may make is
-when an endpoint is half-open: ``SET NX`` elects the single probe of the deployment.
+when an endpoint is half-open: a ``SET NX`` in a script elects the single probe of the
+deployment.
 Redis being down never blocks a call: each process then decides alone. Commands go
 through the proxy's Redis client (proxy/redis/client.py), on a connection of their own,
 each bounded by the Redis timeout; the subscription has a socket of its own
@@ -23,7 +24,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from proxy.observe.metrics import endpoint_label
-from proxy.redis.protocol import Arg, ProtocolError, RespError
+from proxy.redis.protocol import Arg, ProtocolError, RespError, Script
 from proxy.redis.router import Router
 from proxy.redis.subscription import Subscription
 from proxy.routing.circuit import Change, CircuitBreakers
@@ -31,7 +32,31 @@ from proxy.routing.circuit import Change, CircuitBreakers
 log = logging.getLogger(__name__)
 
 CHANNEL = "llmproxy:circuit"
-STATES = "llmproxy:circuit:open"  # key → the latest opening, for processes that start later
+# The hash of the latest openings (for processes that start later, and for the claim
+# below) and the probes' claims share a hash tag: one slot, on a Cluster too.
+_TAG = "{llmproxy:circuit}"
+STATES = f"{_TAG}:open"  # key → the latest opening
+
+
+def claim_key(key: str) -> str:
+    return f"{_TAG}:probe:{key}"
+
+
+# The probe's election, and a check that nobody opened the circuit again meanwhile: a
+# failed probe's opening is written (HSET) before its claim is deleted, so a process
+# that finds the claim free but has not heard the opening yet (a Cluster's PUBLISH
+# travels over the bus, the DEL does not) would otherwise probe a second time.
+# KEYS: the openings, the claim; ARGV: the endpoint, this process, the lease (ms), now.
+_CLAIM = Script.of("""
+local open = redis.call('HGET', KEYS[1], ARGV[1])
+if open then
+  local ok, change = pcall(cjson.decode, open)
+  if ok and tonumber(change['opened']) ~= 0 and tonumber(change['until']) > tonumber(ARGV[4]) then
+    return false
+  end
+end
+return redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3])
+""")
 _RETRY = 1.0
 # What a Redis that is down, slow or refusing raises (Disconnected and TimeoutError are
 # OSErrors); anything else is a bug and is raised.
@@ -40,6 +65,8 @@ _FAILURES = (RespError, ProtocolError, OSError)
 
 class CircuitSync:
     def __init__(self, urls: str | Sequence[str], breakers: CircuitBreakers, timeout: float):
+        # The claim's script is not loaded on connecting: it runs rarely (a cool-down's
+        # end), and its first run pays a NOSCRIPT and an EVAL instead.
         self.redis = Router([urls] if isinstance(urls, str) else urls, timeout)
         self.breakers = breakers
         self.timeout = timeout
@@ -56,7 +83,7 @@ class CircuitSync:
         """The probe has its answer: the next cool-down may elect another, once the
         answer's change (published just before) is out, so that no process that has not
         heard of it yet finds the claim free and probes again."""
-        self._spawn(self._delete(f"{CHANNEL}:probe:{key}", after=set(self._tasks)))
+        self._spawn(self._delete(claim_key(key), after=set(self._tasks)))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -95,8 +122,8 @@ class CircuitSync:
         """Whether this process may send the deployment's one probe to ``key``."""
         lease_ms = max(1, int(lease * 1000))
         try:
-            claimed = await self.redis.execute(
-                "SET", f"{CHANNEL}:probe:{key}", self.origin, "NX", "PX", lease_ms
+            claimed = await self.redis.run_script(
+                _CLAIM, [STATES, claim_key(key)], [key, self.origin, lease_ms, repr(time.time())]
             )
         except _FAILURES:
             return True  # Redis is down: decide alone rather than never probe

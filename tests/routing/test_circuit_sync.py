@@ -17,7 +17,7 @@ import pytest
 from proxy.config.model import CircuitPolicy
 from proxy.routing import circuit_sync
 from proxy.routing.circuit import Change, CircuitBreakers, Passage
-from proxy.routing.circuit_sync import CHANNEL, STATES, CircuitSync
+from proxy.routing.circuit_sync import CHANNEL, STATES, CircuitSync, claim_key
 from tests.redis.test_redis_subscription import subscribers
 from tests.routing.test_circuit_sharing import another_change
 from tests.support import dead_url, eventually
@@ -174,7 +174,7 @@ async def test_the_probe_claim_expires_after_its_lease_and_a_change_is_no_transa
         assert await first.claim_probe(KEY, 600.0) is True
         assert await second.claim_probe(KEY, 600.0) is False  # one probe for all
         # A process that dies with the claim frees it after the lease, not before, never.
-        assert 0 < client.pttl(f"{CHANNEL}:probe:{KEY}") <= 600_000
+        assert 0 < client.pttl(claim_key(KEY)) <= 600_000
         first.publish(Change(KEY, 2, time.time() + 60))
         await eventually(lambda: bool(client.hexists(STATES, KEY)), 5)
         # One HSET and one PUBLISH, no MULTI/EXEC: nothing to make atomic.
@@ -253,13 +253,35 @@ async def test_a_probe_s_claim_is_freed_only_after_its_change_is_shared(
         sync.end_probe(KEY)
         client = private_redis.client()
         try:
-            await eventually(lambda: not client.exists(f"{CHANNEL}:probe:{KEY}"), 5)
+            await eventually(lambda: not client.exists(claim_key(KEY)), 5)
         finally:
             client.close()
     finally:
         commands = await monitor.stop()
         await sync.close()
     assert [c for c in commands if c in ("hset", "publish", "del")] == ["hset", "publish", "del"]
+
+
+async def test_no_probe_is_claimed_while_a_newer_opening_is_shared(
+    private_redis: RedisServer,
+) -> None:
+    """A process whose cool-down ended, but which has not heard yet that another
+    process's probe failed and opened the circuit again (the claim already freed): the
+    claim checks the shared opening and refuses, so the deployment sends one probe."""
+    sync = CircuitSync(private_redis.url, CircuitBreakers(), 1.0)
+    client = private_redis.client()
+    try:
+        client.hset(STATES, KEY, another_change(KEY, 1, time.time() - 1))  # an old one
+        assert await sync.claim_probe(KEY, 600.0) is True  # its cool-down is over
+        client.delete(claim_key(KEY))
+        client.hset(STATES, KEY, another_change(KEY, 2, time.time() + 60))  # opened again
+        assert await sync.claim_probe(KEY, 600.0) is False
+        assert not client.exists(claim_key(KEY))
+        client.hdel(STATES, KEY)  # closed: the claim is free again
+        assert await sync.claim_probe(KEY, 600.0) is True
+    finally:
+        client.close()
+        await sync.close()
 
 
 async def test_a_process_starting_later_reads_every_open_circuit(

@@ -62,8 +62,11 @@ async def test_a_change_reaches_the_other_processes_from_any_node(
         finally:
             client.close()
         await eventually(lambda: second_breakers.state(OTHER) == "open", 5)
-        # One probe for the deployment: the claim is one key, on its slot's owner.
-        assert await first.claim_probe(KEY, 60.0) is True
+        # One probe for the deployment: the claim is one key, on its slot's owner (with
+        # the openings: KEY's is current, so nobody may probe it yet).
+        probed = "http://10.0.0.9:8000/v1"
+        assert await first.claim_probe(probed, 60.0) is True
+        assert await second.claim_probe(probed, 60.0) is False
         assert await second.claim_probe(KEY, 60.0) is False
 
 
