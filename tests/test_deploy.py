@@ -27,7 +27,7 @@ from packaging.utils import canonicalize_name
 
 from proxy.config.exposure import Exposure
 from proxy.config.load import load_config
-from proxy.engines.metrics_export import engine_status_text
+from proxy.engines.metrics_export import ReplicaStatus, engine_status_text
 from proxy.observe.metrics import Metrics
 from tests.support import ROOT
 from tests.support.deploy_files import (
@@ -91,16 +91,9 @@ def test_promtool_passes_the_kubernetes_config(tmp_path: Path) -> None:
 
 def _exported_engine_series() -> set[str]:
     """What the proxy exports about its engines, from the function that writes it."""
-    replica = _Stub(index=0, state="ready", in_flight=0, stats=_Stub(
-        starts=1, crashes=0, restarts=0, last_start_seconds=1.0))  # fmt: skip
-    engines: Any = _Stub(supervisors={"local": _Stub(name="local", replicas=[replica], unloads=0)})
-    text = engine_status_text(engines)
+    row = ReplicaStatus("local", 0, "ready", 0, 1, 0, 0, 0, 1.0)
+    text = engine_status_text([("0", row)])
     return {line.split("{")[0] for line in text.splitlines() if not line.startswith("#")}
-
-
-class _Stub:
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
 
 
 def test_dashboard_and_alerts_name_only_exported_series() -> None:
