@@ -12,6 +12,7 @@ from typing import TextIO
 from proxy.call.auth import key_hash, new_key
 from proxy.config.exposure import Exposure, load_to_serve
 from proxy.config.load import ConfigError, load_config
+from proxy.config.prices import unpriced
 from proxy.observe import access_log
 from proxy.server import ServeOptions, run_worker, supervise
 from proxy.usage_cli import show_usage
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--team")
     usage.add_argument("--from", dest="first", metavar="YYYY-MM-DD")
     usage.add_argument("--to", dest="last", metavar="YYYY-MM-DD")
+    usage.add_argument("--by-key", action="store_true", help="a line per key that called")
     usage.add_argument(
         "--admin-key",
         default=os.environ.get("PROXY_ADMIN_KEY", ""),
@@ -136,7 +138,7 @@ def _check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_errors(args.config, exc, sys.stdout)
         return 1
-    for warning in config.warnings:
+    for warning in (*config.warnings, *unpriced(config)):
         print(f"warning: {warning}")
     print(f"{args.config}: OK ({len(config.providers)} providers, {len(config.models)} models)")
     return 0

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from proxy.config.model import ANONYMOUS, Config
 from proxy.errors import AdminOnly, InvalidApiKey
+from proxy.limits.store import NO_KEY
 
 KEY_PREFIX = "sk-proxy-"
 
@@ -46,6 +47,15 @@ def authenticate(headers: Mapping[str, str], config: Config) -> str:
     if team is None:
         raise InvalidApiKey(f"Incorrect API key provided: {_redacted(key)}.")
     return team
+
+
+def key_label(headers: Mapping[str, str], config: Config) -> str:
+    """What the ledger splits a team's usage by: the first 12 hex digits of the key's
+    hash, "-" without teams. Call it after ``authenticate``. Named keys will return the
+    key's name here instead; the ledger takes whatever this returns."""
+    if not config.teams:
+        return NO_KEY
+    return key_hash(bearer(headers) or "")[7:19]
 
 
 def require_admin(headers: Mapping[str, str], config: Config) -> None:

@@ -3,7 +3,7 @@ admit, forward, settle."""
 
 from __future__ import annotations
 
-from proxy.call.auth import authenticate
+from proxy.call.auth import authenticate, key_label
 from proxy.call.exchange import Exchange, Outcome
 from proxy.call.forward import Call, forward
 from proxy.call.headers import NOT_TO_UPSTREAM, check_forwardable, not_forwarded
@@ -11,6 +11,7 @@ from proxy.call.record import CallRecord
 from proxy.call.request import Api, call_budget, checked_body, resolve_model
 from proxy.errors import RateLimited
 from proxy.limits.admission import LeaseKeeper, final_usage, reservation
+from proxy.limits.cost import cost_micros
 from proxy.limits.rate_headers import rate_headers
 from proxy.limits.usage import estimate_prompt
 
@@ -30,6 +31,7 @@ async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
     config = services.config.current  # this call's config, even if a reload swaps it
     accountant = services.accountant
     record.team = authenticate(exchange.headers, config)  # 1
+    record.key = key_label(exchange.headers, config)
     team = config.teams.get(record.team)  # None only when no team is configured
     dropped = not_forwarded(team.client_headers) if team else NOT_TO_UPSTREAM
     check_forwardable(exchange.headers, dropped)
@@ -54,4 +56,5 @@ async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
             return await forward(exchange, call, record)  # 5
     finally:
         record.billed = final_usage(ticket, record.usage, record.completion_estimate)
-        accountant.settle_soon(ticket, record.billed)  # 6, once the answer is out
+        record.cost += cost_micros(record.billed, record.price)  # the served target's price
+        accountant.settle_soon(ticket, record.billed, record.cost, record.key)  # 6

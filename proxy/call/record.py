@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from proxy.config.model import ANONYMOUS
+from proxy.config.model import ANONYMOUS, Price
+from proxy.limits.store import NO_KEY
 from proxy.limits.usage import Usage
 
 
@@ -28,6 +29,7 @@ class CallRecord:
     request_id: str
     started: float = field(default_factory=time.perf_counter)
     team: str = ANONYMOUS
+    key: str = NO_KEY  # the label of the key that called (call/auth.py: key_label)
     api: str | None = None  # the proxied API (chat/completions …); None for other paths
     model: str | None = None  # what the client asked for, as sent
     route: str | None = None  # the routes.yaml model id, once routed: a safe metric label
@@ -41,6 +43,8 @@ class CallRecord:
     usage: Usage | None = None
     completion_estimate: int | None = None
     billed: Usage | None = None  # what settlement booked (reported or estimated)
+    price: Price | None = None  # the price of the target of the last attempt
+    cost: int = 0  # micro-dollars: the answer's, and failed attempts' that reported usage
     rate_headers: dict[str, str] = field(default_factory=dict)
     # Seconds spent awaiting the upstream or the client: the rest of the call is the
     # proxy's own overhead.
