@@ -26,7 +26,8 @@ models:
     targets:
       - {provider: cloud, model: big-1}
       - {provider: cloud, model: big-2, price: {input: 0.15, output: 0.6}}
-      - {provider: local, model: big-3, price: {input: 0, output: 0.000001}}
+      - {provider: local, model: big-3, price: {input: 0, output: 0}}
+      - {provider: local, model: big-4, price: {input: 0.000001, output: 100000}}
   small:
     targets:
       - {provider: local, model: small-1}
@@ -38,7 +39,8 @@ def test_prices_are_micro_dollars_per_million_tokens_with_the_provider_s_as_defa
     assert [t.price for t in targets] == [
         Price(input=2_500_000, output=10_000_000, cached_input=1_250_000),
         Price(input=150_000, output=600_000, cached_input=150_000),  # cached: as input
-        Price(input=0, output=1, cached_input=0),
+        Price(input=0, output=0, cached_input=0),  # free on purpose: no warning
+        Price(input=1, output=100_000_000_000, cached_input=1),  # the bounds
     ]
     assert parse_config(PRICED, {}).models["small"].targets[0].price is None
 

@@ -187,6 +187,29 @@ async def test_a_stream_cut_mid_way_is_billed_for_what_was_streamed(
     assert row["estimated_prompt_tokens"] > 0
 
 
+async def test_a_stream_the_client_leaves_mid_way_is_billed_for_what_was_streamed(
+    priced: MakeTeamProxy, wandb: Upstream
+):
+    proxy = await priced()
+    release = asyncio.Event()
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+    wandb.fake.stream_script = [event] * 5 + [release]
+    response = await proxy.http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "llama-8b", "messages": [], "stream": True},
+        headers={"Authorization": f"Bearer {RESEARCH_KEY}"},
+    )
+    await response.content.readexactly(5 * len(event))
+    response.close()
+    async with asyncio.timeout(5):  # settled once the proxy sees the client gone
+        while not (rows := (await ledger(proxy, team="research"))["data"]):
+            await asyncio.sleep(0.02)
+    release.set()
+    [row] = rows
+    assert row["estimated_completion_tokens"] == 3
+    assert row["cost_micro_usd"] == 2 * row["estimated_prompt_tokens"] + 8 * 3
+
+
 @pytest.mark.parametrize("backend", ["memory"], indirect=True)
 async def test_a_reloaded_price_bills_the_next_call(
     priced: MakeTeamProxy, wandb: Upstream, prime: Upstream, backend: str

@@ -35,6 +35,9 @@ async def admitted_eventually(store: RedisStore, checks: tuple[Check, ...], rese
             await asyncio.sleep(0.01)
 
 
+FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_micro_usd")  # non-zero ones
+
+
 def _seen(a: Admission) -> tuple[bool, str | None, list[int]]:
     return a.admitted, a.refused.kind if a.refused else None, [s.remaining for s in a.states]
 
@@ -236,7 +239,9 @@ async def test_refusals_report_the_figures_of_the_other_backend(store: RedisStor
             assert abs(g.reset - w.reset) < 0.5, i
 
 
-async def test_one_turn_of_settlements_books_each_model_on_its_own_row(store: RedisStore):
+async def test_one_turn_of_settlements_books_each_model_on_its_own_row(
+    store: RedisStore, private_redis: RedisServer
+):
     # One script run settles them all; the ledger hash is per team, day and model, with
     # the split by key label beside the totals, and each call's cost added exactly.
     checks = (Check("*", "tokens_per_day", 1000),)
@@ -257,6 +262,15 @@ async def test_one_turn_of_settlements_books_each_model_on_its_own_row(store: Re
             (("k1", (2, 3, 4, 1, 1, 705)), ("k2", (1, 2, 2, 0, 0, 2**53 + 1))),
         ),
         "large": ((1, 5, 6, 0, 0, 20), (("k2", (1, 5, 6, 0, 0, 20)),)),
+    }
+    client = private_redis.client()
+    try:
+        large = client.hgetall(f"llmproxy:{{t}}:ledger:{day}:large")
+    finally:
+        client.close()
+    assert large == {
+        **{f.encode(): v for f, v in zip(FIELDS, [b"1", b"5", b"6", b"20"], strict=True)},
+        **{f"{f}@k2".encode(): v for f, v in zip(FIELDS, [b"1", b"5", b"6", b"20"], strict=True)},
     }
     memory = MemoryStore()
     for s in settlements:
