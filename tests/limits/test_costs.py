@@ -76,7 +76,9 @@ def priced(
 def answer(usage: dict[str, Any]) -> bytes:
     message = {"role": "assistant", "content": "Paris."}
     choice = {"index": 0, "message": message, "finish_reason": "stop"}
-    return json.dumps({"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage})
+    return json.dumps(
+        {"id": "x", "object": "chat.completion", "choices": [choice], "usage": usage}
+    ).encode()
 
 
 def costs(**counts: int) -> dict[str, Any]:
