@@ -114,6 +114,14 @@ TARGETS: dict[str, Target] = {
                 "tests/limits/test_teams.py",
             ),
         ),
+        Target(
+            "proxy/limits/cost.py",
+            ("tests/limits/test_costs.py", "-k", "rounded or memory"),
+        ),
+        Target(
+            "proxy/config/prices.py",
+            ("tests/config/test_prices.py", "tests/limits/test_costs.py", "-k", "not redis"),
+        ),
         Target("proxy/call/sse.py", ("tests/call/test_sse_tap.py", "tests/call/test_streaming.py")),
         Target(
             "proxy/call/headers.py",

@@ -6,7 +6,7 @@ decimals is refused rather than rounded, so what the ledger books is what the fi
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from proxy.config.fields import FieldReader
@@ -40,10 +40,8 @@ def _micros(reader: FieldReader, raw: Any, path: str) -> int | None:
     """USD per million tokens → micro-dollars per million tokens, exactly."""
     value = None
     if isinstance(raw, int | float) and not isinstance(raw, bool):
-        try:
-            value = Decimal(str(raw))  # str: the number as written, not its binary double
-        except InvalidOperation:
-            value = None
+        # str: the number as written, not its binary double ('inf' and 'nan' parse too)
+        value = Decimal(str(raw))
     if value is None or not value.is_finite() or not 0 <= value <= MAX_PRICE:
         reader.error(path, f"must be USD per million tokens, 0 to {MAX_PRICE}, got {raw!r}")
         return None
