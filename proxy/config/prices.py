@@ -15,8 +15,9 @@ from proxy.config.model import Config, Price
 PRICE_KEYS = {"input", "output", "cached_input"}
 MICROS = 10**6
 # Far above any model's price (a few hundred USD per million tokens), and low enough
-# that a call's cost stays an exact integer wherever it is added up (Lua's numbers are
-# doubles: exact to 2**53).
+# that a call's cost, at most 2 * (2**31 - 1) tokens at this price (4.3 * 10**14
+# micro-dollars), leaves a day's ledger row thousands of such calls below Redis's
+# 64-bit counters.
 MAX_PRICE = 100_000
 
 
