@@ -293,7 +293,7 @@ def mutants_of(name: str) -> list[Mutant]:
     target = TARGETS[name]
     source = (ROOT / target.path).read_text()
     found = list(python_mutants(target, source))
-    if name == "store_lua":
+    if name == "limits.lua":
         found += lua_mutants(source)
     return [
         Mutant(f"{name}:{number}", target.path, line, code, _diff(target.path, source, code))

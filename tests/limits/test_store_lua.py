@@ -253,6 +253,7 @@ async def test_one_turn_of_settlements_books_each_model_on_its_own_row(
         Settlement("b", store.prepare("t", checks), "large", day, 10, 5, 6, False, 20, "k2"),
         Settlement("c", store.prepare("t", checks), "small", day, 10, 1, 1, True, 5, "k1"),
         Settlement("d", store.prepare("t", ()), "small", day, 0, 2, 2, False, 2**53 + 1, "k2"),
+        Settlement("e", store.prepare("t", ()), "free", day, 0, 1, 1, False, 0, "k3"),
     ]
     await asyncio.gather(*(store.settle(s) for s in settlements))
     rows = {row.model: (row.counts, row.keys) for row in await store.ledger(["t"], day, day)}
@@ -262,15 +263,22 @@ async def test_one_turn_of_settlements_books_each_model_on_its_own_row(
             (("k1", (2, 3, 4, 1, 1, 705)), ("k2", (1, 2, 2, 0, 0, 2**53 + 1))),
         ),
         "large": ((1, 5, 6, 0, 0, 20), (("k2", (1, 5, 6, 0, 0, 20)),)),
+        "free": ((1, 1, 1, 0, 0, 0), (("k3", (1, 1, 1, 0, 0, 0)),)),
     }
     client = private_redis.client()
     try:
         large = client.hgetall(f"llmproxy:{{t}}:ledger:{day}:large")
+        free = client.hgetall(f"llmproxy:{{t}}:ledger:{day}:free")
     finally:
         client.close()
     assert large == {
         **{f.encode(): v for f, v in zip(FIELDS, [b"1", b"5", b"6", b"20"], strict=True)},
         **{f"{f}@k2".encode(): v for f, v in zip(FIELDS, [b"1", b"5", b"6", b"20"], strict=True)},
+    }
+    # A call that cost nothing writes no cost field (nor any other count that is 0).
+    assert free == {
+        **{f.encode(): b"1" for f in FIELDS[:3]},
+        **{f"{f}@k3".encode(): b"1" for f in FIELDS[:3]},
     }
     memory = MemoryStore()
     for s in settlements:
