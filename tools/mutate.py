@@ -64,6 +64,7 @@ _TEAMS = "tests/limits/test_teams.py"
 _BATCH = "tests/limits/test_store_batch.py"
 _REDIS = "tests/limits/test_redis.py"
 _STORES = "tests/limits/test_store_lua.py"
+_COSTS = "tests/limits/test_costs.py"
 TARGETS: dict[str, Target] = {
     t.path.removeprefix("proxy/").removesuffix(".py").replace("/", "."): t
     for t in [
@@ -78,9 +79,12 @@ TARGETS: dict[str, Target] = {
                 _TEAMS,
                 _BATCH,
                 _REDIS,
+                _COSTS,
             ),
         ),
-        Target("proxy/limits/lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory")),
+        Target(
+            "proxy/limits/lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, _COSTS, "-k", "not memory")
+        ),
         Target(
             "proxy/limits/memory.py",
             (
@@ -88,6 +92,7 @@ TARGETS: dict[str, Target] = {
                 "tests/call/test_hot_path.py",
                 _STORES,
                 _TEAMS,
+                _COSTS,
                 "-k",
                 "not redis",
             ),
@@ -102,6 +107,7 @@ TARGETS: dict[str, Target] = {
                 _BATCH,
                 _TEAMS,
                 _REDIS,
+                _COSTS,
                 "-k",
                 "not memory",
             ),
@@ -116,11 +122,11 @@ TARGETS: dict[str, Target] = {
         ),
         Target(
             "proxy/limits/cost.py",
-            ("tests/limits/test_costs.py", "-k", "rounded or memory"),
+            (_COSTS, "-k", "rounded or memory"),
         ),
         Target(
             "proxy/config/prices.py",
-            ("tests/config/test_prices.py", "tests/limits/test_costs.py", "-k", "not redis"),
+            ("tests/config/test_prices.py", _COSTS, "-k", "not redis"),
         ),
         Target("proxy/call/sse.py", ("tests/call/test_sse_tap.py", "tests/call/test_streaming.py")),
         Target(
