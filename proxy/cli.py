@@ -15,6 +15,7 @@ import yaml
 from proxy.call.auth import key_hash, new_key
 from proxy.config.exposure import Exposure, load_to_serve
 from proxy.config.load import ConfigError, load_config
+from proxy.config.prices import unpriced
 from proxy.config.teams import expiry_text, key_name_problem, parse_expiry
 from proxy.observe.log_setup import FORMATS, setup_logging
 from proxy.observe.worker_metrics import package_version
@@ -112,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--team", help="one team (default: every team)")
     usage.add_argument("--from", dest="first", metavar="YYYY-MM-DD", help="first UTC day (today)")
     usage.add_argument("--to", dest="last", metavar="YYYY-MM-DD", help="last UTC day (today)")
+    usage.add_argument("--by-key", action="store_true", help="a line per key that called")
     usage.add_argument(
         "--admin-key",
         help=f"routes.yaml's admin_key (default: ${ADMIN_KEY_ENV}, never shown here)",
@@ -159,7 +161,7 @@ def _check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_errors(args.config, exc, sys.stdout)
         return 1
-    for warning in config.warnings:
+    for warning in (*config.warnings, *unpriced(config)):
         print(f"warning: {warning}")
     print(f"{args.config}: OK ({len(config.providers)} providers, {len(config.models)} models)")
     return 0

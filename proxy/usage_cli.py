@@ -13,7 +13,9 @@ from typing import Any
 
 from proxy.limits.store import LEDGER_FIELDS
 
-_COLUMNS = ("date", "team", "model", *LEDGER_FIELDS)
+_COUNTS = tuple(f for f in LEDGER_FIELDS if f != "cost_micro_usd")
+_COLUMNS = ("date", "team", "model", *_COUNTS, "cost_usd")
+_BY_KEY = ("date", "team", "model", "key", *_COUNTS, "cost_usd")
 ADMIN_KEY_ENV = "PROXY_ADMIN_KEY"
 _KEY_HINT = (
     f"the ledger needs routes.yaml's admin_key: pass it with --admin-key KEY or {ADMIN_KEY_ENV}=KEY"
@@ -47,14 +49,41 @@ def show_usage(args: argparse.Namespace) -> int:
         where = f"cannot reach the proxy at {args.url}: {reason} (--url says where it runs)"
         print(where, file=sys.stderr)
         return 1
-    print(_table(report))
+    print(_by_key(report) if args.by_key else _table(report))
     return 0
 
 
 def _table(report: dict[str, Any]) -> str:
-    rows = [[str(row[c]) for c in _COLUMNS] for row in report["data"]]
-    rows.append(["total", "", "", *(str(report["totals"][f]) for f in LEDGER_FIELDS)])
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(_COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True))]
+    return _aligned(_COLUMNS, [_cells(row, row) for row in _rows(report)])
+
+
+def _by_key(report: dict[str, Any]) -> str:
+    """One line per row and label of a key that called."""
+    lines = []
+    for row in _rows(report):
+        for label, counts in row["keys"].items():
+            cells = _cells(row, counts)
+            lines.append([*cells[:3], label, *cells[3:]])
+    return _aligned(_BY_KEY, lines)
+
+
+def _rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's rows, then its totals as a row dated "total"."""
+    return [*report["data"], {"date": "total", **report["totals"]}]
+
+
+def _cells(row: dict[str, Any], counts: dict[str, Any]) -> list[str]:
+    """Date, team, model, the counts, and the cost from its exact micro-dollars."""
+    whole, micros = divmod(counts["cost_micro_usd"], 1_000_000)
+    return [
+        *(str(row.get(c, "")) for c in ("date", "team", "model")),
+        *(str(counts[f]) for f in _COUNTS),
+        f"{whole}.{micros:06d}",
+    ]
+
+
+def _aligned(columns: tuple[str, ...], rows: list[list[str]]) -> str:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)

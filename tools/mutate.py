@@ -64,6 +64,7 @@ _TEAMS = "tests/limits/test_teams.py"
 _BATCH = "tests/limits/test_store_batch.py"
 _REDIS = "tests/limits/test_redis.py"
 _STORES = "tests/limits/test_store_lua.py"
+_COSTS = "tests/limits/test_costs.py"
 TARGETS: dict[str, Target] = {
     t.path.removeprefix("proxy/").removesuffix(".py").replace("/", "."): t
     for t in [
@@ -79,10 +80,13 @@ TARGETS: dict[str, Target] = {
                 _TEAMS,
                 _BATCH,
                 _REDIS,
+                _COSTS,
             ),
         ),
         Target("proxy/call/caps.py", ("tests/call/test_output_caps.py",)),
-        Target("proxy/limits/lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, "-k", "not memory")),
+        Target(
+            "proxy/limits/lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, _COSTS, "-k", "not memory")
+        ),
         Target(
             "proxy/limits/memory.py",
             (
@@ -90,6 +94,7 @@ TARGETS: dict[str, Target] = {
                 "tests/call/test_hot_path.py",
                 _STORES,
                 _TEAMS,
+                _COSTS,
                 "-k",
                 "not redis",
             ),
@@ -104,6 +109,7 @@ TARGETS: dict[str, Target] = {
                 _BATCH,
                 _TEAMS,
                 _REDIS,
+                _COSTS,
                 "-k",
                 "not memory",
             ),
@@ -115,6 +121,14 @@ TARGETS: dict[str, Target] = {
                 "tests/observe/test_metrics.py",
                 "tests/limits/test_teams.py",
             ),
+        ),
+        Target(
+            "proxy/limits/cost.py",
+            (_COSTS, "-k", "rounded or memory"),
+        ),
+        Target(
+            "proxy/config/prices.py",
+            ("tests/config/test_prices.py", _COSTS, "-k", "not redis"),
         ),
         Target("proxy/call/sse.py", ("tests/call/test_sse_tap.py", "tests/call/test_streaming.py")),
         Target(
@@ -287,7 +301,7 @@ def mutants_of(name: str) -> list[Mutant]:
     target = TARGETS[name]
     source = (ROOT / target.path).read_text()
     found = list(python_mutants(target, source))
-    if name == "store_lua":
+    if name == "limits.lua":
         found += lua_mutants(source)
     return [
         Mutant(f"{name}:{number}", target.path, line, code, _diff(target.path, source, code))

@@ -21,7 +21,7 @@ from proxy.call.relay import read_plain, relay_stream
 from proxy.call.sse import SseTap
 from proxy.config.model import Endpoint, Provider
 from proxy.errors import BadUpstreamResponse, ProxyError
-from proxy.limits.usage import estimate_completion, reported
+from proxy.limits.usage import Usage, estimate_completion, reported
 from proxy.routing.backoff import retry_after_seconds
 from proxy.upstream.call import open_call, read_chunk
 from proxy.upstream.client import UpstreamClient
@@ -43,6 +43,7 @@ class AttemptFailed(Exception):
         answer: Answer | None = None,
         retry_after: float | None = None,
         endpoint_fault: bool = True,
+        usage: Usage | None = None,
     ):
         super().__init__(detail)
         self.detail = detail
@@ -50,6 +51,7 @@ class AttemptFailed(Exception):
         self.answer = answer
         self.retry_after = retry_after
         self.endpoint_fault = endpoint_fault
+        self.usage = usage  # what the upstream said the failed attempt used: it is billed
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ async def attempt(
                 answer=answer,
                 retry_after=retry_after_seconds(response.headers.get("Retry-After")),
                 endpoint_fault=response.status != 429,
+                usage=_failed_usage(answer),
             )
         if response.is_stream:
             with record.waiting():
@@ -133,6 +136,16 @@ async def _first_chunk(response: UpstreamResponse, provider: Provider) -> bytes:
             ),
         )
     return first
+
+
+def _failed_usage(answer: Answer) -> Usage | None:
+    """The usage a failed answer reports, if any (rare: most error bodies have none)."""
+    if b'"usage"' not in answer.body:
+        return None
+    try:
+        return reported(json.loads(answer.body))
+    except (ValueError, RecursionError):
+        return None
 
 
 def _note_usage(record: CallRecord, answer: Answer, provider: Provider) -> None:

@@ -25,6 +25,7 @@ from proxy.call.record import Attempt, CallRecord
 from proxy.config.model import Config, Endpoint, Model, Provider, RetryPolicy, Target
 from proxy.engines.lease import served_by
 from proxy.errors import CircuitOpen, EngineUnavailable, ProviderUnavailable
+from proxy.limits.cost import cost_micros
 from proxy.observe.metrics import endpoint_label
 from proxy.routing.backoff import backoff_delay
 from proxy.routing.balance import conversation_prefix
@@ -108,6 +109,7 @@ class _Run:
             and not self.call.body.wants_usage()
         )
         body = self.call.body.rewritten(target.model, include_usage=strip)
+        self.record.price = target.price  # what this target's attempts cost
         # The conversation prefix only where affinity needs it: it is a JSON dump per call.
         affinity = (
             conversation_prefix(self.call.body.fields)
@@ -129,6 +131,8 @@ class _Run:
             try:
                 return await self._attempt(provider, endpoint, body, strip)
             except AttemptFailed as failed:
+                if failed.usage is not None:  # a failure the upstream billed
+                    self.record.cost += cost_micros(failed.usage, target.price)
                 last = number + 1 == policy.attempts
                 delay = None if last else self._delay(failed, policy, number + 1)
                 self._fail(provider, endpoint.url, "failed" if delay is None else "retried", failed)

@@ -12,7 +12,9 @@ from proxy.call.record import CallRecord
 from proxy.call.request import Api, call_budget, checked_body, resolve_model
 from proxy.errors import RateLimited
 from proxy.limits.admission import LeaseKeeper, final_usage, reservation
+from proxy.limits.cost import cost_micros
 from proxy.limits.rate_headers import rate_headers
+from proxy.limits.store import NO_KEY
 from proxy.limits.usage import estimate_prompt
 
 
@@ -57,4 +59,5 @@ async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
             return await forward(exchange, call, record)  # 5
     finally:
         record.billed = final_usage(ticket, record.usage, record.completion_estimate)
-        accountant.settle_soon(ticket, record.billed)  # 6, once the answer is out
+        record.cost += cost_micros(record.billed, record.price)  # the served target's price
+        accountant.settle_soon(ticket, record.billed, record.cost, record.key or NO_KEY)  # 6

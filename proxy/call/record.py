@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from proxy.config.model import ANONYMOUS
+from proxy.config.model import ANONYMOUS, Price
 from proxy.limits.usage import Usage
 
 
@@ -43,6 +43,8 @@ class CallRecord:
     usage: Usage | None = None
     completion_estimate: int | None = None
     billed: Usage | None = None  # what settlement booked (reported or estimated)
+    price: Price | None = None  # the price of the target of the last attempt
+    cost: int = 0  # micro-dollars: the answer's, and failed attempts' that reported usage
     rate_headers: dict[str, str] = field(default_factory=dict)
     # Seconds spent awaiting the upstream or the client: the rest of the call is the
     # proxy's own overhead.

@@ -32,6 +32,7 @@ from proxy.config.model import (
     Timeouts,
     frozen_map,
 )
+from proxy.config.prices import read_price
 from proxy.config.teams import (
     expired_keys,
     key_index,
@@ -46,14 +47,14 @@ TOP_KEYS = {
 }  # fmt: skip
 PROVIDER_KEYS = {
     "base_url", "endpoints", "balance", "api_key", "headers", "timeouts", "retry", "circuit",
-    "required", "stream_usage", "engine",
+    "required", "stream_usage", "engine", "price",
 }  # fmt: skip
 MODEL_KEYS = {"targets", "strategy", "owned_by", "retry", "max_tokens"}
 OUTPUT_CAP_KEYS = {"default", "limit", "field"}
 # The largest count a client may send (proxy.limits.usage.MAX_COUNT): a default above it
 # would be injected and reserved as no client could ask.
 MAX_OUTPUT_CAP = 2**31 - 1
-TARGET_KEYS = {"provider", "model", "weight"}
+TARGET_KEYS = {"provider", "model", "weight", "price"}
 ENDPOINT_KEYS = {"url", "weight"}
 # Each block: key → kind, so that one reader serves them all.
 SERVER_FIELDS = {
@@ -204,6 +205,7 @@ class _Reader(FieldReader):
             required=self.boolean(node.get("required", False), f"{path}.required"),
             stream_usage=self.boolean(node.get("stream_usage", True), f"{path}.stream_usage"),
             engine=engine,
+            price=read_price(self, node["price"], f"{path}.price") if "price" in node else None,
         )
         return provider if endpoints else None
 
@@ -334,6 +336,7 @@ class _Reader(FieldReader):
         provider = self.string(node.get("provider"), f"{path}.provider")
         model = self.string(node.get("model"), f"{path}.model")
         weight = self.weight(node.get("weight", 1), f"{path}.weight")
+        price = read_price(self, node["price"], f"{path}.price") if "price" in node else None
         if provider is not None and provider not in providers:
             if provider not in self.declared:  # a declared but invalid one has its own error
                 hint_text = hint(provider, self.declared)
@@ -341,4 +344,5 @@ class _Reader(FieldReader):
             return None
         if provider is None or model is None or weight is None:
             return None
-        return Target(provider=provider, model=model, weight=weight)
+        price = price or providers[provider].price  # the provider's is the default
+        return Target(provider=provider, model=model, weight=weight, price=price)

@@ -58,6 +58,17 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class Price:
+    """What a million tokens cost, in micro-dollars (USD times 10⁶): whole numbers, so that a
+    call's cost is integer arithmetic and the ledger's sums are exact (limits/cost.py).
+    ``cached_input`` is the price of prompt tokens the upstream reports as cached."""
+
+    input: int
+    output: int
+    cached_input: int
+
+
+@dataclass(frozen=True)
 class Provider:
     name: str
     endpoints: tuple[Endpoint, ...]
@@ -79,6 +90,8 @@ class Provider:
     # A local engine the proxy runs itself; its base_url is then a template whose port
     # is filled in per call from the replica that serves it (see proxy.engines.lease).
     engine: EngineSpec | None = None
+    # The default price of its targets; a target's own ``price`` wins.
+    price: Price | None = None
 
     @property
     def base_url(self) -> str:
@@ -90,6 +103,9 @@ class Target:
     provider: str
     model: str
     weight: float = 1.0
+    # What a call it serves costs: its own price, else its provider's (config/load.py);
+    # None: it costs 0, and ``python -m proxy check`` warns.
+    price: Price | None = None
 
 
 # The two names of a call's output cap: ``max_tokens``, and OpenAI's newer

@@ -27,3 +27,5 @@ def observe_call(metrics: Metrics, record: CallRecord, elapsed: float) -> None:
         billed = record.billed
         source: TokenSource = "estimated" if billed.estimated else "reported"
         metrics.add_tokens(team, model, billed.prompt_tokens, billed.completion_tokens, source)
+    if record.cost:
+        metrics.c_cost.get(team, model, provider).inc(record.cost / 1_000_000)

@@ -31,6 +31,7 @@ from proxy.limits.rate_headers import describe_refusal, rate_headers
 from proxy.limits.redis_store import RedisStore
 from proxy.limits.store import (
     DAY,
+    NO_KEY,
     Admission,
     Settlement,
     Store,
@@ -184,7 +185,7 @@ class Accountant:
             self._redis_failed("settlement", exc)
             self.queue.append(settlement)
 
-    def settle_soon(self, ticket: Ticket, usage: Usage) -> None:
+    def settle_soon(self, ticket: Ticket, usage: Usage, cost: int = 0, key: str = NO_KEY) -> None:
         """Settle once the loop's current step is over: after the answer this step
         writes, before anything the process reads later. A client that went away cannot
         cancel its own billing (nothing here waits), and the answer does not wait for
@@ -199,7 +200,8 @@ class Accountant:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self._queued += 1
-        self._loop.call_soon(self._settle_queued, ticket, _settlement(ticket, usage))
+        settlement = _settlement(ticket, usage, cost, key)
+        self._loop.call_soon(self._settle_queued, ticket, settlement)
 
     def _settle_queued(self, ticket: Ticket, settlement: Settlement) -> None:
         self._queued -= 1
@@ -326,7 +328,7 @@ class Accountant:
             )
 
 
-def _settlement(ticket: Ticket, usage: Usage) -> Settlement:
+def _settlement(ticket: Ticket, usage: Usage, cost: int, key: str) -> Settlement:
     return Settlement(
         request_id=ticket.request_id,
         team_checks=ticket.team_checks,
@@ -336,6 +338,8 @@ def _settlement(ticket: Ticket, usage: Usage) -> Settlement:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         estimated=usage.estimated,
+        cost=cost,
+        key=key,
     )
 
 

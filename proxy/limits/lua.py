@@ -112,10 +112,13 @@ return out
 
 # KEYS: the ledger index, the state key of each check, then per call its done marker and
 # its ledger hash. ARGV: the number of calls, kind and limit per check, then per call:
-# day, model, lease, reserved, used, prompt, completion, estimated. A call whose done
-# marker is set already was settled before and is skipped. Ledger counts are added up
-# per hash and written once; the token buckets take each call's correction in order, as
-# separate runs would. Returns per call 1, or 0 if it had been settled already.
+# day, model, lease, reserved, used, prompt, completion, estimated, cost, key label. A
+# call whose done marker is set already was settled before and is skipped. Token counts
+# are added up per hash, in total and per key label (fields "requests@LABEL", …), and
+# written once; a cost is added per call, as the integer string the proxy sent (a sum in
+# Lua would be a double, exact only to 2**53). The token buckets take each call's
+# correction in order, as separate runs would. Returns per call 1, or 0 if it had been
+# settled already.
 SETTLE = (
     _COMMON
     + """
@@ -124,26 +127,40 @@ local n = #KEYS - 1 - 2 * calls
 local fields = {'requests', 'prompt_tokens', 'completion_tokens', 'estimated_prompt_tokens',
                 'estimated_completion_tokens'}
 local out, leases, deltas, days, books = {}, {}, {}, {}, {}
+local function count(book, first, prompt, completion)
+  book[1] = book[1] + 1
+  book[first] = book[first] + prompt
+  book[first + 1] = book[first + 1] + completion
+end
 for c = 1, calls do
-  local at, key = 2 * n + 8 * c - 6, n + 2 * c
+  local at, key = 2 * n + 10 * c - 8, n + 2 * c
   if redis.call('SET', KEYS[key], '1', 'NX', 'EX', 86400) then
     out[c] = 1
-    local day, model = ARGV[at], ARGV[at + 1]
+    local day, model, hash, label = ARGV[at], ARGV[at + 1], KEYS[key + 1], ARGV[at + 9]
     local delta = tonumber(ARGV[at + 4]) - tonumber(ARGV[at + 3])
     leases[#leases + 1] = ARGV[at + 2]
     deltas[#deltas + 1] = delta
     days[day] = (days[day] or 0) + delta
-    local book = books[KEYS[key + 1]]
+    local book = books[hash]
     if not book then
-      book = {0, 0, 0, 0, 0}
-      books[KEYS[key + 1]] = book
+      book = {all = {0, 0, 0, 0, 0}, by = {}}
+      books[hash] = book
       redis.call('SADD', KEYS[1], day .. ':' .. model)
+    end
+    local split = book.by[label]
+    if not split then
+      split = {0, 0, 0, 0, 0}
+      book.by[label] = split
     end
     local first = 2
     if ARGV[at + 7] == '1' then first = 4 end
-    book[1] = book[1] + 1
-    book[first] = book[first] + tonumber(ARGV[at + 5])
-    book[first + 1] = book[first + 1] + tonumber(ARGV[at + 6])
+    local prompt, completion = tonumber(ARGV[at + 5]), tonumber(ARGV[at + 6])
+    count(book.all, first, prompt, completion)
+    count(split, first, prompt, completion)
+    if ARGV[at + 8] ~= '0' then
+      redis.call('HINCRBY', hash, 'cost_micro_usd', ARGV[at + 8])
+      redis.call('HINCRBY', hash, 'cost_micro_usd@' .. label, ARGV[at + 8])
+    end
   else
     out[c] = 0
   end
@@ -151,7 +168,12 @@ end
 if #leases == 0 then return out end
 for hash, book in pairs(books) do
   for f = 1, 5 do
-    if book[f] ~= 0 then redis.call('HINCRBY', hash, fields[f], book[f]) end
+    if book.all[f] ~= 0 then redis.call('HINCRBY', hash, fields[f], book.all[f]) end
+  end
+  for label, split in pairs(book.by) do
+    for f = 1, 5 do
+      if split[f] ~= 0 then redis.call('HINCRBY', hash, fields[f] .. '@' .. label, split[f]) end
+    end
   end
 end
 for i = 1, n do

@@ -18,6 +18,7 @@ from proxy.limits.store import (
     Settlement,
     TeamChecks,
     limit_state,
+    summed,
     wait_for,
 )
 
@@ -35,7 +36,8 @@ class MemoryStore:
         self._buckets: dict[tuple[str, str, str], tuple[float, float]] = {}
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
         self._days: dict[tuple[str, str, int], int] = {}
-        self._ledger: dict[tuple[str, str, int], list[int]] = {}
+        # Per team, model, day and key label: a row's counts are the sum over its keys.
+        self._ledger: dict[tuple[str, str, int, str], list[int]] = {}
         self._done: OrderedDict[str, float] = OrderedDict()  # in settlement order
 
     def prepare(self, team: str, checks: tuple[Check, ...]) -> TeamChecks:
@@ -118,7 +120,7 @@ class MemoryStore:
             elif check.kind == "tokens_per_minute":
                 tokens = min(float(check.limit), self._available(s.team, check, now) - delta)
                 self._buckets[(s.team, check.scope, check.kind)] = (tokens, now)
-        row = self._ledger.setdefault((s.team, s.model, s.day), [0] * len(LEDGER_FIELDS))
+        row = self._ledger.setdefault((s.team, s.model, s.day, s.key), [0] * len(LEDGER_FIELDS))
         for i, value in enumerate(ledger_values(s)):
             row[i] += value
 
@@ -134,15 +136,18 @@ class MemoryStore:
                 leases[lease] = self._clock() + ttl
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
+        rows: dict[tuple[str, str, int], list[tuple[str, tuple[int, ...]]]] = {}
+        for (team, model, day, key), counts in sorted(self._ledger.items()):
+            if team in teams and first_day <= day <= last_day:
+                rows.setdefault((team, model, day), []).append((key, tuple(counts)))
         return [
-            LedgerRow(team, model, day, tuple(counts))
-            for (team, model, day), counts in sorted(self._ledger.items())
-            if team in teams and first_day <= day <= last_day
+            LedgerRow(team, model, day, summed(c for _, c in keys), tuple(keys))
+            for (team, model, day), keys in rows.items()
         ]
 
 
 def ledger_values(s: Settlement) -> tuple[int, ...]:
     """In LEDGER_FIELDS order: reported and estimated tokens are kept apart."""
     if s.estimated:
-        return (1, 0, 0, s.prompt_tokens, s.completion_tokens)
-    return (1, s.prompt_tokens, s.completion_tokens, 0, 0)
+        return (1, 0, 0, s.prompt_tokens, s.completion_tokens, s.cost)
+    return (1, s.prompt_tokens, s.completion_tokens, 0, 0, s.cost)

@@ -84,7 +84,7 @@ class TeamParts:
                 encode_items(limits),
                 2 * n,
                 2,
-                8,
+                10,
             ),
             tuple(k for k, c in zip(keys, checks, strict=True) if c.kind == "concurrent"),
         )
@@ -117,6 +117,8 @@ def settle_parts(s: Settlement) -> tuple[bytes, bytes]:
             s.prompt_tokens,
             s.completion_tokens,
             1 if s.estimated else 0,
+            s.cost,
+            s.key,
         )
     )
     return keys, args
@@ -282,13 +284,30 @@ class RedisStore:
         replies = await asyncio.gather(
             *(self.hot.execute("HGETALL", team_key(team, "ledger", str(d), m)) for d, m in entries)
         )
-        rows = []
-        for (day, model), reply in zip(entries, replies, strict=True):
-            flat = _strings(reply)
-            counts = dict(zip(flat[::2], flat[1::2], strict=True))  # HGETALL: field, value, …
-            values = tuple(int(counts.get(f, 0)) for f in LEDGER_FIELDS)
-            rows.append(LedgerRow(team, model, day, values))
-        return rows
+        return [
+            _ledger_row(team, model, day, _strings(reply))
+            for (day, model), reply in zip(entries, replies, strict=True)
+        ]
+
+
+def _ledger_row(team: str, model: str, day: int, flat: list[str]) -> LedgerRow:
+    """A ledger hash (HGETALL: field, value, …): the totals, and the split by key label
+    in the fields named ``FIELD@LABEL``."""
+    totals: dict[str, int] = {}
+    by_key: dict[str, dict[str, int]] = {}
+    for name, value in zip(flat[::2], flat[1::2], strict=True):
+        field, _, label = name.partition("@")
+        (by_key.setdefault(label, {}) if label else totals)[field] = int(value)
+    return LedgerRow(
+        team,
+        model,
+        day,
+        tuple(totals.get(f, 0) for f in LEDGER_FIELDS),
+        tuple(
+            (label, tuple(counts.get(f, 0) for f in LEDGER_FIELDS))
+            for label, counts in sorted(by_key.items())
+        ),
+    )
 
 
 def _strings(reply: Reply) -> list[str]:

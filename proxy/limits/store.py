@@ -12,6 +12,7 @@ them does not know which one runs:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -21,8 +22,10 @@ KIND_CODES = {"requests_per_minute": 1, "tokens_per_minute": 2, "concurrent": 3,
 PER_MINUTE = 60.0
 LEDGER_FIELDS = (
     "requests", "prompt_tokens", "completion_tokens", "estimated_prompt_tokens",
-    "estimated_completion_tokens",
+    "estimated_completion_tokens", "cost_micro_usd",
 )  # fmt: skip
+COST = LEDGER_FIELDS.index("cost_micro_usd")
+NO_KEY = "-"  # the key label of calls without a key (no team configured)
 
 
 class StoreUnavailable(Exception):
@@ -84,6 +87,8 @@ class Settlement:
     prompt_tokens: int
     completion_tokens: int
     estimated: bool
+    cost: int = 0  # micro-dollars (limits/cost.py)
+    key: str = NO_KEY  # the label of the key that called (call/auth.py: key_label)
 
     @property
     def team(self) -> str:
@@ -105,6 +110,12 @@ class LedgerRow:
     model: str
     day: int
     counts: tuple[int, ...]  # in LEDGER_FIELDS order
+    keys: tuple[tuple[str, tuple[int, ...]], ...] = ()  # the counts split by key label
+
+
+def summed(counts: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
+    """Ledger counts (LEDGER_FIELDS order) added up field by field."""
+    return tuple(map(sum, zip(*counts, strict=True))) or (0,) * len(LEDGER_FIELDS)
 
 
 class Store(Protocol):

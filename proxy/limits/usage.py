@@ -21,6 +21,9 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     estimated: bool = False
+    # Of the prompt tokens, those the upstream served from its prompt cache
+    # (usage.prompt_tokens_details.cached_tokens): billed at the cached_input price.
+    cached_tokens: int = 0
 
 
 def reported(payload: Any) -> Usage | None:
@@ -31,7 +34,14 @@ def reported(payload: Any) -> Usage | None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
     if not (_count(prompt) and _count(completion)):
         return None
-    return Usage(prompt, completion)
+    return Usage(prompt, completion, cached_tokens=_cached(usage, prompt))
+
+
+def _cached(usage: dict[str, Any], prompt: int) -> int:
+    """The cached prompt tokens, at most the prompt's; 0 if not reported as a count."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return min(cached, prompt) if _count(cached) else 0
 
 
 def _count(value: Any) -> TypeGuard[int]:

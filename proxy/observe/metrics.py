@@ -127,6 +127,7 @@ class Metrics:
         self.c_chunk_gap = _Children(self.chunk_gap, TalliedHistogram, tally)
         self.c_attempts = _Children(self.attempts, TalliedCount, tally)
         self.c_tokens = _Children(self.tokens, TalliedCount, tally)
+        self.c_cost = _Children(self.cost, TalliedCount, tally)
         self.c_redis_latency = _Children(self.redis_latency, TalliedHistogram, tally)
         self.c_overhead = TalliedHistogram(self.overhead, tally)
         self.c_in_flight = TalliedCount(self.in_flight, tally)
@@ -213,6 +214,13 @@ class Metrics:
             "Tokens by team, model, kind (prompt, completion) and source "
             "(reported by the upstream, estimated by the proxy).",
             ["team", "model", "kind", "source"],
+            registry=r,
+        )
+        self.cost = Counter(
+            p + "cost_usd",
+            "What calls cost at the served targets' prices, in USD, by team, model "
+            "(the routes.yaml id) and provider.",
+            ["team", "model", "provider"],
             registry=r,
         )
         self.rate_limited = Counter(

@@ -79,7 +79,7 @@ extra: 1
     assert caught.value.errors == [
         "extra: unknown key (did you mean 'retry'?)",
         "providers.prime.colour: unknown key (known: api_key, balance, base_url, circuit, "
-        "endpoints, engine, headers, required, retry, stream_usage, timeouts)",
+        "endpoints, engine, headers, price, required, retry, stream_usage, timeouts)",
         "providers.prime.base_url: must be an http(s) URL with a host, got 'ftp://nowhere'",
         "providers.prime.timeouts.connect: must be a positive duration such as 30s, 500ms or "
         "2m, got 'soon'",

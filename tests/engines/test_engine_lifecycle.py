@@ -219,6 +219,24 @@ async def test_an_engine_s_chatter_is_debug_and_its_warnings_and_errors_are_not(
     await app[SERVICES].engines.supervisors["local"].stop()
 
 
+async def test_an_engine_s_calls_cost_its_price_per_million_tokens(make_engine_app: MakeApp):
+    """0.5 USD per million prompt tokens and 2 per million completion tokens: the fake
+    engine's 100 and 10 tokens cost 50 + 20 micro-dollars a call."""
+    priced = fake_engine_yaml(engine="    price: {input: 0.5, output: 2}")
+    app, url = await make_engine_app(priced + "admin_key: admin\n")
+    await eventually(lambda: "local" in app[SERVICES].engines.supervisors, timeout=10)
+    call = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as http:
+        for _ in range(2):
+            async with http.post(url + "/v1/chat/completions", json=call) as resp:
+                assert resp.status == 200, await resp.text()
+        admin = {"Authorization": "Bearer admin"}
+        async with http.get(url + "/v1/usage", headers=admin) as resp:
+            [row] = (await resp.json())["data"]
+    assert (row["prompt_tokens"], row["cost_micro_usd"]) == (200, 140)
+    await app[SERVICES].engines.supervisors["local"].stop()
+
+
 # The launcher runs under the proxy as the shipped routes.yaml runs it, with a stand-in
 # xllamacpp that records the environment it is imported in (libgomp reads it when it
 # loads), then refuses to load, so the launcher stops there.

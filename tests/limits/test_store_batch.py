@@ -102,7 +102,7 @@ async def test_settlements_in_one_turn_book_once_each_and_free_their_slots(store
 
     rows = await store.ledger(["t"], day, day)
     assert rows == await memory.ledger(["t"], day, day)
-    assert rows[0].counts == (3, 75 + 150, 75 + 150, 20, 20)
+    assert rows[0].counts == (3, 75 + 150, 75 + 150, 20, 20, 0)
     # The slots of r0, r1 and r2 are free, r3's is held: three more calls fit, not four.
     again = await asyncio.gather(*(store.admit(checks, 10, f"s{i}", 60.0) for i in range(4)))
     want = [await memory.admit(memory.prepare("t", CHECKS), 10, f"s{i}", 60.0) for i in range(4)]

@@ -35,6 +35,9 @@ async def admitted_eventually(store: RedisStore, checks: tuple[Check, ...], rese
             await asyncio.sleep(0.01)
 
 
+FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cost_micro_usd")  # non-zero ones
+
+
 def _seen(a: Admission) -> tuple[bool, str | None, list[int]]:
     return a.admitted, a.refused.kind if a.refused else None, [s.remaining for s in a.states]
 
@@ -236,19 +239,53 @@ async def test_refusals_report_the_figures_of_the_other_backend(store: RedisStor
             assert abs(g.reset - w.reset) < 0.5, i
 
 
-async def test_one_turn_of_settlements_books_each_model_on_its_own_row(store: RedisStore):
-    # One script run settles them all; the ledger hash is per team, day and model.
+async def test_one_turn_of_settlements_books_each_model_on_its_own_row(
+    store: RedisStore, private_redis: RedisServer
+):
+    # One script run settles them all; the ledger hash is per team, day and model, with
+    # the split by key label beside the totals, and each call's cost added exactly.
     checks = (Check("*", "tokens_per_day", 1000),)
     day = (await store.admit(store.prepare("t", checks), 10, "a", 60.0)).day
     for lease in ("b", "c"):
         await store.admit(store.prepare("t", checks), 10, lease, 60.0)
-    await asyncio.gather(
-        store.settle(Settlement("a", store.prepare("t", checks), "small", day, 10, 3, 4, False)),
-        store.settle(Settlement("b", store.prepare("t", checks), "large", day, 10, 5, 6, False)),
-        store.settle(Settlement("c", store.prepare("t", checks), "small", day, 10, 1, 1, True)),
-    )
-    rows = {row.model: row.counts for row in await store.ledger(["t"], day, day)}
-    assert rows == {"small": (2, 3, 4, 1, 1), "large": (1, 5, 6, 0, 0)}
+    settlements = [
+        Settlement("a", store.prepare("t", checks), "small", day, 10, 3, 4, False, 700, "k1"),
+        Settlement("b", store.prepare("t", checks), "large", day, 10, 5, 6, False, 20, "k2"),
+        Settlement("c", store.prepare("t", checks), "small", day, 10, 1, 1, True, 5, "k1"),
+        Settlement("d", store.prepare("t", ()), "small", day, 0, 2, 2, False, 2**53 + 1, "k2"),
+        Settlement("e", store.prepare("t", ()), "free", day, 0, 1, 1, False, 0, "k3"),
+    ]
+    await asyncio.gather(*(store.settle(s) for s in settlements))
+    rows = {row.model: (row.counts, row.keys) for row in await store.ledger(["t"], day, day)}
+    assert rows == {
+        "small": (
+            (3, 5, 6, 1, 1, 2**53 + 706),
+            (("k1", (2, 3, 4, 1, 1, 705)), ("k2", (1, 2, 2, 0, 0, 2**53 + 1))),
+        ),
+        "large": ((1, 5, 6, 0, 0, 20), (("k2", (1, 5, 6, 0, 0, 20)),)),
+        "free": ((1, 1, 1, 0, 0, 0), (("k3", (1, 1, 1, 0, 0, 0)),)),
+    }
+    client = private_redis.client()
+    try:
+        large = client.hgetall(f"llmproxy:{{t}}:ledger:{day}:large")
+        free = client.hgetall(f"llmproxy:{{t}}:ledger:{day}:free")
+    finally:
+        client.close()
+    assert large == {
+        **{f.encode(): v for f, v in zip(FIELDS, [b"1", b"5", b"6", b"20"], strict=True)},
+        **{f"{f}@k2".encode(): v for f, v in zip(FIELDS, [b"1", b"5", b"6", b"20"], strict=True)},
+    }
+    # A call that cost nothing writes no cost field (nor any other count that is 0).
+    assert free == {
+        **{f.encode(): b"1" for f in FIELDS[:3]},
+        **{f"{f}@k3".encode(): b"1" for f in FIELDS[:3]},
+    }
+    memory = MemoryStore()
+    for s in settlements:
+        await memory.settle(s)
+    assert {
+        row.model: (row.counts, row.keys) for row in await memory.ledger(["t"], day, day)
+    } == rows
     # The day's count took each correction: 30 reserved, 20 used.
     assert _seen(await store.admit(store.prepare("t", checks), 980, "d", 60.0)) == (True, None, [0])
 

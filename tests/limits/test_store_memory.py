@@ -183,7 +183,7 @@ async def test_a_call_that_outlived_its_lease_is_settled_all_the_same():
     clock.now += 30
     assert (await store.admit(store.prepare("t", one), 1, "b", 30.0)).admitted
     await store.settle(_settled("a", (*one, Check("m", "concurrent", 1)), 1, 3, 4))
-    assert [r.counts for r in await store.ledger(["t"], D, D)] == [(1, 3, 4, 0, 0)]
+    assert [r.counts for r in await store.ledger(["t"], D, D)] == [(1, 3, 4, 0, 0, 0)]
     assert not (await store.admit(store.prepare("t", one), 1, "c", 30.0)).admitted
 
 
@@ -256,10 +256,10 @@ async def test_a_retried_settlement_counts_once_for_a_day():
     assert _seen(await store.admit(store.prepare("t", tpd), 90, "b", 60.0))[:3] == (True, None, [0])
     clock.now += DONE_TTL - 1
     await store.settle(retried)
-    assert [r.counts for r in await store.ledger(["t"], D, D)] == [(1, 5, 5, 0, 0)]
+    assert [r.counts for r in await store.ledger(["t"], D, D)] == [(1, 5, 5, 0, 0, 0)]
     clock.now += 1  # a day after: forgotten, so it counts again
     await store.settle(retried)
-    assert [r.counts for r in await store.ledger(["t"], D, D)] == [(2, 10, 10, 0, 0)]
+    assert [r.counts for r in await store.ledger(["t"], D, D)] == [(2, 10, 10, 0, 0, 0)]
 
 
 async def test_the_last_settlements_are_remembered_and_older_ones_forgotten():
@@ -294,8 +294,8 @@ async def test_the_ledger_answers_per_team_model_and_day_in_the_days_asked():
         )
     rows = await store.ledger(["t"], D, D + 1)
     assert [(r.team, r.model, r.day, r.counts) for r in rows] == [
-        ("t", "large", D + 1, (1, 12, 22, 0, 0)),
-        ("t", "small", D, (2, 10, 20, 11, 21)),
+        ("t", "large", D + 1, (1, 12, 22, 0, 0, 0)),
+        ("t", "small", D, (2, 10, 20, 11, 21, 0)),
     ]
     assert [r.team for r in await store.ledger(["t", "u"], D, D)] == ["t", "u"]
     assert await store.ledger(["v"], D - 1, D + 2) == []

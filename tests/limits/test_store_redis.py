@@ -54,8 +54,8 @@ async def test_the_ledger_answers_the_days_asked_with_models_named_with_a_colon(
         await store.settle(_settled(store, f"r{n}", model, day, 10 + n))
     rows = await store.ledger(["t", "u"], D, D + 1)
     assert [(r.team, r.model, r.day, r.counts) for r in rows] == [
-        ("t", "llama3:8b", D, (1, 11, 1, 0, 0)),
-        ("t", "gpt", D + 1, (1, 12, 1, 0, 0)),
+        ("t", "llama3:8b", D, (1, 11, 1, 0, 0, 0)),
+        ("t", "gpt", D + 1, (1, 12, 1, 0, 0, 0)),
     ]
 
 
@@ -118,7 +118,7 @@ async def test_a_settlement_sent_without_waiting_reports_its_outcome(
     assert sent is not None
     await eventually(lambda: len(outcomes) == 1)
     assert outcomes == [None]
-    assert [r.counts for r in await store.ledger(["t"], day, day)] == [(1, 5, 5, 0, 0)]
+    assert [r.counts for r in await store.ledger(["t"], day, day)] == [(1, 5, 5, 0, 0, 0)]
     assert (await store.admit(store.prepare("t", TPD), 90, "b", 60.0)).states[
         0
     ].remaining == 0  # 50 → 10

@@ -103,6 +103,10 @@ def _routes(wandb: Upstream, prime: Upstream, redis_url: str) -> str:
         "    headers: {X-Prime-Team-ID: team-42}\n",
         "    headers: {X-Prime-Team-ID: team-42}\n    required: true\n",
     )
+    text = text.replace(  # wandb's calls cost something: the cost panel gets a value
+        "    headers: {OpenAI-Project: acme/research}\n",
+        "    headers: {OpenAI-Project: acme/research}\n    price: {input: 1, output: 2}\n",
+    )
     tight = f"""  tight:
     keys: ["{key_hash(TIGHT_KEY)}"]
     limits: {{requests_per_minute: 1}}

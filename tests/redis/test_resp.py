@@ -143,7 +143,9 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
     for i in ids:
         batch.add(
             *settle_parts(
-                Settlement(i, TeamChecks("team-a", checks), "gpt", 20000, 1234, 12, 7, True)
+                Settlement(
+                    i, TeamChecks("team-a", checks), "gpt", 20000, 1234, 12, 7, True, 3456, "ab12"
+                )
             )
         )
     assert batch.encode(by_body=True) == encode(
@@ -160,7 +162,7 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
             ),
             calls,
             *limits,
-            *(x for i in ids for x in (20000, "gpt", i, 1234, 19, 12, 7, 1)),
+            *(x for i in ids for x in (20000, "gpt", i, 1234, 19, 12, 7, 1, 3456, "ab12")),
         ]
     )
 
@@ -187,16 +189,18 @@ async def test_a_team_s_batched_scripts_on_the_wire():
     batch = Batch(parts.settle, asyncio.get_running_loop(), lambda command, receiver: None)
     batch.add(
         *settle_parts(
-            Settlement("req-0", TeamChecks("team-a", checks), "gpt", 20000, 1234, 12, 7, True)
+            Settlement(
+                "req-0", TeamChecks("team-a", checks), "gpt", 20000, 1234, 12, 7, True, 3456, "ab12"
+            )
         )
     )
     assert batch.encode(by_body=True) == (
-        b"*24\r\n$4\r\nEVAL\r\n$8\r\nreturn 2\r\n$1\r\n6\r\n"
+        b"*26\r\n$4\r\nEVAL\r\n$8\r\nreturn 2\r\n$1\r\n6\r\n"
         b"$30\r\nllmproxy:{team-a}:ledger-index\r\n$23\r\nllmproxy:{team-a}:rpm:*\r\n"
         b"$26\r\nllmproxy:{team-a}:conc:gpt\r\n$23\r\nllmproxy:{team-a}:tpd:*\r\n"
         b"$28\r\nllmproxy:{team-a}:done:req-0\r\n$34\r\nllmproxy:{team-a}:ledger:20000:gpt\r\n"
         b"$1\r\n1\r\n"
         b"$1\r\n1\r\n$3\r\n100\r\n$1\r\n3\r\n$1\r\n3\r\n$1\r\n4\r\n$10\r\n1000000000\r\n"
         b"$5\r\n20000\r\n$3\r\ngpt\r\n$5\r\nreq-0\r\n$4\r\n1234\r\n$2\r\n19\r\n$2\r\n12\r\n"
-        b"$1\r\n7\r\n$1\r\n1\r\n"
+        b"$1\r\n7\r\n$1\r\n1\r\n$4\r\n3456\r\n$4\r\nab12\r\n"
     )

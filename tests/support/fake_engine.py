@@ -1,7 +1,8 @@
 """A fake local engine: ``python tests/support/fake_engine.py --port N [options]``, a real HTTP
 server process for the engine supervisor's tests (llama.cpp takes seconds to start).
 
-It answers 200 on /health, and on /metrics one counter, ``fake_engine_calls_total 42``.
+It answers 200 on /health, on /metrics one counter, ``fake_engine_calls_total 42``, and
+a chat completion to any POST, whose usage is 100 prompt and 10 completion tokens.
 ``--lives FILE``: each start takes the first line of FILE (and rewrites FILE without it)
 as the seconds this run lives before it exits with code 3, 0 meaning before it ever
 listens; with FILE empty it serves until stopped. ``--ignore-sigterm``: SIGTERM is
@@ -22,6 +23,11 @@ METRICS = (
     b"# HELP fake_engine_calls_total Calls.\n# TYPE fake_engine_calls_total counter\n"
     b"fake_engine_calls_total 42\n"
 )
+ANSWER = (
+    b'{"id": "fake", "object": "chat.completion", "choices": [{"index": 0, "message": '
+    b'{"role": "assistant", "content": "ok"}, "finish_reason": "stop"}], '
+    b'"usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}}'
+)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -31,6 +37,14 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body or b"")))
         self.end_headers()
         self.wfile.write(body or b"")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(ANSWER)))
+        self.end_headers()
+        self.wfile.write(ANSWER)
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # the proxy logs every line of ours: keep it to the events below
