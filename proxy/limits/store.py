@@ -88,7 +88,7 @@ class Settlement:
     completion_tokens: int
     estimated: bool
     cost: int = 0  # micro-dollars (limits/cost.py)
-    key: str = NO_KEY  # the label of the key that called (call/auth.py: key_label)
+    key: str = NO_KEY  # the name of the key that called (config: TeamKey.name)
 
     @property
     def team(self) -> str:

@@ -28,9 +28,9 @@ from tests.support.metrics import scrape
 from tests.support.teams import ADMIN_KEY, OPS_KEY, RESEARCH_KEY, MakeTeamProxy, chat, ledger
 from tests.support.teams import team_yaml as _team_yaml
 
-# The label the ledger splits by: the first 12 hex digits of the key's SHA-256.
-RESEARCH = hashlib.sha256(RESEARCH_KEY.encode()).hexdigest()[:12]
-OPS = hashlib.sha256(OPS_KEY.encode()).hexdigest()[:12]
+# The ledger splits by key name; a bare hash is named after its first 12 hex digits.
+RESEARCH = "sha256:" + hashlib.sha256(RESEARCH_KEY.encode()).hexdigest()[:12]
+OPS = "sha256:" + hashlib.sha256(OPS_KEY.encode()).hexdigest()[:12]
 USAGE = {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}
 CACHED = {**USAGE, "prompt_tokens_details": {"cached_tokens": 60}}
 
