@@ -160,3 +160,17 @@ async def test_a_call_that_fails_is_a_span_in_error_with_each_failed_attempt(
     assert refused.status_code == UNSET
     (attempt,) = receiver.children(refused)
     assert (attempt.status_code, attempt.attributes["error.type"]) == (ERROR, "400")
+
+
+async def test_a_stream_broken_after_its_first_byte_is_a_span_in_error(
+    start_app: StartApp, wandb: Upstream, prime: Upstream, tmp_path: Path
+):
+    receiver, proxy, url = await _traced_proxy(start_app, wandb, prime, tmp_path)
+    wandb.fake.faults = [Fault(reset_after_first=True)]
+    request_id = await _post(url, {**CHAT, "stream": True})  # 200: its head went out
+    await proxy.cleanup()
+    (call,) = receiver.of_kind(SERVER)
+    assert call.attributes["proxy.request_id"] == request_id
+    assert call.attributes["http.response.status_code"] == 200
+    assert (call.status_code, call.attributes["error.type"]) == (ERROR, "stream_error")
+    assert call.status_message.startswith("Provider 'wandb'")
