@@ -19,6 +19,8 @@ from proxy.limits.admission import Accountant
 from proxy.limits.memory import MemoryStore
 from proxy.limits.redis_store import RedisStore
 from proxy.observe.metrics import Metrics
+from proxy.observe.tracing import close_tracing, open_tracing
+from proxy.observe.worker_metrics import package_version
 from proxy.routing.circuit_sync import CircuitSync
 from proxy.services import SERVICES, Services
 from proxy.upstream.client import UpstreamClient
@@ -30,6 +32,8 @@ def make_app(holder: ConfigHolder) -> web.Application:
     app = web.Application(middlewares=[calls])
     app[SERVICES] = services = Services(holder, Metrics.from_env())
     holder.on_reload = services.metrics.config_reloaded
+    # First in, so last out: the spans of every call, the drain's included, are flushed.
+    app.cleanup_ctx.append(_tracing)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_accounting)
     app.cleanup_ctx.append(_circuit_sharing)
@@ -44,6 +48,19 @@ def make_app(holder: ConfigHolder) -> web.Application:
 
 async def _flush_metrics(app: web.Application) -> None:
     app[SERVICES].metrics.flush()
+
+
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    # Read at start, like redis.url: a reload that changes telemetry takes a restart.
+    services = app[SERVICES]
+    settings = services.config.current.telemetry
+    if settings is None:  # off: nothing of OpenTelemetry is imported
+        yield
+        return
+    services.tracing = tracing = open_tracing(settings, package_version())
+    yield
+    services.tracing = None
+    await _bounded(close_tracing(tracing), "flushing the trace spans", seconds=5.0)
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:

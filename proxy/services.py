@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -22,11 +23,14 @@ from proxy.routing.balance import Balancer
 from proxy.routing.circuit import CircuitBreakers
 from proxy.upstream.client import UpstreamClient
 
+if TYPE_CHECKING:
+    from proxy.observe.spans import Tracing
+
 
 class Services:
     __slots__ = (
         "accountant", "balancer", "breakers", "clock", "config", "engines", "metrics", "probes",
-        "upstream_client",
+        "tracing", "upstream_client",
     )  # fmt: skip
 
     # Set at start-up, by app.py's cleanup contexts.
@@ -44,6 +48,8 @@ class Services:
         self.probes = Probes()  # /readyz's TCP probes, shared within a second
         # The wall clock team keys expire by (a test sets its own).
         self.clock: Callable[[], float] = time.time
+        # OpenTelemetry traces (routes.yaml telemetry:), opened by app.py; None: off.
+        self.tracing: Tracing | None = None
 
 
 SERVICES = web.AppKey("services", Services)

@@ -22,6 +22,7 @@ from proxy.call.exchange import Exchange, Outcome
 from proxy.call.final_error import Failure, all_failed
 from proxy.call.headers import NOT_TO_UPSTREAM
 from proxy.call.record import Attempt, CallRecord
+from proxy.call.traced import traced_attempt
 from proxy.config.model import Config, Endpoint, Model, Provider, RetryPolicy, Target
 from proxy.engines.lease import served_by
 from proxy.errors import CircuitOpen, EngineUnavailable, ProviderUnavailable
@@ -189,7 +190,8 @@ class _Run:
                     self.call.config.server.max_answer_bytes,
                     self.call.not_forwarded,
                 )
-                response = await attempt(
+                send = attempt if self.record.trace is None else traced_attempt
+                response = await send(
                     self.exchange, services.upstream_client, target, body, self.record, strip_usage
                 )
             breakers.succeeded(endpoint.url)

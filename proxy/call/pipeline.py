@@ -10,6 +10,7 @@ from proxy.call.forward import Call, forward
 from proxy.call.headers import NOT_TO_UPSTREAM, check_forwardable, not_forwarded
 from proxy.call.record import CallRecord
 from proxy.call.request import Api, call_budget, checked_body, resolve_model
+from proxy.call.traced import traced_call
 from proxy.errors import RateLimited
 from proxy.limits.admission import LeaseKeeper, final_usage, reservation
 from proxy.limits.cost import cost_micros
@@ -20,10 +21,13 @@ from proxy.limits.usage import estimate_prompt
 
 async def proxied_call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
     record.api = api.path
-    in_flight = exchange.services.metrics.c_in_flight
+    services = exchange.services
+    in_flight = services.metrics.c_in_flight
     in_flight.inc()
     try:
-        return await _call(exchange, api, record)
+        if services.tracing is None:
+            return await _call(exchange, api, record)
+        return await traced_call(services.tracing, _call, exchange, api, record)
     finally:
         in_flight.dec()
 

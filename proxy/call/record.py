@@ -6,9 +6,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from proxy.config.model import ANONYMOUS, Price
 from proxy.limits.usage import Usage
+
+if TYPE_CHECKING:
+    from proxy.observe.spans import CallTrace
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class CallRecord:
     # Seconds spent awaiting the upstream or the client: the rest of the call is the
     # proxy's own overhead.
     waited: float = 0.0
+    trace: CallTrace | None = None  # its OpenTelemetry span, with telemetry on (call/traced.py)
 
     def mark_first_byte(self) -> None:
         if self.first_byte is None:

@@ -9,12 +9,13 @@ from typing import Any
 from proxy.config.model import Config
 
 _PARTS = ("models", "providers", "teams")
+_OTHERS = ("server", "redis", "accounting", "admin_key", "telemetry")
 
 
 def describe_changes(old: Config, new: Config) -> str:
     parts = [_part(name, getattr(old, name), getattr(new, name)) for name in _PARTS]
     changed = [part for part in parts if part]
-    others = [n for n in ("server", "redis", "accounting", "admin_key") if _differs(old, new, n)]
+    others = [n for n in _OTHERS if _differs(old, new, n)]
     if others:
         changed.append("changed: " + ", ".join(others))
     return "; ".join(changed) or "no change"

@@ -40,10 +40,11 @@ from proxy.config.teams import (
     read_redis,
     read_teams,
 )
+from proxy.config.telemetry import read_telemetry
 
 TOP_KEYS = {
     "redis", "server", "providers", "models", "retry", "circuit", "teams", "accounting",
-    "admin_key",
+    "admin_key", "telemetry",
 }  # fmt: skip
 PROVIDER_KEYS = {
     "base_url", "endpoints", "balance", "api_key", "headers", "timeouts", "retry", "circuit",
@@ -159,6 +160,7 @@ class _Reader(FieldReader):
             key_index=key_index(teams),
             accounting=read_accounting(self, top.get("accounting")),
             admin_key=admin_key,
+            telemetry=read_telemetry(self, top.get("telemetry")),
             warnings=tuple(self.warnings),
         )
 

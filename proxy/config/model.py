@@ -8,6 +8,7 @@ from types import MappingProxyType
 from typing import Any
 
 from proxy.config.engine import EngineSpec
+from proxy.config.telemetry import Telemetry
 
 STRATEGIES = ("fallback", "round_robin", "weighted", "least_busy")
 BALANCES = ("round_robin", "weighted", "least_busy", "affinity")
@@ -233,5 +234,6 @@ class Config:
     # "sha256:<hex>" → the team's key, built by the loader for one lookup per call.
     key_index: Mapping[str, TeamKey] = field(default_factory=frozen_map)
     admin_key: str = ""
+    telemetry: Telemetry | None = None  # OpenTelemetry traces; None: off
     # Warnings that do not make the file invalid (a provider key variable unset).
     warnings: tuple[str, ...] = ()
