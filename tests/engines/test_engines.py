@@ -135,7 +135,7 @@ async def test_chat_and_stream_through_the_proxy(make_engine_proxy: MakeEnginePr
     # The ledger holds exactly what the engine counted for the three calls.
     rows = await proxy.app[SERVICES].accountant.primary.ledger(["anonymous"], 0, 10**6)
     assert [(r.model, r.counts[0]) for r in rows] == [("smollm2", 3)]
-    _, prompt, completion, est_prompt, est_completion = rows[0].counts
+    _, prompt, completion, est_prompt, est_completion, _ = rows[0].counts  # then the cost
     assert completion == last[predicted] - before[predicted]
     assert prompt == _prompt_tokens(last) - _prompt_tokens(before)
     assert est_prompt == est_completion == 0
