@@ -8,7 +8,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeAlias
 
 import yaml
 
@@ -54,7 +54,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=_prog(), description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    _add_serve(sub)
+    check = sub.add_parser("check", help="validate a routes.yaml and print every error")
+    check.add_argument("config", type=Path, help="the routes file to check")
+    check.set_defaults(run=_check)
+    _add_keygen(sub)
+    _add_usage(sub)
+    return parser
 
+
+# What add_subparsers() returns (typeshed names its class; argparse has no public name).
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_serve(sub: Commands) -> None:
     serve = sub.add_parser("serve", help="run the proxy", formatter_class=_Defaults)
     serve.add_argument("--config", type=Path, default=Path("routes.yaml"), help="routes file")
     serve.add_argument(
@@ -89,10 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
-    check = sub.add_parser("check", help="validate a routes.yaml and print every error")
-    check.add_argument("config", type=Path, help="the routes file to check")
-    check.set_defaults(run=_check)
 
+def _add_keygen(sub: Commands) -> None:
     keygen = sub.add_parser(
         "keygen", help="print a new key for a team, once, and its entry for routes.yaml"
     )
@@ -106,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     keygen.set_defaults(run=_keygen)
 
+
+def _add_usage(sub: Commands) -> None:
     usage = sub.add_parser(
         "usage", help="show the ledger of a running proxy", formatter_class=_Defaults
     )
@@ -119,7 +132,6 @@ def _parser() -> argparse.ArgumentParser:
         help=f"routes.yaml's admin_key (default: ${ADMIN_KEY_ENV}, never shown here)",
     )
     usage.set_defaults(run=show_usage)
-    return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
