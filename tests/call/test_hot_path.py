@@ -19,6 +19,7 @@ from proxy.limits.admission import Accountant
 from proxy.limits.memory import DONE_MAX, MemoryStore
 from proxy.limits.store import Settlement, TeamChecks
 from proxy.observe.access_log import encode
+from tests.support.strategies import SPACES, json_values
 
 
 def test_request_ids_are_uuid4_hex():
@@ -86,13 +87,9 @@ async def test_a_call_that_read_the_config_before_a_reload_admits_by_its_limits(
     await accountant.admit(new, "t", "m", 1, 1, "c")  # 2 of 5: the old config's 1 is gone
 
 
-KEYS = st.sampled_from(["model", "messages", "stream_options", "tools", "mod\\u0065l", "x"])
-VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
-    max_leaves=12,
-)
-SPACES = st.sampled_from(["", " ", "\n  ", "\t"])
+KEY_NAMES = ["model", "messages", "stream_options", "tools", "mod\\u0065l", "x"]
+KEYS = st.sampled_from(KEY_NAMES)
+VALUES = json_values(KEY_NAMES)
 
 
 @settings(max_examples=300, deadline=None)

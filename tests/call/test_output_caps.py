@@ -18,6 +18,7 @@ from proxy.limits.usage import estimate_prompt
 from proxy.services import SERVICES
 from tests.conftest import MakeProxy, Proxy
 from tests.support import ProxyProcess, Upstream, eventually, free_port, routes_yaml
+from tests.support.strategies import SPACES, json_values
 from tests.support.teams import MESSAGES, RESEARCH_KEY, team_yaml
 
 CHAT = "/v1/chat/completions"
@@ -350,13 +351,9 @@ async def test_a_served_process_applies_the_caps_and_a_reload_changes_them(
 
 # 5. The splice itself, against json's own reading of the result.
 
-KEYS = st.sampled_from(["model", "messages", "max_tokens", "stream_options", "tools", "x"])
-VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
-    max_leaves=12,
-)
-SPACES = st.sampled_from(["", " ", "\n  ", "\t"])
+KEY_NAMES = ["model", "messages", "max_tokens", "stream_options", "tools", "x"]
+KEYS = st.sampled_from(KEY_NAMES)
+VALUES = json_values(KEY_NAMES)
 
 
 @settings(max_examples=300, deadline=None)
