@@ -3,8 +3,10 @@
 A call leases the ready replica with the fewest calls in flight (ties rotate, so
 sequential calls spread too) and holds the lease until its last byte is relayed. A
 call that finds no replica ready waits for one up to ``engine.wait`` and then gets a
-503; it never hangs. An idle unload only happens when no call holds or waits for a
-lease, and those counts change only between awaits, so the check cannot race a call.
+503; it never hangs. Before that, the call takes a slot from the engine's fair queue
+(engines/fair_queue.py): it waits there while every slot is taken. An idle unload only
+happens when no call holds or waits for a lease or a slot, and those counts change only
+between awaits, so the check cannot race a call.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from proxy.config.engine import EngineSpec
+from proxy.engines.fair_queue import FairQueue, QueueObserver
 from proxy.engines.replica import Replica
 from proxy.errors import EngineUnavailable
 
@@ -25,7 +28,13 @@ log = logging.getLogger(__name__)
 
 
 class EngineSupervisor:
-    def __init__(self, name: str, spec: EngineSpec, session: aiohttp.ClientSession):
+    def __init__(
+        self,
+        name: str,
+        spec: EngineSpec,
+        session: aiohttp.ClientSession,
+        observer: QueueObserver | None = None,
+    ):
         self.name = name
         self.spec = spec
         self.replicas = [
@@ -38,13 +47,14 @@ class EngineSupervisor:
         self._change = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self._turn = 0
+        self.queue = FairQueue(name, spec.queue, self._capacity, observer)
 
     @property
     def in_flight(self) -> int:
         return sum(r.in_flight for r in self.replicas)
 
     def busy(self) -> bool:
-        return self.in_flight > 0 or self.waiting > 0
+        return self.in_flight > 0 or self.waiting > 0 or self.queue.depth > 0
 
     def start(self) -> None:
         if not self.running:
@@ -66,8 +76,26 @@ class EngineSupervisor:
     async def _stop_all(self) -> None:
         await asyncio.gather(*(r.stop() for r in self.replicas))
 
+    def _capacity(self) -> int:
+        """Slots of the replicas that serve or will soon; one replica's while none does
+        (the call then waits for a start, or is refused, in ``_ready_replica``)."""
+        up = sum(r.state in ("ready", "starting") for r in self.replicas)
+        return self.spec.slots * max(1, up)
+
+    def reconfigure(self, spec: EngineSpec) -> None:
+        """A reload that changed only slots or the queue: no restart, waiters see it now."""
+        self.spec = spec
+        self.queue.configure(spec.queue)
+
     @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator[Replica]:
+    async def lease(self, team: str = "", weight: float = 1.0) -> AsyncIterator[Replica]:
+        if self.failing():  # a queue place would only delay the same 503
+            raise EngineUnavailable(self._failing_message())
+        async with self.queue.slot(team, weight), self._replica() as replica:
+            yield replica
+
+    @contextlib.asynccontextmanager
+    async def _replica(self) -> AsyncIterator[Replica]:
         self.waiting += 1
         try:
             replica = await self._ready_replica()
@@ -136,6 +164,7 @@ class EngineSupervisor:
     def _changed(self) -> None:
         self._change.set()
         self._change = asyncio.Event()
+        self.queue.pump()  # a replica up or down: the slots changed
 
     async def unload_if_idle(self) -> bool:
         idle = self.spec.idle_unload
