@@ -6,13 +6,19 @@ it waits in the queue, at most ``engine.queue.max`` calls, each at most
 ``engine.queue.wait`` seconds, and is refused with a 429 (``EngineBusy``) beyond
 either, with a Retry-After from the measured drain rate.
 
-The order is self-clocked fair queuing (Golestani, 1994) with every call costing
-one: a waiting call's tag is ``max(V, the last tag its team was given) + 1/weight``,
-where V is the tag of the call admitted last, and the lowest tag goes first (ties:
-first come). A team that sends ten calls at once gets tags V+1 … V+10; another
-team's one call gets V+1 and goes second, not eleventh, so a burst cannot starve
-anyone, and a team of weight 2 gets two calls in for another's one while both wait.
-Tags are forgotten when the queue empties: an idle engine owes nobody anything.
+The order is start-time fair queuing (Goyal, Vin and Cheng, 1996) with every call
+costing one: a waiting call's start tag is ``max(V, its team's last finish tag)``
+and its finish tag that plus ``1/weight``, where V is the start tag of the call
+admitted last; the lowest start tag goes first (ties: first come). A team that
+queues ten calls at once gets start tags V … V+9; another team's one call gets V and
+goes next, not eleventh, so a burst cannot starve anyone, and a team of weight 3 gets
+three calls in for another's one while both wait. Tags are forgotten when the queue
+empties: an idle engine owes nobody anything.
+
+A full queue is fair too (longest queue drop): a call that finds it full takes the
+place of the newest call of the team holding the most places for its weight, which
+gets the 429 instead, unless its own team already holds the most. So a team whose
+flood fills the queue is refused, not the others.
 
 The drain rate is measured, not configured: an exponentially weighted mean of how
 long calls hold a slot, so the engine drains ``capacity / hold`` calls a second.
@@ -46,7 +52,8 @@ class QueueObserver(Protocol):
 @dataclass(eq=False)
 class _Waiter:
     team: str
-    tag: float
+    weight: float
+    tag: float  # its start tag
     enqueued: float
     granted: asyncio.Future[None]
     timer: asyncio.TimerHandle | None = None
@@ -59,8 +66,8 @@ class _Counts:
 
     serving: int = 0
     queued: int = 0
-    per_team: dict[str, int] = field(default_factory=dict)
-    last_tag: dict[str, float] = field(default_factory=dict)
+    per_team: dict[str, list[_Waiter]] = field(default_factory=dict)  # oldest first
+    last_finish: dict[str, float] = field(default_factory=dict)
     virtual: float = 0.0
     sequence: int = 0
     hold: float | None = None  # seconds a call holds a slot, smoothed; None: none yet
@@ -90,7 +97,7 @@ class FairQueue:
         return self._counts.serving
 
     def depth_of(self, team: str) -> int:
-        return self._counts.per_team.get(team, 0)
+        return len(self._counts.per_team.get(team, ()))
 
     @contextlib.asynccontextmanager
     async def slot(self, team: str, weight: float) -> AsyncIterator[None]:
@@ -130,7 +137,7 @@ class FairQueue:
             waiter.granted.set_result(None)
         if not counts.queued:
             self._heap.clear()
-            counts.last_tag.clear()
+            counts.last_finish.clear()
 
     def estimated_wait(self) -> float:
         """Seconds a call coming now would wait, as if first come first served: 0 with a
@@ -154,8 +161,11 @@ class FairQueue:
             self._tell_waited(team, 0.0, "admitted")
             return
         if counts.queued >= self.settings.max:
-            self._tell_waited(team, 0.0, "full")
-            raise EngineBusy(self._full_message(), retry_after=self.retry_after())
+            pushed_out = self._pushed_out(team, weight)
+            if pushed_out is None:
+                self._tell_waited(team, 0.0, "full")
+                raise EngineBusy(self._full_message(), retry_after=self.retry_after())
+            self._refuse(pushed_out, "full", self._pushed_out_message())
         waiter = self._enqueue(team, weight)
         try:
             await waiter.granted
@@ -170,14 +180,14 @@ class FairQueue:
 
     def _enqueue(self, team: str, weight: float) -> _Waiter:
         counts = self._counts
-        tag = max(counts.virtual, counts.last_tag.get(team, counts.virtual)) + 1.0 / weight
-        counts.last_tag[team] = tag
+        tag = max(counts.virtual, counts.last_finish.get(team, counts.virtual))
+        counts.last_finish[team] = tag + 1.0 / weight
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(team, tag, time.monotonic(), loop.create_future())
+        waiter = _Waiter(team, weight, tag, time.monotonic(), loop.create_future())
         counts.sequence += 1
         heapq.heappush(self._heap, (tag, counts.sequence, waiter))
         counts.queued += 1
-        counts.per_team[team] = counts.per_team.get(team, 0) + 1
+        counts.per_team.setdefault(team, []).append(waiter)
         if self._observer is not None:
             self._observer.engine_queued(self.engine, team, 1)
         self._arm(waiter)
@@ -190,11 +200,28 @@ class FairQueue:
         loop = asyncio.get_running_loop()
         waiter.timer = loop.call_later(max(0.0, remaining), self._expire, waiter)
 
+    def _pushed_out(self, team: str, weight: float) -> _Waiter | None:
+        """The newest call of the team holding the most places for its weight, unless
+        the caller's team, counting the caller, holds as many."""
+        counts = self._counts
+        mine = (len(counts.per_team.get(team, ())) + 1) / weight
+        most, waiters = max(
+            ((len(w) / w[-1].weight, w) for t, w in counts.per_team.items() if t != team),
+            key=lambda pair: pair[0],
+            default=(0.0, []),
+        )
+        return waiters[-1] if waiters and most > mine else None
+
     def _expire(self, waiter: _Waiter) -> None:
-        if waiter.gone or waiter.granted.done():
+        self._refuse(waiter, "timeout", self._timeout_message())
+
+    def _refuse(self, waiter: _Waiter, outcome: str, message: str) -> None:
+        if waiter.gone:
             return
-        self._leave(waiter, "timeout")
-        message = self._timeout_message()
+        if waiter.granted.done():  # cancelled, its task not yet resumed to leave
+            self._leave(waiter, "cancelled")
+            return
+        self._leave(waiter, outcome)
         waiter.granted.set_exception(EngineBusy(message, retry_after=self.retry_after()))
 
     def _leave(self, waiter: _Waiter, outcome: str) -> None:
@@ -203,8 +230,9 @@ class FairQueue:
         if waiter.timer is not None:
             waiter.timer.cancel()
         counts.queued -= 1
-        counts.per_team[waiter.team] -= 1
-        if not counts.per_team[waiter.team]:
+        waiters = counts.per_team[waiter.team]
+        waiters.remove(waiter)
+        if not waiters:
             del counts.per_team[waiter.team]
         if self._observer is not None:
             self._observer.engine_queued(self.engine, waiter.team, -1)
@@ -222,6 +250,13 @@ class FairQueue:
         return (
             f"Local engine '{self.engine}' is at capacity: its {self.settings.max} queue "
             f"places are taken. Retry after {self.retry_after():.0f}s."
+        )
+
+    def _pushed_out_message(self) -> str:
+        return (
+            f"Local engine '{self.engine}' is at capacity: its queue is full and this "
+            "call's team holds the most places, so its place went to another team's "
+            f"call. Retry after {self.retry_after():.0f}s."
         )
 
     def _timeout_message(self) -> str:

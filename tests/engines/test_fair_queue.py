@@ -131,8 +131,9 @@ async def test_a_burst_does_not_starve_another_team_and_weights_share_the_slot(
     make_queue_proxy: MakeQueueProxy,
 ):
     """One slot, held 0.2 s a call. Team x's call holds it while x queues four more,
-    then team y (weight 3) queues four: y's go first three to one while both wait, so
-    the engine sees y1 y2 x1 y3 y4 x2 x3 x4 rather than every x before any y."""
+    then team y (weight 3) queues four: y's first call goes right after x's first
+    waiting one, then y gets three turns to x's one, so the engine sees
+    x1 y1 y2 y3 x2 y4 x3 x4 rather than every x before any y."""
     proxy = await make_queue_proxy(0.2, "      slots: 1", weights=(1, 3))
     calls = [proxy.send("x", "x0")]
     await proxy.serving("x0")
@@ -143,7 +144,7 @@ async def test_a_burst_does_not_starve_another_team_and_weights_share_the_slot(
         await proxy.queued(i + 1)  # each is queued before the next comes
     results = await asyncio.gather(*calls)
     assert [status for status, _, _ in results] == [200] * 9
-    assert proxy.seen() == ["x0", "y1", "y2", "x1", "y3", "y4", "x2", "x3", "x4"]
+    assert proxy.seen() == ["x0", "x1", "y1", "y2", "y3", "x2", "y4", "x3", "x4"]
 
 
 async def test_a_full_queue_and_a_wait_past_the_limit_get_a_429_with_retry_after(
@@ -181,6 +182,27 @@ async def test_a_full_queue_and_a_wait_past_the_limit_get_a_429_with_retry_after
     assert counted.value(refused, engine="local", team="y", reason="timeout") == 1
     waits = "llm_proxy_engine_queue_wait_seconds_count"
     assert counted.value(waits, engine="local", team="x") == 2  # warm and a, admitted
+
+
+async def test_a_full_queue_refuses_the_team_that_holds_it_not_the_newcomer(
+    make_queue_proxy: MakeQueueProxy,
+):
+    """Three queue places, all x's. y's call takes the place of x's newest, which gets
+    the 429; a second y call, with y and x now holding as many, is refused itself."""
+    proxy = await make_queue_proxy(0.5, "      slots: 1\n      queue: {max: 3}")
+    calls = {"x0": proxy.send("x", "x0")}
+    await proxy.serving("x0")
+    for depth, name in enumerate(["x1", "x2", "x3", "y1"], start=1):
+        calls[name] = proxy.send(name[0], name)
+        await proxy.queued(min(depth, 3))
+    status, body, _ = await calls["x3"]
+    assert status == 429
+    assert "its place went to another team's call" in body["error"]["message"]
+    status, body, _ = await proxy.chat("y", "y2")
+    assert status == 429
+    assert "its 3 queue places are taken" in body["error"]["message"]
+    assert [(await calls[n])[0] for n in ("x0", "x1", "x2", "y1")] == [200] * 4
+    assert proxy.seen() == ["x0", "x1", "y1", "x2"]
 
 
 async def test_a_client_that_leaves_while_queued_never_takes_the_slot(
