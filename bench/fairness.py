@@ -161,7 +161,10 @@ def document(runs: list[Run], seconds: float) -> str:
         "A call's time is from sending to the whole answer; its wait is that time minus "
         f"the engine's {SERVICE:g} s. In the one-team run y's calls queue behind x's "
         "in arrival order (the queue is fair between teams, not within one): that is "
-        "what y would see without fairness. x's refusals are 429s from its full queue.",
+        "what y would see without fairness. x's refusals are 429s from its full queue. "
+        "With x's calls always waiting, a y call waits for the next slot to come free "
+        "and no longer: up to one service time, since the slots, started together, "
+        "finish together; no queue that lets calls run to their end can do better.",
     ]
     return "\n".join(lines) + "\n"
 
