@@ -91,7 +91,8 @@ class _Run:
         spill_after = self.call.model.spill_after
         if provider.engine is None or spill_after is None:
             return False
-        wait = self.exchange.services.engines.supervisor(provider).queue.estimated_wait()
+        queue = self.exchange.services.engines.supervisor(provider).queue
+        wait = queue.estimated_wait(self.record.team)
         if wait <= spill_after:
             return False
         detail = f"estimated queue wait {wait:.1f}s > spill_after {spill_after:g}s"

@@ -36,8 +36,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from proxy.config.engine import QueueSpec
-from proxy.errors import EngineBusy
+from proxy.errors import EngineBusy, retry_seconds
 
+_PUSHED_OUT = (
+    "its queue is full and this call's team holds the most places, so its place went "
+    "to another team's call"
+)
 # How much of the mean hold time one call's moves it: about the last ten calls count.
 _SMOOTHING = 0.2
 
@@ -106,8 +110,11 @@ class FairQueue:
         began = time.monotonic()
         try:
             yield
-        finally:
+        except BaseException:
+            raise  # no engine ready, or the call failed: not a measure of the engine's pace
+        else:
             self._held(time.monotonic() - began)
+        finally:
             self._counts.serving -= 1
             self.pump()
 
@@ -139,20 +146,24 @@ class FairQueue:
             self._heap.clear()
             counts.last_finish.clear()
 
-    def estimated_wait(self) -> float:
-        """Seconds a call coming now would wait, as if first come first served: 0 with a
-        slot free; with none measured yet, the most it could wait (``queue.wait``)."""
+    def estimated_wait(self, team: str) -> float:
+        """Seconds a call of ``team`` coming now would wait: 0 with a slot free; else its
+        place in the fair order (the waiting calls whose start tag is not above the one
+        it would get) times the measured hold, over the slots. With no hold measured
+        yet, the most it could wait (``queue.wait``)."""
         counts = self._counts
         capacity = max(1, self._capacity())
         if not counts.queued and counts.serving < capacity:
             return 0.0
         if counts.hold is None:
             return self.settings.wait
-        return (counts.queued + 1) * counts.hold / capacity
+        tag = max(counts.virtual, counts.last_finish.get(team, counts.virtual))
+        ahead = sum(1 for t, _, w in self._heap if t <= tag and not w.gone)
+        return (ahead + 1) * counts.hold / capacity
 
-    def retry_after(self) -> float:
-        """When a refused call may find room: the queue ahead of it drained once."""
-        return min(self.estimated_wait() or 1.0, 3600.0)
+    def retry_after(self, team: str) -> float:
+        """When a refused call of ``team`` may find room: the calls ahead of it drained."""
+        return min(self.estimated_wait(team) or 1.0, 3600.0)
 
     async def _acquire(self, team: str, weight: float) -> None:
         counts = self._counts
@@ -164,8 +175,8 @@ class FairQueue:
             pushed_out = self._pushed_out(team, weight)
             if pushed_out is None:
                 self._tell_waited(team, 0.0, "full")
-                raise EngineBusy(self._full_message(), retry_after=self.retry_after())
-            self._refuse(pushed_out, "full", self._pushed_out_message())
+                raise self._busy(team, f"its {self.settings.max} queue places are taken")
+            self._refuse(pushed_out, "full", _PUSHED_OUT)
         waiter = self._enqueue(team, weight)
         try:
             await waiter.granted
@@ -213,16 +224,17 @@ class FairQueue:
         return waiters[-1] if waiters and most > mine else None
 
     def _expire(self, waiter: _Waiter) -> None:
-        self._refuse(waiter, "timeout", self._timeout_message())
+        why = f"no slot came free within {self.settings.wait:g}s of queueing"
+        self._refuse(waiter, "timeout", why)
 
-    def _refuse(self, waiter: _Waiter, outcome: str, message: str) -> None:
+    def _refuse(self, waiter: _Waiter, outcome: str, why: str) -> None:
         if waiter.gone:
             return
         if waiter.granted.done():  # cancelled, its task not yet resumed to leave
             self._leave(waiter, "cancelled")
             return
         self._leave(waiter, outcome)
-        waiter.granted.set_exception(EngineBusy(message, retry_after=self.retry_after()))
+        waiter.granted.set_exception(self._busy(waiter.team, why))
 
     def _leave(self, waiter: _Waiter, outcome: str) -> None:
         counts = self._counts
@@ -246,21 +258,10 @@ class FairQueue:
         if self._observer is not None:
             self._observer.engine_waited(self.engine, team, seconds, outcome)
 
-    def _full_message(self) -> str:
-        return (
-            f"Local engine '{self.engine}' is at capacity: its {self.settings.max} queue "
-            f"places are taken. Retry after {self.retry_after():.0f}s."
+    def _busy(self, team: str, why: str) -> EngineBusy:
+        retry = self.retry_after(team)
+        message = (
+            f"Local engine '{self.engine}' is at capacity: {why}. "
+            f"Retry after {retry_seconds(retry)}s."
         )
-
-    def _pushed_out_message(self) -> str:
-        return (
-            f"Local engine '{self.engine}' is at capacity: its queue is full and this "
-            "call's team holds the most places, so its place went to another team's "
-            f"call. Retry after {self.retry_after():.0f}s."
-        )
-
-    def _timeout_message(self) -> str:
-        return (
-            f"Local engine '{self.engine}' is at capacity: no slot came free within "
-            f"{self.settings.wait:g}s of queueing. Retry after {self.retry_after():.0f}s."
-        )
+        return EngineBusy(message, retry_after=retry)

@@ -301,3 +301,25 @@ async def test_a_long_queue_spills_to_the_hosted_target_and_says_so_in_the_attem
     cost = "llm_proxy_cost_usd_total"
     assert counted.value(cost, team="y", provider="hosted") > 0  # the hosted price
     assert counted.value(cost, team="y", provider="local") == 0
+
+
+async def test_the_spill_estimate_is_the_team_s_place_in_the_fair_order(
+    make_queue_proxy: MakeQueueProxy, wandb: Upstream
+):
+    """One slot held 1 s a call, spill_after 3.5 s. Team x's "a" is served and x queues
+    b, c, d (estimates 1, 2, 3 s: they stay); x's next would wait about 4 s and goes
+    to the hosted target, while y's next call would go right after b, about 2 s, and
+    stays on the engine."""
+    spill = SPILL.format(url=wandb.url).replace("spill_after: 1s", "spill_after: 3500ms")
+    proxy = await make_queue_proxy(1.0, "      slots: 1", extra=spill)
+    assert (await proxy.chat("x", "warm"))[0] == 200
+    calls = [proxy.send("x", "a")]
+    await proxy.serving("a")
+    for depth, name in enumerate(["b", "c", "d"], start=1):
+        calls.append(proxy.send("x", name))
+        await proxy.queued(depth)
+    assert (await proxy.chat("x", "e"))[0] == 200
+    assert [seen.json()["messages"][-1]["content"] for seen in wandb.fake.seen] == ["e"]
+    calls.append(proxy.send("y", "f"))
+    assert [status for status, _, _ in await asyncio.gather(*calls)] == [200] * 5
+    assert proxy.seen() == ["warm", "a", "b", "f", "c", "d"]
