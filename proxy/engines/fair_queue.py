@@ -111,7 +111,7 @@ class FairQueue:
         try:
             yield
         except BaseException:
-            raise  # no engine ready, or the call failed: not a measure of the engine's pace
+            raise  # no replica got ready, or the client left: not the engine's pace
         else:
             self._held(time.monotonic() - began)
         finally:
