@@ -45,6 +45,7 @@ def queue_yaml(
     engine: str = "",
     weights: tuple[float, float] = (1, 1),
     extra: str = "",
+    args: str = "",
 ) -> str:
     """One engine ``local`` (the fake, ``delay`` s a call) serving model ``m``; teams x, y."""
     return f"""
@@ -56,7 +57,7 @@ providers:
   local:
     engine:
       command: ["{{python}}", "{FAKE_ENGINE}", "--port", "{{port}}", "--delay", "{delay}",
-                "--log", "{log}"]
+                "--log", "{log}"{args}]
       ready: {{timeout: 10s, interval: 50ms}}
 {engine}
 {extra}
@@ -323,3 +324,28 @@ async def test_the_spill_estimate_is_the_team_s_place_in_the_fair_order(
     calls.append(proxy.send("y", "f"))
     assert [status for status, _, _ in await asyncio.gather(*calls)] == [200] * 5
     assert proxy.seen() == ["warm", "a", "b", "f", "c", "d"]
+
+
+async def test_calls_queued_when_the_engine_dies_get_a_503_not_a_wait(
+    make_queue_proxy: MakeQueueProxy, tmp_path: Path
+):
+    """The engine exits 3 s after its start (its restart is 30 s away) while "a" is
+    served and "b" waits: "b" gets 503 engine_unavailable as soon as "a" fails, not
+    after the queue's 30 s wait, and a call that comes then gets it at once."""
+    lives = tmp_path / "lives"
+    lives.write_text("3\n")
+    engine = "      slots: 1\n      restart: {base_delay: 30s, max_delay: 30s}"
+    proxy = await make_queue_proxy(10.0, engine, args=f', "--lives", "{lives}"')
+    began = time.monotonic()
+    serving = proxy.send("x", "a")
+    await proxy.serving("a")
+    waiting = proxy.send("y", "b")
+    await proxy.queued(1)
+    status, body, _ = await waiting
+    assert (status, body["error"]["code"]) == (503, "engine_unavailable")
+    assert "cannot serve now" in body["error"]["message"]
+    assert time.monotonic() - began < 8  # the engine's 3 s, not the queue's 30 s
+    assert (await serving)[0] >= 500
+    status, body, _ = await proxy.chat("x", "c")
+    assert (status, body["error"]["code"]) == (503, "engine_unavailable")
+    assert proxy.seen() == ["a"]
