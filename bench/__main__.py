@@ -148,7 +148,7 @@ def _document(
     lines = [
         "# Benchmarks",
         "",
-        "Measured by `python3 -m bench` (see the README); every figure below comes from",
+        "Measured by `python3 -m bench` (see docs/performance.md); every figure below comes from",
         'that one run. "Added" is proxied minus direct-to-upstream, same machine, same run.',
         "",
         f"- date: {about.date}; run took {seconds:.0f} s",

@@ -2,7 +2,7 @@
 agree with each other.
 
 Docker and Kubernetes do not run here, so the files are checked as data: every YAML
-and JSON file parses, the manifests say what the README promises (replicas sharing a
+and JSON file parses, the manifests say what docs/deploy.md promises (replicas sharing a
 password-protected Redis, routes.yaml from a ConfigMap, keys from a Secret that
 kustomize makes, probes), the image and compose agree on ports, paths and variables,
 the image's own routes.yaml is a valid config that needs no ``[local]`` extra, and
@@ -41,6 +41,7 @@ from tests.support.deploy_files import (
     template_variables,
     yaml_documents,
 )
+from tests.support.markdown import github_anchors
 from tests.support.prometheus import binary
 
 K8S = DEPLOY / "k8s"
@@ -178,14 +179,8 @@ def test_alerts_match_the_proxy_job_of_compose_and_kubernetes() -> None:
         assert yaml_documents(path)[0]["rule_files"] == [ALERTS.name], path
 
 
-def _github_anchors(markdown: str) -> set[str]:
-    """The anchors GitHub gives headings: lower case, punctuation dropped, spaces to -."""
-    headings = re.findall(r"^#+ (.+)$", markdown, flags=re.MULTILINE)
-    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
-
-
 def test_every_alert_has_a_runbook_section() -> None:
-    anchors = _github_anchors(RUNBOOKS.read_text())
+    anchors = github_anchors(RUNBOOKS.read_text())
     for rule in alert_rules():
         url = rule["annotations"]["runbook_url"]
         path, _, anchor = url.partition("#")

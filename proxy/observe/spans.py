@@ -11,6 +11,8 @@ services, and each span's parent is passed explicitly.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -26,14 +28,24 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from proxy.config.telemetry import Telemetry
 from proxy.observe.access_log import logged_model
 from proxy.observe.span_facts import OPERATIONS, CallEnd
+from proxy.observe.worker_metrics import WORKER_ENV
 
 
 class Tracing:
     """One process's tracer: what ``telemetry:`` configured, for the app's lifetime."""
 
     def __init__(self, settings: Telemetry, version: str) -> None:
+        # Each worker exports its own spans: its pid and its index (the metrics' "worker"
+        # label) tell them apart in a trace store, as service.instance.id is meant to.
+        worker = os.environ.get(WORKER_ENV, "0")
         resource = Resource.create(
-            {"service.name": settings.service_name, "service.version": version}
+            {
+                "service.name": settings.service_name,
+                "service.version": version,
+                "service.instance.id": f"{socket.gethostname()}/{worker}/{os.getpid()}",
+                "process.pid": os.getpid(),
+                "proxy.worker": worker,
+            }
         )
         # Parent-based: a client's traceparent decides for its call (sampled or not), so
         # a trace is never cut in the middle; sample_ratio decides for calls without one.

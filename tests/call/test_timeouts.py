@@ -104,7 +104,7 @@ def _attempts(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str]]:
         (
             "unanswering",
             "{connect: 300ms, first_byte: 60s, idle: 60s, total: 60s}",
-            "upstream_timeout",  # a timeout, as the README's 504 row says, not a refusal
+            "upstream_timeout",  # a timeout, as docs/api.md's 504 row says, not a refusal
         ),
         ("trickling", "{connect: 2s, first_byte: 5s, idle: 5s, total: 500ms}", "upstream_timeout"),
     ],

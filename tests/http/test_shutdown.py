@@ -34,7 +34,7 @@ MIGRATE = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 def migrate_queued_connections() -> Iterator[None]:
     """With SO_REUSEPORT each process has its own accept queue; Linux (5.14+) moves a
     closing listener's queued connections to a sibling only with tcp_migrate_req=1.
-    README's operations section tells operators the same. The setting is host-wide:
+    docs/operations.md tells operators the same. The setting is host-wide:
     it is put back as it was, whatever the test does. Under CI (CI=true) a machine
     where it cannot be set fails the test instead of skipping it."""
     try:

@@ -1,4 +1,4 @@
-"""What a call reserves and what the ledger books: the reservation (README, "Tokens
+"""What a call reserves and what the ledger books: the reservation (docs/configuration.md, "Tokens
 are reserved, then corrected") and the token estimates it and, when an upstream reports
 no usage, the ledger rest on: about 4 characters a token, plus OpenAI's per-message
 overhead for chats.
@@ -67,8 +67,8 @@ def test_completion_estimate(payload: Any, tokens: int) -> None:
 @pytest.mark.parametrize(
     ("fields", "tokens"),
     [
-        # README: the prompt estimate plus max_tokens (or max_completion_tokens, or the
-        # configured default) times n
+        # docs/configuration.md: the prompt estimate plus max_tokens (or max_completion_tokens, or
+        # the configured default) times n
         ({"messages": [], "max_tokens": 40}, 10 + 40),
         ({"messages": [], "max_completion_tokens": 30, "max_tokens": 40}, 10 + 30),
         ({"messages": [], "max_tokens": 40, "n": 3}, 10 + 120),

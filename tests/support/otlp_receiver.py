@@ -37,6 +37,7 @@ class ReceivedSpan:
 class OtlpReceiver:
     spans: list[ReceivedSpan] = field(default_factory=list)
     content_types: list[str] = field(default_factory=list)
+    authorizations: list[str] = field(default_factory=list)  # each export's header
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -45,6 +46,7 @@ class OtlpReceiver:
 
     async def traces(self, request: web.Request) -> web.Response:
         self.content_types.append(request.content_type)
+        self.authorizations.append(request.headers.get("Authorization", ""))
         export = ExportTraceServiceRequest()
         export.ParseFromString(await request.read())
         for resource_spans in export.resource_spans:

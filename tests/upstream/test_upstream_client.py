@@ -153,7 +153,7 @@ async def test_keep_alive_reuses_one_connection_and_sends_the_request_exactly(
 
 
 def test_upstream_connections_are_kept_15_s_by_default() -> None:
-    """The README's figure; the behaviour is shown on a short keep-alive below."""
+    """docs/api.md's figure; the behaviour is shown on a short keep-alive below."""
     assert inspect.signature(UpstreamClient).parameters["keepalive"].default == 15.0
 
 
