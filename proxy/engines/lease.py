@@ -23,5 +23,6 @@ async def served_by(
     if provider.engine is None:
         yield provider
         return
-    async with engines.supervisor(provider).lease(team, weight) as replica:
+    supervisor = engines.supervisor(provider)
+    async with supervisor.admitted(team, weight), supervisor.lease() as replica:
         yield dataclasses.replace(provider, endpoints=(Endpoint(replica.base_url),))

@@ -3,10 +3,12 @@
 A call leases the ready replica with the fewest calls in flight (ties rotate, so
 sequential calls spread too) and holds the lease until its last byte is relayed. A
 call that finds no replica ready waits for one up to ``engine.wait`` and then gets a
-503; it never hangs. Before that, the call takes a slot from the engine's fair queue
-(engines/fair_queue.py): it waits there while every slot is taken. An idle unload only
-happens when no call holds or waits for a lease or a slot, and those counts change only
-between awaits, so the check cannot race a call.
+503; it never hangs. An idle unload only happens when no call holds or waits for a
+lease, and those counts change only between awaits, so the check cannot race a call.
+
+Before its lease, a call takes one of the engine's slots (``admitted``): while every
+slot is taken it waits in the engine's fair queue (engines/fair_queue.py), and a call
+waiting there keeps the engine busy too.
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ class EngineSupervisor:
         ]
         self.running = False
         self.waiting = 0
+        self.queue = FairQueue(name, spec.queue, self._capacity, observer)
         self.last_used = time.monotonic()
         self.unloads = 0  # idle unloads, for the metrics hook
         self._change = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self._turn = 0
-        self.queue = FairQueue(name, spec.queue, self._capacity, observer)
 
     @property
     def in_flight(self) -> int:
@@ -76,26 +78,8 @@ class EngineSupervisor:
     async def _stop_all(self) -> None:
         await asyncio.gather(*(r.stop() for r in self.replicas))
 
-    def _capacity(self) -> int:
-        """Slots of the replicas that serve or will soon; one replica's while none does
-        (the call then waits for a start, or is refused, in ``_ready_replica``)."""
-        up = sum(r.state in ("ready", "starting") for r in self.replicas)
-        return self.spec.slots * max(1, up)
-
-    def reconfigure(self, spec: EngineSpec) -> None:
-        """A reload that changed only slots or the queue: no restart, waiters see it now."""
-        self.spec = spec
-        self.queue.configure(spec.queue)
-
     @contextlib.asynccontextmanager
-    async def lease(self, team: str = "", weight: float = 1.0) -> AsyncIterator[Replica]:
-        if self.failing():  # a queue place would only delay the same 503
-            raise EngineUnavailable(self._failing_message())
-        async with self.queue.slot(team, weight), self._replica() as replica:
-            yield replica
-
-    @contextlib.asynccontextmanager
-    async def _replica(self) -> AsyncIterator[Replica]:
+    async def lease(self) -> AsyncIterator[Replica]:
         self.waiting += 1
         try:
             replica = await self._ready_replica()
@@ -176,3 +160,23 @@ class EngineSupervisor:
         self.unloads += 1
         await self.stop()
         return True
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, team: str = "", weight: float = 1.0) -> AsyncIterator[None]:
+        """One slot for the call's length, after its turn in the fair queue; raises
+        ``EngineBusy`` (429) when the queue refuses it."""
+        if self.failing():  # a queue place would only delay the same 503
+            raise EngineUnavailable(self._failing_message())
+        async with self.queue.slot(team, weight):
+            yield
+
+    def _capacity(self) -> int:
+        """Slots of the replicas that serve or will soon; one replica's while none does
+        (the call then waits for a start, or is refused, in ``_ready_replica``)."""
+        up = sum(r.state in ("ready", "starting") for r in self.replicas)
+        return self.spec.slots * max(1, up)
+
+    def reconfigure(self, spec: EngineSpec) -> None:
+        """A reload that changed only slots or the queue: no restart, waiters see it now."""
+        self.spec = spec
+        self.queue.configure(spec.queue)
