@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 from proxy.limits.store import (
     DAY,
@@ -14,13 +14,17 @@ from proxy.limits.store import (
     PER_MINUTE,
     Admission,
     Check,
+    LedgerKey,
     LedgerRow,
     Settlement,
     TeamChecks,
+    ledger_rows,
     limit_state,
-    summed,
     wait_for,
 )
+
+# The tokens a settlement adds to tokens_per_day (Settlement.used), reported or estimated.
+TOKEN_FIELDS = tuple(i for i, name in enumerate(LEDGER_FIELDS) if name.endswith("_tokens"))
 
 DONE_TTL = DAY  # how long a settled request id is remembered, against double counting
 # ... but at most this many: a duplicate settlement follows its first within seconds (a
@@ -37,7 +41,8 @@ class MemoryStore:
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
         self._days: dict[tuple[str, str, int], int] = {}
         # Per team, model, day and key label: a row's counts are the sum over its keys.
-        self._ledger: dict[tuple[str, str, int, str], list[int]] = {}
+        self._ledger: dict[LedgerKey, list[int]] = {}
+        self._changed: set[LedgerKey] = set()  # since the ledger file's last write
         self._done: OrderedDict[str, float] = OrderedDict()  # in settlement order
 
     def prepare(self, team: str, checks: tuple[Check, ...]) -> TeamChecks:
@@ -120,9 +125,11 @@ class MemoryStore:
             elif check.kind == "tokens_per_minute":
                 tokens = min(float(check.limit), self._available(s.team, check, now) - delta)
                 self._buckets[(s.team, check.scope, check.kind)] = (tokens, now)
-        row = self._ledger.setdefault((s.team, s.model, s.day, s.key), [0] * len(LEDGER_FIELDS))
+        row_key = (s.team, s.model, s.day, s.key)
+        row = self._ledger.setdefault(row_key, [0] * len(LEDGER_FIELDS))
         for i, value in enumerate(ledger_values(s)):
             row[i] += value
+        self._changed.add(row_key)
 
     def _forget_settled(self, now: float) -> None:
         done = self._done
@@ -136,14 +143,32 @@ class MemoryStore:
                 leases[lease] = self._clock() + ttl
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
-        rows: dict[tuple[str, str, int], list[tuple[str, tuple[int, ...]]]] = {}
-        for (team, model, day, key), counts in sorted(self._ledger.items()):
-            if team in teams and first_day <= day <= last_day:
-                rows.setdefault((team, model, day), []).append((key, tuple(counts)))
-        return [
-            LedgerRow(team, model, day, summed(c for _, c in keys), tuple(keys))
-            for (team, model, day), keys in rows.items()
-        ]
+        return ledger_rows(
+            (row, tuple(counts))
+            for row, counts in sorted(self._ledger.items())
+            if row[0] in teams and first_day <= row[2] <= last_day
+        )
+
+    def take_changed(self) -> dict[LedgerKey, tuple[int, ...]]:
+        """The ledger rows settled into since the last call, as they are now: what the
+        ledger file (limits/ledger_file.py) writes next."""
+        changed, self._changed = self._changed, set()
+        return {key: tuple(self._ledger[key]) for key in changed}
+
+    def mark_changed(self, keys: Iterable[LedgerKey]) -> None:
+        """Rows a write did not take: the next one writes them as they are then."""
+        self._changed.update(keys)
+
+    def restore(self, rows: Mapping[LedgerKey, tuple[int, ...]]) -> None:
+        """At start, the rows a ledger file kept: the ledger as it was, and today's
+        tokens against the tokens_per_day limits (team-wide and the model's)."""
+        today = int(self._clock() // DAY)
+        for (team, model, day, key), counts in rows.items():
+            self._ledger[(team, model, day, key)] = list(counts)
+            if day == today:
+                tokens = sum(counts[i] for i in TOKEN_FIELDS)
+                for scope in ("*", model):
+                    self._days[(team, scope, day)] = self._days.get((team, scope, day), 0) + tokens
 
 
 def ledger_values(s: Settlement) -> tuple[int, ...]:
