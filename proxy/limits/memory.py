@@ -42,7 +42,9 @@ class MemoryStore:
         self._days: dict[tuple[str, str, int], int] = {}
         # Per team, model, day and key label: a row's counts are the sum over its keys.
         self._ledger: dict[LedgerKey, list[int]] = {}
-        self._changed: set[LedgerKey] = set()  # since the ledger file's last write
+        # What settlements added to the ledger since the ledger file's last write, when
+        # one keeps it (limits/ledger_keeper.py): the file adds it to its rows.
+        self._unwritten: dict[LedgerKey, list[int]] | None = None
         self._done: OrderedDict[str, float] = OrderedDict()  # in settlement order
 
     def prepare(self, team: str, checks: tuple[Check, ...]) -> TeamChecks:
@@ -126,10 +128,10 @@ class MemoryStore:
                 tokens = min(float(check.limit), self._available(s.team, check, now) - delta)
                 self._buckets[(s.team, check.scope, check.kind)] = (tokens, now)
         row_key = (s.team, s.model, s.day, s.key)
-        row = self._ledger.setdefault(row_key, [0] * len(LEDGER_FIELDS))
-        for i, value in enumerate(ledger_values(s)):
-            row[i] += value
-        self._changed.add(row_key)
+        values = ledger_values(s)
+        _add(self._ledger, row_key, values)
+        if self._unwritten is not None:
+            _add(self._unwritten, row_key, values)
 
     def _forget_settled(self, now: float) -> None:
         done = self._done
@@ -149,26 +151,38 @@ class MemoryStore:
             if row[0] in teams and first_day <= row[2] <= last_day
         )
 
-    def take_changed(self) -> dict[LedgerKey, tuple[int, ...]]:
-        """The ledger rows settled into since the last call, as they are now: what the
-        ledger file (limits/ledger_file.py) writes next."""
-        changed, self._changed = self._changed, set()
-        return {key: tuple(self._ledger[key]) for key in changed}
+    def take_unwritten(self) -> dict[LedgerKey, tuple[int, ...]]:
+        """What settlements added to each ledger row since the last call (the first
+        call starts the count): what the ledger file adds to its rows next."""
+        unwritten, self._unwritten = self._unwritten or {}, {}
+        return {key: tuple(counts) for key, counts in unwritten.items()}
 
-    def mark_changed(self, keys: Iterable[LedgerKey]) -> None:
-        """Rows a write did not take: the next one writes them as they are then."""
-        self._changed.update(keys)
+    def unwritten_again(self, rows: Mapping[LedgerKey, tuple[int, ...]]) -> None:
+        """Additions a write did not take: the next write adds them with the newer ones."""
+        if self._unwritten is None:
+            self._unwritten = {}
+        for key, counts in rows.items():
+            _add(self._unwritten, key, counts)
 
     def restore(self, rows: Mapping[LedgerKey, tuple[int, ...]]) -> None:
-        """At start, the rows a ledger file kept: the ledger as it was, and today's
-        tokens against the tokens_per_day limits (team-wide and the model's)."""
+        """At start, the rows a ledger file kept: added to the ledger, and today's
+        tokens to the tokens_per_day limits (team-wide and the model's)."""
         today = int(self._clock() // DAY)
         for (team, model, day, key), counts in rows.items():
-            self._ledger[(team, model, day, key)] = list(counts)
+            _add(self._ledger, (team, model, day, key), counts)
             if day == today:
                 tokens = sum(counts[i] for i in TOKEN_FIELDS)
                 for scope in ("*", model):
                     self._days[(team, scope, day)] = self._days.get((team, scope, day), 0) + tokens
+
+
+def _add(rows: dict[LedgerKey, list[int]], key: LedgerKey, counts: Iterable[int]) -> None:
+    row = rows.get(key)
+    if row is None:
+        rows[key] = list(counts)
+    else:
+        for i, value in enumerate(counts):
+            row[i] += value
 
 
 def ledger_values(s: Settlement) -> tuple[int, ...]:

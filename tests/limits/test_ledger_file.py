@@ -1,0 +1,255 @@
+"""The embedded ledger loses nothing (issue 20, part 8): without Redis, real
+``python -m proxy serve`` processes keep the ledger in a SQLite file, read it back at
+start, and say where it lives; SIGTERM loses nothing, SIGKILL at most the last
+``accounting.ledger_interval``; several workers, and a file that is not a ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.call.auth import key_hash
+from tests.support import ROOT, ProxyProcess, Upstream, free_port, routes_yaml
+from tests.support.metrics import scrape
+
+ADMIN = "admin-secret-key"
+KEYS = {"research": "sk-proxy-research-0123456789", "ops": "sk-proxy-ops-0123456789"}
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _config(wandb: Upstream, prime: Upstream, accounting: str, day_limit: int = 10**6) -> str:
+    """Two teams, research with two named keys and a tokens_per_day limit; wandb priced,
+    so the ledger books micro-dollars too."""
+    priced = routes_yaml(wandb, prime).replace(
+        "    headers: {OpenAI-Project: acme/research}\n",
+        "    headers: {OpenAI-Project: acme/research}\n    price: {input: 2, output: 8}\n",
+    )
+    research = [{"name": "laptop", "key": KEYS["research"]}, {"name": "ci", "key": _ci_key()}]
+    keys = ", ".join(f'{{name: {k["name"]}, hash: "{key_hash(k["key"])}"}}' for k in research)
+    return (
+        priced
+        + f"""
+admin_key: {ADMIN}
+accounting: {{default_max_tokens: 20, {accounting}}}
+teams:
+  research:
+    keys: [{keys}]
+    limits: {{tokens_per_day: {day_limit}}}
+  ops:
+    keys: ["{key_hash(KEYS["ops"])}"]
+"""
+    )
+
+
+def _ci_key() -> str:
+    return "sk-proxy-research-ci-0123456789"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def processes() -> Any:
+    started: list[ProxyProcess] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+async def _start(
+    started: list[ProxyProcess], path: Path, port: int, *args: str, workers: int = 1
+) -> ProxyProcess:
+    process = ProxyProcess(path, port, *args)
+    started.append(process)
+    await process.wait_listening(workers=workers)
+    return process
+
+
+async def _call(http: aiohttp.ClientSession, url: str, key: str) -> int:
+    body = {"model": "llama-8b", "messages": MESSAGES, "max_tokens": 5}
+    headers = {"Authorization": f"Bearer {key}"}
+    async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def _calls(http: aiohttp.ClientSession, url: str, count: int) -> None:
+    """``count`` calls from each of the three keys, all answered."""
+    for _ in range(count):
+        for key in (KEYS["research"], _ci_key(), KEYS["ops"]):
+            assert await _call(http, url, key) == 200
+
+
+async def _usage(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    async with http.get(url + "/v1/usage", headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        answer: dict[str, Any] = await resp.json()
+        return answer
+
+
+async def test_sigterm_and_restart_keep_the_whole_ledger_and_the_day_s_tokens(
+    tmp_path: Path,
+    wandb: Upstream,
+    prime: Upstream,
+    http: aiohttp.ClientSession,
+    processes: list[ProxyProcess],
+) -> None:
+    path = tmp_path / "routes.yaml"
+    # Room for 4 research calls today: the fake books 15 prompt and 5 completion tokens
+    # a call (80 for 4), and a 5th reserves its prompt's estimate (14) + 5: over 95.
+    path.write_text(_config(wandb, prime, "ledger_interval: 10s", day_limit=95))
+    port = free_port()
+    first = await _start(processes, path, port)
+    await _calls(http, first.url, 2)
+    before = await _usage(http, first.url)
+    file = str(tmp_path / "ledger.sqlite3")  # the default: beside routes.yaml
+    assert before["ledger"] == {"store": "sqlite", "path": file, "interval": 10.0}
+    research = [row for row in before["data"] if row["team"] == "research"]
+    assert research[0]["requests"] == 4 and research[0]["cost_micro_usd"] > 0
+    assert set(research[0]["keys"]) == {"laptop", "ci"}
+    # Within the 10 s interval: only the shutdown's write can have kept these.
+    assert first.stop() == 0
+    assert f"ledger kept in {file}" in first.log()
+
+    second = await _start(processes, path, port)
+    after = await _usage(http, second.url)
+    assert after["data"] == before["data"] and after["totals"] == before["totals"]
+    assert "3 recent rows read back" in second.log()  # research's 2 keys, and ops
+    # The day's 80 tokens were used before the restart: the limit still counts them.
+    assert await _call(http, second.url, KEYS["research"]) == 429
+    assert await _call(http, second.url, KEYS["ops"]) == 200
+    ops = [r for r in (await _usage(http, second.url))["data"] if r["team"] == "ops"]
+    assert ops[0]["requests"] == 3
+
+
+async def test_sigkill_loses_at_most_the_last_interval(
+    tmp_path: Path,
+    wandb: Upstream,
+    prime: Upstream,
+    http: aiohttp.ClientSession,
+    processes: list[ProxyProcess],
+) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(_config(wandb, prime, "ledger_interval: 200ms"))
+    port = free_port()
+    first = await _start(processes, path, port)
+    await _calls(http, first.url, 3)
+    kept = await _usage(http, first.url)
+    await asyncio.sleep(0.6)  # more than the interval: every call above is in the file
+    await _calls(http, first.url, 2)  # within the interval of the kill: may be lost
+    first.signal(signal.SIGKILL)
+    first.process.wait()
+
+    second = await _start(processes, path, port)
+    after = await _usage(http, second.url)
+    assert 9 <= after["totals"]["requests"] <= 15
+    for row in kept["data"]:  # each row at least as it was, every field
+        now = next(r for r in after["data"] if r["team"] == row["team"])
+        for field in ("requests", "prompt_tokens", "completion_tokens", "cost_micro_usd"):
+            assert now[field] >= row[field]
+    await asyncio.sleep(0.6)
+    # What the second process books is added to what the first left.
+    await _calls(http, second.url, 1)
+    final = await _usage(http, second.url)
+    assert final["totals"]["requests"] == after["totals"]["requests"] + 3
+
+
+async def test_workers_share_one_file_and_every_worker_reads_all_of_it(
+    tmp_path: Path,
+    wandb: Upstream,
+    prime: Upstream,
+    http: aiohttp.ClientSession,
+    processes: list[ProxyProcess],
+) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(_config(wandb, prime, "ledger_interval: 100ms"))
+    port = free_port()
+    proxy = await _start(processes, path, port, "--workers", "2", workers=2)
+    # New connections each: the kernel spreads them over both workers.
+    for _ in range(10):
+        async with aiohttp.ClientSession() as fresh:
+            await _calls(fresh, proxy.url, 1)
+    await asyncio.sleep(0.5)  # every worker's last write is in
+    for _ in range(4):  # whichever worker answers sees every worker's calls
+        async with aiohttp.ClientSession() as fresh:
+            assert (await _usage(fresh, proxy.url))["totals"]["requests"] == 30
+    assert proxy.stop() == 0
+    restarted = await _start(processes, path, port, "--workers", "2", workers=2)
+    assert (await _usage(http, restarted.url))["totals"]["requests"] == 30
+    await _calls(http, restarted.url, 1)
+    await asyncio.sleep(0.3)
+    writes = await scrape(http, restarted.url)  # every worker's, under --workers
+    assert writes.value("llm_proxy_ledger_file_writes_total", result="ok") >= 1
+    assert writes.value("llm_proxy_ledger_file_writes_total", result="error") == 0
+
+
+def test_a_file_that_is_not_a_ledger_stops_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "providers: {p: {base_url: 'http://127.0.0.1:9/v1'}}\n"
+        "models: {m: {targets: [{provider: p, model: x}]}}\n"
+        "accounting: {ledger_path: state/usage.db}\n"
+    )
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "usage.db").write_bytes(b"not a database, " * 512)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"accounting.ledger_path: ledger file {tmp_path}/state/usage.db: " in result.stderr
+    assert "file is not a database" in result.stderr
+
+
+async def test_ledger_path_null_keeps_it_in_memory_and_writes_no_file(
+    tmp_path: Path,
+    wandb: Upstream,
+    prime: Upstream,
+    http: aiohttp.ClientSession,
+    processes: list[ProxyProcess],
+) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(_config(wandb, prime, "ledger_path: null"))
+    proxy = await _start(processes, path, free_port())
+    await _calls(http, proxy.url, 1)
+    usage = await _usage(http, proxy.url)
+    assert usage["ledger"] == {"store": "memory"} and usage["totals"]["requests"] == 3
+    assert proxy.stop() == 0
+    assert "ledger kept in memory only" in proxy.log()
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("*.sqlite3*")))
+
+
+def test_the_file_is_sqlite_with_every_ledger_field(tmp_path: Path) -> None:
+    """What an operator may read with the sqlite3 shell: one table, a column per field."""
+    from proxy.limits.ledger_file import LedgerFile
+    from proxy.limits.store import LEDGER_FIELDS
+
+    file = LedgerFile(str(tmp_path / "l.sqlite3"))
+    assert file.open(today=20_000) == {}
+    file.add({("t", "m", 20_000, "k"): (1, 2, 3, 4, 5, 6)})
+    file.add({("t", "m", 20_000, "k"): (1, 2, 3, 4, 5, 6), ("t", "m", 19_000, "k"): (1,) * 6})
+    file.close()
+    with sqlite3.connect(tmp_path / "l.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        columns = [row[1] for row in db.execute("PRAGMA table_info(ledger)")]
+        assert columns == ["team", "model", "day", "key", *LEDGER_FIELDS]
+    reopened = LedgerFile(str(tmp_path / "l.sqlite3"))
+    # Added, not set; and only the recent days come back.
+    assert reopened.open(today=20_000) == {("t", "m", 20_000, "k"): (2, 4, 6, 8, 10, 12)}
+    reopened.close()
