@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import subprocess
-import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import aiohttp
 import pytest
 
 from proxy.call.auth import key_hash
-from tests.support import ROOT, ProxyProcess, Upstream, free_port, routes_yaml
+from tests.support import ProxyProcess, Upstream, free_port, routes_yaml, serve_and_exit
 from tests.support.metrics import scrape
 
 ADMIN = "admin-secret-key"
@@ -54,27 +53,34 @@ def _ci_key() -> str:
     return "sk-proxy-research-ci-0123456789"
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+@dataclass
+class Setup:
+    """The test's routes.yaml and port, kept across restarts, and its processes."""
+
+    wandb: Upstream
+    prime: Upstream
+    path: Path
+    port: int
+    http: aiohttp.ClientSession
+    started: list[ProxyProcess]
+
+    def write(self, accounting: str, day_limit: int = 10**6) -> None:
+        self.path.write_text(_config(self.wandb, self.prime, accounting, day_limit))
+
+    async def start(self, *args: str, workers: int = 1) -> ProxyProcess:
+        process = ProxyProcess(self.path, self.port, *args)
+        self.started.append(process)
+        await process.wait_listening(workers=workers)
+        return process
 
 
 @pytest.fixture
-def processes() -> Any:
-    started: list[ProxyProcess] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
-async def _start(
-    started: list[ProxyProcess], path: Path, port: int, *args: str, workers: int = 1
-) -> ProxyProcess:
-    process = ProxyProcess(path, port, *args)
-    started.append(process)
-    await process.wait_listening(workers=workers)
-    return process
+async def setup(tmp_path: Path, wandb: Upstream, prime: Upstream) -> AsyncIterator[Setup]:
+    async with aiohttp.ClientSession() as http:
+        setup = Setup(wandb, prime, tmp_path / "routes.yaml", free_port(), http, [])
+        yield setup
+        for process in setup.started:
+            process.stop()
 
 
 async def _call(http: aiohttp.ClientSession, url: str, key: str) -> int:
@@ -100,22 +106,14 @@ async def _usage(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
         return answer
 
 
-async def test_sigterm_and_restart_keep_the_whole_ledger_and_the_day_s_tokens(
-    tmp_path: Path,
-    wandb: Upstream,
-    prime: Upstream,
-    http: aiohttp.ClientSession,
-    processes: list[ProxyProcess],
-) -> None:
-    path = tmp_path / "routes.yaml"
+async def test_sigterm_and_restart_keep_the_whole_ledger_and_the_day_s_tokens(setup: Setup) -> None:
     # Room for 4 research calls today: the fake books 15 prompt and 5 completion tokens
     # a call (80 for 4), and a 5th reserves its prompt's estimate (14) + 5: over 95.
-    path.write_text(_config(wandb, prime, "ledger_interval: 10s", day_limit=95))
-    port = free_port()
-    first = await _start(processes, path, port)
-    await _calls(http, first.url, 2)
-    before = await _usage(http, first.url)
-    file = str(tmp_path / "ledger.sqlite3")  # the default: beside routes.yaml
+    setup.write("ledger_interval: 10s", day_limit=95)
+    first = await setup.start()
+    await _calls(setup.http, first.url, 2)
+    before = await _usage(setup.http, first.url)
+    file = str(setup.path.parent / "ledger.sqlite3")  # the default: beside routes.yaml
     assert before["ledger"] == {"store": "sqlite", "path": file, "interval": 10.0}
     research = [row for row in before["data"] if row["team"] == "research"]
     assert research[0]["requests"] == 4 and research[0]["cost_micro_usd"] > 0
@@ -124,37 +122,29 @@ async def test_sigterm_and_restart_keep_the_whole_ledger_and_the_day_s_tokens(
     assert first.stop() == 0
     assert f"ledger kept in {file}" in first.log()
 
-    second = await _start(processes, path, port)
-    after = await _usage(http, second.url)
+    second = await setup.start()
+    after = await _usage(setup.http, second.url)
     assert after["data"] == before["data"] and after["totals"] == before["totals"]
     assert "3 recent rows read back" in second.log()  # research's 2 keys, and ops
     # The day's 80 tokens were used before the restart: the limit still counts them.
-    assert await _call(http, second.url, KEYS["research"]) == 429
-    assert await _call(http, second.url, KEYS["ops"]) == 200
-    ops = [r for r in (await _usage(http, second.url))["data"] if r["team"] == "ops"]
+    assert await _call(setup.http, second.url, KEYS["research"]) == 429
+    assert await _call(setup.http, second.url, KEYS["ops"]) == 200
+    ops = [r for r in (await _usage(setup.http, second.url))["data"] if r["team"] == "ops"]
     assert ops[0]["requests"] == 3
 
 
-async def test_sigkill_loses_at_most_the_last_interval(
-    tmp_path: Path,
-    wandb: Upstream,
-    prime: Upstream,
-    http: aiohttp.ClientSession,
-    processes: list[ProxyProcess],
-) -> None:
-    path = tmp_path / "routes.yaml"
-    path.write_text(_config(wandb, prime, "ledger_interval: 200ms"))
-    port = free_port()
-    first = await _start(processes, path, port)
-    await _calls(http, first.url, 3)
-    kept = await _usage(http, first.url)
+async def test_sigkill_loses_at_most_the_last_interval(setup: Setup) -> None:
+    setup.write("ledger_interval: 200ms")
+    first = await setup.start()
+    await _calls(setup.http, first.url, 3)
+    kept = await _usage(setup.http, first.url)
     await asyncio.sleep(0.6)  # more than the interval: every call above is in the file
-    await _calls(http, first.url, 2)  # within the interval of the kill: may be lost
+    await _calls(setup.http, first.url, 2)  # within the interval of the kill: may be lost
     first.signal(signal.SIGKILL)
     first.process.wait()
 
-    second = await _start(processes, path, port)
-    after = await _usage(http, second.url)
+    second = await setup.start()
+    after = await _usage(setup.http, second.url)
     assert 9 <= after["totals"]["requests"] <= 15
     for row in kept["data"]:  # each row at least as it was, every field
         now = next(r for r in after["data"] if r["team"] == row["team"])
@@ -162,22 +152,14 @@ async def test_sigkill_loses_at_most_the_last_interval(
             assert now[field] >= row[field]
     await asyncio.sleep(0.6)
     # What the second process books is added to what the first left.
-    await _calls(http, second.url, 1)
-    final = await _usage(http, second.url)
+    await _calls(setup.http, second.url, 1)
+    final = await _usage(setup.http, second.url)
     assert final["totals"]["requests"] == after["totals"]["requests"] + 3
 
 
-async def test_workers_share_one_file_and_every_worker_reads_all_of_it(
-    tmp_path: Path,
-    wandb: Upstream,
-    prime: Upstream,
-    http: aiohttp.ClientSession,
-    processes: list[ProxyProcess],
-) -> None:
-    path = tmp_path / "routes.yaml"
-    path.write_text(_config(wandb, prime, "ledger_interval: 100ms"))
-    port = free_port()
-    proxy = await _start(processes, path, port, "--workers", "2", workers=2)
+async def test_workers_share_one_file_and_every_worker_reads_all_of_it(setup: Setup) -> None:
+    setup.write("ledger_interval: 100ms")
+    proxy = await setup.start("--workers", "2", workers=2)
     # New connections each: the kernel spreads them over both workers.
     for _ in range(10):
         async with aiohttp.ClientSession() as fresh:
@@ -187,11 +169,11 @@ async def test_workers_share_one_file_and_every_worker_reads_all_of_it(
         async with aiohttp.ClientSession() as fresh:
             assert (await _usage(fresh, proxy.url))["totals"]["requests"] == 30
     assert proxy.stop() == 0
-    restarted = await _start(processes, path, port, "--workers", "2", workers=2)
-    assert (await _usage(http, restarted.url))["totals"]["requests"] == 30
-    await _calls(http, restarted.url, 1)
+    restarted = await setup.start("--workers", "2", workers=2)
+    assert (await _usage(setup.http, restarted.url))["totals"]["requests"] == 30
+    await _calls(setup.http, restarted.url, 1)
     await asyncio.sleep(0.3)
-    writes = await scrape(http, restarted.url)  # every worker's, under --workers
+    writes = await scrape(setup.http, restarted.url)  # every worker's, under --workers
     assert writes.value("llm_proxy_ledger_file_writes_total", result="ok") >= 1
     assert writes.value("llm_proxy_ledger_file_writes_total", result="error") == 0
 
@@ -205,34 +187,21 @@ def test_a_file_that_is_not_a_ledger_stops_the_start(tmp_path: Path) -> None:
     )
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "usage.db").write_bytes(b"not a database, " * 512)
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "0"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_and_exit(path, "--port", "0")
     assert result.returncode == 2
     assert f"accounting.ledger_path: ledger file {tmp_path}/state/usage.db: " in result.stderr
     assert "file is not a database" in result.stderr
 
 
-async def test_ledger_path_null_keeps_it_in_memory_and_writes_no_file(
-    tmp_path: Path,
-    wandb: Upstream,
-    prime: Upstream,
-    http: aiohttp.ClientSession,
-    processes: list[ProxyProcess],
-) -> None:
-    path = tmp_path / "routes.yaml"
-    path.write_text(_config(wandb, prime, "ledger_path: null"))
-    proxy = await _start(processes, path, free_port())
-    await _calls(http, proxy.url, 1)
-    usage = await _usage(http, proxy.url)
+async def test_ledger_path_null_keeps_it_in_memory_and_writes_no_file(setup: Setup) -> None:
+    setup.write("ledger_path: null")
+    proxy = await setup.start()
+    await _calls(setup.http, proxy.url, 1)
+    usage = await _usage(setup.http, proxy.url)
     assert usage["ledger"] == {"store": "memory"} and usage["totals"]["requests"] == 3
     assert proxy.stop() == 0
     assert "ledger kept in memory only" in proxy.log()
-    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("*.sqlite3*")))
+    assert not await asyncio.to_thread(lambda: list(setup.path.parent.glob("*.sqlite3*")))
 
 
 def test_the_file_is_sqlite_with_every_ledger_field(tmp_path: Path) -> None:
