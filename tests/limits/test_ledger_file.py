@@ -178,6 +178,36 @@ async def test_workers_share_one_file_and_every_worker_reads_all_of_it(setup: Se
     assert writes.value("llm_proxy_ledger_file_writes_total", result="error") == 0
 
 
+async def test_a_file_that_refuses_writes_costs_no_call_and_is_shown_then_caught_up(
+    setup: Setup,
+) -> None:
+    """Another process holds the file's write lock for longer than a write waits
+    (BUSY_TIMEOUT): calls are answered, the failed writes are logged and counted, and
+    once the lock is gone the next write adds everything."""
+    setup.write("ledger_interval: 200ms")
+    proxy = await setup.start()
+    await _calls(setup.http, proxy.url, 1)
+    await asyncio.sleep(0.5)  # written
+    locker = sqlite3.connect(setup.path.parent / "ledger.sqlite3", isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        await _calls(setup.http, proxy.url, 2)  # answered while no write can go in
+        errors = 0.0
+        while errors == 0:  # a write waits up to BUSY_TIMEOUT (5 s), then fails
+            await asyncio.sleep(0.2)
+            found = await scrape(setup.http, proxy.url)
+            errors = found.value("llm_proxy_ledger_file_writes_total", result="error")
+    finally:
+        locker.close()
+    assert "ledger not written (1 failed writes so far" in proxy.log()
+    assert "database is locked" in proxy.log()
+    usage = await _usage(setup.http, proxy.url)  # its write goes in now: all 9 calls
+    assert usage["totals"]["requests"] == 9
+    assert proxy.stop() == 0
+    restarted = await setup.start()
+    assert (await _usage(setup.http, restarted.url))["totals"]["requests"] == 9
+
+
 def test_a_file_that_is_not_a_ledger_stops_the_start(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
     path.write_text(
