@@ -65,7 +65,7 @@ class LedgerFile:
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, check_same_thread=False)
             self._db = db
             db.execute("PRAGMA journal_mode=WAL")  # reads first: a corrupt file fails here
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at each checkpoint
+            db.execute("PRAGMA synchronous=FULL")  # each write synced: a power cut keeps it
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
                 raise sqlite3.DatabaseError(f"schema version {version}, not {SCHEMA_VERSION}")

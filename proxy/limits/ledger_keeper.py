@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from proxy.limits.ledger_file import LedgerFile, LedgerFileError
 from proxy.limits.memory import MemoryStore
-from proxy.limits.store import DAY, LedgerKey, LedgerRow
+from proxy.limits.store import DAY, Addition, LedgerRow, totals
 from proxy.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -53,26 +53,31 @@ class LedgerKeeper:
 
     async def write(self) -> bool:
         """Add what was settled since the last write; False if the file refused it."""
-        rows = self.store.take_unwritten()
-        if not rows:
+        additions = self.store.take_unwritten()
+        if not additions:
             return True
-        future = asyncio.get_running_loop().run_in_executor(self._thread, self.file.add, rows)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._thread, self._add, additions)
         # The outcome is taken by a callback, and the write shielded: one under way is
         # never abandoned (the writer cancelled at shutdown, a reader gone), and what it
         # did not add is added by the next.
-        future.add_done_callback(functools.partial(self._written, rows))
-        try:
-            await asyncio.shield(future)
-        except LedgerFileError:
-            return False
-        return True
+        future.add_done_callback(functools.partial(self._written, additions))
+        return await asyncio.shield(future) is None
 
-    def _written(self, rows: dict[LedgerKey, tuple[int, ...]], future: Future[None]) -> None:
-        error = future.exception()
+    def _add(self, additions: list[Addition]) -> LedgerFileError | None:
+        """In the file's thread: the additions summed per row, and added."""
+        try:
+            self.file.add(totals(additions))
+        except LedgerFileError as exc:
+            return exc
+        return None
+
+    def _written(self, additions: list[Addition], future: Future[LedgerFileError | None]) -> None:
+        error = future.exception() or future.result()
         if error is None:
             self.metrics.ledger_file_written(ok=True)
             return
-        self.store.unwritten_again(rows)
+        self.store.unwritten_again(totals(additions).items())  # one per row, kept
         if isinstance(error, LedgerFileError):
             self._failed(error)
 

@@ -12,6 +12,7 @@ from proxy.limits.store import (
     DAY,
     LEDGER_FIELDS,
     PER_MINUTE,
+    Addition,
     Admission,
     Check,
     LedgerKey,
@@ -42,9 +43,10 @@ class MemoryStore:
         self._days: dict[tuple[str, str, int], int] = {}
         # Per team, model, day and key label: a row's counts are the sum over its keys.
         self._ledger: dict[LedgerKey, list[int]] = {}
-        # What settlements added to the ledger since the ledger file's last write, when
-        # one keeps it (limits/ledger_keeper.py): the file adds it to its rows.
-        self._unwritten: dict[LedgerKey, list[int]] | None = None
+        # What each settlement added to the ledger since the ledger file's last write,
+        # when one keeps it (limits/ledger_keeper.py): an append here, summed per row in
+        # the file's thread (bench/ledger_file_cost.py).
+        self._unwritten: list[Addition] | None = None
         self._done: OrderedDict[str, float] = OrderedDict()  # in settlement order
 
     def prepare(self, team: str, checks: tuple[Check, ...]) -> TeamChecks:
@@ -129,9 +131,11 @@ class MemoryStore:
                 self._buckets[(s.team, check.scope, check.kind)] = (tokens, now)
         row_key = (s.team, s.model, s.day, s.key)
         values = ledger_values(s)
-        _add(self._ledger, row_key, values)
+        row = self._ledger.setdefault(row_key, [0] * len(LEDGER_FIELDS))
+        for i, value in enumerate(values):
+            row[i] += value
         if self._unwritten is not None:
-            _add(self._unwritten, row_key, values)
+            self._unwritten.append((row_key, values))
 
     def _forget_settled(self, now: float) -> None:
         done = self._done
@@ -151,18 +155,18 @@ class MemoryStore:
             if row[0] in teams and first_day <= row[2] <= last_day
         )
 
-    def take_unwritten(self) -> dict[LedgerKey, tuple[int, ...]]:
-        """What settlements added to each ledger row since the last call (the first
-        call starts the count): what the ledger file adds to its rows next."""
-        unwritten, self._unwritten = self._unwritten or {}, {}
-        return {key: tuple(counts) for key, counts in unwritten.items()}
+    def take_unwritten(self) -> list[Addition]:
+        """What settlements added to the ledger since the last call (the first call
+        starts the count): what the ledger file adds to its rows next."""
+        unwritten, self._unwritten = self._unwritten or [], []
+        return unwritten
 
-    def unwritten_again(self, rows: Mapping[LedgerKey, tuple[int, ...]]) -> None:
-        """Additions a write did not take: the next write adds them with the newer ones."""
+    def unwritten_again(self, additions: Iterable[Addition]) -> None:
+        """Additions a write did not take (summed per row, so that a file that refuses
+        writes for long holds one per row): the next write adds them with the newer."""
         if self._unwritten is None:
-            self._unwritten = {}
-        for key, counts in rows.items():
-            _add(self._unwritten, key, counts)
+            self._unwritten = []
+        self._unwritten.extend(additions)
 
     def restore(self, rows: Mapping[LedgerKey, tuple[int, ...]]) -> None:
         """At start, the rows a ledger file kept: added to the ledger, and today's

@@ -114,9 +114,19 @@ class LedgerRow:
 
 
 LedgerKey = tuple[str, str, int, str]  # team, model, day (since the epoch), key label
+Addition = tuple[LedgerKey, tuple[int, ...]]  # counts added to a ledger row, or a row's counts
 
 
-def ledger_rows(split: Iterable[tuple[LedgerKey, tuple[int, ...]]]) -> list[LedgerRow]:
+def totals(additions: Iterable[Addition]) -> dict[LedgerKey, tuple[int, ...]]:
+    """The additions summed per row."""
+    rows: dict[LedgerKey, tuple[int, ...]] = {}
+    for key, counts in additions:
+        row = rows.get(key)
+        rows[key] = counts if row is None else tuple(map(sum, zip(row, counts, strict=True)))
+    return rows
+
+
+def ledger_rows(split: Iterable[Addition]) -> list[LedgerRow]:
     """Counts per team, model, day and key label (sorted) as rows with their key split."""
     rows: dict[tuple[str, str, int], list[tuple[str, tuple[int, ...]]]] = {}
     for (team, model, day, key), counts in split:
