@@ -1,5 +1,5 @@
 """Keeps the embedded ledger in its file (limits/ledger_file.py): restores it at start,
-writes the rows changed since the last write every ``accounting.ledger_interval`` and
+adds what was settled since the last write every ``accounting.ledger_interval`` and
 once more at shutdown, and reads it for /v1/usage. Every file call runs in one thread
 of its own, in the order made, so the loop never waits for a commit. A write that
 fails is logged and counted (``llm_proxy_ledger_file_writes_total{result="error"}``),
@@ -95,7 +95,10 @@ class LedgerKeeper:
     async def write_forever(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.write()
+            try:
+                await self.write()
+            except Exception:  # a fault of our own: shown, and the writes go on
+                log.exception("ledger file write failed")
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
         """Every worker's rows: this one's as of now, the others' as of their last write."""
