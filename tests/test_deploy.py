@@ -356,6 +356,25 @@ def test_image_config_needs_no_local_extra_and_serves_only_teams(
     assert config.teams
 
 
+def test_image_keeps_the_embedded_ledger_on_a_volume_its_user_owns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without Redis, the ledger's file goes to PROXY_STATE_DIR (the config directory is
+    mounted read-only): a volume, made writable for the image's user."""
+    [env] = [e for e in _instruction("ENV") if e.startswith("PROXY_STATE_DIR=")]
+    state = env.split("=", 1)[1]
+    assert json.loads(_instruction("VOLUME")[0]) == [state]
+    [user] = _instruction("USER")
+    [install] = [r for r in _instruction("RUN") if "pip install" in r]
+    assert f"install -d -o {user} -m 700 {state}" in install
+    monkeypatch.setenv("PROXY_ADMIN_KEY", "admin-key")
+    monkeypatch.setenv("REDIS_URL", "")
+    monkeypatch.setenv("PROXY_STATE_DIR", state)
+    config = load_config(DEPLOY / "config" / "routes.yaml")
+    assert config.redis.urls == ()
+    assert config.accounting.ledger_path == f"{state}/ledger.sqlite3"
+
+
 def _constraints() -> dict[str, str]:
     pins: dict[str, str] = {}
     for line in CONSTRAINTS.read_text().splitlines():
