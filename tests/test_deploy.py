@@ -307,6 +307,19 @@ def test_dockerfile_pins_its_base_and_dependencies() -> None:
 def test_dockerfile_is_non_root_checked_and_never_anonymous() -> None:
     [user] = _instruction("USER")
     assert user.isdigit() and int(user) > 0
+    # The user it adds must be new to a Debian base: Debian's base-passwd already has a
+    # "proxy" (uid 13), and useradd of an existing name fails the build.
+    [install] = [r for r in _instruction("RUN") if "useradd" in r]
+    added = install.split("useradd ", 1)[1].split("&&")[0].split()
+    assert _flag(added, "--uid") == user
+    name = added[-1]
+    debian = Path("/usr/share/base-passwd/passwd.master")
+    names = (
+        {line.split(":")[0] for line in debian.read_text().splitlines()}
+        if debian.exists()
+        else {"proxy"}
+    )
+    assert name not in names, f"{name} is already a user of Debian's base image"
     [healthcheck] = _instruction("HEALTHCHECK")
     [cmd] = _instruction("CMD")
     command = json.loads(cmd)
