@@ -226,6 +226,10 @@ class Accounting:
     # Reserved at admission for a call that does not say max_tokens, when its model
     # sets no max_tokens default (models.ID.max_tokens).
     default_max_tokens: int = 1024
+    # Without Redis: the SQLite file the ledger is kept in (limits/ledger_file.py),
+    # absolute once loaded; None: in memory only, lost on restart.
+    ledger_path: str | None = None
+    ledger_interval: float = 1.0  # seconds between its writes: what a SIGKILL may lose
 
 
 @dataclass(frozen=True)

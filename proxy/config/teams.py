@@ -1,4 +1,4 @@
-"""The ``teams``, ``redis`` and ``accounting`` sections of routes.yaml."""
+"""The ``teams`` and ``redis`` sections of routes.yaml."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from proxy.config.fields import FieldReader, hint, known_list, shown
 from proxy.config.model import (
     ANONYMOUS,
     LIMIT_KINDS,
-    Accounting,
     Limits,
     Provider,
     RedisSettings,
@@ -45,7 +44,6 @@ KEYS_NEEDED = (
 LIMIT_FIELDS = dict.fromkeys(LIMIT_KINDS, "count")
 REDIS_FIELDS = {"lease_ttl": "duration", "timeout": "duration"}
 REDIS_KEYS = {"url", "on_error", "ledger_replicas", *REDIS_FIELDS}
-ACCOUNTING_FIELDS = {"default_max_tokens": "count"}
 
 # Headers that choose which account, project or team of the provider a call is billed
 # to. The proxy calls with its own key, so with teams configured a client must not pick
@@ -341,10 +339,6 @@ def _redis_urls(reader: FieldReader, raw: Any) -> tuple[str, ...]:
         if url:
             urls.append(url)
     return tuple(urls)
-
-
-def read_accounting(reader: FieldReader, raw: Any) -> Accounting:
-    return replace(Accounting(), **reader.fields(raw, "accounting", ACCOUNTING_FIELDS))
 
 
 def key_index(teams: Mapping[str, Team]) -> Mapping[str, TeamKey]:

@@ -244,6 +244,12 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.ledger_file_writes = Counter(
+            p + "ledger_file_writes",
+            "Writes of the embedded ledger to its SQLite file, by result (ok, error).",
+            ["result"],
+            registry=r,
+        )
         self.redis_latency = Histogram(
             p + "redis_latency_seconds",
             "Redis round trips, by operation.",
@@ -298,6 +304,10 @@ class Metrics:
         self.c_redis_latency.get(operation).observe(seconds)
         if not ok:
             self.redis_errors.labels(operation).inc()
+
+    def ledger_file_written(self, ok: bool) -> None:
+        """One write of the ledger file (limits/ledger_keeper.py); a failed one is retried."""
+        self.ledger_file_writes.labels("ok" if ok else "error").inc()
 
     def redis_timer(self, operation: str) -> RedisTimer:
         """``with metrics.redis_timer("admit"): await script(...)``: latency, and errors."""

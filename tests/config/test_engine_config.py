@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from proxy.config.engine import QueueSpec, ReadyCheck, RestartPolicy
 from proxy.config.load import ConfigError, parse_config
-from tests.support import ROOT
+from tests.support import serve_and_exit
 
 MODELS = "models:\n  m: {targets: [{provider: local, model: m}]}\n"
 
@@ -147,12 +145,6 @@ def test_workers_refuse_a_fixed_engine_port(tmp_path: Path):
     path.write_text(
         "providers:\n  local:\n    engine: {command: [x], port: 8000}\n" + MODELS,
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--workers", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_and_exit(path, "--workers", "2")
     assert result.returncode == 2
     assert "--workers > 1 needs port: auto for engines (local)" in result.stderr
