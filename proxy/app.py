@@ -178,6 +178,6 @@ async def _sample_every_second(services: Services) -> None:
 async def _engines(app: web.Application) -> AsyncIterator[None]:
     # Last in, first out: engines stop before the upstream client closes, after the
     # server stopped taking calls and the calls in flight finished.
-    async with running_engines(app[SERVICES].config) as engines:
+    async with running_engines(app[SERVICES].config, app[SERVICES].metrics) as engines:
         app[SERVICES].engines = engines
         yield

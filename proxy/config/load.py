@@ -50,7 +50,7 @@ PROVIDER_KEYS = {
     "base_url", "endpoints", "balance", "api_key", "headers", "timeouts", "retry", "circuit",
     "required", "stream_usage", "engine", "price",
 }  # fmt: skip
-MODEL_KEYS = {"targets", "strategy", "owned_by", "retry", "max_tokens"}
+MODEL_KEYS = {"targets", "strategy", "owned_by", "retry", "max_tokens", "spill_after"}
 OUTPUT_CAP_KEYS = {"default", "limit", "field"}
 # The largest count a client may send (proxy.limits.usage.MAX_COUNT): a default above it
 # would be injected and reserved as no client could ask.
@@ -305,6 +305,11 @@ class _Reader(FieldReader):
             retry_overrides=frozen_map(retry),
             budget=retry.get("budget", self.retry.budget),
             max_tokens=cap,
+            spill_after=(
+                self.duration(node["spill_after"], f"{path}.spill_after")
+                if "spill_after" in node
+                else None
+            ),
         )
 
     def output_cap(self, raw: Any, path: str) -> OutputCap | None:

@@ -138,6 +138,9 @@ class Model:
     retry_overrides: Mapping[str, Any] = field(default_factory=frozen_map)
     budget: float = RetryPolicy.budget
     max_tokens: OutputCap | None = None
+    # A local engine's target is passed over for the next one when its queue's estimated
+    # wait exceeds this many seconds (a time-to-first-token budget); None: always queue.
+    spill_after: float | None = None
 
     def retry_for(self, provider: Provider) -> RetryPolicy:
         if not self.retry_overrides:
@@ -200,6 +203,8 @@ class Team:
     headers: Mapping[str, Mapping[str, str]] = field(default_factory=frozen_map)
     # the provider-scoping headers (OpenAI-Project, …) its clients may set, lower-case
     client_headers: frozenset[str] = frozenset()
+    # Its share of a busy local engine against other teams' (engines/fair_queue.py).
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from proxy.config.model import (
     frozen_map,
 )
 
-TEAM_KEYS = {"keys", "models", "limits", "model_limits", "headers", "client_headers"}
+TEAM_KEYS = {
+    "keys", "models", "limits", "model_limits", "headers", "client_headers", "weight",
+}  # fmt: skip
 KEY_FIELDS = {"name", "hash", "expires"}
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 KEY_PREFIX = "sk-proxy-"  # of the keys keygen makes
@@ -97,6 +99,7 @@ def _team(
         model_limits=frozen_map(model_limits),
         headers=_headers(reader, node.get("headers"), f"{path}.headers", providers),
         client_headers=_client_headers(reader, node.get("client_headers"), path),
+        weight=reader.weight(node.get("weight", 1), f"{path}.weight") or 1.0,
     )
 
 
