@@ -53,7 +53,7 @@ class CacheAware:
     # Bytes of the serialized messages per prefix block: smaller finds shorter shared
     # prefixes and costs more hashing per call.
     block_bytes: int = 256
-    # The memory cap of one replica's prefix index (about 160 bytes a block).
+    # The memory cap of one replica's prefix index (counted as 256 bytes a block).
     index_memory: int = 4 * 2**20
     # What one call in flight costs in the score, against a whole prompt matched (1.0).
     load_weight: float = 0.1
