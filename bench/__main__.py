@@ -3,17 +3,21 @@ without Redis, and two references (nginx, a bare aiohttp relay), under wrk and a
 streaming client; one table, also written to docs/BENCHMARKS.md. Needs ``wrk``
 (apt-get install -y wrk) and ``redis-server``; with ``valgrind`` it also counts
 instructions per request (skipped by --quick), and without ``nginx`` it runs without
-the compiled reference."""
+the compiled reference. ``python3 -m bench engines`` compares the balances of a local
+engine's replicas on real llama.cpp instead (bench/engines.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench import engines
+from bench.engine_report import kept
 from bench.nginx import INSTALL_HINT as NGINX_HINT
 from bench.nginx import have_nginx
 from bench.procs import (
@@ -51,6 +55,9 @@ CHUNKS, INTERVAL_MS = 100, 20.0
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["engines"]:
+        engines.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs, to try the bench out")
     parser.add_argument(
@@ -73,7 +80,9 @@ def main() -> None:
     print(text)
     if not args.no_write:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        old = args.out.read_text() if args.out.exists() else ""
+        # The engines' section is python3 -m bench engines's: carried over as it was.
+        args.out.write_text(text + ("\n" + kept(old) if kept(old) else ""))
         print(f"written to {args.out}")
 
 
