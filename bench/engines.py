@@ -19,11 +19,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.engine_load import Tally, Workload, run
 from bench.engine_report import Row, document, splice
-from bench.procs import ROOT, Child, free_port, start_proxy, wait_for
+from bench.procs import ROOT, Child, free_port, port_free, start_proxy, wait_for
 from bench.report import load_average, machine
 
 BALANCES = ("round_robin", "least_busy", "affinity", "cache_aware")
@@ -77,41 +78,32 @@ class _Ports:
 def _ports() -> _Ports:
     while True:
         engine = free_port()
-        if engine < 65000 and _bindable(engine + 1):
+        if engine < 65000 and port_free(engine + 1):
             return _Ports(free_port(), engine)
 
 
-def _bindable(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _routes(balance: str, engine_port: int) -> str:
-    return f"""
-providers:
-  local:
-    engine:
-      command: ["{{python}}", "-m", "proxy.engines.llamacpp", "--model", "{MODEL}",
-                "--host", "{{host}}", "--port", "{{port}}", "--threads", "1",
-                "--ctx-size", "4096", "--alias", "smollm2", "--metrics"]
-      port: {engine_port}
-      replicas: 2
-      ready: {{timeout: 120s, interval: 100ms}}
-      metrics_path: /metrics
-    balance: {balance}
-    timeouts: {{connect: 2s, first_byte: 600s, idle: 600s, total: 900s}}
-    retry: {{attempts: 1, budget: 900s}}
-models:
-  smollm2:
-    targets:
-      - {{provider: local, model: smollm2}}
-"""
+    command = (
+        "{python} -m proxy.engines.llamacpp --model MODEL --host {host} --port {port} "
+        "--threads 1 --ctx-size 4096 --alias smollm2 --metrics"
+    )
+    engine = {
+        "command": [MODEL if part == "MODEL" else part for part in command.split(" ")],
+        "port": engine_port,
+        "replicas": 2,
+        "ready": {"timeout": "120s", "interval": "100ms"},
+        "metrics_path": "/metrics",
+    }
+    provider = {
+        "engine": engine,
+        "balance": balance,
+        "timeouts": {"connect": "2s", "first_byte": "600s", "idle": "600s", "total": "900s"},
+        # Two attempts: a pooled connection that llama.cpp closed after its keep-alive
+        # timeout (5 s) fails at once as upstream_unreachable, and is sent again.
+        "retry": {"attempts": 2, "base_delay": "10ms", "max_delay": "10ms", "budget": "900s"},
+    }
+    models = {"smollm2": {"targets": [{"provider": "local", "model": "smollm2"}]}}
+    return yaml.safe_dump({"providers": {"local": provider}, "models": models})
 
 
 def _measure(tmp: Path, load: Workload, balance: str) -> Row:

@@ -10,7 +10,13 @@ import aiohttp
 import pytest
 
 from proxy.config.load import parse_config
-from tests.engines.test_engines import EngineProxy, MakeEngineProxy, engine_counters
+from proxy.routing.prefix_index import prefix_keys, prompt_text
+from tests.engines.test_engines import (  # noqa: F401 - the fixture
+    EngineProxy,
+    MakeEngineProxy,
+    engine_counters,
+    make_engine_proxy,
+)
 from tests.support.engines import engine_yaml, until
 from tests.support.metrics import scrape
 
@@ -47,7 +53,9 @@ async def _served(proxy: EngineProxy, messages: list[dict[str, str]]) -> tuple[s
     return busy[0], ran[busy[0]], cached[busy[0]], reply.choices[0].message.content or ""
 
 
-async def test_a_next_turn_goes_where_its_prefix_is_cached(make_engine_proxy: MakeEngineProxy):
+async def test_a_next_turn_goes_where_its_prefix_is_cached(
+    make_engine_proxy: MakeEngineProxy,  # noqa: F811
+):
     proxy = await make_engine_proxy(
         engine_yaml(replicas=2, threads=1, provider="    balance: cache_aware")
     )
@@ -56,10 +64,11 @@ async def test_a_next_turn_goes_where_its_prefix_is_cached(make_engine_proxy: Ma
     )
     conversations = [
         [{"role": "system", "content": _system(n)}, {"role": "user", "content": f"Question {n}?"}]
-        for n in range(4)
+        for n in range(6)
     ]
-    first = []
+    first, whole_blocks = [], 0
     for history in conversations:  # every first turn, then every second turn
+        whole_blocks += len(prefix_keys(prompt_text({"messages": history}) or "", 256)) - 1
         replica, ran, cached, answer = await _served(proxy, history)
         first.append((replica, ran + cached))
         history.append({"role": "assistant", "content": answer or "Yes."})
@@ -76,7 +85,9 @@ async def test_a_next_turn_goes_where_its_prefix_is_cached(make_engine_proxy: Ma
         metrics = await scrape(http, proxy.url)
     hit = metrics.value("llm_proxy_prefix_blocks_total", provider="local", result="hit")
     miss = metrics.value("llm_proxy_prefix_blocks_total", provider="local", result="miss")
-    assert hit > miss > 0  # the second turns were estimated mostly cached
+    # The estimate: each second turn found every whole block of its first turn's prompt.
+    assert hit == whole_blocks > 0
+    assert miss > 0
 
 
 def test_an_engine_without_balance_keeps_least_busy() -> None:
