@@ -56,6 +56,16 @@ def replay(history: list[tuple[str, list[str]]], replicas: int) -> tuple[PrefixR
     return router, went
 
 
+def _extend_the_last(
+    history: list[tuple[str, list[str]]], replicas: int, more: str
+) -> tuple[PrefixRouter, list[int], list[str], tuple[bytes, ...]]:
+    """The history replayed; then the keys of its last call with one more message."""
+    router, went = replay(history, replicas)
+    system, turns = history[-1]
+    names = [f"r{i}" for i in range(replicas)]
+    return router, went, names, keys(messages(system, [*turns, more]))
+
+
 @given(st.text(max_size=300), st.text(max_size=300))
 def test_a_key_names_its_whole_prefix(head: str, tail: str) -> None:
     whole = len(head.encode()) // BLOCK  # the blocks that lie wholly inside head
@@ -111,11 +121,9 @@ def test_the_same_history_gives_the_same_choices(
 def test_a_call_extending_a_prompt_goes_where_that_prompt_went(
     history: list[tuple[str, list[str]]], replicas: int, more: str
 ) -> None:
-    router, went = replay(history, replicas)
+    router, went, names, extended = _extend_the_last(history, replicas, more)
     system, turns = history[-1]
     previous = keys(messages(system, turns))
-    names = [f"r{i}" for i in range(replicas)]
-    extended = keys(messages(system, [*turns, more]))
     held = [router.indexes[n].matched(extended) for n in names]
     choice = router.choose(names, [0] * replicas, extended, POLICY)
     # It scores highest where the previous prompt went: every block of it is there.
@@ -128,12 +136,10 @@ def test_a_call_extending_a_prompt_goes_where_that_prompt_went(
 def test_unless_that_replica_is_overloaded(
     history: list[tuple[str, list[str]]], replicas: int, more: str
 ) -> None:
-    router, went = replay(history, replicas)
-    system, turns = history[-1]
-    names = [f"r{i}" for i in range(replicas)]
+    router, went, names, extended = _extend_the_last(history, replicas, more)
     loads = [0] * replicas
     loads[went[-1]] = POLICY.imbalance_calls  # the others idle: past both thresholds
-    choice = router.choose(names, loads, keys(messages(system, [*turns, more])), POLICY)
+    choice = router.choose(names, loads, extended, POLICY)
     assert loads[choice.index] == 0
 
 
