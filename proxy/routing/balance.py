@@ -111,6 +111,10 @@ class Hint:
     policy: CacheAware = DEFAULT_POLICY
 
 
+# The hints that carry nothing of the call, made once: no allocation per call.
+_PLAIN = {balance: Hint(balance) for balance in ("round_robin", "weighted", "least_busy")}
+
+
 def call_hint(provider: Provider, fields: dict[str, Any], replicas: int) -> Hint | None:
     """The call's hint for ``provider``'s ``replicas``; None where nothing is to choose."""
     if replicas < 2:
@@ -121,7 +125,7 @@ def call_hint(provider: Provider, fields: dict[str, Any], replicas: int) -> Hint
         text = prompt_text(fields)
         blocks = () if text is None else prefix_keys(text, provider.cache_aware.block_bytes)
         return Hint("cache_aware", blocks=blocks, policy=provider.cache_aware)
-    return Hint(provider.balance)
+    return _PLAIN.get(provider.balance)
 
 
 def pick(
