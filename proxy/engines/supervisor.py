@@ -100,7 +100,8 @@ class EngineSupervisor:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
                     await change.wait()
-            if loop.time() >= deadline and self._choose(hint) is None:
+            # Not _choose: it records the call (cache_aware), and the loop chooses again.
+            if loop.time() >= deadline and all(r.state != "ready" for r in self.replicas):
                 raise EngineUnavailable(self._not_ready_message())
         return chosen
 
