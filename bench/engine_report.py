@@ -164,4 +164,11 @@ NOTES = """How to read it:
 - The proxy's estimate is cache_aware's own: the share of the calls' prompt blocks
   its index held on the replica it chose (`llm_proxy_prefix_blocks_total`).
 - The machine is shared with other jobs (see the load average); the targets compare
-  rows of the same run."""
+  rows of the same run. A row that another job slowed shows as an outlier among rows
+  that do the same work (workload B has no concurrency to speak of: its four rows
+  should agree).
+- Scale: the issue asks for 40 conversations in workload A. On one thread a cold
+  prefill of one of its 1,450-token system prompts took 9-12 s on the shared 2-core
+  machine where this bench was written (about 120 prompt tokens a second, where the
+  issue expected 0.3-1 s), so A runs 16 conversations at a pace the replicas can
+  nearly keep up with (bench/engines.py `FULL`)."""
