@@ -58,7 +58,8 @@ class Balancer:
         if strategy == "affinity" and affinity is not None:
             return sorted(items, key=lambda i: _score(affinity, key_of(i), weight_of(i)))
         rotated = self._rotate(group, items)
-        if strategy in ("least_busy", "affinity"):  # affinity without a key: least busy
+        # affinity without a key, cache_aware without a prompt: least busy
+        if strategy in ("least_busy", "affinity", "cache_aware"):
             return sorted(rotated, key=lambda i: self.in_flight[key_of(i)])  # stable: ties rotate
         return rotated
 
@@ -123,7 +124,9 @@ def call_hint(provider: Provider, fields: dict[str, Any], replicas: int) -> Hint
         return Hint("affinity", affinity=conversation_prefix(fields))
     if provider.balance == "cache_aware":
         text = prompt_text(fields)
-        blocks = () if text is None else prefix_keys(text, provider.cache_aware.block_bytes)
+        if text is None:  # no prompt to match (embeddings): spread them, least busy
+            return _PLAIN["least_busy"]
+        blocks = prefix_keys(text, provider.cache_aware.block_bytes)
         return Hint("cache_aware", blocks=blocks, policy=provider.cache_aware)
     return _PLAIN.get(provider.balance)
 

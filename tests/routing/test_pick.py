@@ -3,7 +3,8 @@ supervisor passes its ready replicas in rotation order, with their calls in flig
 
 from __future__ import annotations
 
-from proxy.routing.balance import Hint, pick
+from proxy.config.model import Endpoint, Provider
+from proxy.routing.balance import Balancer, Hint, call_hint, pick
 from proxy.routing.cache_aware import PrefixRouter
 
 KEYS = ["1", "0", "2"]  # the rotation starts at replica 1
@@ -31,3 +32,17 @@ def test_cache_aware_returns_its_estimate() -> None:
     first, _ = pick(Hint("cache_aware", blocks=blocks), KEYS, [0, 0, 0], prefixes)
     at, choice = pick(Hint("cache_aware", blocks=(*blocks, b"k3")), KEYS, [0, 0, 0], prefixes)
     assert at == first and choice is not None and (choice.matched, choice.blocks) == (2, 3)
+
+
+def test_cache_aware_without_a_prompt_spreads_calls_least_busy() -> None:
+    urls = ("http://a/v1", "http://b/v1")
+    pool = Provider("pool", tuple(Endpoint(u) for u in urls), balance="cache_aware")
+    hint = call_hint(pool, {"model": "e", "input": "text to embed"}, 2)
+    assert hint == Hint("least_busy")
+    assert pick(hint, KEYS, [0, 0, 0], PrefixRouter()) == (0, None)  # ties rotate
+    balancer = Balancer()
+    firsts = {
+        balancer.order("g", pool.endpoints, "cache_aware", lambda e: e.url, lambda e: 1.0)[0].url
+        for _ in range(2)
+    }
+    assert firsts == set(urls)  # sequential calls take turns
