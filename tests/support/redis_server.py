@@ -76,6 +76,7 @@ class RedisServer:
         if tls is not None:
             self.args = (*self.args, *tls.server_args(self.port))
         self.process: subprocess.Popen[bytes] | None = None
+        self._log = workdir / f"redis-{self.port}.log"
         credentials = f":{password}@" if password else ""
         scheme = "rediss" if tls else "redis"
         self.url = f"{scheme}://{credentials}127.0.0.1:{self.port}/0"
@@ -89,25 +90,26 @@ class RedisServer:
             if self.persistent
             else ["--appendonly", "no"]
         )
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--dir",
-                str(self.dir),
-                "--protected-mode",
-                "no",
-                *persistence,
-                *self.args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with open(self._log, "ab") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--dir",
+                    str(self.dir),
+                    "--protected-mode",
+                    "no",
+                    *persistence,
+                    *self.args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         client = self.client()
         deadline = time.monotonic() + 10
         while True:
@@ -115,6 +117,9 @@ class RedisServer:
                 client.ping()
                 return
             except redis.ConnectionError:
+                if self.process.poll() is not None:  # e.g. its port was taken meanwhile
+                    tail = self._log.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"redis-server on {self.port} exited:\n{tail}") from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
