@@ -161,6 +161,13 @@ class RateLimited(ProxyError):
         return response
 
 
+class QuotaExceeded(RateLimited):
+    """A budget is spent: OpenAI's shape for an exhausted quota."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class LimiterUnavailable(ProxyError):
     status = 503
     type = "server_error"

@@ -235,6 +235,21 @@ return out
 """
 )
 
+# KEYS: the state keys of budget checks; ARGV: their kind codes. What each holds now
+# (spent and held by calls in flight, this day or month), for GET /v1/usage. Returns
+# {day, now, level per check}.
+LEVELS = (
+    _COMMON
+    + """
+local day = math.floor(tonumber(t[1]) / 86400)
+local out = {day, tostring(now)}
+for i = 1, #KEYS do
+  out[2 + i] = redis.call('GET', period_key(KEYS[i], tonumber(ARGV[i]), day)) or '0'
+end
+return out
+"""
+)
+
 # KEYS: concurrency keys. ARGV: lease, ttl. Keeps a long call's slots alive: the lease's
 # expiry, and the set's own, which ADMIT set to twice the ttl from the last admission (a
 # call outliving it would otherwise lose its slot with the whole set). Only a lease still

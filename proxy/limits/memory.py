@@ -190,6 +190,13 @@ class MemoryStore:
             if check.kind == "concurrent" and lease in leases:
                 leases[lease] = self._clock() + ttl
 
+    async def levels(self, team: str, checks: tuple[Check, ...]) -> tuple[int, list[int]]:
+        """The UTC day, and what each per-period check of ``team`` holds now (budgets:
+        micro-dollars spent and held by calls in flight)."""
+        now = self._clock()
+        day = int(now // DAY)
+        return day, [int(self._level(team, check, now, day)) for check in checks]
+
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
         rows: dict[tuple[str, str, int], list[tuple[str, tuple[int, ...]]]] = {}
         for (team, model, day, key), counts in sorted(self._ledger.items()):

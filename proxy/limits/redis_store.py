@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.limits.lua import ADMIT, RENEW, SETTLE
+from proxy.limits.lua import ADMIT, LEVELS, RENEW, SETTLE
 from proxy.limits.store import (
+    DAY,
     KIND_CODES,
     LEDGER_FIELDS,
     Admission,
@@ -149,8 +150,10 @@ def _unavailable(future: asyncio.Future[Reply]) -> StoreUnavailable | None:
 
 class RedisStore:
     def __init__(self, urls: str | Sequence[str], timeout: float, ledger_replicas: int = 0):
-        self._admit, self._settle, self._renew = (Script.of(s) for s in (ADMIT, SETTLE, RENEW))
-        scripts = (self._admit, self._settle, self._renew)
+        self._admit, self._settle, self._renew, self._levels = (
+            Script.of(s) for s in (ADMIT, SETTLE, RENEW, LEVELS)
+        )
+        scripts = (self._admit, self._settle, self._renew, self._levels)
         seeds = [urls] if isinstance(urls, str) else urls
         self.hot = Router(seeds, timeout, scripts)
         # With ledger_replicas, settlements go on connections of their own: WAIT holds
@@ -273,6 +276,17 @@ class RedisStore:
         keys = _parts(team_checks).renew
         if keys:
             await self._run(self.hot.run_script(self._renew, keys, [lease, math.ceil(ttl)]))
+
+    async def levels(self, team: str, checks: tuple[Check, ...]) -> tuple[int, list[int]]:
+        """The UTC day on Redis's clock, and what each per-period check of ``team``
+        holds now (budgets: micro-dollars spent and held by calls in flight)."""
+        if not checks:
+            return int(time.time() // DAY), []
+        keys = [check_key(team, c) for c in checks]
+        reply = await self._run(
+            self.hot.run_script(self._levels, keys, [KIND_CODES[c.kind] for c in checks])
+        )
+        return int(reply[0]), [int(v) for v in reply[2:]]
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
         try:

@@ -135,6 +135,8 @@ class Store(Protocol):
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]: ...
 
+    async def levels(self, team: str, checks: tuple[Check, ...]) -> tuple[int, list[int]]: ...
+
 
 DAY = 86400.0
 

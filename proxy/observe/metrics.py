@@ -223,6 +223,23 @@ class Metrics:
             ["team", "model", "provider"],
             registry=r,
         )
+        # Set from each admission's view of the shared store: every replica sees the same
+        # figures, the most recent wins.
+        self.budget_limit = Gauge(
+            p + "budget_usd",
+            "A team's budget (model: '*' for the whole team's) per period (daily, monthly).",
+            ["team", "model", "period"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.budget_used = Gauge(
+            p + "budget_used_usd",
+            "What a team's budget has spent and holds for calls in flight this period, as "
+            "the last admission saw it.",
+            ["team", "model", "period"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self.rate_limited = Counter(
             p + "rate_limit_rejections",
             "Calls refused with 429 by a team's limit.",
@@ -254,6 +271,11 @@ class Metrics:
     def rate_limit_rejected(self, team: str, limit: str) -> None:
         """A call refused by ``limit`` (requests_per_minute, tokens_per_minute, concurrent)."""
         self.rate_limited.labels(team, limit).inc()
+
+    def budget(self, team: str, model: str, period: str, limit: int, used: int) -> None:
+        """A budget as an admission saw it, both figures in micro-dollars."""
+        self.budget_limit.labels(team, model, period).set(limit / 1_000_000)
+        self.budget_used.labels(team, model, period).set(used / 1_000_000)
 
     def redis_call(self, operation: str, seconds: float, ok: bool = True) -> None:
         """One Redis round trip (operation: admit, settle, ledger …), failed or not."""
