@@ -225,21 +225,16 @@ class Metrics:
         )
         # Set from each admission's view of the shared store: every replica sees the same
         # figures, the most recent wins.
-        self.budget_limit = Gauge(
-            p + "budget_usd",
-            "A team's budget (model: '*' for the whole team's) per period (daily, monthly).",
-            ["team", "model", "period"],
-            registry=r,
-            multiprocess_mode="livemostrecent",
-        )
-        self.budget_used = Gauge(
-            p + "budget_used_usd",
-            "What a team's budget has spent and holds for calls in flight this period, as "
-            "the last admission saw it.",
-            ["team", "model", "period"],
-            registry=r,
-            multiprocess_mode="livemostrecent",
-        )
+        self.budget_limit, self.budget_used = (
+            Gauge(p + name, text, ["team", "model", "period"], registry=r,
+                  multiprocess_mode="livemostrecent")
+            for name, text in (
+                ("budget_usd", "A team's budget (model '*': the whole team's) per period "
+                 "(daily, monthly), in USD."),
+                ("budget_used_usd", "What a team's budget has spent, and holds for calls in "
+                 "flight, this period, as the last admission saw it, in USD."),
+            )
+        )  # fmt: skip
         self.rate_limited = Counter(
             p + "rate_limit_rejections",
             "Calls refused with 429 by a team's limit.",
