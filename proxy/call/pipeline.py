@@ -49,7 +49,9 @@ async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
     prompt = estimate_prompt(body.fields)
     most = model.max_tokens.default if model.max_tokens else config.accounting.default_max_tokens
     reserved = reservation(body.fields, prompt, most)
-    cost = worst_case(prompt, reserved, (t.price for t in model.targets))
+    # Only a team with budgets pays for its calls' worst case (and their gauges).
+    budgeted = team is not None and bool(team.budget or team.model_budgets)
+    cost = worst_case(prompt, reserved, (t.price for t in model.targets)) if budgeted else 0
     try:
         ticket = await accountant.admit(  # 4
             config, record.team, model.id, reserved, prompt, record.request_id, cost
@@ -58,7 +60,8 @@ async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
         services.metrics.rate_limit_rejected(record.team, refused.param or "unknown")
         raise
     record.rate_headers = rate_headers(ticket.admission)
-    show_budgets(services.metrics, record.team, ticket.admission)
+    if budgeted:
+        show_budgets(services.metrics, record.team, ticket.admission)
     budget = call_budget(exchange.headers, model.budget)
     call = Call(config, model, api.path, body, budget, team.headers if team else {}, dropped)
     try:

@@ -31,6 +31,7 @@ from proxy.limits.plan import LimitPlan
 from proxy.limits.redis_store import RedisStore
 from proxy.limits.refusal import refusal
 from proxy.limits.store import (
+    BUDGETS,
     DAY,
     NO_KEY,
     Admission,
@@ -168,7 +169,11 @@ class Accountant:
     async def _settle(self, ticket: Ticket, settlement: Settlement) -> None:
         if ticket.fallback and self.fallback is not None:
             await self.fallback.settle(settlement)  # its limits live here; the ledger does not
-            settlement = replace(settlement, team_checks=self.primary.prepare(ticket.team, ()))
+            # To Redis: the ledger, and the cost to the budgets (they held nothing there).
+            budgets = tuple(c for c in ticket.team_checks.checks if c.kind in BUDGETS)
+            settlement = replace(
+                settlement, team_checks=self.primary.prepare(ticket.team, budgets), reserved_cost=0
+            )
             if self.queue:  # a ledger-only write: in order, behind those waiting for Redis
                 self.queue.append(settlement)
                 return

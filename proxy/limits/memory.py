@@ -22,7 +22,6 @@ from proxy.limits.store import (
     amount,
     limit_state,
     month_of,
-    month_start,
     summed,
     wait_for,
 )
@@ -46,11 +45,11 @@ class MemoryStore:
         self._done: OrderedDict[str, float] = OrderedDict()  # in settlement order
         # Budgets: what a team spent is read off its ledger rows (cost_micro_usd), so a
         # ledger restored at start restores it; what calls in flight hold is kept apart,
-        # per (team, scope, day or month). The rows' costs are indexed per (team, day)
-        # and model, rebuilt from the ledger whenever rows were added to it by other
-        # means than a settlement (a restore).
+        # per (team, scope, day or month). The rows' costs are indexed per (team, budget
+        # kind, day or month) and model ("*": all), rebuilt from the ledger whenever
+        # rows were added to it by other means than a settlement (a restore).
         self._holds: dict[tuple[str, str, int], int] = {}
-        self._costs: dict[tuple[str, int], dict[str, int]] = {}
+        self._costs: dict[tuple[str, str, int], dict[str, int]] = {}
         self._indexed = 0  # ledger rows the cost index has seen
 
     def prepare(self, team: str, checks: tuple[Check, ...]) -> TeamChecks:
@@ -93,23 +92,24 @@ class MemoryStore:
         return self._available(team, check, now)
 
     def _spent(self, team: str, check: Check, day: int) -> int:
-        """What the ledger books for ``check``'s scope, today or this month up to today."""
+        """What the ledger books for ``check``'s scope, today or this month."""
         if self._indexed != len(self._ledger):
             self._index_costs()
-        first = month_start(day) if check.kind == "monthly_usd" else day
-        days = range(first, day + 1)
-        costs = self._costs
-        return sum(
-            sum(models.values()) if check.scope == "*" else models.get(check.scope, 0)
-            for models in (costs.get((team, d), {}) for d in days)
-        )
+        return self._costs.get((team, check.kind, _period(check.kind, day)), {}).get(check.scope, 0)
 
     def _index_costs(self) -> None:
         self._costs = {}
         for (team, model, day, _), counts in self._ledger.items():
-            models = self._costs.setdefault((team, day), {})
-            models[model] = models.get(model, 0) + counts[COST]
+            self._add_cost(team, model, day, counts[COST])
         self._indexed = len(self._ledger)
+
+    def _add_cost(self, team: str, model: str, day: int, cost: int) -> None:
+        """A row's cost in the index: its day's and its month's, its model's and the
+        team's ("*")."""
+        for kind in BUDGETS:
+            costs = self._costs.setdefault((team, kind, _period(kind, day)), {})
+            costs[model] = costs.get(model, 0) + cost
+            costs["*"] = costs.get("*", 0) + cost
 
     def _take(
         self,
@@ -175,8 +175,7 @@ class MemoryStore:
         for i, value in enumerate(ledger_values(s)):
             row[i] += value
         if indexed:  # else the index is rebuilt when next read
-            models = self._costs.setdefault((s.team, s.day), {})
-            models[s.model] = models.get(s.model, 0) + s.cost
+            self._add_cost(s.team, s.model, s.day, s.cost)
             self._indexed = len(self._ledger)
 
     def _forget_settled(self, now: float) -> None:

@@ -12,6 +12,7 @@ them does not know which one runs:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -141,17 +142,12 @@ class Store(Protocol):
 DAY = 86400.0
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of a day: today's, asked per call
 def month_of(day: int) -> int:
     """The UTC calendar month of a day since the epoch, as months since year 0 (year * 12
     + month - 1): what a monthly budget is counted by. lua.py's ``month_of`` is the same."""
     date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
     return date.year * 12 + date.month - 1
-
-
-def month_start(day: int) -> int:
-    """The first day (since the epoch) of the UTC month of ``day``."""
-    date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
-    return day - date.day + 1
 
 
 def period_end(kind: str, now: float) -> float:

@@ -21,10 +21,12 @@ import pytest
 from proxy.config.model import Price
 from proxy.limits.cost import worst_case
 from proxy.limits.usage import estimate_prompt
+from proxy.services import SERVICES
 from tests.conftest import MakeProxy, Proxy
 from tests.limits.test_costs import priced_yaml
 from tests.support import ProxyProcess, Upstream, eventually, free_port
 from tests.support.metrics import scrape
+from tests.support.redis_server import RedisServer
 from tests.support.teams import ADMIN_KEY, MESSAGES, OPS_KEY, RESEARCH_KEY, chat, ledger
 
 # Prices in micro-dollars per million tokens: 1 USD per million is 1 µ$ a token.
@@ -74,8 +76,6 @@ async def budgeted(make_proxy: MakeProxy, wandb: Upstream, prime: Upstream, back
         return proxy
 
     yield make
-    from proxy.services import SERVICES
-
     assert [p.app[SERVICES].accountant.redis_errors for p in made] == [0] * len(made)
 
 
@@ -252,3 +252,24 @@ async def test_three_processes_admit_exactly_the_calls_a_budget_holds(
     assert report["totals"]["requests"] == 37
     [daily] = report["budgets"]["research"]
     assert daily["used_micro_usd"] == sum(served)
+
+
+async def test_a_call_admitted_while_redis_is_down_is_spent_in_redis_once_it_is_back(
+    persistent_redis: RedisServer, make_proxy: MakeProxy, wandb: Upstream, prime: Upstream
+):
+    """fail_open: this process's own limits admit it; once Redis is back, the ledger
+    and the budgets there get its cost (they held nothing for it)."""
+    proxy = await make_proxy(budget_yaml(wandb, prime, persistent_redis.url, "{daily_usd: 1}"))
+    assert (await chat(proxy))[0] == 200
+    persistent_redis.kill()
+    assert (await chat(proxy))[0] == 200  # admitted by the fallback
+    await persistent_redis.restart()
+    costs = [2 * u["prompt_tokens"] + 8 * u["completion_tokens"] for u in wandb.fake.reported]
+    async with asyncio.timeout(10):
+        while True:
+            report = (await usage_as(proxy, ADMIN_KEY, team="research"))[1]
+            if report["totals"]["requests"] == 2:
+                break
+            await asyncio.sleep(0.1)
+    assert report["totals"]["cost_micro_usd"] == sum(costs)
+    assert report["budgets"]["research"][0]["used_micro_usd"] == sum(costs)
