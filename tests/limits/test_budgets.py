@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from proxy.limits.usage import estimate_prompt
 from proxy.services import SERVICES
 from tests.conftest import MakeProxy, Proxy
 from tests.limits.test_costs import priced_yaml
-from tests.support import ProxyProcess, Upstream, eventually, free_port
+from tests.support import ROOT, ProxyProcess, Upstream, eventually, free_port
 from tests.support.metrics import scrape
 from tests.support.redis_server import RedisServer
 from tests.support.teams import ADMIN_KEY, MESSAGES, OPS_KEY, RESEARCH_KEY, chat, ledger
@@ -273,3 +275,30 @@ async def test_a_call_admitted_while_redis_is_down_is_spent_in_redis_once_it_is_
             await asyncio.sleep(0.1)
     assert report["totals"]["cost_micro_usd"] == sum(costs)
     assert report["budgets"]["research"][0]["used_micro_usd"] == sum(costs)
+
+
+@pytest.mark.parametrize("backend", ["memory"], indirect=True)
+async def test_the_usage_command_with_a_team_s_key_shows_its_budgets(
+    budgeted: Any, wandb: Upstream
+):
+    proxy = await budgeted("{daily_usd: 5, monthly_usd: 100}")
+    assert (await chat(proxy))[0] == 200
+    [used] = wandb.fake.reported
+    cost = 2 * used["prompt_tokens"] + 8 * used["completion_tokens"]
+    command = [sys.executable, "-m", "proxy", "usage", "--url", proxy.url]
+    result = await asyncio.to_thread(
+        subprocess.run, [*command, "--admin-key", RESEARCH_KEY], cwd=ROOT,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ledger_lines, budget_lines = result.stdout.split("\n\n")
+    assert "research" in ledger_lines and "ops" not in ledger_lines
+    tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+    header, daily, monthly = (line.split() for line in budget_lines.splitlines())
+    assert header == ["team", "model", "period", "limit_usd", "used_usd", "remaining_usd",
+                      "resets_at"]  # fmt: skip
+    assert daily == [
+        "research", "*", "daily", "5.000000", f"0.{cost:06d}", f"4.{1_000_000 - cost:06d}",
+        f"{tomorrow.isoformat()}T00:00:00Z",
+    ]  # fmt: skip
+    assert monthly[:4] == ["research", "*", "monthly", "100.000000"]
