@@ -124,7 +124,9 @@ def _usage_teams(request: web.Request, config: Config) -> list[str]:
     default); with a team's key, its own."""
     asked = request.query.get("team")
     key = bearer(request.headers)
-    if key is None or key_hash(key) not in config.key_index:
+    # Team keys are ASCII; anything else (a byte aiohttp kept as a surrogate) is no
+    # team's and goes to the admin check, which compares it byte for byte.
+    if key is None or not key.isascii() or key_hash(key) not in config.key_index:
         require_admin(request.headers, config)  # 403 unless it is the admin key
         return [asked] if asked else [*config.teams, ANONYMOUS]
     _, team = _caller(request)  # a team's key, checked like a call's (expiry)
