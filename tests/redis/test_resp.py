@@ -100,6 +100,15 @@ def test_the_handshake_authenticates_then_selects():
         Address.from_url("http://localhost")
 
 
+def _settlement(request_id: str, checks: tuple[Check, ...]) -> Settlement:
+    """A settlement of 12 + 7 tokens (estimated) of 1234 reserved, costing 3456 µ$ of
+    the 567 its budgets held."""
+    return Settlement(
+        request_id, TeamChecks("team-a", checks), "gpt", 20000, 1234, 12, 7, True, 3456, "ab12",
+        reserved_cost=567,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("limited", [True, False])
 @pytest.mark.parametrize("calls", [1, 3])
 async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
@@ -142,23 +151,7 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
 
     batch = Batch(parts.settle, asyncio.get_running_loop(), lambda command, receiver: None)
     for i in ids:
-        batch.add(
-            *settle_parts(
-                Settlement(
-                    i,
-                    TeamChecks("team-a", checks),
-                    "gpt",
-                    20000,
-                    1234,
-                    12,
-                    7,
-                    True,
-                    3456,
-                    "ab12",
-                    reserved_cost=567,
-                )
-            )
-        )
+        batch.add(*settle_parts(_settlement(i, checks)))
     assert batch.encode(by_body=True) == encode(
         [
             "EVAL",
@@ -199,23 +192,7 @@ async def test_a_team_s_batched_scripts_on_the_wire():
         b"$5\r\nreq-1\r\n$4\r\n30.0\r\n$4\r\n1234\r\n$1\r\n0\r\n"
     )
     batch = Batch(parts.settle, asyncio.get_running_loop(), lambda command, receiver: None)
-    batch.add(
-        *settle_parts(
-            Settlement(
-                "req-0",
-                TeamChecks("team-a", checks),
-                "gpt",
-                20000,
-                1234,
-                12,
-                7,
-                True,
-                3456,
-                "ab12",
-                reserved_cost=567,
-            )
-        )
-    )
+    batch.add(*settle_parts(_settlement("req-0", checks)))
     assert batch.encode(by_body=True) == (
         b"*27\r\n$4\r\nEVAL\r\n$8\r\nreturn 2\r\n$1\r\n6\r\n"
         b"$30\r\nllmproxy:{team-a}:ledger-index\r\n$23\r\nllmproxy:{team-a}:rpm:*\r\n"
