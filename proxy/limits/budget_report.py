@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
-from proxy.limits.refusal import PERIODS
-from proxy.limits.store import BUDGETS, DAY, Admission, Check, period_end
+from proxy.limits.refusal import PERIODS, resets_at
+from proxy.limits.store import BUDGETS, Admission, Check
 from proxy.observe.metrics import Metrics
 
 MICROS = 1_000_000
@@ -19,7 +18,6 @@ def budget_rows(checks: tuple[Check, ...], day: int, levels: list[int]) -> list[
     rows = []
     for check, used in zip(checks, levels, strict=True):
         left = max(0, check.limit - used)
-        resets = dt.datetime.fromtimestamp(period_end(check.kind, day * DAY), dt.UTC)
         rows.append(
             {
                 "model": None if check.scope == "*" else check.scope,
@@ -30,7 +28,7 @@ def budget_rows(checks: tuple[Check, ...], day: int, levels: list[int]) -> list[
                 "limit_usd": check.limit / MICROS,
                 "used_usd": used / MICROS,
                 "remaining_usd": left / MICROS,
-                "resets_at": resets.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "resets_at": resets_at(check.kind, day),
             }
         )
     return rows

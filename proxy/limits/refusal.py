@@ -28,9 +28,7 @@ def refusal(admission: Admission, reserved: int, cost: int) -> RateLimited:
 
 
 def _budget_refusal(admission: Admission, check: Check, cost: int) -> QuotaExceeded:
-    # The period's end by the admission's UTC day: the same instant on every replica.
-    resets = dt.datetime.fromtimestamp(period_end(check.kind, admission.day * DAY), dt.UTC)
-    reset_text = resets.strftime("%Y-%m-%dT%H:%M:%SZ")
+    reset_text = resets_at(check.kind, admission.day)
     left = next((s.remaining for s in admission.states if s.check == check), 0)
     scope = "" if check.scope == "*" else f" for model '{check.scope}'"
     budget = f"{PERIODS[check.kind]} budget of {usd(check.limit)} USD{scope}"
@@ -53,6 +51,13 @@ def _budget_refusal(admission: Admission, check: Check, cost: int) -> QuotaExcee
     return QuotaExceeded(
         message, retry_after=admission.retry_after, param=check.kind, headers=headers
     )
+
+
+def resets_at(kind: str, day: int) -> str:
+    """When the day or month of a budget counted on ``day`` ends, in ISO 8601 UTC: by
+    the admission's UTC day, the same instant on every replica."""
+    resets = dt.datetime.fromtimestamp(period_end(kind, day * DAY), dt.UTC)
+    return resets.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def usd(micros: int) -> str:
