@@ -163,3 +163,24 @@ async def test_the_scripts_count_the_utc_month_as_python_s_calendar(private_redi
         client.close()
     assert got == [month_of(day) for day in days]
     assert month_of(D) == 2024 * 12 + 9 and month_of(D + 1) == 2024 * 12 + 10
+
+
+async def test_the_scripts_count_each_utc_day_and_month_under_its_own_key(
+    redis_store: RedisStore, private_redis: RedisServer
+):
+    """Redis's clock cannot be moved: yesterday and last month are written as a full
+    budget under their keys, and today's admission reads today's and this month's."""
+    day = (await redis_store.levels("t", (DAILY,)))[0]
+    last_month = month_of(day) - 1
+    client = private_redis.client()
+    try:
+        client.set(f"llmproxy:{{t}}:usd-day:*:{day - 1}", DAILY.limit)
+        client.set(f"llmproxy:{{t}}:usd-month:*:m{last_month}", MONTHLY.limit)
+        checks = (DAILY, MONTHLY)
+        assert _seen(await _admit(redis_store, checks, 1000, "a")) == (True, None, [0, 1500])
+        assert client.get(f"llmproxy:{{t}}:usd-day:*:{day}") == b"1000"
+        assert client.get(f"llmproxy:{{t}}:usd-month:*:m{month_of(day)}") == b"1000"
+        assert 0 < client.ttl(f"llmproxy:{{t}}:usd-day:*:{day}") <= 2 * 86400
+        assert 30 * 86400 < client.ttl(f"llmproxy:{{t}}:usd-month:*:m{month_of(day)}") <= 40 * 86400
+    finally:
+        client.close()
