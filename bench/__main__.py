@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench import fairness
 from bench.nginx import INSTALL_HINT as NGINX_HINT
 from bench.nginx import have_nginx
 from bench.procs import (
@@ -37,6 +39,7 @@ from bench.scenario import (
     measure_direct,
     measure_proxy,
 )
+from bench.sections import kept_sections
 from bench.targets import (
     MEMORY_LIMITS,
     against_relay,
@@ -51,6 +54,9 @@ CHUNKS, INTERVAL_MS = 100, 20.0
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["fairness"]:  # a run of its own: bench/fairness.py
+        fairness.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs, to try the bench out")
     parser.add_argument(
@@ -73,7 +79,7 @@ def main() -> None:
     print(text)
     if not args.no_write:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        args.out.write_text(kept_sections(args.out, text))
         print(f"written to {args.out}")
 
 

@@ -16,6 +16,8 @@ from proxy.engines.worker_view import own_view, write_view
 from proxy.http.middlewares import calls
 from proxy.http.routes import add_routes
 from proxy.limits.admission import Accountant
+from proxy.limits.ledger_file import LedgerFile
+from proxy.limits.ledger_keeper import LedgerKeeper
 from proxy.limits.memory import MemoryStore
 from proxy.limits.redis_store import RedisStore
 from proxy.observe.metrics import Metrics
@@ -72,22 +74,49 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _accounting(app: web.Application) -> AsyncIterator[None]:
-    # The store is chosen at start: changing redis.url takes a restart.
-    settings = app[SERVICES].config.current.redis
+    # The store is chosen at start: changing redis.url (or the ledger file) takes a restart.
+    services = app[SERVICES]
+    settings = services.config.current.redis
+    keeper = None
     if settings.urls:
         redis = RedisStore(settings.urls, settings.timeout, settings.ledger_replicas)
-        accountant = Accountant(settings, redis, MemoryStore(), redis_metrics=app[SERVICES].metrics)
+        accountant = Accountant(settings, redis, MemoryStore(), redis_metrics=services.metrics)
+        log.info("ledger kept in Redis")
     else:
-        accountant = Accountant(settings, MemoryStore(), fallback=None)
-    app[SERVICES].accountant = accountant
-    flusher = asyncio.create_task(accountant.flush_forever())
+        store = MemoryStore()
+        accountant = Accountant(settings, store, fallback=None)
+        services.ledger = keeper = await _ledger_keeper(services, store)
+    services.accountant = accountant
+    tasks = [asyncio.create_task(accountant.flush_forever())]
+    if keeper is not None:
+        tasks.append(asyncio.create_task(keeper.write_forever(), name="ledger file"))
     yield
-    flusher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await flusher
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await accountant.drain(deadline=5.0)
+    if keeper is not None:  # after the drain: the last settlements are in the last write
+        await keeper.close()
     if settings.urls:
         await _bounded(redis.close(), "closing the limiter's Redis connections")
+
+
+async def _ledger_keeper(services: Services, store: MemoryStore) -> LedgerKeeper | None:
+    """The ledger file of the embedded store, opened and read back; None: memory only.
+    A file that cannot be opened stops the start (cli.py checks it before the workers)."""
+    accounting = services.config.current.accounting
+    if accounting.ledger_path is None:
+        log.warning("ledger kept in memory only (no accounting.ledger_path): lost on restart")
+        return None
+    file = LedgerFile(accounting.ledger_path)
+    keeper = LedgerKeeper(store, file, accounting.ledger_interval, services.metrics)
+    restored = await keeper.open()
+    log.info(
+        "ledger kept in %s (SQLite, written every %ss; %d recent rows read back)",
+        file.path, accounting.ledger_interval, restored,
+    )  # fmt: skip
+    return keeper
 
 
 async def _circuit_sharing(app: web.Application) -> AsyncIterator[None]:
@@ -149,6 +178,6 @@ async def _sample_every_second(services: Services) -> None:
 async def _engines(app: web.Application) -> AsyncIterator[None]:
     # Last in, first out: engines stop before the upstream client closes, after the
     # server stopped taking calls and the calls in flight finished.
-    async with running_engines(app[SERVICES].config) as engines:
+    async with running_engines(app[SERVICES].config, app[SERVICES].metrics) as engines:
         app[SERVICES].engines = engines
         yield

@@ -15,8 +15,10 @@ import yaml
 from proxy.call.auth import key_hash, new_key
 from proxy.config.exposure import Exposure, load_to_serve
 from proxy.config.load import ConfigError, load_config
+from proxy.config.model import Config
 from proxy.config.prices import unpriced
 from proxy.config.teams import expiry_text, key_name_problem, parse_expiry
+from proxy.limits.ledger_file import LedgerFile, LedgerFileError
 from proxy.observe.log_setup import FORMATS, setup_logging
 from proxy.observe.worker_metrics import package_version
 from proxy.server import ServeOptions, run_worker, supervise
@@ -153,6 +155,9 @@ def _serve(args: argparse.Namespace) -> int:
         # Every worker runs its own engines; they cannot all bind the same port.
         print(f"--workers > 1 needs port: auto for engines ({', '.join(fixed)})", file=sys.stderr)
         return 2
+    if (problem := _ledger_problem(config)) is not None:
+        print(problem, file=sys.stderr)
+        return 2
     options = ServeOptions(
         config_path=args.config,
         host=args.host,
@@ -166,6 +171,21 @@ def _serve(args: argparse.Namespace) -> int:
         run_worker(options)
         return 0
     return supervise(options)
+
+
+def _ledger_problem(config: Config) -> str | None:
+    """Why the embedded ledger's file cannot be used (not a ledger, not writable), before
+    any worker starts: a clear refusal, where serving on would lose what it holds."""
+    path = config.accounting.ledger_path
+    if config.redis.urls or path is None:
+        return None
+    file = LedgerFile(path)
+    try:
+        file.open(today=int(time.time() // 86400))
+    except LedgerFileError as exc:
+        return f"accounting.ledger_path: {exc} (move it away, or set another ledger_path)"
+    file.close()
+    return None
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ that an upstream answered with are not ProxyErrors: they are relayed as sent.
     ├── ModelNotFound           404 model_not_found
     ├── BodyTooLarge            413 request_too_large
     ├── RateLimited             429 rate_limit_exceeded, with Retry-After
+    │   └── EngineBusy          429 the same, param engine_queue (a local engine's queue)
     ├── LimiterUnavailable      503 rate_limiter_unavailable (Redis down, fail_closed)
     ├── RequestTimeout          408 request_timeout (the client sent its body too slowly)
     ├── ProviderUnavailable     503 provider_unavailable (e.g. its key is not set)
@@ -166,6 +167,15 @@ class QuotaExceeded(RateLimited):
 
     type = "insufficient_quota"
     code = "insufficient_quota"
+
+
+class EngineBusy(RateLimited):
+    """A local engine's queue is full, or a call waited in it past ``engine.queue.wait``.
+    The same type and code as a team's limit, so clients retry it alike; ``param``
+    says which limit it was."""
+
+    def __init__(self, message: str, *, retry_after: float):
+        super().__init__(message, retry_after=retry_after, param="engine_queue")
 
 
 class LimiterUnavailable(ProxyError):

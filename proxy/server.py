@@ -28,6 +28,7 @@ from proxy.config.model import ServerSettings
 from proxy.config.reload import ConfigHolder
 from proxy.http.bad_requests import server_logger
 from proxy.http.front import FrontListener
+from proxy.limits.ledger_file import LedgerFileError
 from proxy.observe import access_log
 from proxy.observe.metrics import MULTIPROC_ENV
 from proxy.observe.worker_metrics import WORKER_ENV
@@ -219,6 +220,9 @@ def _worker_process(options: ServeOptions, die_with_parent: Callable[[], None], 
         # The file changed since the start (the running workers refused it on reload):
         # this one does not serve it either; the supervisor tries again later.
         log.error("worker not started, %s refused: %s", options.config_path, "; ".join(exc.errors))
+        raise SystemExit(2) from None
+    except LedgerFileError as exc:  # broken since serve checked it: one line, not a trace
+        log.error("worker not started: accounting.ledger_path: %s", exc)
         raise SystemExit(2) from None
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.config.reload import ConfigHolder
 from proxy.engines.registry import Engines
 from proxy.limits.admission import Accountant
+from proxy.limits.ledger_keeper import LedgerKeeper
 from proxy.observe.metrics import Metrics
 from proxy.readiness import Probes
 from proxy.routing.balance import Balancer
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
 
 class Services:
     __slots__ = (
-        "accountant", "balancer", "breakers", "clock", "config", "engines", "metrics", "probes",
-        "tracing", "upstream_client",
+        "accountant", "balancer", "breakers", "clock", "config", "engines", "ledger", "metrics",
+        "probes", "tracing", "upstream_client",
     )  # fmt: skip
 
     # Set at start-up, by app.py's cleanup contexts.
@@ -50,6 +51,8 @@ class Services:
         self.clock: Callable[[], float] = time.time
         # OpenTelemetry traces (routes.yaml telemetry:), opened by app.py; None: off.
         self.tracing: Tracing | None = None
+        # The embedded ledger's file, opened by app.py; None: Redis, or memory only.
+        self.ledger: LedgerKeeper | None = None
 
 
 SERVICES = web.AppKey("services", Services)

@@ -307,6 +307,19 @@ def test_dockerfile_pins_its_base_and_dependencies() -> None:
 def test_dockerfile_is_non_root_checked_and_never_anonymous() -> None:
     [user] = _instruction("USER")
     assert user.isdigit() and int(user) > 0
+    # The user it adds must be new to a Debian base: Debian's base-passwd already has a
+    # "proxy" (uid 13), and useradd of an existing name fails the build.
+    [install] = [r for r in _instruction("RUN") if "useradd" in r]
+    added = install.split("useradd ", 1)[1].split("&&")[0].split()
+    assert _flag(added, "--uid") == user
+    name = added[-1]
+    debian = Path("/usr/share/base-passwd/passwd.master")
+    names = (
+        {line.split(":")[0] for line in debian.read_text().splitlines()}
+        if debian.exists()
+        else {"proxy"}
+    )
+    assert name not in names, f"{name} is already a user of Debian's base image"
     [healthcheck] = _instruction("HEALTHCHECK")
     [cmd] = _instruction("CMD")
     command = json.loads(cmd)
@@ -354,6 +367,25 @@ def test_image_config_needs_no_local_extra_and_serves_only_teams(
     assert config.redis.urls == ("redis://:pw@redis:6379/0",)
     assert Exposure("0.0.0.0", allow_anonymous=False).problem(config) is None
     assert config.teams
+
+
+def test_image_keeps_the_embedded_ledger_on_a_volume_its_user_owns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without Redis, the ledger's file goes to PROXY_STATE_DIR (the config directory is
+    mounted read-only): a volume, made writable for the image's user."""
+    [env] = [e for e in _instruction("ENV") if e.startswith("PROXY_STATE_DIR=")]
+    state = env.split("=", 1)[1]
+    assert json.loads(_instruction("VOLUME")[0]) == [state]
+    [user] = _instruction("USER")
+    [install] = [r for r in _instruction("RUN") if "pip install" in r]
+    assert f"install -d -o {user} -m 700 {state}" in install
+    monkeypatch.setenv("PROXY_ADMIN_KEY", "admin-key")
+    monkeypatch.setenv("REDIS_URL", "")
+    monkeypatch.setenv("PROXY_STATE_DIR", state)
+    config = load_config(DEPLOY / "config" / "routes.yaml")
+    assert config.redis.urls == ()
+    assert config.accounting.ledger_path == f"{state}/ledger.sqlite3"
 
 
 def _constraints() -> dict[str, str]:

@@ -11,6 +11,7 @@ exempt by its first word, for a reason written below; a new kind of command fail
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -105,11 +106,13 @@ def test_every_command_is_run_or_exempt() -> None:
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[str]:
-    """The README's run line: the repository's routes.yaml, as it is, on a free port."""
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The README's run line: the repository's routes.yaml, as it is, on a free port
+    (its ledger file in a temporary state directory, not beside routes.yaml)."""
     run = next(c for c in commands() if c.text.startswith("python3 -m proxy serve"))
     assert run.text == "python3 -m proxy serve --config routes.yaml"
-    process = ProxyProcess(ROOT / "routes.yaml", free_port())
+    state = {"PROXY_STATE_DIR": str(tmp_path_factory.mktemp("state"))}
+    process = ProxyProcess(ROOT / "routes.yaml", free_port(), env=state)
     try:
         deadline = time.monotonic() + 90
         while _get(process.url + "/readyz") != 200:
@@ -191,8 +194,9 @@ def test_the_workers_example_serves_on_every_worker(tmp_path: Path) -> None:
     argv = shlex.split(command.text.replace("--port 8080", f"--port {port}"))
     log = tmp_path / "workers.log"
     with open(log, "wb") as out:
+        env = {**os.environ, "PROXY_STATE_DIR": str(tmp_path)}
         process = subprocess.Popen(
-            [sys.executable, *argv[1:]], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, *argv[1:]], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env
         )
         try:
             deadline = time.monotonic() + 60

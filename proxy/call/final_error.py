@@ -20,6 +20,7 @@ from proxy.errors import (
     CircuitOpen,
     ProviderUnavailable,
     ProxyError,
+    RateLimited,
     UpstreamTimeout,
     UpstreamUnreachable,
     error_body,
@@ -54,6 +55,8 @@ def all_failed(model: Model, failures: list[Failure]) -> Answer:
 
 
 def _proxy_error(errors: list[ProxyError], message: str) -> ProxyError:
+    if errors and isinstance(errors[-1], RateLimited):  # a local engine's queue: a 429
+        return RateLimited(message, retry_after=errors[-1].retry_after, param=errors[-1].param)
     if errors and all(isinstance(e, ProviderUnavailable | CircuitOpen) for e in errors):
         kind = type(errors[-1])
         return kind(message)

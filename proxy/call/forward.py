@@ -11,6 +11,7 @@ sleeping. A client error (4xx but 429) is the client's answer and ends the loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
@@ -25,7 +26,7 @@ from proxy.call.record import Attempt, CallRecord
 from proxy.call.traced import traced_attempt
 from proxy.config.model import Config, Endpoint, Model, Provider, RetryPolicy, Target
 from proxy.engines.lease import served_by
-from proxy.errors import CircuitOpen, EngineUnavailable, ProviderUnavailable
+from proxy.errors import CircuitOpen, EngineBusy, EngineUnavailable, ProviderUnavailable
 from proxy.limits.cost import cost_micros
 from proxy.observe.metrics import endpoint_label
 from proxy.routing.backoff import backoff_delay
@@ -60,11 +61,14 @@ async def forward(exchange: Exchange, call: Call, record: CallRecord) -> Outcome
         key_of=_target_key,
         weight_of=lambda t: t.weight,
     )
-    for target in targets:
+    for number, target in enumerate(targets):
         if run.failures and time.monotonic() >= run.deadline:
             break
+        provider = call.config.providers[target.provider]
+        if number + 1 < len(targets) and run.spills(provider):
+            continue
         with balancer.busy(_target_key(target)):
-            response = await run.target(target, call.config.providers[target.provider])
+            response = await run.target(target, provider)
         if response is not None:
             return response
     return all_failed(call.model, run.failures)
@@ -81,16 +85,44 @@ class _Run:
         self.exchange, self.call, self.record, self.deadline = exchange, call, record, deadline
         self.failures: list[Failure] = []
 
+    def spills(self, provider: Provider) -> bool:
+        """A local engine whose queue would make this call wait past the model's
+        ``spill_after``: the call goes to the next target instead, said in its attempts."""
+        spill_after = self.call.model.spill_after
+        if provider.engine is None or spill_after is None:
+            return False
+        queue = self.exchange.services.engines.supervisor(provider).queue
+        wait = queue.estimated_wait(self.record.team)
+        if wait <= spill_after:
+            return False
+        detail = f"estimated queue wait {wait:.1f}s > spill_after {spill_after:g}s"
+        self.record.attempts.append(Attempt(provider.name, "-", "spilled", detail))
+        return True
+
     async def target(self, target: Target, provider: Provider) -> Outcome | None:
         if provider.engine is None:
             return await self._target(target, provider)
+        team = self.call.config.teams.get(self.record.team)
         try:
-            # A local engine lends one ready replica for the whole call, stream included.
-            async with served_by(self.exchange.services.engines, provider) as served:
+            # A local engine lends one ready replica for the whole call, stream included,
+            # once the call's turn in its queue comes (awaiting it is not overhead).
+            async with contextlib.AsyncExitStack() as stack:
+                with self.record.waiting():
+                    served = await stack.enter_async_context(
+                        served_by(
+                            self.exchange.services.engines,
+                            provider,
+                            self.record.team,
+                            team.weight if team else 1.0,
+                        )
+                    )
                 return await self._target(target, served)
         except EngineUnavailable as exc:
             self._fail(provider, "-", "failed", AttemptFailed("engine_unavailable", error=exc))
-            return None
+        except EngineBusy as exc:
+            busy = AttemptFailed("engine_busy", error=exc, retry_after=exc.retry_after)
+            self._fail(provider, "-", "failed", busy)
+        return None
 
     async def _target(self, target: Target, provider: Provider) -> Outcome | None:
         if provider.missing_key_var:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 START_MODES = ("boot", "first_request")
@@ -31,6 +31,15 @@ class RestartPolicy:
 
 
 @dataclass(frozen=True)
+class QueueSpec:
+    """Calls that find every slot taken wait here, at most ``max`` of them, each at
+    most ``wait`` seconds (then a 429 with Retry-After)."""
+
+    max: int = 64
+    wait: float = 30.0
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     # {port}, {host}, {python} and {replica} are filled in at every start; other braces
     # stay as written, so JSON or shell text in an argument survives.
@@ -48,6 +57,16 @@ class EngineSpec:
     stop_timeout: float = 10.0
     metrics_path: str | None = None
     env: Mapping[str, str] = field(default_factory=_no_env)
+    # Calls one replica serves at once (llama.cpp's --parallel): more wait in the queue.
+    slots: int = 1
+    queue: QueueSpec = QueueSpec()
+
+    def runs_like(self, other: EngineSpec) -> bool:
+        """The same processes: only the proxy's own admission (slots, queue) differs, which
+        a reload changes in place rather than by restarting the engine."""
+        return replace(self, slots=1, queue=QueueSpec()) == replace(
+            other, slots=1, queue=QueueSpec()
+        )
 
     def replica_port(self, index: int) -> int | None:
         return None if self.port is None else self.port + index

@@ -6,9 +6,10 @@ error here reads like any other: ``providers.local.engine.replicas: must be …`
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Protocol
 
-from proxy.config.engine import START_MODES, EngineSpec, ReadyCheck, RestartPolicy
+from proxy.config.engine import START_MODES, EngineSpec, QueueSpec, ReadyCheck, RestartPolicy
 
 ENGINE_KEYS = {
     "command",
@@ -24,7 +25,12 @@ ENGINE_KEYS = {
     "stop_timeout",
     "metrics_path",
     "env",
+    "slots",
+    "queue",
 }
+QUEUE_KEYS = {"max", "wait"}
+# The launcher's flag for the calls llama.cpp serves at once (engines/llamacpp.py).
+_PARALLEL_FLAGS = ("--parallel", "-np")
 READY_KEYS = {"path", "timeout", "interval"}
 RESTART_KEYS = {"base_delay", "max_delay"}
 
@@ -55,6 +61,8 @@ def read_engine(reader: Reader, raw: Any, path: str) -> EngineSpec | None:
         stop_timeout=_seconds(reader, node, "stop_timeout", default.stop_timeout, path),
         metrics_path=_optional_path(reader, node.get("metrics_path"), f"{path}.metrics_path"),
         env=reader.headers(node.get("env"), f"{path}.env"),
+        slots=_slots(reader, node, command or (), path),
+        queue=_queue(reader, node.get("queue"), f"{path}.queue"),
     )
     return spec if command else None
 
@@ -136,3 +144,23 @@ def _restart(reader: Reader, raw: Any, path: str) -> RestartPolicy:
     if most < base:
         reader.error(f"{path}.max_delay", "must not be shorter than base_delay")
     return RestartPolicy(base_delay=base, max_delay=most)
+
+
+def _slots(reader: Reader, node: dict[str, Any], command: tuple[str, ...], path: str) -> int:
+    """``slots`` as written, else the command's ``--parallel N`` (llama.cpp), else 1."""
+    if "slots" in node:
+        return _count(reader, node["slots"], f"{path}.slots")
+    for flag, value in itertools.pairwise(command):
+        if flag in _PARALLEL_FLAGS and value.isdigit() and int(value) >= 1:
+            return int(value)
+    return 1
+
+
+def _queue(reader: Reader, raw: Any, path: str) -> QueueSpec:
+    node = reader.mapping(raw or {}, path, QUEUE_KEYS)
+    default = QueueSpec()
+    most = node.get("max", default.max)
+    if isinstance(most, bool) or not isinstance(most, int) or not 0 <= most <= 100_000:
+        reader.error(f"{path}.max", f"must be a whole number from 0 to 100000, got {most!r}")
+        most = default.max
+    return QueueSpec(max=most, wait=_seconds(reader, node, "wait", default.wait, path))

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from proxy.config.accounting import read_accounting
 from proxy.config.engine import EngineSpec
 from proxy.config.engine_load import read_engine
 from proxy.config.envsubst import expand
@@ -36,7 +37,6 @@ from proxy.config.prices import read_price
 from proxy.config.teams import (
     expired_keys,
     key_index,
-    read_accounting,
     read_redis,
     read_teams,
 )
@@ -50,7 +50,7 @@ PROVIDER_KEYS = {
     "base_url", "endpoints", "balance", "api_key", "headers", "timeouts", "retry", "circuit",
     "required", "stream_usage", "engine", "price",
 }  # fmt: skip
-MODEL_KEYS = {"targets", "strategy", "owned_by", "retry", "max_tokens"}
+MODEL_KEYS = {"targets", "strategy", "owned_by", "retry", "max_tokens", "spill_after"}
 OUTPUT_CAP_KEYS = {"default", "limit", "field"}
 # The largest count a client may send (proxy.limits.usage.MAX_COUNT): a default above it
 # would be injected and reserved as no client could ask.
@@ -120,7 +120,7 @@ def parse_config(text: str, env: Mapping[str, str], name: str = "") -> Config:
         raw = yaml.load(text, Loader=_YamlLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, name) from None
-    reader = _Reader(env)
+    reader = _Reader(env, name)
     config = reader.config(raw)
     if reader.errors or config is None:
         raise ConfigError(reader.reported_errors() or ["the file is empty"])
@@ -130,8 +130,9 @@ def parse_config(text: str, env: Mapping[str, str], name: str = "") -> Config:
 class _Reader(FieldReader):
     """Walks the raw YAML tree, collecting every error instead of stopping at the first."""
 
-    def __init__(self, env: Mapping[str, str]):
+    def __init__(self, env: Mapping[str, str], source: str = ""):
         super().__init__(env)
+        self.source = source  # the file's path: relative paths in it are beside it
         self.warnings: list[str] = []
         self.declared: set[str] = set()  # provider names in the file, valid or not
         self.retry = RetryPolicy()
@@ -158,7 +159,7 @@ class _Reader(FieldReader):
             redis=read_redis(self, top.get("redis")),
             teams=teams,
             key_index=key_index(teams),
-            accounting=read_accounting(self, top.get("accounting")),
+            accounting=read_accounting(self, top.get("accounting"), self.source),
             admin_key=admin_key,
             telemetry=read_telemetry(self, top.get("telemetry")),
             warnings=tuple(self.warnings),
@@ -304,6 +305,11 @@ class _Reader(FieldReader):
             retry_overrides=frozen_map(retry),
             budget=retry.get("budget", self.retry.budget),
             max_tokens=cap,
+            spill_after=(
+                self.duration(node["spill_after"], f"{path}.spill_after")
+                if "spill_after" in node
+                else None
+            ),
         )
 
     def output_cap(self, raw: Any, path: str) -> OutputCap | None:

@@ -138,6 +138,9 @@ class Model:
     retry_overrides: Mapping[str, Any] = field(default_factory=frozen_map)
     budget: float = RetryPolicy.budget
     max_tokens: OutputCap | None = None
+    # A local engine's target is passed over for the next one when its queue's estimated
+    # wait exceeds this many seconds (a time-to-first-token budget); None: always queue.
+    spill_after: float | None = None
 
     def retry_for(self, provider: Provider) -> RetryPolicy:
         if not self.retry_overrides:
@@ -217,6 +220,8 @@ class Team:
     headers: Mapping[str, Mapping[str, str]] = field(default_factory=frozen_map)
     # the provider-scoping headers (OpenAI-Project, …) its clients may set, lower-case
     client_headers: frozenset[str] = frozenset()
+    # Its share of a busy local engine against other teams' (engines/fair_queue.py).
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,10 @@ class Accounting:
     # Reserved at admission for a call that does not say max_tokens, when its model
     # sets no max_tokens default (models.ID.max_tokens).
     default_max_tokens: int = 1024
+    # Without Redis: the SQLite file the ledger is kept in (limits/ledger_file.py),
+    # absolute once loaded; None: in memory only, lost on restart.
+    ledger_path: str | None = None
+    ledger_interval: float = 1.0  # seconds between its writes: what a SIGKILL may lose
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The ``teams``, ``redis`` and ``accounting`` sections of routes.yaml."""
+"""The ``teams`` and ``redis`` sections of routes.yaml."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from proxy.config.fields import FieldReader, hint, known_list, shown
 from proxy.config.model import (
     ANONYMOUS,
     LIMIT_KINDS,
-    Accounting,
     Limits,
     Provider,
     RedisSettings,
@@ -25,7 +24,7 @@ from proxy.config.model import (
 
 TEAM_KEYS = {
     "keys", "models", "limits", "model_limits", "budget", "model_budgets", "headers",
-    "client_headers",
+    "client_headers", "weight",
 }  # fmt: skip
 KEY_FIELDS = {"name", "hash", "expires"}
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -47,7 +46,6 @@ KEYS_NEEDED = (
 LIMIT_FIELDS = dict.fromkeys(LIMIT_KINDS, "count")
 REDIS_FIELDS = {"lease_ttl": "duration", "timeout": "duration"}
 REDIS_KEYS = {"url", "on_error", "ledger_replicas", *REDIS_FIELDS}
-ACCOUNTING_FIELDS = {"default_max_tokens": "count"}
 
 # Headers that choose which account, project or team of the provider a call is billed
 # to. The proxy calls with its own key, so with teams configured a client must not pick
@@ -101,6 +99,7 @@ def _team(
         model_budgets=frozen_map(model_budgets),
         headers=_headers(reader, node.get("headers"), f"{path}.headers", providers),
         client_headers=_client_headers(reader, node.get("client_headers"), path),
+        weight=reader.weight(node.get("weight", 1), f"{path}.weight") or 1.0,
     )
 
 
@@ -355,10 +354,6 @@ def _redis_urls(reader: FieldReader, raw: Any) -> tuple[str, ...]:
         if url:
             urls.append(url)
     return tuple(urls)
-
-
-def read_accounting(reader: FieldReader, raw: Any) -> Accounting:
-    return replace(Accounting(), **reader.fields(raw, "accounting", ACCOUNTING_FIELDS))
 
 
 def key_index(teams: Mapping[str, Team]) -> Mapping[str, TeamKey]:

@@ -11,13 +11,18 @@ from proxy.engines.registry import Engines
 
 
 @contextlib.asynccontextmanager
-async def served_by(engines: Engines, provider: Provider) -> AsyncIterator[Provider]:
-    """Yield the provider to call; for an engine, one replica is leased for the whole call.
+async def served_by(
+    engines: Engines, provider: Provider, team: str = "", weight: float = 1.0
+) -> AsyncIterator[Provider]:
+    """Yield the provider to call; for an engine, one replica is leased for the whole call,
+    after the team's turn in the engine's fair queue.
 
-    Raises ``EngineUnavailable`` (503) when no replica gets ready within ``engine.wait``.
+    Raises ``EngineUnavailable`` (503) when no replica gets ready within ``engine.wait``,
+    ``EngineBusy`` (429) when the queue is full or the wait for a slot runs out.
     """
     if provider.engine is None:
         yield provider
         return
-    async with engines.supervisor(provider).lease() as replica:
+    supervisor = engines.supervisor(provider)
+    async with supervisor.admitted(team, weight), supervisor.lease() as replica:
         yield dataclasses.replace(provider, endpoints=(Endpoint(replica.base_url),))

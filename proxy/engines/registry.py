@@ -18,6 +18,7 @@ import aiohttp
 from proxy.config.engine import EngineSpec
 from proxy.config.model import Config, Provider
 from proxy.config.reload import ConfigHolder
+from proxy.engines.fair_queue import QueueObserver
 from proxy.engines.supervisor import EngineSupervisor
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,15 @@ _HOUSEKEEPING_INTERVAL = 1.0
 
 
 class Engines:
-    def __init__(self, holder: ConfigHolder, session: aiohttp.ClientSession):
+    def __init__(
+        self,
+        holder: ConfigHolder,
+        session: aiohttp.ClientSession,
+        observer: QueueObserver | None = None,
+    ):
         self.holder = holder
         self.session = session
+        self.observer = observer
         self.supervisors: dict[str, EngineSupervisor] = {}
         self._retired: list[EngineSupervisor] = []
         self._synced: Config | None = None
@@ -37,13 +44,18 @@ class Engines:
         """The supervisor running this provider's engine as the call's config describes it.
 
         A call that started on an older config gets the engine of that config (retired
-        but still running for it), never a restart of the current one.
+        but still running for it), never a restart of the current one. Its slots and
+        queue are the running config's (``sync`` applies a reload's in place).
         """
         assert provider.engine is not None
         for known in [self.supervisors.get(provider.name), *self._retired]:
-            if known is not None and known.name == provider.name and known.spec == provider.engine:
+            if (
+                known is not None
+                and known.name == provider.name
+                and known.spec.runs_like(provider.engine)
+            ):
                 return known
-        created = EngineSupervisor(provider.name, provider.engine, self.session)
+        created = EngineSupervisor(provider.name, provider.engine, self.session, self.observer)
         if provider.name in self.supervisors:
             self._retired.append(created)  # stopped again when that call is done
         else:
@@ -58,7 +70,11 @@ class Engines:
             p.name: p.engine for p in config.providers.values() if p.engine is not None
         }
         for name, running in list(self.supervisors.items()):
-            if specs.get(name) != running.spec:
+            spec = specs.get(name)
+            if spec is not None and spec != running.spec and spec.runs_like(running.spec):
+                log.info("engine %s: slots or queue changed; applied without a restart", name)
+                running.reconfigure(spec)
+            elif spec != running.spec:
                 log.info("engine %s: changed or removed in the config; stops when idle", name)
                 self._retired.append(self.supervisors.pop(name))
         for provider in config.providers.values():
@@ -90,12 +106,14 @@ class Engines:
 
 
 @contextlib.asynccontextmanager
-async def running_engines(holder: ConfigHolder) -> AsyncIterator[Engines]:
+async def running_engines(
+    holder: ConfigHolder, observer: QueueObserver | None = None
+) -> AsyncIterator[Engines]:
     """Engines for the app's lifetime: every process is stopped when the app shuts down."""
     # A session of its own: ready checks and metrics scrapes are short and local, and
     # must not wait behind (or be closed before) the upstream pool.
     async with aiohttp.ClientSession(trust_env=False) as session:
-        engines = Engines(holder, session)
+        engines = Engines(holder, session, observer)
         engines.sync(holder.current)
         task = asyncio.create_task(engines.housekeeping(), name="engine housekeeping")
         try:

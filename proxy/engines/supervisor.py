@@ -5,6 +5,10 @@ sequential calls spread too) and holds the lease until its last byte is relayed.
 call that finds no replica ready waits for one up to ``engine.wait`` and then gets a
 503; it never hangs. An idle unload only happens when no call holds or waits for a
 lease, and those counts change only between awaits, so the check cannot race a call.
+
+Before its lease, a call takes one of the engine's slots (``admitted``): while every
+slot is taken it waits in the engine's fair queue (engines/fair_queue.py), and a call
+waiting there keeps the engine busy too.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from proxy.config.engine import EngineSpec
+from proxy.engines.fair_queue import FairQueue, QueueObserver
 from proxy.engines.replica import Replica
 from proxy.errors import EngineUnavailable
 
@@ -25,7 +30,13 @@ log = logging.getLogger(__name__)
 
 
 class EngineSupervisor:
-    def __init__(self, name: str, spec: EngineSpec, session: aiohttp.ClientSession):
+    def __init__(
+        self,
+        name: str,
+        spec: EngineSpec,
+        session: aiohttp.ClientSession,
+        observer: QueueObserver | None = None,
+    ):
         self.name = name
         self.spec = spec
         self.replicas = [
@@ -33,6 +44,7 @@ class EngineSupervisor:
         ]
         self.running = False
         self.waiting = 0
+        self.queue = FairQueue(name, spec.queue, self._capacity, observer)
         self.last_used = time.monotonic()
         self.unloads = 0  # idle unloads, for the metrics hook
         self._change = asyncio.Event()
@@ -44,7 +56,7 @@ class EngineSupervisor:
         return sum(r.in_flight for r in self.replicas)
 
     def busy(self) -> bool:
-        return self.in_flight > 0 or self.waiting > 0
+        return self.in_flight > 0 or self.waiting > 0 or self.queue.depth > 0
 
     def start(self) -> None:
         if not self.running:
@@ -136,6 +148,7 @@ class EngineSupervisor:
     def _changed(self) -> None:
         self._change.set()
         self._change = asyncio.Event()
+        self.queue.pump()  # a replica up or down: the slots changed
 
     async def unload_if_idle(self) -> bool:
         idle = self.spec.idle_unload
@@ -147,3 +160,23 @@ class EngineSupervisor:
         self.unloads += 1
         await self.stop()
         return True
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, team: str = "", weight: float = 1.0) -> AsyncIterator[None]:
+        """One slot for the call's length, after its turn in the fair queue; raises
+        ``EngineBusy`` (429) when the queue refuses it."""
+        if self.failing():  # a queue place would only delay the same 503
+            raise EngineUnavailable(self._failing_message())
+        async with self.queue.slot(team, weight):
+            yield
+
+    def _capacity(self) -> int:
+        """Slots of the replicas that serve or will soon; one replica's while none does
+        (the call then waits for a start, or is refused, in ``_ready_replica``)."""
+        up = sum(r.state in ("ready", "starting") for r in self.replicas)
+        return self.spec.slots * max(1, up)
+
+    def reconfigure(self, spec: EngineSpec) -> None:
+        """A reload that changed only slots or the queue: no restart, waiters see it now."""
+        self.spec = spec
+        self.queue.configure(spec.queue)

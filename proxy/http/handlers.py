@@ -19,7 +19,7 @@ from proxy.limits.ledger import day_range, ledger_report
 from proxy.limits.store import StoreUnavailable
 from proxy.observe.metrics import endpoint_label
 from proxy.readiness import readiness
-from proxy.services import SERVICES
+from proxy.services import SERVICES, Services
 
 
 def _model_entry(config: Config, model_id: str) -> dict[str, Any]:
@@ -109,14 +109,18 @@ async def usage(request: web.Request) -> web.Response:
     config = services.config.current
     teams = _usage_teams(request, config)
     first, last = day_range(request.query.get("from"), request.query.get("to"))
-    accountant = services.accountant
-    await accountant.settled()  # every call this process answered is in what it reads
+    await services.accountant.settled()  # every call this process answered is in what it reads
+    keeper = services.ledger
     try:
-        rows = await accountant.primary.ledger(teams, first, last)
-        budgets = {team: await accountant.budgets(config, team) for team in teams}
+        if keeper is not None:  # the file: every worker's rows
+            rows = await keeper.ledger(teams, first, last)
+        else:
+            rows = await services.accountant.primary.ledger(teams, first, last)
+        budgets = {team: await services.accountant.budgets(config, team) for team in teams}
     except StoreUnavailable as exc:
         raise LimiterUnavailable(f"The ledger cannot be read now: {exc}") from None
-    return web.json_response({**ledger_report(rows, first, last), "budgets": budgets})
+    report = ledger_report(rows, first, last)
+    return web.json_response({**report, "budgets": budgets, "ledger": _where(services)})
 
 
 def _usage_teams(request: web.Request, config: Config) -> list[str]:
@@ -137,6 +141,13 @@ def _usage_teams(request: web.Request, config: Config) -> list[str]:
             "key shows every team's."
         )
     return [team.name]
+
+
+def _where(services: Services) -> dict[str, Any]:
+    """Where the ledger this answer read lives."""
+    if services.ledger is not None:
+        return services.ledger.where()
+    return {"store": "redis" if services.config.current.redis.urls else "memory"}
 
 
 async def scrape_metrics(request: web.Request) -> web.Response:

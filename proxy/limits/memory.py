@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 from proxy.limits.store import (
     BUDGETS,
@@ -14,17 +14,22 @@ from proxy.limits.store import (
     DAY,
     LEDGER_FIELDS,
     PER_MINUTE,
+    Addition,
     Admission,
     Check,
+    LedgerKey,
     LedgerRow,
     Settlement,
     TeamChecks,
     amount,
+    ledger_rows,
     limit_state,
     month_of,
-    summed,
     wait_for,
 )
+
+# The tokens a settlement adds to tokens_per_day (Settlement.used), reported or estimated.
+TOKEN_FIELDS = tuple(i for i, name in enumerate(LEDGER_FIELDS) if name.endswith("_tokens"))
 
 DONE_TTL = DAY  # how long a settled request id is remembered, against double counting
 # ... but at most this many: a duplicate settlement follows its first within seconds (a
@@ -41,7 +46,11 @@ class MemoryStore:
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
         self._days: dict[tuple[str, str, int], int] = {}
         # Per team, model, day and key label: a row's counts are the sum over its keys.
-        self._ledger: dict[tuple[str, str, int, str], list[int]] = {}
+        self._ledger: dict[LedgerKey, list[int]] = {}
+        # What each settlement added to the ledger since the ledger file's last write,
+        # when one keeps it (limits/ledger_keeper.py): an append here, summed per row in
+        # the file's thread (bench/ledger_file_cost.py).
+        self._unwritten: list[Addition] | None = None
         self._done: OrderedDict[str, float] = OrderedDict()  # in settlement order
         # Budgets: what a team spent is read off its ledger rows (cost_micro_usd), so a
         # ledger restored at start restores it; what calls in flight hold is kept apart,
@@ -171,9 +180,13 @@ class MemoryStore:
     def _book(self, s: Settlement) -> None:
         """The settlement's ledger row, and its cost in the index of costs."""
         indexed = self._indexed == len(self._ledger)
-        row = self._ledger.setdefault((s.team, s.model, s.day, s.key), [0] * len(LEDGER_FIELDS))
-        for i, value in enumerate(ledger_values(s)):
+        row_key = (s.team, s.model, s.day, s.key)
+        values = ledger_values(s)
+        row = self._ledger.setdefault(row_key, [0] * len(LEDGER_FIELDS))
+        for i, value in enumerate(values):
             row[i] += value
+        if self._unwritten is not None:
+            self._unwritten.append((row_key, values))
         if indexed:  # else the index is rebuilt when next read
             self._add_cost(s.team, s.model, s.day, s.cost)
             self._indexed = len(self._ledger)
@@ -197,14 +210,45 @@ class MemoryStore:
         return day, [int(self._level(team, check, now, day)) for check in checks]
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
-        rows: dict[tuple[str, str, int], list[tuple[str, tuple[int, ...]]]] = {}
-        for (team, model, day, key), counts in sorted(self._ledger.items()):
-            if team in teams and first_day <= day <= last_day:
-                rows.setdefault((team, model, day), []).append((key, tuple(counts)))
-        return [
-            LedgerRow(team, model, day, summed(c for _, c in keys), tuple(keys))
-            for (team, model, day), keys in rows.items()
-        ]
+        return ledger_rows(
+            (row, tuple(counts))
+            for row, counts in sorted(self._ledger.items())
+            if row[0] in teams and first_day <= row[2] <= last_day
+        )
+
+    def take_unwritten(self) -> list[Addition]:
+        """What settlements added to the ledger since the last call (the first call
+        starts the count): what the ledger file adds to its rows next."""
+        unwritten, self._unwritten = self._unwritten or [], []
+        return unwritten
+
+    def unwritten_again(self, additions: Iterable[Addition]) -> None:
+        """Additions a write did not take (summed per row, so that a file that refuses
+        writes for long holds one per row): the next write adds them with the newer."""
+        if self._unwritten is None:
+            self._unwritten = []
+        self._unwritten.extend(additions)
+
+    def restore(self, rows: Mapping[LedgerKey, tuple[int, ...]]) -> None:
+        """At start, the rows a ledger file kept: added to the ledger, and today's
+        tokens to the tokens_per_day limits (team-wide and the model's)."""
+        today = int(self._clock() // DAY)
+        for (team, model, day, key), counts in rows.items():
+            _add(self._ledger, (team, model, day, key), counts)
+            if day == today:
+                tokens = sum(counts[i] for i in TOKEN_FIELDS)
+                for scope in ("*", model):
+                    self._days[(team, scope, day)] = self._days.get((team, scope, day), 0) + tokens
+        self._indexed = -1  # the budgets' costs are read again from the rows
+
+
+def _add(rows: dict[LedgerKey, list[int]], key: LedgerKey, counts: Iterable[int]) -> None:
+    row = rows.get(key)
+    if row is None:
+        rows[key] = list(counts)
+    else:
+        for i, value in enumerate(counts):
+            row[i] += value
 
 
 def ledger_values(s: Settlement) -> tuple[int, ...]:

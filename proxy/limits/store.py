@@ -118,6 +118,30 @@ class LedgerRow:
     keys: tuple[tuple[str, tuple[int, ...]], ...] = ()  # the counts split by key label
 
 
+LedgerKey = tuple[str, str, int, str]  # team, model, day (since the epoch), key label
+Addition = tuple[LedgerKey, tuple[int, ...]]  # counts added to a ledger row, or a row's counts
+
+
+def totals(additions: Iterable[Addition]) -> dict[LedgerKey, tuple[int, ...]]:
+    """The additions summed per row."""
+    rows: dict[LedgerKey, tuple[int, ...]] = {}
+    for key, counts in additions:
+        row = rows.get(key)
+        rows[key] = counts if row is None else tuple(map(sum, zip(row, counts, strict=True)))
+    return rows
+
+
+def ledger_rows(split: Iterable[Addition]) -> list[LedgerRow]:
+    """Counts per team, model, day and key label (sorted) as rows with their key split."""
+    rows: dict[tuple[str, str, int], list[tuple[str, tuple[int, ...]]]] = {}
+    for (team, model, day, key), counts in split:
+        rows.setdefault((team, model, day), []).append((key, counts))
+    return [
+        LedgerRow(team, model, day, summed(c for _, c in keys), tuple(keys))
+        for (team, model, day), keys in rows.items()
+    ]
+
+
 def summed(counts: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
     """Ledger counts (LEDGER_FIELDS order) added up field by field."""
     return tuple(map(sum, zip(*counts, strict=True))) or (0,) * len(LEDGER_FIELDS)

@@ -53,7 +53,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNKNOWN_MODEL = "unknown"
 NO_PROVIDER = "none"
 
-AttemptOutcome = Literal["ok", "retried", "failed", "circuit_open"]
+AttemptOutcome = Literal["ok", "retried", "failed", "circuit_open", "spilled"]
 TokenKind = Literal["prompt", "completion"]
 TokenSource = Literal["reported", "estimated"]
 CircuitState = Literal["closed", "half_open", "open"]
@@ -69,6 +69,8 @@ OVERHEAD_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1,
 )  # fmt: skip
 CHUNK_GAP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# A local engine's queue: nothing for most calls, seconds to a minute when it is full.
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)
 REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1)
 
 M = TypeVar("M", bound=MetricWrapperBase)
@@ -119,6 +121,7 @@ class Metrics:
         self._define_calls(self.registry)
         self._define_upstreams(self.registry)
         self._define_teams_and_operations(self.registry)
+        self._define_engine_queues(self.registry)
         # What every call updates, through the tally (observe/tally.py), children cached.
         self.tally = tally = Tally()
         self.c_requests = _Children(self.requests, TalliedCount, tally)
@@ -253,11 +256,41 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        self.ledger_file_writes = Counter(
+            p + "ledger_file_writes",
+            "Writes of the embedded ledger to its SQLite file, by result (ok, error).",
+            ["result"],
+            registry=r,
+        )
         self.redis_latency = Histogram(
             p + "redis_latency_seconds",
             "Redis round trips, by operation.",
             ["operation"],
             buckets=REDIS_BUCKETS,
+            registry=r,
+        )
+
+    def _define_engine_queues(self, r: CollectorRegistry) -> None:
+        p = PREFIX
+        self.queue_depth = Gauge(
+            p + "engine_queue_depth",
+            "Calls waiting for a slot of a local engine, by engine and team.",
+            ["engine", "team"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queue_wait = Histogram(
+            p + "engine_queue_wait_seconds",
+            "How long calls a local engine admitted waited for a slot (0: one was free).",
+            ["engine", "team"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.queue_refused = Counter(
+            p + "engine_queue_rejections",
+            "Calls a local engine's queue refused with 429 (full, timeout) or that left it "
+            "(cancelled: the client went away while waiting).",
+            ["engine", "team", "reason"],
             registry=r,
         )
 
@@ -272,11 +305,26 @@ class Metrics:
         self.budget_limit.labels(team, model, period).set(limit / 1_000_000)
         self.budget_used.labels(team, model, period).set(used / 1_000_000)
 
+    def engine_queued(self, engine: str, team: str, change: int) -> None:
+        """A call joined (+1) or left (-1) an engine's queue."""
+        self.queue_depth.labels(engine, team).inc(change)
+
+    def engine_waited(self, engine: str, team: str, seconds: float, outcome: str) -> None:
+        """A call's queueing ended: admitted after ``seconds``, or refused or cancelled."""
+        if outcome == "admitted":
+            self.queue_wait.labels(engine, team).observe(seconds)
+        else:
+            self.queue_refused.labels(engine, team, outcome).inc()
+
     def redis_call(self, operation: str, seconds: float, ok: bool = True) -> None:
         """One Redis round trip (operation: admit, settle, ledger …), failed or not."""
         self.c_redis_latency.get(operation).observe(seconds)
         if not ok:
             self.redis_errors.labels(operation).inc()
+
+    def ledger_file_written(self, ok: bool) -> None:
+        """One write of the ledger file (limits/ledger_keeper.py); a failed one is retried."""
+        self.ledger_file_writes.labels("ok" if ok else "error").inc()
 
     def redis_timer(self, operation: str) -> RedisTimer:
         """``with metrics.redis_timer("admit"): await script(...)``: latency, and errors."""

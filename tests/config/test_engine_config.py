@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from proxy.config.engine import ReadyCheck, RestartPolicy
+from proxy.config.engine import QueueSpec, ReadyCheck, RestartPolicy
 from proxy.config.load import ConfigError, parse_config
-from tests.support import ROOT
+from tests.support import serve_and_exit
 
 MODELS = "models:\n  m: {targets: [{provider: local, model: m}]}\n"
 
@@ -64,7 +62,8 @@ providers:
         parse_config(bad + MODELS, {})
     assert caught.value.errors == [
         "providers.local.engine.colour: unknown key (known: api_path, command, env, host, "
-        "idle_unload, metrics_path, port, ready, replicas, restart, start, stop_timeout, wait)",
+        "idle_unload, metrics_path, port, queue, ready, replicas, restart, slots, start, "
+        "stop_timeout, wait)",
         "providers.local.engine.command: must be a non-empty list of strings (the program and "
         "its arguments)",
         "providers.local.engine.port: must be 'auto' or a port number 1-65535, got 70000",
@@ -82,17 +81,70 @@ providers:
     ]
 
 
+def _engine(engine: str, extra: str = "", model: str = "") -> str:
+    return f"""
+providers:
+  local:
+    engine:
+{engine}
+{extra}
+models:
+  m: {{targets: [{{provider: local, model: m}}]{model}}}
+"""
+
+
+LLAMACPP = '      command: ["{python}", "-m", "proxy.engines.llamacpp", "--port", "{port}"'
+
+
+def test_slots_come_from_llama_cpp_s_parallel_or_are_set_and_the_queue_has_defaults():
+    def spec(engine: str) -> tuple[int, QueueSpec]:
+        provider = parse_config(_engine(engine), {}).providers["local"]
+        assert provider.engine is not None
+        return provider.engine.slots, provider.engine.queue
+
+    assert spec(LLAMACPP + "]") == (1, QueueSpec(max=64, wait=30.0))
+    assert spec(LLAMACPP + ', "--parallel", "4"]')[0] == 4
+    assert spec(LLAMACPP + ', "-np", "3"]')[0] == 3
+    written = LLAMACPP + ', "-np", "3"]\n      slots: 8\n      queue: {max: 0, wait: 2s}'
+    assert spec(written) == (8, QueueSpec(max=0, wait=2.0))
+
+
+HASHES = [f"sha256:{digit * 64}" for digit in "01"]
+
+
+def _teams(*weights: str) -> str:
+    rows = [f'  {t}: {{keys: ["{h}"]{w}}}' for t, h, w in zip("tu", HASHES, weights, strict=False)]
+    return "teams:\n" + "\n".join(rows)
+
+
+def test_weights_spill_after_and_queue_errors_have_their_paths():
+    bad = _engine(
+        LLAMACPP + "]\n      slots: 0\n      queue: {max: -1, wait: soon, depth: 3}",
+        _teams(", weight: 0"),
+        ", spill_after: later",
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(bad, {})
+    assert caught.value.errors == [
+        "providers.local.engine.slots: must be a whole number from 1 to 64, got 0",
+        "providers.local.engine.queue.depth: unknown key (known: max, wait)",
+        "providers.local.engine.queue.max: must be a whole number from 0 to 100000, got -1",
+        "providers.local.engine.queue.wait: must be a positive duration such as 30s, 500ms "
+        "or 2m, got 'soon'",
+        "models.m.spill_after: must be a positive duration such as 30s, 500ms or 2m, got 'later'",
+        "teams.t.weight: must be a positive number, got 0",
+    ]
+    good = _engine(LLAMACPP + "]", _teams(", weight: 2.5", ""), ", spill_after: 800ms")
+    config = parse_config(good, {})
+    assert (config.teams["t"].weight, config.teams["u"].weight) == (2.5, 1.0)
+    assert config.models["m"].spill_after == 0.8
+
+
 def test_workers_refuse_a_fixed_engine_port(tmp_path: Path):
     path = tmp_path / "routes.yaml"
     path.write_text(
         "providers:\n  local:\n    engine: {command: [x], port: 8000}\n" + MODELS,
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--workers", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_and_exit(path, "--workers", "2")
     assert result.returncode == 2
     assert "--workers > 1 needs port: auto for engines (local)" in result.stderr

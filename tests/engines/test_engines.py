@@ -183,6 +183,31 @@ async def test_two_replicas_both_serve(make_engine_proxy: MakeEngineProxy):
     assert 'llamacpp:tokens_predicted_total{engine="local",replica="1",worker="0"}' in text
 
 
+async def test_calls_beyond_llama_cpp_s_slot_queue_and_beyond_the_queue_get_a_429(
+    make_engine_proxy: MakeEngineProxy,
+):
+    """The launcher's llama.cpp serves one call at a time (--parallel 1, so one slot):
+    of three calls sent at once, one is served, one waits in the one-place queue and
+    is served after it, and one is refused at once with a 429 and a Retry-After."""
+    proxy = await make_engine_proxy(engine_yaml(engine="      queue: {max: 1, wait: 60s}"))
+    await until(lambda: proxy.supervisor.replicas[0].state == "ready", 60, "engine ready")
+    assert proxy.supervisor.spec.slots == 1
+    body = {"model": "smollm2", "messages": MESSAGES, "max_tokens": 24, "temperature": 0}
+
+    async def call(http: aiohttp.ClientSession) -> tuple[int, str, float]:
+        began = time.monotonic()
+        async with http.post(proxy.url + "/v1/chat/completions", json=body) as resp:
+            await resp.read()
+            return resp.status, resp.headers.get("Retry-After", ""), time.monotonic() - began
+
+    async with aiohttp.ClientSession() as http:
+        results = sorted(await asyncio.gather(*(call(http) for _ in range(3))))
+    [(ok1, _, took1), (ok2, _, took2), (refused, retry_after, _)] = results
+    assert (ok1, ok2, refused) == (200, 200, 429)
+    assert int(retry_after) >= 1
+    assert max(took1, took2) > 1.5 * min(took1, took2)  # the second waited for the first
+
+
 async def test_killed_engine_is_restarted(
     make_engine_proxy: MakeEngineProxy, caplog: pytest.LogCaptureFixture
 ):

@@ -137,6 +137,17 @@ class ProxyProcess:
         return code
 
 
+def serve_and_exit(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m proxy serve`` that is expected to refuse to start: its exit and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def stop_process(process: subprocess.Popen[bytes]) -> int:
     """SIGTERM, and SIGKILL if it has not exited 15 s later; the exit code."""
     if process.poll() is None:

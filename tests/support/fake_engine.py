@@ -6,15 +6,19 @@ a chat completion to any POST, whose usage is 100 prompt and 10 completion token
 ``--lives FILE``: each start takes the first line of FILE (and rewrites FILE without it)
 as the seconds this run lives before it exits with code 3, 0 meaning before it ever
 listens; with FILE empty it serves until stopped. ``--ignore-sigterm``: SIGTERM is
-printed and ignored.
+printed and ignored. ``--delay S``: each POST is answered after S seconds (a call
+that holds a slot). ``--log FILE``: the last message's content of each POST is
+appended to FILE, one a line, when the call arrives (the order the engine saw).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
@@ -31,6 +35,10 @@ ANSWER = (
 
 
 class Handler(BaseHTTPRequestHandler):
+    delay = 0.0
+    log: Path | None = None
+    lock = threading.Lock()
+
     def do_GET(self) -> None:
         body = {"/health": b"ok", "/metrics": METRICS}.get(self.path)
         self.send_response(200 if body is not None else 404)
@@ -39,7 +47,11 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body or b"")
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.log is not None:
+            with self.lock, self.log.open("a") as out:
+                out.write(f"{json.loads(body)['messages'][-1]['content']}\n")
+        time.sleep(self.delay)
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(ANSWER)))
@@ -67,7 +79,10 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--lives", type=Path)
     parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--log", type=Path)
     args = parser.parse_args()
+    Handler.delay, Handler.log = args.delay, args.log
     life = _next_life(args.lives) if args.lives else None
     if life == 0:
         return 3
