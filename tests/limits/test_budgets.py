@@ -302,3 +302,43 @@ async def test_the_usage_command_with_a_team_s_key_shows_its_budgets(
         f"{tomorrow.isoformat()}T00:00:00Z",
     ]  # fmt: skip
     assert monthly[:4] == ["research", "*", "monthly", "100.000000"]
+
+
+async def test_a_restarted_proxy_restores_what_its_budgets_spent_from_the_ledger_file(
+    tmp_path: Path, wandb: Upstream, prime: Upstream
+):
+    """Without Redis, what a budget spent is read off the ledger rows: the rows the
+    ledger file gives back at start restore it, with no state of its own."""
+    path = tmp_path / "routes.yaml"
+    ledger_file = tmp_path / "ledger.sqlite3"
+    path.write_text(
+        budget_yaml(wandb, prime, "", "{daily_usd: 1, monthly_usd: 10}").replace(
+            "accounting: {default_max_tokens: 50}",
+            f"accounting: {{default_max_tokens: 50, ledger_path: '{ledger_file}'}}",
+        )
+    )
+    body = {"model": "llama-8b", "messages": MESSAGES}
+    statuses: list[int] = []
+    first = ProxyProcess(path, free_port())
+    try:
+        await first.wait_listening()
+        await _calls([first.url], 2, body, statuses)
+    finally:
+        assert first.stop() == 0  # SIGTERM: the ledger file written
+    assert statuses == [200, 200]
+    spent = sum(2 * u["prompt_tokens"] + 8 * u["completion_tokens"] for u in wandb.fake.reported)
+    second = ProxyProcess(path, free_port())
+    try:
+        await second.wait_listening()
+        headers = {"Authorization": f"Bearer {RESEARCH_KEY}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(second.url + "/v1/usage", headers=headers) as resp,
+        ):
+            report = await resp.json()
+    finally:
+        second.stop()
+    assert report["ledger"]["store"] == "sqlite"
+    assert report["totals"]["cost_micro_usd"] == spent
+    daily, monthly = report["budgets"]["research"]
+    assert daily["used_micro_usd"] == monthly["used_micro_usd"] == spent > 0
