@@ -3,7 +3,8 @@ without Redis, and two references (nginx, a bare aiohttp relay), under wrk and a
 streaming client; one table, also written to docs/BENCHMARKS.md. Needs ``wrk``
 (apt-get install -y wrk) and ``redis-server``; with ``valgrind`` it also counts
 instructions per request (skipped by --quick), and without ``nginx`` it runs without
-the compiled reference."""
+the compiled reference. ``python3 -m bench engines`` compares the balances of a local
+engine's replicas on real llama.cpp instead (bench/engines.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import fairness
+from bench import engines, fairness
 from bench.nginx import INSTALL_HINT as NGINX_HINT
 from bench.nginx import have_nginx
 from bench.procs import (
@@ -56,6 +57,9 @@ CHUNKS, INTERVAL_MS = 100, 20.0
 def main() -> None:
     if sys.argv[1:2] == ["fairness"]:  # a run of its own: bench/fairness.py
         fairness.main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["engines"]:  # a run of its own: bench/engines.py
+        engines.main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs, to try the bench out")

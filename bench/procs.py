@@ -45,11 +45,11 @@ def cluster_port() -> int:
     """A free port below 55535 whose cluster bus port (+10000) is free too."""
     while True:
         port = free_port()
-        if port < 55535 and _free(port + 10000):
+        if port < 55535 and port_free(port + 10000):
             return port
 
 
-def _free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))

@@ -30,7 +30,8 @@ from proxy.errors import CircuitOpen, EngineBusy, EngineUnavailable, ProviderUna
 from proxy.limits.cost import cost_micros
 from proxy.observe.metrics import endpoint_label
 from proxy.routing.backoff import backoff_delay
-from proxy.routing.balance import conversation_prefix
+from proxy.routing.balance import call_hint
+from proxy.routing.cache_aware import Choice
 from proxy.routing.circuit import Passage
 
 
@@ -74,6 +75,10 @@ async def forward(exchange: Exchange, call: Call, record: CallRecord) -> Outcome
     return all_failed(call.model, run.failures)
 
 
+def _url(endpoint: Endpoint) -> str:
+    return endpoint.url
+
+
 def _target_key(target: Target) -> str:
     return f"{target.provider}/{target.model}"
 
@@ -106,16 +111,16 @@ class _Run:
         try:
             # A local engine lends one ready replica for the whole call, stream included,
             # once the call's turn in its queue comes (awaiting it is not overhead).
+            assert provider.engine is not None
+            hint = call_hint(provider, self.call.body.fields, provider.engine.replicas)
+            weight = team.weight if team else 1.0
+            engines = self.exchange.services.engines
             async with contextlib.AsyncExitStack() as stack:
                 with self.record.waiting():
-                    served = await stack.enter_async_context(
-                        served_by(
-                            self.exchange.services.engines,
-                            provider,
-                            self.record.team,
-                            team.weight if team else 1.0,
-                        )
+                    served, choice = await stack.enter_async_context(
+                        served_by(engines, provider, hint, self.record.team, weight)
                     )
+                self._prefix_estimate(provider, choice)
                 return await self._target(target, served)
         except EngineUnavailable as exc:
             self._fail(provider, "-", "failed", AttemptFailed("engine_unavailable", error=exc))
@@ -143,20 +148,7 @@ class _Run:
         )
         body = self.call.body.rewritten(target.model, include_usage=strip)
         self.record.price = target.price  # what this target's attempts cost
-        # The conversation prefix only where affinity needs it: it is a JSON dump per call.
-        affinity = (
-            conversation_prefix(self.call.body.fields)
-            if provider.balance == "affinity" and len(provider.endpoints) > 1
-            else None
-        )
-        endpoints = self.exchange.services.balancer.order(
-            f"provider:{provider.name}",
-            provider.endpoints,
-            provider.balance,
-            key_of=lambda e: e.url,
-            weight_of=lambda e: e.weight,
-            affinity=affinity,
-        )
+        endpoints = self._endpoints(provider)
         for number in range(policy.attempts):
             endpoint = await self._admitted(provider, endpoints, number)
             if endpoint is None:
@@ -174,6 +166,31 @@ class _Run:
                 with self.record.waiting():  # not the proxy's overhead
                     await asyncio.sleep(delay)
         return None
+
+    def _endpoints(self, provider: Provider) -> list[Endpoint]:
+        """The provider's endpoints in the order its balance gives for this call."""
+        # The hint only where a balance needs it: affinity's is a JSON dump per call,
+        # cache_aware's a hash per block of the prompt.
+        hint = call_hint(provider, self.call.body.fields, len(provider.endpoints))
+        balancer, group = self.exchange.services.balancer, f"provider:{provider.name}"
+        if hint is not None and hint.balance == "cache_aware":
+            endpoints, choice = balancer.cache_aware(group, provider.endpoints, _url, hint)
+            self._prefix_estimate(provider, choice)
+            return endpoints
+        return balancer.order(
+            group,
+            provider.endpoints,
+            provider.balance,
+            key_of=_url,
+            weight_of=lambda e: e.weight,
+            affinity=None if hint is None else hint.affinity,
+        )
+
+    def _prefix_estimate(self, provider: Provider, choice: Choice | None) -> None:
+        if choice is not None:
+            self.exchange.services.metrics.prefix_blocks(
+                provider.name, choice.matched, choice.blocks
+            )
 
     async def _admitted(
         self, provider: Provider, endpoints: list[Endpoint], number: int

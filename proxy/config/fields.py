@@ -42,6 +42,7 @@ class FieldReader:
             "size": self.size,
             "count": self.count,
             "boolean": self.boolean,
+            "number": self.weight,
         }
         parsed = {k: parsers[kinds[k]](v, f"{path}.{k}") for k, v in node.items() if k in kinds}
         return {key: value for key, value in parsed.items() if value is not None}

@@ -21,6 +21,7 @@ from proxy.config.model import (
     BALANCES,
     MAX_TOKENS_FIELDS,
     STRATEGIES,
+    CacheAware,
     CircuitPolicy,
     Config,
     Endpoint,
@@ -48,7 +49,7 @@ TOP_KEYS = {
 }  # fmt: skip
 PROVIDER_KEYS = {
     "base_url", "endpoints", "balance", "api_key", "headers", "timeouts", "retry", "circuit",
-    "required", "stream_usage", "engine", "price",
+    "required", "stream_usage", "engine", "price", "cache_aware",
 }  # fmt: skip
 MODEL_KEYS = {"targets", "strategy", "owned_by", "retry", "max_tokens", "spill_after"}
 OUTPUT_CAP_KEYS = {"default", "limit", "field"}
@@ -68,6 +69,10 @@ RETRY_FIELDS = {
     "max_retry_after": "duration", "budget": "duration",
 }  # fmt: skip
 CIRCUIT_FIELDS = {"failures": "count", "cooldown": "duration", "max_cooldown": "duration"}
+CACHE_AWARE_FIELDS = {
+    "block_bytes": "count", "index_memory": "size", "load_weight": "number",
+    "imbalance_calls": "count", "imbalance_ratio": "number",
+}  # fmt: skip
 
 
 class ConfigError(Exception):
@@ -185,7 +190,9 @@ class _Reader(FieldReader):
             if "engine" in node
             else (self.endpoints(node, path))
         )
-        balance = self.choice(node.get("balance", "round_robin"), f"{path}.balance", BALANCES)
+        # An engine's replicas went to the least busy before balance applied to them.
+        default = "least_busy" if engine is not None else "round_robin"
+        balance = self.choice(node.get("balance", default), f"{path}.balance", BALANCES)
         api_key, missing = self.api_key(node.get("api_key"), f"{path}.api_key")
         if missing:
             self.warnings.append(
@@ -195,6 +202,9 @@ class _Reader(FieldReader):
         timeouts = self.fields(node.get("timeouts"), f"{path}.timeouts", TIMEOUT_FIELDS)
         retry = self.fields(node.get("retry"), f"{path}.retry", RETRY_FIELDS)
         circuit = self.fields(node.get("circuit"), f"{path}.circuit", CIRCUIT_FIELDS)
+        cache_aware = self.fields(
+            node.get("cache_aware"), f"{path}.cache_aware", CACHE_AWARE_FIELDS
+        )
         provider = Provider(
             name=name,
             endpoints=endpoints,
@@ -204,7 +214,8 @@ class _Reader(FieldReader):
             timeouts=replace(Timeouts(), **timeouts),
             retry=replace(self.retry, **retry),
             circuit=replace(self.circuit, **circuit),
-            balance=balance or "round_robin",
+            balance=balance or default,
+            cache_aware=replace(CacheAware(), **cache_aware),
             required=self.boolean(node.get("required", False), f"{path}.required"),
             stream_usage=self.boolean(node.get("stream_usage", True), f"{path}.stream_usage"),
             engine=engine,

@@ -11,7 +11,7 @@ from proxy.config.engine import EngineSpec
 from proxy.config.telemetry import Telemetry
 
 STRATEGIES = ("fallback", "round_robin", "weighted", "least_busy")
-BALANCES = ("round_robin", "weighted", "least_busy", "affinity")
+BALANCES = ("round_robin", "weighted", "least_busy", "affinity", "cache_aware")
 
 
 def frozen_map(items: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
@@ -44,6 +44,23 @@ class CircuitPolicy:
     failures: int = 5
     cooldown: float = 5.0
     max_cooldown: float = 300.0
+
+
+@dataclass(frozen=True)
+class CacheAware:
+    """The knobs of ``balance: cache_aware`` (routing/cache_aware.py has the algorithm)."""
+
+    # Bytes of the serialized messages per prefix block: smaller finds shorter shared
+    # prefixes and costs more hashing per call.
+    block_bytes: int = 256
+    # The memory cap of one replica's prefix index (counted as 256 bytes a block).
+    index_memory: int = 4 * 2**20
+    # What one call in flight costs in the score, against a whole prompt matched (1.0).
+    load_weight: float = 0.1
+    # Leave the best match for the least loaded replica when the best one has at least
+    # this many more calls in flight, and more than this many times as many.
+    imbalance_calls: int = 4
+    imbalance_ratio: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,7 @@ class Provider:
     retry: RetryPolicy = RetryPolicy()
     circuit: CircuitPolicy = CircuitPolicy()
     balance: str = "round_robin"
+    cache_aware: CacheAware = CacheAware()
     # Ask for the usage chunk of streams the client did not ask it for (and strip it
     # again), so that streamed tokens are billed exactly. Off for upstreams that
     # reject stream_options.

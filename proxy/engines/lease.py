@@ -8,21 +8,24 @@ from collections.abc import AsyncIterator
 
 from proxy.config.model import Endpoint, Provider
 from proxy.engines.registry import Engines
+from proxy.routing.balance import Hint
+from proxy.routing.cache_aware import Choice
 
 
 @contextlib.asynccontextmanager
 async def served_by(
-    engines: Engines, provider: Provider, team: str = "", weight: float = 1.0
-) -> AsyncIterator[Provider]:
+    engines: Engines, provider: Provider, hint: Hint | None, team: str = "", weight: float = 1.0
+) -> AsyncIterator[tuple[Provider, Choice | None]]:
     """Yield the provider to call; for an engine, one replica is leased for the whole call,
-    after the team's turn in the engine's fair queue.
+    after the team's turn in the engine's fair queue, chosen with the call's ``hint``
+    (and cache_aware's estimate of its prefix hit).
 
     Raises ``EngineUnavailable`` (503) when no replica gets ready within ``engine.wait``,
     ``EngineBusy`` (429) when the queue is full or the wait for a slot runs out.
     """
     if provider.engine is None:
-        yield provider
+        yield provider, None
         return
     supervisor = engines.supervisor(provider)
-    async with supervisor.admitted(team, weight), supervisor.lease() as replica:
-        yield dataclasses.replace(provider, endpoints=(Endpoint(replica.base_url),))
+    async with supervisor.admitted(team, weight), supervisor.lease(hint) as (replica, choice):
+        yield dataclasses.replace(provider, endpoints=(Endpoint(replica.base_url),)), choice

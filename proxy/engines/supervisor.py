@@ -1,7 +1,9 @@
 """All replicas of one engine provider: start and stop them, lend a ready one to a call.
 
-A call leases the ready replica with the fewest calls in flight (ties rotate, so
-sequential calls spread too) and holds the lease until its last byte is relayed. A
+A call leases a ready replica, chosen by the provider's ``balance`` from the call's
+hint (routing/balance.py ``pick``; without one, the one with the fewest calls in flight,
+ties rotating so that sequential calls spread too), and holds the lease until its last
+byte is relayed. The prefix indexes of ``cache_aware`` live here, one per replica. A
 call that finds no replica ready waits for one up to ``engine.wait`` and then gets a
 503; it never hangs. An idle unload only happens when no call holds or waits for a
 lease, and those counts change only between awaits, so the check cannot race a call.
@@ -25,6 +27,8 @@ from proxy.config.engine import EngineSpec
 from proxy.engines.fair_queue import FairQueue, QueueObserver
 from proxy.engines.replica import Replica
 from proxy.errors import EngineUnavailable
+from proxy.routing.balance import Hint, pick
+from proxy.routing.cache_aware import Choice, PrefixRouter
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ class EngineSupervisor:
         self._change = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self._turn = 0
+        self.prefixes = PrefixRouter()
 
     @property
     def in_flight(self) -> int:
@@ -79,45 +84,53 @@ class EngineSupervisor:
         await asyncio.gather(*(r.stop() for r in self.replicas))
 
     @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator[Replica]:
+    async def lease(self, hint: Hint | None = None) -> AsyncIterator[tuple[Replica, Choice | None]]:
+        """The replica that serves the call, and cache_aware's estimate of its prefix hit."""
         self.waiting += 1
         try:
-            replica = await self._ready_replica()
+            replica, choice = await self._ready_replica(hint)
         finally:
             self.waiting -= 1
         replica.in_flight += 1
         self.last_used = time.monotonic()
         try:
-            yield replica
+            yield replica, choice
         finally:
             replica.in_flight -= 1
             self.last_used = time.monotonic()
 
-    async def _ready_replica(self) -> Replica:
+    async def _ready_replica(self, hint: Hint | None) -> tuple[Replica, Choice | None]:
         if self._stopping is not None and not self._stopping.done():
             await asyncio.shield(self._stopping)  # an unload in progress: then start again
         self.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.spec.wait
-        while (replica := self._least_busy()) is None:
+        while (chosen := self._choose(hint)) is None:
             if self.failing():
                 raise EngineUnavailable(self._failing_message())
             change = self._change  # set and replaced on every replica state change
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
                     await change.wait()
-            if loop.time() >= deadline and self._least_busy() is None:
+            # Not _choose: it records the call (cache_aware), and the loop chooses again.
+            if loop.time() >= deadline and all(r.state != "ready" for r in self.replicas):
                 raise EngineUnavailable(self._not_ready_message())
-        return replica
+        return chosen
 
-    def _least_busy(self) -> Replica | None:
-        ready = [r for r in self.replicas if r.state == "ready"]
+    def _choose(self, hint: Hint | None) -> tuple[Replica, Choice | None] | None:
+        n = len(self.replicas)
+        # The ready ones in rotation order from the turn, so that ties rotate.
+        ready = sorted(
+            (r for r in self.replicas if r.state == "ready"),
+            key=lambda r: (r.index - self._turn) % n,
+        )
         if not ready:
             return None
-        n = len(self.replicas)
-        chosen = min(ready, key=lambda r: (r.in_flight, (r.index - self._turn) % n))
-        self._turn = (chosen.index + 1) % n
-        return chosen
+        at, choice = pick(
+            hint, [str(r.index) for r in ready], [r.in_flight for r in ready], self.prefixes
+        )
+        self._turn = (ready[at].index + 1) % n
+        return ready[at], choice
 
     def failing(self) -> bool:
         """No start is under way: every replica waits out its backoff after an exit or

@@ -131,6 +131,7 @@ class Metrics:
         self.c_attempts = _Children(self.attempts, TalliedCount, tally)
         self.c_tokens = _Children(self.tokens, TalliedCount, tally)
         self.c_cost = _Children(self.cost, TalliedCount, tally)
+        self.c_prefix = _Children(self.prefix, TalliedCount, tally)
         self.c_redis_latency = _Children(self.redis_latency, TalliedHistogram, tally)
         self.c_overhead = TalliedHistogram(self.overhead, tally)
         self.c_in_flight = TalliedCount(self.in_flight, tally)
@@ -201,6 +202,14 @@ class Metrics:
             ["provider", "endpoint"],
             registry=r,
             multiprocess_mode="livemin",
+        )
+        self.prefix = Counter(
+            p + "prefix_blocks",
+            "balance: cache_aware's prompt blocks by whether the chosen replica was estimated "
+            "to hold them (hit) or not (miss): hit / (hit + miss) is the estimated prefix "
+            "hit ratio.",
+            ["provider", "result"],
+            registry=r,
         )
         self.circuit = Gauge(
             p + "circuit_state",
@@ -340,6 +349,11 @@ class Metrics:
 
     def attempt(self, provider: str, outcome: AttemptOutcome) -> None:
         self.c_attempts.get(provider, outcome).inc()
+
+    def prefix_blocks(self, provider: str, hit: int, blocks: int) -> None:
+        """A cache_aware choice: ``hit`` of the call's ``blocks`` estimated cached there."""
+        self.c_prefix.get(provider, "hit").inc(hit)
+        self.c_prefix.get(provider, "miss").inc(blocks - hit)
 
     def add_tokens(
         self, team: str, model: str, prompt: int, completion: int, source: TokenSource

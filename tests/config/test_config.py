@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config.load import ConfigError, parse_config
+from proxy.config.model import CacheAware
 from tests.support import ROOT
 
 GOOD = """
@@ -78,8 +79,8 @@ extra: 1
         parse_config(bad, {})
     assert caught.value.errors == [
         "extra: unknown key (did you mean 'retry'?)",
-        "providers.prime.colour: unknown key (known: api_key, balance, base_url, circuit, "
-        "endpoints, engine, headers, price, required, retry, stream_usage, timeouts)",
+        "providers.prime.colour: unknown key (known: api_key, balance, base_url, cache_aware, "
+        "circuit, endpoints, engine, headers, price, required, retry, stream_usage, timeouts)",
         "providers.prime.base_url: must be an http(s) URL with a host, got 'ftp://nowhere'",
         "providers.prime.timeouts.connect: must be a positive duration such as 30s, 500ms or "
         "2m, got 'soon'",
@@ -305,3 +306,27 @@ def test_a_redis_url_that_cannot_work_is_refused_with_its_path(redis: str, error
     with pytest.raises(ConfigError) as caught:
         parse_config(f"redis: {redis}\n" + _MINIMAL, {})
     assert error in caught.value.errors, caught.value.errors
+
+
+def test_cache_aware_knobs_are_read_and_checked() -> None:
+    good = """
+providers:
+  pool:
+    endpoints: [http://a:1/v1, http://b:1/v1]
+    balance: cache_aware
+    cache_aware: {block_bytes: 128, index_memory: 1MiB, load_weight: 0.25,
+                  imbalance_calls: 2, imbalance_ratio: 3}
+models:
+  m: {targets: [{provider: pool, model: m}]}
+"""
+    provider = parse_config(good, {}).providers["pool"]
+    assert provider.balance == "cache_aware"
+    assert provider.cache_aware == CacheAware(128, 2**20, 0.25, 2, 3.0)
+    bad = good.replace("load_weight: 0.25", "load_weight: -1, colour: 1")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(bad, {})
+    assert caught.value.errors == [
+        "providers.pool.cache_aware.colour: unknown key (known: block_bytes, imbalance_calls, "
+        "imbalance_ratio, index_memory, load_weight)",
+        "providers.pool.cache_aware.load_weight: must be a positive number, got -1",
+    ]

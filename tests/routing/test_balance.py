@@ -13,6 +13,7 @@ from proxy.routing.circuit import Change, CircuitBreakers, Passage
 from tests.conftest import MakeProxy, Proxy, StartApp
 from tests.support import Upstream, eventually, routes_yaml
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.metrics import scrape
 
 CHAT = "/v1/chat/completions"
 
@@ -118,6 +119,33 @@ async def test_affinity_keeps_a_conversation_on_one_replica(
         assert moved in ((3, 0), (0, 3)), moved
         homes.append(moved[0] == 3)
     assert 0 < sum(homes) < 20  # conversations spread over both replicas
+
+
+async def test_cache_aware_follows_the_prompt_prefix(make_proxy: MakeProxy, replicas: Replicas):
+    proxy = await make_proxy(replica_routes(replicas, "cache_aware"))
+    systems = ["Be brief. " * 60, "Answer as a pirate would. " * 25]  # ~600 bytes each
+    homes: dict[str, set[int]] = {system: set() for system in systems}
+    for conversation in range(8):
+        system = systems[conversation % 2]
+        history = [{"role": "system", "content": system}]
+        before = replicas.counts()
+        for turn in range(3):  # each turn extends the last one's prompt
+            history.append({"role": "user", "content": f"conversation {conversation}, turn {turn}"})
+            assert await _chat(proxy, history) == 200
+            history.append({"role": "assistant", "content": "Aye."})
+        after = replicas.counts()
+        moved = (after[0] - before[0], after[1] - before[1])
+        assert moved in ((3, 0), (0, 3)), moved
+        homes[system].add(0 if moved[0] else 1)
+    # A new conversation on a known system prompt goes where that prompt was sent.
+    assert all(len(home) == 1 for home in homes.values()), homes
+    hits = await scrape(proxy.http, proxy.url)
+    hit = hits.value("llm_proxy_prefix_blocks_total", provider="engine", result="hit")
+    miss = hits.value("llm_proxy_prefix_blocks_total", provider="engine", result="miss")
+    # Every call but the two first openings finds its system prompt's two whole blocks
+    # of 256 bytes; its third block on, partly the conversation's, are never sent twice.
+    assert hit == 2 * 22
+    assert hit + miss >= 24 * 3
 
 
 async def test_circuit_opens_probes_and_closes(make_proxy: MakeProxy, replicas: Replicas):

@@ -1,0 +1,154 @@
+"""The section ``python3 -m bench engines`` writes into docs/BENCHMARKS.md: its table,
+the issue's targets judged on it, and how to read it. It is written as the
+section ``engines`` (bench/sections.py), which the main bench keeps when it rewrites the
+file."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bench.engine_load import Tally, Workload
+from bench.report import Machine
+from bench.stats import percentile
+
+
+@dataclass(frozen=True)
+class Row:
+    workload: str
+    balance: str
+    tally: Tally
+    engine_hit: float  # prompt tokens the engines reused / all prompt tokens
+    estimate: float | None  # cache_aware's own estimate of its block hits
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.tally.ttft, 50)
+
+    @property
+    def p90(self) -> float:
+        return percentile(self.tally.ttft, 90)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tally.completion_tokens / self.tally.seconds if self.tally.seconds else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"TTFT p50 {self.p50:.2f} s p90 {self.p90:.2f} s, "
+            f"{self.tokens_per_second:.1f} tokens/s, engine hit {self.engine_hit:.0%}, "
+            f"{len(self.tally.ttft)} calls ({self.tally.failed} failed) "
+            f"in {self.tally.seconds:.0f} s"
+        )
+
+
+def document(
+    about: Machine, load_after: str, seconds: float, loads: Sequence[Workload], rows: list[Row]
+) -> str:
+    lines = [
+        "## Local engines: cache-aware routing (issue 23)",
+        "",
+        "Measured by `python3 -m bench engines`: two replicas of the shipped SmolLM2-135M "
+        "engine (llama.cpp from xllamacpp), one thread each, prompt cache on; a fresh proxy "
+        "and engines per row.",
+        "",
+        f"- date: {about.date}; run took {seconds:.0f} s; machine: {about.cores} cores, "
+        f"{about.cpu}",
+        f"- load average (1, 5, 15 min) before / after: {about.load_before} / {load_after}",
+        *(f"- {_describe(load)}" for load in loads),
+        "",
+        "| workload | balance | TTFT p50 (s) | TTFT p90 (s) | tokens/s | engines' prompt "
+        "cache hit | proxy's estimate | calls (failed) | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *(_line(row) for row in rows),
+        "",
+        "### Targets",
+        "",
+        *targets(rows),
+        "",
+        NOTES,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _describe(load: Workload) -> str:
+    shape = (
+        f"{load.conversations} conversations of {load.turns} turns over {load.systems} system "
+        f"prompts of {load.system_words:,} words"
+        if load.system_words
+        else f"{load.conversations} single calls, each its own prompt"
+    )
+    return (
+        f"{load.name}: {shape}, questions of {load.question_words} words, one started every "
+        f"{load.stagger:g} s, max_tokens {load.max_tokens}, temperature 0, streamed"
+    )
+
+
+def _line(row: Row) -> str:
+    estimate = "-" if row.estimate is None else f"{row.estimate:.0%}"
+    return (
+        f"| {row.workload} | {row.balance} | {row.p50:.2f} | {row.p90:.2f} | "
+        f"{row.tokens_per_second:.1f} | {row.engine_hit:.0%} | {estimate} | "
+        f"{len(row.tally.ttft)} ({row.tally.failed}) | {row.tally.seconds:.0f} |"
+    )
+
+
+def targets(rows: list[Row]) -> list[str]:
+    a = {r.balance: r for r in rows if r.workload.startswith("A")}
+    b = {r.balance: r for r in rows if r.workload.startswith("B")}
+    out = []
+    if {"cache_aware", "round_robin", "affinity"} <= a.keys():
+        ca, rr, af = a["cache_aware"], a["round_robin"], a["affinity"]
+        out.append(
+            f"- A: cache_aware's TTFT p90 at least 2x better than round_robin's: "
+            f"{ca.p90:.2f} s against {rr.p90:.2f} s ({_x(rr.p90, ca.p90)}): "
+            f"{_verdict(rr.p90 >= 2 * ca.p90)}"
+        )
+        out.append(
+            f"- A: and better than affinity's: {ca.p90:.2f} s against {af.p90:.2f} s: "
+            f"{_verdict(ca.p90 < af.p90)}"
+        )
+    if {"cache_aware", "least_busy"} <= b.keys():
+        ca, lb = b["cache_aware"], b["least_busy"]
+        close = ca.p90 <= 1.1 * lb.p90 and ca.tokens_per_second >= 0.9 * lb.tokens_per_second
+        out.append(
+            f"- B: cache_aware within 10 % of least_busy: TTFT p90 {ca.p90:.2f} s against "
+            f"{lb.p90:.2f} s, {ca.tokens_per_second:.1f} tokens/s against "
+            f"{lb.tokens_per_second:.1f}: "
+            f"{_verdict(close)}"
+        )
+    return out
+
+
+def _x(slow: float, fast: float) -> str:
+    return f"{slow / fast:.1f}x" if fast > 0 else "-"
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+NOTES = """How to read it:
+
+- TTFT is from sending the request to the first content token of the stream, through
+  the proxy, queueing included: each replica has one slot, so calls wait in llama.cpp
+  while it serves another.
+- tokens/s: the completion tokens of all calls over the run's wall time (the arrivals
+  are paced, so it is bounded by the pace as much as by the engines).
+- The engines' prompt cache hit is what llama.cpp reports in its `/metrics`: prompt
+  tokens it took from its cache over all prompt tokens. llama.cpp keeps the last
+  prompt of each slot and, by default, a host-memory cache of earlier prompts, so a
+  replica that served a system prompt once can restore it for any later call: the
+  balances differ most in how many replicas pay a cold prefill of each prompt and in
+  whether a conversation's history is where its next turn goes.
+- The proxy's estimate is cache_aware's own: the share of the calls' prompt blocks
+  its index held on the replica it chose (`llm_proxy_prefix_blocks_total`).
+- The machine is shared with other jobs (see the load average); the targets compare
+  rows of the same run. A row that another job slowed shows as an outlier among rows
+  that do the same work (workload B has no concurrency to speak of: its four rows
+  should agree).
+- Scale: the issue asks for 40 conversations in workload A. On one thread a cold
+  prefill of one of its 1,450-token system prompts took 9-12 s on the shared 2-core
+  machine where this bench was written (about 120 prompt tokens a second, where the
+  issue expected 0.3-1 s), so A runs 16 conversations at a pace the replicas can
+  nearly keep up with (bench/engines.py `FULL`)."""

