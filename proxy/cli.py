@@ -131,7 +131,8 @@ def _add_usage(sub: Commands) -> None:
     usage.add_argument("--by-key", action="store_true", help="a line per key that called")
     usage.add_argument(
         "--admin-key",
-        help=f"routes.yaml's admin_key (default: ${ADMIN_KEY_ENV}, never shown here)",
+        help=f"routes.yaml's admin_key, or a team's key for its own usage (default: "
+        f"${ADMIN_KEY_ENV}, never shown here)",
     )
     usage.set_defaults(run=show_usage)
 

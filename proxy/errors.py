@@ -162,6 +162,13 @@ class RateLimited(ProxyError):
         return response
 
 
+class QuotaExceeded(RateLimited):
+    """A budget is spent: OpenAI's shape for an exhausted quota."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class EngineBusy(RateLimited):
     """A local engine's queue is full, or a call waited in it past ``engine.queue.wait``.
     The same type and code as a team's limit, so clients retry it alike; ``param``

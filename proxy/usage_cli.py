@@ -16,6 +16,8 @@ from proxy.limits.store import LEDGER_FIELDS
 _COUNTS = tuple(f for f in LEDGER_FIELDS if f != "cost_micro_usd")
 _COLUMNS = ("date", "team", "model", *_COUNTS, "cost_usd")
 _BY_KEY = ("date", "team", "model", "key", *_COUNTS, "cost_usd")
+_BUDGET_COLUMNS = ("team", "model", "period", "limit_usd", "used_usd", "remaining_usd",
+                   "resets_at")  # fmt: skip
 ADMIN_KEY_ENV = "PROXY_ADMIN_KEY"
 _KEY_HINT = (
     f"the ledger needs routes.yaml's admin_key: pass it with --admin-key KEY or {ADMIN_KEY_ENV}=KEY"
@@ -50,6 +52,8 @@ def show_usage(args: argparse.Namespace) -> int:
         print(where, file=sys.stderr)
         return 1
     print(_by_key(report) if args.by_key else _table(report))
+    if budgets := _budgets(report):
+        print("\n" + budgets)
     return 0
 
 
@@ -67,6 +71,18 @@ def _by_key(report: dict[str, Any]) -> str:
     return _aligned(_BY_KEY, lines)
 
 
+def _budgets(report: dict[str, Any]) -> str:
+    """What is left of each budget, if the teams shown have any ("" if not)."""
+    rows = [
+        [team, budget["model"] or "*", budget["period"],
+         *(_usd(budget[f"{f}_micro_usd"]) for f in ("limit", "used", "remaining")),
+         budget["resets_at"]]
+        for team, budgets in report.get("budgets", {}).items()
+        for budget in budgets
+    ]  # fmt: skip
+    return _aligned(_BUDGET_COLUMNS, rows) if rows else ""
+
+
 def _rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The report's rows, then its totals as a row dated "total"."""
     return [*report["data"], {"date": "total", **report["totals"]}]
@@ -74,12 +90,16 @@ def _rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _cells(row: dict[str, Any], counts: dict[str, Any]) -> list[str]:
     """Date, team, model, the counts, and the cost from its exact micro-dollars."""
-    whole, micros = divmod(counts["cost_micro_usd"], 1_000_000)
     return [
         *(str(row.get(c, "")) for c in ("date", "team", "model")),
         *(str(counts[f]) for f in _COUNTS),
-        f"{whole}.{micros:06d}",
+        _usd(counts["cost_micro_usd"]),
     ]
+
+
+def _usd(micros: int) -> str:
+    whole, rest = divmod(micros, 1_000_000)
+    return f"{whole}.{rest:06d}"
 
 
 def _aligned(columns: tuple[str, ...], rows: list[list[str]]) -> str:

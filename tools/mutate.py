@@ -65,6 +65,8 @@ _BATCH = "tests/limits/test_store_batch.py"
 _REDIS = "tests/limits/test_redis.py"
 _STORES = "tests/limits/test_store_lua.py"
 _COSTS = "tests/limits/test_costs.py"
+_BUDGETS = "tests/limits/test_budgets.py"
+_BUDGET_STORES = "tests/limits/test_budget_store.py"
 TARGETS: dict[str, Target] = {
     t.path.removeprefix("proxy/").removesuffix(".py").replace("/", "."): t
     for t in [
@@ -81,11 +83,13 @@ TARGETS: dict[str, Target] = {
                 _BATCH,
                 _REDIS,
                 _COSTS,
+                _BUDGETS,
             ),
         ),
         Target("proxy/call/caps.py", ("tests/call/test_output_caps.py",)),
         Target(
-            "proxy/limits/lua.py", (_STORES, _BATCH, _TEAMS, _REDIS, _COSTS, "-k", "not memory")
+            "proxy/limits/lua.py",
+            (_STORES, _BUDGET_STORES, _BATCH, _TEAMS, _REDIS, _COSTS, _BUDGETS, "-k", "not memory"),
         ),
         Target(
             "proxy/limits/memory.py",
@@ -93,8 +97,10 @@ TARGETS: dict[str, Target] = {
                 "tests/limits/test_store_memory.py",
                 "tests/call/test_hot_path.py",
                 _STORES,
+                _BUDGET_STORES,
                 _TEAMS,
                 _COSTS,
+                _BUDGETS,
                 "-k",
                 "not redis",
             ),
@@ -110,9 +116,16 @@ TARGETS: dict[str, Target] = {
                 _TEAMS,
                 _REDIS,
                 _COSTS,
+                _BUDGET_STORES,
+                _BUDGETS,
                 "-k",
                 "not memory",
             ),
+        ),
+        Target("proxy/limits/refusal.py", (_BUDGETS, _TEAMS, "-k", "not redis")),
+        Target("proxy/limits/budget_report.py", (_BUDGETS, "-k", "not redis")),
+        Target(
+            "proxy/config/budgets.py", ("tests/config/test_budgets.py", _BUDGETS, "-k", "not redis")
         ),
         Target(
             "proxy/limits/usage.py",

@@ -13,7 +13,8 @@ from proxy.call.request import Api, call_budget, checked_body, resolve_model
 from proxy.call.traced import traced_call
 from proxy.errors import RateLimited
 from proxy.limits.admission import LeaseKeeper, final_usage, reservation
-from proxy.limits.cost import cost_micros
+from proxy.limits.budget_report import show_budgets
+from proxy.limits.cost import cost_micros, worst_case
 from proxy.limits.rate_headers import rate_headers
 from proxy.limits.store import NO_KEY
 from proxy.limits.usage import estimate_prompt
@@ -48,14 +49,19 @@ async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
     prompt = estimate_prompt(body.fields)
     most = model.max_tokens.default if model.max_tokens else config.accounting.default_max_tokens
     reserved = reservation(body.fields, prompt, most)
+    # Only a team with budgets pays for its calls' worst case (and their gauges).
+    budgeted = team is not None and bool(team.budget or team.model_budgets)
+    cost = worst_case(prompt, reserved, (t.price for t in model.targets)) if budgeted else 0
     try:
         ticket = await accountant.admit(  # 4
-            config, record.team, model.id, reserved, prompt, record.request_id
+            config, record.team, model.id, reserved, prompt, record.request_id, cost
         )
     except RateLimited as refused:
         services.metrics.rate_limit_rejected(record.team, refused.param or "unknown")
         raise
     record.rate_headers = rate_headers(ticket.admission)
+    if budgeted:
+        show_budgets(services.metrics, record.team, ticket.admission)
     budget = call_budget(exchange.headers, model.budget)
     call = Call(config, model, api.path, body, budget, team.headers if team else {}, dropped)
     try:

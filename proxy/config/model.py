@@ -199,6 +199,21 @@ class Limits:
         return any(getattr(self, kind) is not None for kind in LIMIT_KINDS)
 
 
+BUDGET_KINDS = ("daily_usd", "monthly_usd")  # UTC day, UTC calendar month
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Per team, or per team and model: the most its calls may cost in a UTC day or month,
+    in micro-dollars (USD times 10⁶, as prices and the ledger). None: no such budget."""
+
+    daily_usd: int | None = None
+    monthly_usd: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.daily_usd is not None or self.monthly_usd is not None
+
+
 @dataclass(frozen=True)
 class TeamKey:
     """One key of a team, by the name routes.yaml gives it; the key itself is never stored."""
@@ -217,6 +232,8 @@ class Team:
     models: frozenset[str] | None = None
     limits: Limits = Limits()
     model_limits: Mapping[str, Limits] = field(default_factory=frozen_map)
+    budget: Budget = Budget()
+    model_budgets: Mapping[str, Budget] = field(default_factory=frozen_map)
     # provider name → headers sent to that provider for this team's calls
     headers: Mapping[str, Mapping[str, str]] = field(default_factory=frozen_map)
     # the provider-scoping headers (OpenAI-Project, …) its clients may set, lower-case

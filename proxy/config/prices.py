@@ -39,16 +39,28 @@ def read_price(reader: FieldReader, raw: Any, path: str) -> Price | None:
 
 def _micros(reader: FieldReader, raw: Any, path: str) -> int | None:
     """USD per million tokens → micro-dollars per million tokens, exactly."""
+    return usd_micros(
+        reader, raw, path, ("USD per million tokens", "a micro-dollar per million tokens"),
+        MAX_PRICE,
+    )  # fmt: skip
+
+
+def usd_micros(
+    reader: FieldReader, raw: Any, path: str, unit: tuple[str, str], maximum: int
+) -> int | None:
+    """An amount in USD → whole micro-dollars, exactly: more than six decimals is
+    refused rather than rounded. ``unit``: what the amount is, and its smallest step, as
+    the errors name them."""
     value = None
     if isinstance(raw, int | float) and not isinstance(raw, bool):
         # str: the number as written, not its binary double ('inf' and 'nan' parse too)
         value = Decimal(str(raw))
-    if value is None or not value.is_finite() or not 0 <= value <= MAX_PRICE:
-        reader.error(path, f"must be USD per million tokens, 0 to {MAX_PRICE}, got {raw!r}")
+    if value is None or not value.is_finite() or not 0 <= value <= maximum:
+        reader.error(path, f"must be {unit[0]}, 0 to {maximum}, got {raw!r}")
         return None
     micros = value * MICROS
     if micros != micros.to_integral_value():
-        reader.error(path, f"at most 6 decimals (a micro-dollar per million tokens), got {raw}")
+        reader.error(path, f"at most 6 decimals ({unit[1]}), got {raw}")
         return None
     return int(micros)
 

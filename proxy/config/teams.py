@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from fnmatch import fnmatchcase
 from typing import Any
 
+from proxy.config.budgets import read_budget
 from proxy.config.fields import FieldReader, hint, known_list, shown
 from proxy.config.model import (
     ANONYMOUS,
@@ -22,7 +23,8 @@ from proxy.config.model import (
 )
 
 TEAM_KEYS = {
-    "keys", "models", "limits", "model_limits", "headers", "client_headers", "weight",
+    "keys", "models", "limits", "model_limits", "budget", "model_budgets", "headers",
+    "client_headers", "weight",
 }  # fmt: skip
 KEY_FIELDS = {"name", "hash", "expires"}
 KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -81,26 +83,39 @@ def _team(
     allowed = (
         _models(reader, node["models"], f"{path}.models", models) if "models" in node else None
     )
-    model_limits = {}
-    for model, limits in reader.mapping(
-        node.get("model_limits") or {}, f"{path}.model_limits"
-    ).items():
-        if model not in models:
-            hint_text = hint(str(model), set(models))
-            reader.error(f"{path}.model_limits.{model}", f"unknown model{hint_text}")
-        elif allowed is not None and model not in allowed:
-            reader.error(f"{path}.model_limits.{model}", f"not one of {path}.models")
-        model_limits[str(model)] = _limits(reader, limits, f"{path}.model_limits.{model}")
+
+    def per_model(field: str, read: Callable[[FieldReader, Any, str], Any]) -> dict[str, Any]:
+        return _per_model(reader, node.get(field), f"{path}.{field}", models, allowed, read)
+
+    model_limits = per_model("model_limits", _limits)
+    model_budgets = per_model("model_budgets", read_budget)
     return Team(
         name=name,
         keys=_keys(reader, name, node.get("keys"), f"{path}.keys"),
         models=allowed,
         limits=_limits(reader, node.get("limits"), f"{path}.limits"),
         model_limits=frozen_map(model_limits),
+        budget=read_budget(reader, node.get("budget"), f"{path}.budget"),
+        model_budgets=frozen_map(model_budgets),
         headers=_headers(reader, node.get("headers"), f"{path}.headers", providers),
         client_headers=_client_headers(reader, node.get("client_headers"), path),
         weight=reader.weight(node.get("weight", 1), f"{path}.weight") or 1.0,
     )
+
+
+def _per_model(
+    reader: FieldReader, raw: Any, path: str, models: list[str],
+    allowed: frozenset[str] | None, read: Callable[[FieldReader, Any, str], Any],
+) -> dict[str, Any]:  # fmt: skip
+    """``model_limits`` or ``model_budgets``: per model id of the team's, ``read``'s block."""
+    out = {}
+    for model, block in reader.mapping(raw or {}, path).items():
+        if model not in models:
+            reader.error(f"{path}.{model}", f"unknown model{hint(str(model), set(models))}")
+        elif allowed is not None and model not in allowed:
+            reader.error(f"{path}.{model}", f"not one of {path.rsplit('.', 1)[0]}.models")
+        out[str(model)] = read(reader, block, f"{path}.{model}")
+    return out
 
 
 def _keys(reader: FieldReader, team: str, raw: Any, path: str) -> tuple[TeamKey, ...]:

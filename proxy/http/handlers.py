@@ -9,11 +9,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy.call.auth import authenticate, require_admin
+from proxy.call.auth import authenticate, bearer, key_hash, require_admin
 from proxy.call.request import resolve_model, team_models
 from proxy.config.model import ANONYMOUS, Config, Model, Provider, Team
 from proxy.engines.worker_view import engines_text
-from proxy.errors import LimiterUnavailable, ProviderUnavailable
+from proxy.errors import AdminOnly, LimiterUnavailable, ProviderUnavailable
 from proxy.http.middlewares import RECORD
 from proxy.limits.ledger import day_range, ledger_report
 from proxy.limits.store import StoreUnavailable
@@ -103,12 +103,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def usage(request: web.Request) -> web.Response:
-    """GET /v1/usage?team=&from=YYYY-MM-DD&to=YYYY-MM-DD (admin key): the ledger."""
-    config = request.app[SERVICES].config.current
-    require_admin(request.headers, config)
-    teams = [request.query["team"]] if "team" in request.query else [*config.teams, ANONYMOUS]
-    first, last = day_range(request.query.get("from"), request.query.get("to"))
+    """GET /v1/usage?team=&from=YYYY-MM-DD&to=YYYY-MM-DD: the ledger, and what is left
+    of the budgets. The admin key sees every team; a team's key, its own team."""
     services = request.app[SERVICES]
+    config = services.config.current
+    teams = _usage_teams(request, config)
+    first, last = day_range(request.query.get("from"), request.query.get("to"))
     await services.accountant.settled()  # every call this process answered is in what it reads
     keeper = services.ledger
     try:
@@ -116,9 +116,31 @@ async def usage(request: web.Request) -> web.Response:
             rows = await keeper.ledger(teams, first, last)
         else:
             rows = await services.accountant.primary.ledger(teams, first, last)
+        budgets = {team: await services.accountant.budgets(config, team) for team in teams}
     except StoreUnavailable as exc:
         raise LimiterUnavailable(f"The ledger cannot be read now: {exc}") from None
-    return web.json_response({**ledger_report(rows, first, last), "ledger": _where(services)})
+    report = ledger_report(rows, first, last)
+    return web.json_response({**report, "budgets": budgets, "ledger": _where(services)})
+
+
+def _usage_teams(request: web.Request, config: Config) -> list[str]:
+    """The teams the caller may see: with the admin key, those asked for (all by
+    default); with a team's key, its own."""
+    asked = request.query.get("team")
+    key = bearer(request.headers)
+    # Team keys are ASCII; anything else (a byte aiohttp kept as a surrogate) is no
+    # team's and goes to the admin check, which compares it byte for byte.
+    if key is None or not key.isascii() or key_hash(key) not in config.key_index:
+        require_admin(request.headers, config)  # 403 unless it is the admin key
+        return [asked] if asked else [*config.teams, ANONYMOUS]
+    _, team = _caller(request)  # a team's key, checked like a call's (expiry)
+    assert team is not None
+    if asked not in (None, team.name):
+        raise AdminOnly(
+            f"A team's key shows its own team's usage only ('{team.name}'); the admin "
+            "key shows every team's."
+        )
+    return [team.name]
 
 
 def _where(services: Services) -> dict[str, Any]:

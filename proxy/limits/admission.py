@@ -23,13 +23,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from proxy.config.model import Config, RedisSettings
-from proxy.errors import LimiterUnavailable, RateLimited
+from proxy.errors import LimiterUnavailable
+from proxy.limits.budget_report import budget_rows
 from proxy.limits.leases import LeaseRenewer
 from proxy.limits.memory import MemoryStore
 from proxy.limits.plan import LimitPlan
-from proxy.limits.rate_headers import describe_refusal, rate_headers
 from proxy.limits.redis_store import RedisStore
+from proxy.limits.refusal import refusal
 from proxy.limits.store import (
+    BUDGETS,
     DAY,
     NO_KEY,
     Admission,
@@ -59,6 +61,7 @@ class Ticket:
     prompt_estimate: int
     admission: Admission
     fallback: bool = False  # admitted by this process's own limits while Redis was down
+    reserved_cost: int = 0  # micro-dollars its budgets hold until settlement
 
 
 class Accountant:
@@ -105,39 +108,34 @@ class Accountant:
             log.error("settlement failed", exc_info=error)
 
     async def admit(
-        self, config: Config, team: str, model: str, reserved: int, prompt: int, request_id: str
-    ) -> Ticket:
+        self, config: Config, team: str, model: str, reserved: int, prompt: int, request_id: str,
+        cost: int = 0,
+    ) -> Ticket:  # fmt: skip
+        """``cost``: the call's worst case in micro-dollars, which its budgets hold."""
         checks = self._plan_of(config).checks(team, model)
+        ticket = Ticket(
+            team, model, request_id, checks, reserved, prompt,
+            Admission(True, int(time.time() // DAY)), reserved_cost=cost,
+        )  # fmt: skip
         if not checks.checks:
-            return Ticket(
-                team,
-                model,
-                request_id,
-                checks,
-                reserved,
-                prompt,
-                Admission(True, int(time.time() // DAY)),
-            )
+            return ticket
         try:
             with self._timed("admit"):
                 admission = await self.primary.admit(
-                    checks, reserved, request_id, self.settings.lease_ttl
+                    checks, reserved, request_id, self.settings.lease_ttl, cost
                 )
         except StoreUnavailable as exc:
-            ticket = Ticket(
-                team,
-                model,
-                request_id,
-                checks,
-                reserved,
-                prompt,
-                Admission(True, int(time.time() // DAY)),
-            )
             return await self._admit_without_redis(ticket, exc)
-        ticket = Ticket(team, model, request_id, checks, reserved, prompt, admission)
+        ticket = replace(ticket, admission=admission)
         if not admission.admitted:
-            raise _refusal(ticket)
+            raise refusal(admission, reserved, cost)
         return ticket
+
+    async def budgets(self, config: Config, team: str) -> list[dict[str, Any]]:
+        """What is left of each budget of ``team`` now (GET /v1/usage)."""
+        checks = self._plan_of(config).budgets(team)
+        day, levels = await self.primary.levels(team, checks)
+        return budget_rows(checks, day, levels)
 
     def _plan_of(self, config: Config) -> LimitPlan:
         plan = self._plan
@@ -157,17 +155,25 @@ class Accountant:
             ) from None
         self.fallback_admissions += 1
         admission = await self.fallback.admit(
-            ticket.team_checks, ticket.reserved, ticket.request_id, self.settings.lease_ttl
+            ticket.team_checks,
+            ticket.reserved,
+            ticket.request_id,
+            self.settings.lease_ttl,
+            ticket.reserved_cost,
         )
         ticket = replace(ticket, admission=admission, fallback=True)
         if not admission.admitted:
-            raise _refusal(ticket)
+            raise refusal(admission, ticket.reserved, ticket.reserved_cost)
         return ticket
 
     async def _settle(self, ticket: Ticket, settlement: Settlement) -> None:
         if ticket.fallback and self.fallback is not None:
             await self.fallback.settle(settlement)  # its limits live here; the ledger does not
-            settlement = replace(settlement, team_checks=self.primary.prepare(ticket.team, ()))
+            # To Redis: the ledger, and the cost to the budgets (they held nothing there).
+            budgets = tuple(c for c in ticket.team_checks.checks if c.kind in BUDGETS)
+            settlement = replace(
+                settlement, team_checks=self.primary.prepare(ticket.team, budgets), reserved_cost=0
+            )
             if self.queue:  # a ledger-only write: in order, behind those waiting for Redis
                 self.queue.append(settlement)
                 return
@@ -340,17 +346,7 @@ def _settlement(ticket: Ticket, usage: Usage, cost: int, key: str) -> Settlement
         estimated=usage.estimated,
         cost=cost,
         key=key,
-    )
-
-
-def _refusal(ticket: Ticket) -> RateLimited:
-    admission = ticket.admission
-    assert admission.refused is not None
-    return RateLimited(
-        describe_refusal(admission.refused, ticket.reserved, admission.retry_after),
-        retry_after=admission.retry_after,
-        param=admission.refused.kind,
-        headers=rate_headers(admission),
+        reserved_cost=ticket.reserved_cost,
     )
 
 

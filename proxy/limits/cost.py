@@ -9,6 +9,8 @@ ledger adds integers, so its sums are exact sums of the calls' costs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from proxy.config.model import Price
 from proxy.limits.usage import Usage
 
@@ -29,3 +31,16 @@ def cost_micros(usage: Usage, price: Price | None) -> int:
     if 2 * rest > PER_MILLION or (2 * rest == PER_MILLION and whole % 2):
         whole += 1
     return whole
+
+
+def worst_case(prompt: int, reserved: int, prices: Iterable[Price | None]) -> int:
+    """What a budget holds for a call reserving ``reserved`` tokens, ``prompt`` of them
+    its prompt estimate and the rest what it may generate (max_tokens x n): the prompt
+    at the highest input price among the targets that may serve it, the rest at the
+    highest output price, rounded up. A target without a price costs 0."""
+    given = [p for p in prices if p is not None]
+    if not given:
+        return 0
+    most_in = max(max(p.input, p.cached_input) for p in given)
+    most_out = max(p.output for p in given)
+    return -(-(prompt * most_in + (reserved - prompt) * most_out) // PER_MILLION)

@@ -25,6 +25,29 @@ local function available(key, limit)
   if not s[1] then return limit end
   return math.min(limit, tonumber(s[1]) + (now - tonumber(s[2])) * limit / 60)
 end
+-- A day's UTC calendar month as year * 12 + month - 1 (store.month_of): Hinnant's
+-- civil_from_days, in floors as Lua 5.1 has no integer division.
+local function month_of(day)
+  local z = day + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local y, m = yoe + era * 400, mp + 3
+  if mp >= 10 then y, m = y + 1, mp - 9 end
+  return y * 12 + m - 1
+end
+-- The key of a per-period check (tokens_per_day, the budgets) for the period of a day.
+local function period_key(key, kind, day)
+  if kind == 6 then return key .. ':m' .. month_of(tonumber(day)) end
+  return key .. ':' .. day
+end
+local function period_ttl(kind)
+  if kind == 6 then return 3456000 end  -- 40 days: a month, and a settlement's delay
+  return 172800
+end
 local function store_bucket(key, limit, left)
   redis.call('HSET', key, 't', left, 'ts', now)
   redis.call('EXPIRE', key, math.ceil((limit - left) / (limit / 60)) + 1)
@@ -32,7 +55,9 @@ end
 """
 
 # KEYS[i]: the state key of check i. ARGV: the number of calls, kind and limit per check,
-# then per call: lease, lease ttl, reserved tokens (redis/batch.py gathers the calls).
+# then per call: lease, lease ttl, reserved tokens, reserved micro-dollars (redis/batch.py
+# gathers the calls). Budgets (kinds 5, 6) take the micro-dollars, the others the tokens;
+# a refused budget's retry_after is -1: the proxy reckons the period's end from ``now``.
 # Each check's state is read once and written once; the calls are taken in order, each
 # against what the calls before it left, as separate runs at one instant would be.
 # Returns per call {admitted, day, refused index, retry_after, now, level per check},
@@ -49,16 +74,16 @@ for i = 1, n do
   if kind == 3 then
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now_ms)
     levels[i] = redis.call('ZCARD', KEYS[i])
-  elseif kind == 4 then
-    levels[i] = tonumber(redis.call('GET', KEYS[i] .. ':' .. day) or '0')
+  elseif kind >= 4 then
+    levels[i] = tonumber(redis.call('GET', period_key(KEYS[i], kind, day)) or '0')
   else
     levels[i] = available(KEYS[i], limit)
   end
 end
-local out, admitted, ttl, taken = {}, 0, 0, 0
+local out, admitted, ttl, taken, spent = {}, 0, 0, 0, 0
 for c = 1, calls do
-  local at = 2 * n + 3 * c - 1
-  local lease, reserved = ARGV[at], tonumber(ARGV[at + 2])
+  local at = 2 * n + 4 * c - 2
+  local lease, reserved, cost = ARGV[at], tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
   local refused, retry = 0, 0
   local reply = {1, day, 0, '0', tostring(now)}
   for i = 1, n do
@@ -68,6 +93,8 @@ for c = 1, calls do
       if level >= limit then wait = 1 end
     elseif kind == 4 then
       if reserved > limit or level + reserved > limit then wait = (day + 1) * 86400 - now end
+    elseif kind >= 5 then
+      if cost > limit or level + cost > limit then wait = -1 end
     else
       local need = reserved
       if kind == 1 then need = 1 end
@@ -79,12 +106,14 @@ for c = 1, calls do
   end
   if refused == 0 then
     admitted, ttl, taken = admitted + 1, tonumber(ARGV[at + 1]), taken + reserved
+    spent = spent + cost
     for i = 1, n do
       local kind = kinds[i]
       if kind == 3 then
         redis.call('ZADD', KEYS[i], now_ms + math.floor(ttl * 1000), lease)
         levels[i] = levels[i] + 1
       elseif kind == 4 then levels[i] = levels[i] + reserved
+      elseif kind >= 5 then levels[i] = levels[i] + cost
       elseif kind == 1 then levels[i] = levels[i] - 1
       else levels[i] = levels[i] - reserved end
     end
@@ -98,9 +127,13 @@ if admitted > 0 then
     local kind = kinds[i]
     if kind == 3 then
       redis.call('EXPIRE', KEYS[i], math.ceil(ttl * 2))
-    elseif kind == 4 then
-      redis.call('INCRBY', KEYS[i] .. ':' .. day, taken)
-      redis.call('EXPIRE', KEYS[i] .. ':' .. day, 172800)
+    elseif kind >= 4 then
+      local amount, key = taken, period_key(KEYS[i], kind, day)
+      if kind >= 5 then amount = spent end
+      if amount ~= 0 then
+        redis.call('INCRBY', key, amount)
+        redis.call('EXPIRE', key, period_ttl(kind))
+      end
     else
       store_bucket(KEYS[i], limits[i], levels[i])
     end
@@ -112,7 +145,8 @@ return out
 
 # KEYS: the ledger index, the state key of each check, then per call its done marker and
 # its ledger hash. ARGV: the number of calls, kind and limit per check, then per call:
-# day, model, lease, reserved, used, prompt, completion, estimated, cost, key label. A
+# day, model, lease, reserved, used, prompt, completion, estimated, cost, key label,
+# reserved micro-dollars (a budget's hold, replaced by the cost). A
 # call whose done marker is set already was settled before and is skipped. Token counts
 # are added up per hash, in total and per key label (fields "requests@LABEL", …), and
 # written once; a cost is added per call, as the integer string the proxy sent (a sum in
@@ -126,14 +160,14 @@ local calls = tonumber(ARGV[1])
 local n = #KEYS - 1 - 2 * calls
 local fields = {'requests', 'prompt_tokens', 'completion_tokens', 'estimated_prompt_tokens',
                 'estimated_completion_tokens'}
-local out, leases, deltas, days, books = {}, {}, {}, {}, {}
+local out, leases, deltas, days, costs, books = {}, {}, {}, {}, {}, {}
 local function count(book, first, prompt, completion)
   book[1] = book[1] + 1
   book[first] = book[first] + prompt
   book[first + 1] = book[first + 1] + completion
 end
 for c = 1, calls do
-  local at, key = 2 * n + 10 * c - 8, n + 2 * c
+  local at, key = 2 * n + 11 * c - 9, n + 2 * c
   if redis.call('SET', KEYS[key], '1', 'NX', 'EX', 86400) then
     out[c] = 1
     local day, model, hash, label = ARGV[at], ARGV[at + 1], KEYS[key + 1], ARGV[at + 9]
@@ -141,6 +175,7 @@ for c = 1, calls do
     leases[#leases + 1] = ARGV[at + 2]
     deltas[#deltas + 1] = delta
     days[day] = (days[day] or 0) + delta
+    costs[day] = (costs[day] or 0) + tonumber(ARGV[at + 8]) - tonumber(ARGV[at + 10])
     local book = books[hash]
     if not book then
       book = {all = {0, 0, 0, 0, 0}, by = {}}
@@ -180,15 +215,36 @@ for i = 1, n do
   local kind, limit = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
   if kind == 3 then
     redis.call('ZREM', KEYS[1 + i], unpack(leases))
-  elseif kind == 4 then
-    for day, delta in pairs(days) do
-      if delta ~= 0 then redis.call('INCRBY', KEYS[1 + i] .. ':' .. day, delta) end
+  elseif kind >= 4 then
+    local by_day = days
+    if kind >= 5 then by_day = costs end
+    for day, delta in pairs(by_day) do
+      if delta ~= 0 then
+        local key = period_key(KEYS[1 + i], kind, day)
+        redis.call('INCRBY', key, delta)
+        redis.call('EXPIRE', key, period_ttl(kind))
+      end
     end
   elseif kind == 2 then
     local level = available(KEYS[1 + i], limit)
     for _, delta in ipairs(deltas) do level = math.min(limit, level - delta) end
     store_bucket(KEYS[1 + i], limit, level)
   end
+end
+return out
+"""
+)
+
+# KEYS: the state keys of budget checks; ARGV: their kind codes. What each holds now
+# (spent and held by calls in flight, this day or month), for GET /v1/usage. Returns
+# {day, now, level per check}.
+LEVELS = (
+    _COMMON
+    + """
+local day = math.floor(tonumber(t[1]) / 86400)
+local out = {day, tostring(now)}
+for i = 1, #KEYS do
+  out[2 + i] = redis.call('GET', period_key(KEYS[i], tonumber(ARGV[i]), day)) or '0'
 end
 return out
 """

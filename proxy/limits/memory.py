@@ -9,6 +9,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 
 from proxy.limits.store import (
+    BUDGETS,
+    COST,
     DAY,
     LEDGER_FIELDS,
     PER_MINUTE,
@@ -19,8 +21,10 @@ from proxy.limits.store import (
     LedgerRow,
     Settlement,
     TeamChecks,
+    amount,
     ledger_rows,
     limit_state,
+    month_of,
     wait_for,
 )
 
@@ -48,28 +52,38 @@ class MemoryStore:
         # the file's thread (bench/ledger_file_cost.py).
         self._unwritten: list[Addition] | None = None
         self._done: OrderedDict[str, float] = OrderedDict()  # in settlement order
+        # Budgets: what a team spent is read off its ledger rows (cost_micro_usd), so a
+        # ledger restored at start restores it; what calls in flight hold is kept apart,
+        # per (team, scope, day or month). The rows' costs are indexed per (team, budget
+        # kind, day or month) and model ("*": all), rebuilt from the ledger whenever
+        # rows were added to it by other means than a settlement (a restore).
+        self._holds: dict[tuple[str, str, int], int] = {}
+        self._costs: dict[tuple[str, str, int], dict[str, int]] = {}
+        self._indexed = 0  # ledger rows the cost index has seen
 
     def prepare(self, team: str, checks: tuple[Check, ...]) -> TeamChecks:
         return TeamChecks(team, checks)  # nothing to encode: the checks are used as they are
 
     async def admit(
-        self, team_checks: TeamChecks, reserved: int, lease: str, lease_ttl: float
+        self, team_checks: TeamChecks, reserved: int, lease: str, lease_ttl: float, cost: int = 0
     ) -> Admission:
         team, checks = team_checks.team, team_checks.checks
         now = self._clock()
         day = int(now // DAY)
         levels = [self._level(team, check, now, day) for check in checks]
         for check, level in zip(checks, levels, strict=True):
-            retry = wait_for(check, level, reserved, now)
+            retry = wait_for(check, level, amount(check, reserved, cost), now)
             if retry is not None:
                 states = tuple(
                     limit_state(c, v, 0, now) for c, v in zip(checks, levels, strict=True)
                 )
                 return Admission(False, day, states, refused=check, retry_after=retry)
         for check, level in zip(checks, levels, strict=True):
-            self._take(team, check, level, reserved, lease, now + lease_ttl, now, day)
+            taking = amount(check, reserved, cost)
+            self._take(team, check, level, taking, lease, now + lease_ttl, now, day)
         states = tuple(
-            limit_state(c, v, reserved, now) for c, v in zip(checks, levels, strict=True)
+            limit_state(c, v, amount(c, reserved, cost), now)
+            for c, v in zip(checks, levels, strict=True)
         )
         return Admission(True, day, states)
 
@@ -81,7 +95,30 @@ class MemoryStore:
             return len(leases)
         if check.kind == "tokens_per_day":
             return self._days.get((team, check.scope, day), 0)
+        if check.kind in BUDGETS:
+            held = self._holds.get((team, check.scope, _period(check.kind, day)), 0)
+            return self._spent(team, check, day) + held
         return self._available(team, check, now)
+
+    def _spent(self, team: str, check: Check, day: int) -> int:
+        """What the ledger books for ``check``'s scope, today or this month."""
+        if self._indexed != len(self._ledger):
+            self._index_costs()
+        return self._costs.get((team, check.kind, _period(check.kind, day)), {}).get(check.scope, 0)
+
+    def _index_costs(self) -> None:
+        self._costs = {}
+        for (team, model, day, _), counts in self._ledger.items():
+            self._add_cost(team, model, day, counts[COST])
+        self._indexed = len(self._ledger)
+
+    def _add_cost(self, team: str, model: str, day: int, cost: int) -> None:
+        """A row's cost in the index: its day's and its month's, its model's and the
+        team's ("*")."""
+        for kind in BUDGETS:
+            costs = self._costs.setdefault((team, kind, _period(kind, day)), {})
+            costs[model] = costs.get(model, 0) + cost
+            costs["*"] = costs.get("*", 0) + cost
 
     def _take(
         self,
@@ -98,6 +135,9 @@ class MemoryStore:
             self._leases.setdefault((team, check.scope), {})[lease] = expiry
         elif check.kind == "tokens_per_day":
             self._days[(team, check.scope, day)] = int(level) + reserved
+        elif check.kind in BUDGETS:
+            key = (team, check.scope, _period(check.kind, day))
+            self._holds[key] = self._holds.get(key, 0) + reserved
         else:
             need = 1 if check.kind == "requests_per_minute" else reserved
             self._buckets[(team, check.scope, check.kind)] = (level - need, now)
@@ -129,6 +169,17 @@ class MemoryStore:
             elif check.kind == "tokens_per_minute":
                 tokens = min(float(check.limit), self._available(s.team, check, now) - delta)
                 self._buckets[(s.team, check.scope, check.kind)] = (tokens, now)
+            elif check.kind in BUDGETS:  # the call's cost is in its ledger row, below
+                hold = (s.team, check.scope, _period(check.kind, s.day))
+                if (left := self._holds.get(hold, 0) - s.reserved_cost) > 0:
+                    self._holds[hold] = left
+                else:
+                    self._holds.pop(hold, None)
+        self._book(s)
+
+    def _book(self, s: Settlement) -> None:
+        """The settlement's ledger row, and its cost in the index of costs."""
+        indexed = self._indexed == len(self._ledger)
         row_key = (s.team, s.model, s.day, s.key)
         values = ledger_values(s)
         row = self._ledger.setdefault(row_key, [0] * len(LEDGER_FIELDS))
@@ -136,6 +187,9 @@ class MemoryStore:
             row[i] += value
         if self._unwritten is not None:
             self._unwritten.append((row_key, values))
+        if indexed:  # else the index is rebuilt when next read
+            self._add_cost(s.team, s.model, s.day, s.cost)
+            self._indexed = len(self._ledger)
 
     def _forget_settled(self, now: float) -> None:
         done = self._done
@@ -147,6 +201,13 @@ class MemoryStore:
             leases = self._leases.get((team_checks.team, check.scope), {})
             if check.kind == "concurrent" and lease in leases:
                 leases[lease] = self._clock() + ttl
+
+    async def levels(self, team: str, checks: tuple[Check, ...]) -> tuple[int, list[int]]:
+        """The UTC day, and what each per-period check of ``team`` holds now (budgets:
+        micro-dollars spent and held by calls in flight)."""
+        now = self._clock()
+        day = int(now // DAY)
+        return day, [int(self._level(team, check, now, day)) for check in checks]
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
         return ledger_rows(
@@ -178,6 +239,7 @@ class MemoryStore:
                 tokens = sum(counts[i] for i in TOKEN_FIELDS)
                 for scope in ("*", model):
                     self._days[(team, scope, day)] = self._days.get((team, scope, day), 0) + tokens
+        self._indexed = -1  # the budgets' costs are read again from the rows
 
 
 def _add(rows: dict[LedgerKey, list[int]], key: LedgerKey, counts: Iterable[int]) -> None:
@@ -194,3 +256,8 @@ def ledger_values(s: Settlement) -> tuple[int, ...]:
     if s.estimated:
         return (1, 0, 0, s.prompt_tokens, s.completion_tokens, s.cost)
     return (1, s.prompt_tokens, s.completion_tokens, 0, 0, s.cost)
+
+
+def _period(kind: str, day: int) -> int:
+    """The day, or for a monthly budget the month, whose holds a call's budget joins."""
+    return month_of(day) if kind == "monthly_usd" else day

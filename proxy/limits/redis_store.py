@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.limits.lua import ADMIT, RENEW, SETTLE
+from proxy.limits.lua import ADMIT, LEVELS, RENEW, SETTLE
 from proxy.limits.store import (
+    DAY,
     KIND_CODES,
     LEDGER_FIELDS,
     Admission,
@@ -29,7 +30,9 @@ from proxy.limits.store import (
     StoreUnavailable,
     TeamChecks,
     Unconfirmed,
+    amount,
     limit_state,
+    period_end,
 )
 from proxy.redis.batch import BatchShape
 from proxy.redis.protocol import Arg, Reply, RespError, Script, encode_items
@@ -46,7 +49,8 @@ def team_key(team: str, *parts: str) -> str:
 
 
 _KEY_KINDS = {"requests_per_minute": "rpm", "tokens_per_minute": "tpm", "concurrent": "conc",
-              "tokens_per_day": "tpd"}  # fmt: skip
+              "tokens_per_day": "tpd", "daily_usd": "usd-day",
+              "monthly_usd": "usd-month"}  # fmt: skip
 
 
 def check_key(team: str, check: Check) -> str:
@@ -76,7 +80,7 @@ class TeamParts:
         n = len(checks)
         return cls(
             team_key(team),
-            BatchShape(admit, encode_items(keys), n, encode_items(limits), 2 * n, 0, 3),
+            BatchShape(admit, encode_items(keys), n, encode_items(limits), 2 * n, 0, 4),
             BatchShape(
                 settle,
                 encode_items((team_key(team, "ledger-index"), *keys)),
@@ -84,7 +88,7 @@ class TeamParts:
                 encode_items(limits),
                 2 * n,
                 2,
-                10,
+                11,
             ),
             tuple(k for k, c in zip(keys, checks, strict=True) if c.kind == "concurrent"),
         )
@@ -97,9 +101,9 @@ def _parts(team_checks: TeamChecks) -> TeamParts:
     return parts
 
 
-def admit_args(lease: str, lease_ttl: float, reserved: int) -> bytes:
+def admit_args(lease: str, lease_ttl: float, reserved: int, cost: int = 0) -> bytes:
     """A call's own ADMIT arguments (it has no keys of its own)."""
-    return encode_items((lease, lease_ttl, reserved))
+    return encode_items((lease, lease_ttl, reserved, cost))
 
 
 def settle_parts(s: Settlement) -> tuple[bytes, bytes]:
@@ -119,6 +123,7 @@ def settle_parts(s: Settlement) -> tuple[bytes, bytes]:
             1 if s.estimated else 0,
             s.cost,
             s.key,
+            s.reserved_cost,
         )
     )
     return keys, args
@@ -145,8 +150,10 @@ def _unavailable(future: asyncio.Future[Reply]) -> StoreUnavailable | None:
 
 class RedisStore:
     def __init__(self, urls: str | Sequence[str], timeout: float, ledger_replicas: int = 0):
-        self._admit, self._settle, self._renew = (Script.of(s) for s in (ADMIT, SETTLE, RENEW))
-        scripts = (self._admit, self._settle, self._renew)
+        self._admit, self._settle, self._renew, self._levels = (
+            Script.of(s) for s in (ADMIT, SETTLE, RENEW, LEVELS)
+        )
+        scripts = (self._admit, self._settle, self._renew, self._levels)
         seeds = [urls] if isinstance(urls, str) else urls
         self.hot = Router(seeds, timeout, scripts)
         # With ledger_replicas, settlements go on connections of their own: WAIT holds
@@ -179,20 +186,25 @@ class RedisStore:
         return TeamChecks(team, checks, TeamParts.of(team, checks, self._admit, self._settle))
 
     async def admit(
-        self, team_checks: TeamChecks, reserved: int, lease: str, lease_ttl: float
+        self, team_checks: TeamChecks, reserved: int, lease: str, lease_ttl: float, cost: int = 0
     ) -> Admission:
         checks = team_checks.checks
-        args = admit_args(lease, lease_ttl, reserved)
+        args = admit_args(lease, lease_ttl, reserved, cost)
         parts = _parts(team_checks)
         reply = await self._run(self.hot.run_batched(parts.route, parts.admit, b"", args))
         admitted, day, refused = int(reply[0]), int(reply[1]), int(reply[2])
         retry, now = float(reply[3]), float(reply[4])
         levels = [float(v) for v in reply[5:]]
-        taking = reserved if admitted else 0
-        states = tuple(limit_state(c, v, taking, now) for c, v in zip(checks, levels, strict=True))
+        states = tuple(
+            limit_state(c, v, amount(c, reserved, cost) if admitted else 0, now)
+            for c, v in zip(checks, levels, strict=True)
+        )
         if admitted:
             return Admission(True, day, states)
-        return Admission(False, day, states, refused=checks[refused - 1], retry_after=retry)
+        check = checks[refused - 1]
+        if retry < 0:  # a budget: until its day or month ends, on Redis's clock
+            retry = period_end(check.kind, now) - now
+        return Admission(False, day, states, refused=check, retry_after=retry)
 
     async def settle(self, s: Settlement) -> None:
         parts = _parts(s.team_checks)
@@ -264,6 +276,17 @@ class RedisStore:
         keys = _parts(team_checks).renew
         if keys:
             await self._run(self.hot.run_script(self._renew, keys, [lease, math.ceil(ttl)]))
+
+    async def levels(self, team: str, checks: tuple[Check, ...]) -> tuple[int, list[int]]:
+        """The UTC day on Redis's clock, and what each per-period check of ``team``
+        holds now (budgets: micro-dollars spent and held by calls in flight)."""
+        if not checks:
+            return int(time.time() // DAY), []
+        keys = [check_key(team, c) for c in checks]
+        reply = await self._run(
+            self.hot.run_script(self._levels, keys, [KIND_CODES[c.kind] for c in checks])
+        )
+        return int(reply[0]), [int(v) for v in reply[2:]]
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]:
         try:

@@ -11,6 +11,8 @@ them does not know which one runs:
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -18,7 +20,9 @@ from typing import Protocol
 
 # Kind codes shared with the Lua scripts.
 KIND_CODES = {"requests_per_minute": 1, "tokens_per_minute": 2, "concurrent": 3,
-              "tokens_per_day": 4}  # fmt: skip
+              "tokens_per_day": 4, "daily_usd": 5, "monthly_usd": 6}  # fmt: skip
+# Budgets: checks in micro-dollars (the call's worst-case cost), per UTC day or month.
+BUDGETS = ("daily_usd", "monthly_usd")
 PER_MINUTE = 60.0
 LEDGER_FIELDS = (
     "requests", "prompt_tokens", "completion_tokens", "estimated_prompt_tokens",
@@ -89,6 +93,7 @@ class Settlement:
     estimated: bool
     cost: int = 0  # micro-dollars (limits/cost.py)
     key: str = NO_KEY  # the name of the key that called (config: TeamKey.name)
+    reserved_cost: int = 0  # micro-dollars the budgets held at admission
 
     @property
     def team(self) -> str:
@@ -146,7 +151,7 @@ class Store(Protocol):
     def prepare(self, team: str, checks: tuple[Check, ...]) -> TeamChecks: ...
 
     async def admit(
-        self, team_checks: TeamChecks, reserved: int, lease: str, lease_ttl: float
+        self, team_checks: TeamChecks, reserved: int, lease: str, lease_ttl: float, cost: int = 0
     ) -> Admission: ...
 
     async def settle(self, settlement: Settlement) -> None: ...
@@ -155,19 +160,44 @@ class Store(Protocol):
 
     async def ledger(self, teams: list[str], first_day: int, last_day: int) -> list[LedgerRow]: ...
 
+    async def levels(self, team: str, checks: tuple[Check, ...]) -> tuple[int, list[int]]: ...
+
 
 DAY = 86400.0
 
 
+@functools.lru_cache(maxsize=64)  # a pure function of a day: today's, asked per call
+def month_of(day: int) -> int:
+    """The UTC calendar month of a day since the epoch, as months since year 0 (year * 12
+    + month - 1): what a monthly budget is counted by. lua.py's ``month_of`` is the same."""
+    date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
+    return date.year * 12 + date.month - 1
+
+
+def period_end(kind: str, now: float) -> float:
+    """When the period of a per-day or per-month check that ``now`` falls in ends (UTC)."""
+    day = int(now // DAY)
+    if kind != "monthly_usd":
+        return (day + 1) * DAY
+    year, month = divmod(month_of(day) + 1, 12)
+    return (dt.date(year, month + 1, 1) - dt.date(1970, 1, 1)).days * DAY
+
+
+def amount(check: Check, reserved: int, cost: int) -> int:
+    """What a call takes of ``check``: micro-dollars of a budget, else tokens."""
+    return cost if check.kind in BUDGETS else reserved
+
+
 def wait_for(check: Check, level: float, reserved: int, now: float) -> float | None:
-    """Seconds until ``check`` could admit a call reserving ``reserved`` tokens, given its
-    current level (bucket tokens, live leases, or tokens used today); None if it can now.
-    The Lua admission script computes the same."""
+    """Seconds until ``check`` could admit a call reserving ``reserved`` tokens (or
+    micro-dollars, for a budget), given its current level (bucket tokens, live leases, or
+    what today or this month holds); None if it can now. The Lua admission script
+    computes the same."""
     if check.kind == "concurrent":
         return 1.0 if level >= check.limit else None
-    if check.kind == "tokens_per_day":
+    if check.kind == "tokens_per_day" or check.kind in BUDGETS:
         fits = reserved <= check.limit and level + reserved <= check.limit
-        return None if fits else (now // DAY + 1) * DAY - now
+        return None if fits else period_end(check.kind, now) - now
     need = 1 if check.kind == "requests_per_minute" else reserved
     if need > check.limit:
         return PER_MINUTE  # can never fit; the refusal's message says why
@@ -178,9 +208,9 @@ def limit_state(check: Check, level: float, taking: int, now: float) -> LimitSta
     """The x-ratelimit-* view of a check after taking ``taking`` tokens (0: refused)."""
     if check.kind == "concurrent":
         return LimitState(check, max(0, check.limit - int(level) - (1 if taking else 0)), 0.0)
-    if check.kind == "tokens_per_day":
+    if check.kind == "tokens_per_day" or check.kind in BUDGETS:
         used = int(level) + taking
-        return LimitState(check, max(0, check.limit - used), (now // DAY + 1) * DAY - now)
+        return LimitState(check, max(0, check.limit - used), period_end(check.kind, now) - now)
     need = (1 if taking else 0) if check.kind == "requests_per_minute" else taking
     left = level - need
     reset = (check.limit - left) / (check.limit / PER_MINUTE)

@@ -235,6 +235,18 @@ class Metrics:
             ["team", "model", "provider"],
             registry=r,
         )
+        # Set from each admission's view of the shared store: every replica sees the same
+        # figures, the most recent wins.
+        self.budget_limit, self.budget_used = (
+            Gauge(p + name, text, ["team", "model", "period"], registry=r,
+                  multiprocess_mode="livemostrecent")
+            for name, text in (
+                ("budget_usd", "A team's budget (model '*': the whole team's) per period "
+                 "(daily, monthly), in USD."),
+                ("budget_used_usd", "What a team's budget has spent, and holds for calls in "
+                 "flight, this period, as the last admission saw it, in USD."),
+            )
+        )  # fmt: skip
         self.rate_limited = Counter(
             p + "rate_limit_rejections",
             "Calls refused with 429 by a team's limit.",
@@ -296,6 +308,11 @@ class Metrics:
     def rate_limit_rejected(self, team: str, limit: str) -> None:
         """A call refused by ``limit`` (requests_per_minute, tokens_per_minute, concurrent)."""
         self.rate_limited.labels(team, limit).inc()
+
+    def budget(self, team: str, model: str, period: str, limit: int, used: int) -> None:
+        """A budget as an admission saw it, both figures in micro-dollars."""
+        self.budget_limit.labels(team, model, period).set(limit / 1_000_000)
+        self.budget_used.labels(team, model, period).set(used / 1_000_000)
 
     def engine_queued(self, engine: str, team: str, change: int) -> None:
         """A call joined (+1) or left (-1) an engine's queue."""

@@ -295,9 +295,11 @@ async def test_tokens_streamed_before_a_disconnect_are_billed(
     assert totals["estimated_completion_tokens"] == 3  # 5 events, less role and finish
 
 
-async def test_usage_endpoint_needs_the_admin_key(team_proxy: MakeTeamProxy):
+async def test_usage_endpoint_needs_the_admin_key_or_a_team_s(team_proxy: MakeTeamProxy):
+    """A team's key reads its own team's (tests/limits/test_budgets.py); no key, or
+    any other, is refused."""
     proxy = await team_proxy()
-    for key in (None, RESEARCH_KEY, ADMIN_KEY + "x"):
+    for key in (None, RESEARCH_KEY + "x", ADMIN_KEY + "x"):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         async with proxy.http.get(proxy.url + "/v1/usage", headers=headers) as resp:
             assert resp.status == 403

@@ -111,7 +111,12 @@ def _routes(wandb: Upstream, prime: Upstream, redis_url: str) -> str:
     keys: ["{key_hash(TIGHT_KEY)}"]
     limits: {{requests_per_minute: 1}}
 """
-    return text + team_yaml(limits="{requests_per_minute: 10000}", redis_url=redis_url) + tight
+    # research has a budget: the budget panel and alert read its gauges.
+    budget = "{}\n    budget: {daily_usd: 1000}\n    model_budgets: {llama-8b: {monthly_usd: 9}}"
+    teams = team_yaml(
+        limits="{requests_per_minute: 10000}", model_limits=budget, redis_url=redis_url
+    )
+    return text + teams + tight
 
 
 def _engine_provider() -> str:
@@ -261,6 +266,14 @@ async def _check_narrowed_panels(prometheus: PrometheusServer, http: aiohttp.Cli
     assert [(r["metric"], float(r["value"][1])) for r in ratio] == [({"model": "broken"}, 1.0)]
     teams = await _series(prometheus, http, "Requests per second by team", team="tight")
     assert [r["metric"] for r in teams] == [{"team": "tight"}]
+    # Budgets: the team's own and a model's, each a share of its limit.
+    used = await _series(prometheus, http, "Budget used (%)", team="research")
+    assert sorted((r["metric"]["model"], r["metric"]["period"]) for r in used) == [
+        ("*", "daily"),
+        ("llama-8b", "monthly"),
+    ]
+    assert all(0 < float(r["value"][1]) < 1 for r in used)
+    assert await _series(prometheus, http, "Budget used (%)", team="tight") == []
     # An engine is a provider: the provider variable narrows the engine panels too.
     engines = await _series(prometheus, http, "llama.cpp tokens per second", provider="local")
     assert [r["metric"] for r in engines] == [{"engine": "local"}]

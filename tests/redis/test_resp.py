@@ -100,6 +100,15 @@ def test_the_handshake_authenticates_then_selects():
         Address.from_url("http://localhost")
 
 
+def _settlement(request_id: str, checks: tuple[Check, ...]) -> Settlement:
+    """A settlement of 12 + 7 tokens (estimated) of 1234 reserved, costing 3456 µ$ of
+    the 567 its budgets held."""
+    return Settlement(
+        request_id, TeamChecks("team-a", checks), "gpt", 20000, 1234, 12, 7, True, 3456, "ab12",
+        reserved_cost=567,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("limited", [True, False])
 @pytest.mark.parametrize("calls", [1, 3])
 async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
@@ -114,6 +123,7 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
             Check("*", "requests_per_minute", 100),
             Check("gpt", "concurrent", 3),
             Check("*", "tokens_per_day", 10**9),
+            Check("gpt", "daily_usd", 5 * 10**6),
         )
         if limited
         else ()
@@ -126,7 +136,7 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
 
     batch = Batch(parts.admit, asyncio.get_running_loop(), lambda command, receiver: None)
     for i in ids:
-        batch.add(b"", admit_args(i, 30.0, 1234))
+        batch.add(b"", admit_args(i, 30.0, 1234, 567))
     assert batch.encode() == encode(
         [
             "EVALSHA",
@@ -135,19 +145,13 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
             *keys,
             calls,
             *limits,
-            *(x for i in ids for x in (i, 30.0, 1234)),
+            *(x for i in ids for x in (i, 30.0, 1234, 567)),
         ]
     )
 
     batch = Batch(parts.settle, asyncio.get_running_loop(), lambda command, receiver: None)
     for i in ids:
-        batch.add(
-            *settle_parts(
-                Settlement(
-                    i, TeamChecks("team-a", checks), "gpt", 20000, 1234, 12, 7, True, 3456, "ab12"
-                )
-            )
-        )
+        batch.add(*settle_parts(_settlement(i, checks)))
     assert batch.encode(by_body=True) == encode(
         [
             "EVAL",
@@ -162,7 +166,7 @@ async def test_a_batch_from_cached_parts_sends_what_encoding_it_whole_sends(
             ),
             calls,
             *limits,
-            *(x for i in ids for x in (20000, "gpt", i, 1234, 19, 12, 7, 1, 3456, "ab12")),
+            *(x for i in ids for x in (20000, "gpt", i, 1234, 19, 12, 7, 1, 3456, "ab12", 567)),
         ]
     )
 
@@ -177,30 +181,25 @@ async def test_a_team_s_batched_scripts_on_the_wire():
     )
     parts = TeamParts.of("team-a", checks, Script.of("return 1"), Script.of("return 2"))
     batch = Batch(parts.admit, asyncio.get_running_loop(), lambda command, receiver: None)
-    batch.add(b"", admit_args("req-0", 30.0, 1234))
-    batch.add(b"", admit_args("req-1", 30.0, 1234))
+    batch.add(b"", admit_args("req-0", 30.0, 1234, 567))
+    batch.add(b"", admit_args("req-1", 30.0, 1234))  # holds no cost: 0
     assert batch.encode() == (
-        b"*19\r\n$7\r\nEVALSHA\r\n$40\r\ne0e1f9fabfc9d4800c877a703b823ac0578ff8db\r\n"
+        b"*21\r\n$7\r\nEVALSHA\r\n$40\r\ne0e1f9fabfc9d4800c877a703b823ac0578ff8db\r\n"
         b"$1\r\n3\r\n$23\r\nllmproxy:{team-a}:rpm:*\r\n$26\r\nllmproxy:{team-a}:conc:gpt\r\n"
         b"$23\r\nllmproxy:{team-a}:tpd:*\r\n$1\r\n2\r\n"
         b"$1\r\n1\r\n$3\r\n100\r\n$1\r\n3\r\n$1\r\n3\r\n$1\r\n4\r\n$10\r\n1000000000\r\n"
-        b"$5\r\nreq-0\r\n$4\r\n30.0\r\n$4\r\n1234\r\n$5\r\nreq-1\r\n$4\r\n30.0\r\n$4\r\n1234\r\n"
+        b"$5\r\nreq-0\r\n$4\r\n30.0\r\n$4\r\n1234\r\n$3\r\n567\r\n"
+        b"$5\r\nreq-1\r\n$4\r\n30.0\r\n$4\r\n1234\r\n$1\r\n0\r\n"
     )
     batch = Batch(parts.settle, asyncio.get_running_loop(), lambda command, receiver: None)
-    batch.add(
-        *settle_parts(
-            Settlement(
-                "req-0", TeamChecks("team-a", checks), "gpt", 20000, 1234, 12, 7, True, 3456, "ab12"
-            )
-        )
-    )
+    batch.add(*settle_parts(_settlement("req-0", checks)))
     assert batch.encode(by_body=True) == (
-        b"*26\r\n$4\r\nEVAL\r\n$8\r\nreturn 2\r\n$1\r\n6\r\n"
+        b"*27\r\n$4\r\nEVAL\r\n$8\r\nreturn 2\r\n$1\r\n6\r\n"
         b"$30\r\nllmproxy:{team-a}:ledger-index\r\n$23\r\nllmproxy:{team-a}:rpm:*\r\n"
         b"$26\r\nllmproxy:{team-a}:conc:gpt\r\n$23\r\nllmproxy:{team-a}:tpd:*\r\n"
         b"$28\r\nllmproxy:{team-a}:done:req-0\r\n$34\r\nllmproxy:{team-a}:ledger:20000:gpt\r\n"
         b"$1\r\n1\r\n"
         b"$1\r\n1\r\n$3\r\n100\r\n$1\r\n3\r\n$1\r\n3\r\n$1\r\n4\r\n$10\r\n1000000000\r\n"
         b"$5\r\n20000\r\n$3\r\ngpt\r\n$5\r\nreq-0\r\n$4\r\n1234\r\n$2\r\n19\r\n$2\r\n12\r\n"
-        b"$1\r\n7\r\n$1\r\n1\r\n$4\r\n3456\r\n$4\r\nab12\r\n"
+        b"$1\r\n7\r\n$1\r\n1\r\n$4\r\n3456\r\n$4\r\nab12\r\n$3\r\n567\r\n"
     )

@@ -78,6 +78,8 @@ class FakeUpstream:
     # Every usage object this upstream sent, for checking the ledger against.
     reported: list[dict[str, int]] = field(default_factory=list)
     send_usage: bool = True
+    # Set: every request waits for it before it is answered (calls held in flight).
+    hold: asyncio.Event | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -113,6 +115,8 @@ class FakeUpstream:
             if fault != OK:
                 return await self.misbehave(request, fault)
         try:
+            if self.hold is not None:
+                await self.hold.wait()
             if self.hang:
                 await asyncio.sleep(3600)
             await asyncio.sleep(self.pause_before_headers)
