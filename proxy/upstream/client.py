@@ -73,7 +73,7 @@ class UpstreamClient:
     """One per app: the pools of every upstream origin."""
 
     def __init__(self, keepalive: float = 15.0) -> None:
-        self._keepalive = keepalive
+        self.keepalive = keepalive
         self._idle: dict[Origin, deque[Connection]] = {}
         self._busy: set[Connection] = set()
         self._targets: dict[str, Target] = {}
@@ -106,26 +106,26 @@ class UpstreamClient:
         now = time.monotonic()
         conn.idle_since = now
         idle.append(conn)
-        while idle and now - idle[0].idle_since > self._keepalive:
+        while idle and now - idle[0].idle_since > idle[0].keepalive:
             idle.popleft().transport.close()
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(conn.keepalive, self._sweep)
 
     def _sweep(self) -> None:
         """Close the connections idle past the keep-alive; come back when the oldest
         of the others will be."""
         self._sweeper = None
         now = time.monotonic()
-        oldest = now
+        first_expiry = now + self.keepalive
         for idle in self._idle.values():  # oldest first: release appends, _pooled pops
             while idle and (
-                idle[0].transport.is_closing() or now - idle[0].idle_since >= self._keepalive
+                idle[0].transport.is_closing() or now - idle[0].idle_since >= idle[0].keepalive
             ):
                 idle.popleft().transport.close()
             if idle:
-                oldest = min(oldest, idle[0].idle_since)
+                first_expiry = min(first_expiry, idle[0].idle_since + idle[0].keepalive)
         if any(self._idle.values()):
-            delay = oldest + self._keepalive - now
+            delay = first_expiry - now
             self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
 
     def close(self) -> None:
@@ -153,7 +153,7 @@ class UpstreamClient:
         now = time.monotonic()
         while idle:
             conn = idle.pop()  # the most recently used: least likely to be closed
-            if not conn.transport.is_closing() and now - conn.idle_since <= self._keepalive:
+            if not conn.transport.is_closing() and now - conn.idle_since <= conn.keepalive:
                 return conn
             conn.transport.close()
         return None
@@ -203,6 +203,7 @@ class Connection(asyncio.Protocol):
         self.client = client
         self.origin = origin
         self.idle_since = 0.0
+        self.keepalive = client.keepalive  # shortened by the upstream's own Keep-Alive
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set at once
         self.response: UpstreamResponse | None = None
         self._loop = asyncio.get_running_loop()
@@ -323,6 +324,8 @@ class Connection(asyncio.Protocol):
             "Content-Length" not in headers
             and "chunked" not in headers.get("Transfer-Encoding", "").lower()
         )
+        if "Keep-Alive" in headers:
+            self.keepalive = kept_alive(headers["Keep-Alive"], self.client.keepalive)
         encoding = headers.get("Content-Encoding", "identity").strip().lower()
         self._inflater = None
         if encoding in _ZLIB_ENCODINGS:
@@ -371,3 +374,19 @@ class Connection(asyncio.Protocol):
         if inflater.finished:
             self._inflater = None
             response.end()
+
+
+def kept_alive(header: str, ours: float) -> float:
+    """How long an idle connection may be reused, given the upstream's ``Keep-Alive:
+    timeout=N``: a margin under N, because a request sent as the upstream closes at N
+    meets a closed socket (llama.cpp's server closes at 5 s, where ours is 15 s; calls
+    failed on that race at once, as unreachable)."""
+    for param in header.split(","):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "timeout":
+            try:
+                timeout = float(value.strip())
+            except ValueError:
+                return ours
+            return max(0.0, min(ours, timeout - min(1.0, timeout / 2)))
+    return ours

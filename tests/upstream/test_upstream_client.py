@@ -23,7 +23,7 @@ import trustme
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.upstream.client import UpstreamClient
+from proxy.upstream.client import UpstreamClient, kept_alive
 from proxy.upstream.response import UpstreamConnectionError, UpstreamResponse
 from tests.conftest import WANDB_KEY, MakeProxy
 from tests.support import eventually
@@ -169,6 +169,41 @@ async def test_a_connection_idle_past_the_keepalive_is_closed_not_reused() -> No
             await asyncio.wait_for(scripted.closed_by_client.wait(), 5)
             assert await _body(await _post(client, scripted)) == b"[3]"
             assert scripted.connections == 2  # a new connection, the stale one closed
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("keep_alive", "kept"),
+    [
+        ("timeout=5, max=100", 4.0),
+        ("timeout=1", 0.5),
+        ("max=3", 15.0),
+        ("timeout=60", 15.0),
+        ("timeout=x", 15.0),
+    ],
+)
+def test_the_upstream_s_keep_alive_timeout_shortens_ours(keep_alive: str, kept: float) -> None:
+    """A margin under the upstream's own (llama.cpp's server: timeout=5), never above ours."""
+    assert kept_alive(keep_alive, 15.0) == kept
+
+
+async def test_a_connection_is_not_reused_past_the_upstream_s_keep_alive_timeout() -> None:
+    """An upstream that says it keeps an idle connection 1 s (llama.cpp's server says 5 s
+    and closes it then): after 0.5 s idle, a call takes a new connection rather than race
+    the upstream's close. The client's own keep-alive is 15 s."""
+    client = UpstreamClient()
+    keep = b"Keep-Alive: timeout=1\r\n"
+    answers = [Answer(_plain(JSON, keep)), Answer(_plain(b"[2]", keep)), Answer(_plain(b"[3]"))]
+    scripted, server = await _serve(*answers)
+    try:
+        async with server:
+            assert await _body(await _post(client, scripted)) == JSON
+            assert await _body(await _post(client, scripted)) == b"[2]"
+            assert scripted.connections == 1  # reused at once
+            await asyncio.wait_for(scripted.closed_by_client.wait(), 5)  # the sweep, at 0.5 s
+            assert await _body(await _post(client, scripted)) == b"[3]"
+            assert scripted.connections == 2
     finally:
         client.close()
 
