@@ -120,7 +120,8 @@ class Metrics:
         self.worker = WorkerMetrics(self.registry, PREFIX, worker)
         self._define_calls(self.registry)
         self._define_upstreams(self.registry)
-        self._define_teams_and_operations(self.registry)
+        self._define_teams(self.registry)
+        self._define_operations(self.registry)
         self._define_engine_queues(self.registry)
         # What every call updates, through the tally (observe/tally.py), children cached.
         self.tally = tally = Tally()
@@ -219,7 +220,7 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
-    def _define_teams_and_operations(self, r: CollectorRegistry) -> None:
+    def _define_teams(self, r: CollectorRegistry) -> None:
         p = PREFIX
         self.tokens = Counter(
             p + "tokens",
@@ -253,6 +254,9 @@ class Metrics:
             ["team", "limit"],
             registry=r,
         )
+
+    def _define_operations(self, r: CollectorRegistry) -> None:
+        p = PREFIX
         self.reloads = Counter(
             p + "config_reloads",
             "routes.yaml reloads by result (ok, error).",
