@@ -147,8 +147,8 @@ NOTES = """How to read it:
   rows of the same run. A row that another job slowed shows as an outlier among rows
   that do the same work (workload B has no concurrency to speak of: its four rows
   should agree).
-- Scale: the issue asks for 40 conversations in workload A. On one thread a cold
-  prefill of one of its 1,450-token system prompts took 9-12 s on the shared 2-core
-  machine where this bench was written (about 120 prompt tokens a second, where the
-  issue expected 0.3-1 s), so A runs 16 conversations at a pace the replicas can
-  nearly keep up with (bench/engines.py `FULL`)."""
+- Scale: workload A has the issue's 40 conversations unless `--conversations` says
+  otherwise (see its line above). On one thread a cold prefill of one of its
+  1,450-token system prompts takes 9-12 s on this 2-core machine (about 130 prompt
+  tokens a second, where the issue expected 0.3-1 s): the replicas run saturated, and
+  the TTFT figures are mostly queueing behind prefills."""
