@@ -111,7 +111,6 @@ class _Run:
         try:
             # A local engine lends one ready replica for the whole call, stream included,
             # once the call's turn in its queue comes (awaiting it is not overhead).
-            assert provider.engine is not None
             hint = call_hint(provider, self.call.body.fields, provider.engine.replicas)
             weight = team.weight if team else 1.0
             engines = self.exchange.services.engines

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.limits.ledger import usd_number
 from proxy.limits.refusal import PERIODS, resets_at
 from proxy.limits.store import BUDGETS, Admission, Check
 from proxy.observe.metrics import Metrics
-
-MICROS = 1_000_000
 
 
 def budget_rows(checks: tuple[Check, ...], day: int, levels: list[int]) -> list[dict[str, Any]]:
@@ -25,9 +24,9 @@ def budget_rows(checks: tuple[Check, ...], day: int, levels: list[int]) -> list[
                 "limit_micro_usd": check.limit,
                 "used_micro_usd": used,
                 "remaining_micro_usd": left,
-                "limit_usd": check.limit / MICROS,
-                "used_usd": used / MICROS,
-                "remaining_usd": left / MICROS,
+                "limit_usd": usd_number(check.limit),
+                "used_usd": usd_number(used),
+                "remaining_usd": usd_number(left),
                 "resets_at": resets_at(check.kind, day),
             }
         )

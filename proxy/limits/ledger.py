@@ -56,11 +56,11 @@ def ledger_report(rows: list[LedgerRow], first: int, last: int) -> dict[str, Any
 def _counts(counts: tuple[int, ...]) -> dict[str, Any]:
     """The counts by name, and the cost in USD beside its exact micro-dollars."""
     named: dict[str, Any] = dict(zip(LEDGER_FIELDS, counts, strict=True))
-    named["cost_usd"] = _usd(counts[COST])
+    named["cost_usd"] = usd_number(counts[COST])
     return named
 
 
-def _usd(micros: int) -> float:
+def usd_number(micros: int) -> float:
     """Micro-dollars as USD, as JSON prints them: shown exactly up to 10**15 micro-dollars
     (a billion USD; a double holds 15 significant digits). ``cost_micro_usd`` is exact."""
     return micros / 1_000_000

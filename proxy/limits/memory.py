@@ -71,19 +71,19 @@ class MemoryStore:
         now = self._clock()
         day = int(now // DAY)
         levels = [self._level(team, check, now, day) for check in checks]
-        for check, level in zip(checks, levels, strict=True):
-            retry = wait_for(check, level, amount(check, reserved, cost), now)
+        takings = [amount(check, reserved, cost) for check in checks]
+        for check, level, taking in zip(checks, levels, takings, strict=True):
+            retry = wait_for(check, level, taking, now)
             if retry is not None:
                 states = tuple(
                     limit_state(c, v, 0, now) for c, v in zip(checks, levels, strict=True)
                 )
                 return Admission(False, day, states, refused=check, retry_after=retry)
-        for check, level in zip(checks, levels, strict=True):
-            taking = amount(check, reserved, cost)
+        for check, level, taking in zip(checks, levels, takings, strict=True):
             self._take(team, check, level, taking, lease, now + lease_ttl, now, day)
         states = tuple(
-            limit_state(c, v, amount(c, reserved, cost), now)
-            for c, v in zip(checks, levels, strict=True)
+            limit_state(c, v, taking, now)
+            for c, v, taking in zip(checks, levels, takings, strict=True)
         )
         return Admission(True, day, states)
 
@@ -182,9 +182,7 @@ class MemoryStore:
         indexed = self._indexed == len(self._ledger)
         row_key = (s.team, s.model, s.day, s.key)
         values = ledger_values(s)
-        row = self._ledger.setdefault(row_key, [0] * len(LEDGER_FIELDS))
-        for i, value in enumerate(values):
-            row[i] += value
+        _add(self._ledger, row_key, values)
         if self._unwritten is not None:
             self._unwritten.append((row_key, values))
         if indexed:  # else the index is rebuilt when next read
