@@ -147,10 +147,12 @@ def _restart(reader: Reader, raw: Any, path: str) -> RestartPolicy:
 
 
 def _slots(reader: Reader, node: dict[str, Any], command: tuple[str, ...], path: str) -> int:
-    """``slots`` as written, else the command's ``--parallel N`` (llama.cpp), else 1."""
+    """``slots`` as written, else the command's ``--parallel N`` or ``--parallel=N``
+    (llama.cpp), else 1."""
     if "slots" in node:
         return _count(reader, node["slots"], f"{path}.slots")
-    for flag, value in itertools.pairwise(command):
+    joined = [part.split("=", 1) for part in command if "=" in part]
+    for flag, value in [*itertools.pairwise(command), *joined]:
         if flag in _PARALLEL_FLAGS and value.isdigit() and int(value) >= 1:
             return int(value)
     return 1

@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", "-np", type=int, default=1, help="slots (calls at once)")
     parser.add_argument("--alias", "-a", help="model id the engine reports in its answers")
     parser.add_argument("--metrics", action="store_true", help="export Prometheus /metrics")
+    parser.add_argument(
+        "--cache-ram",
+        type=int,
+        default=8192,
+        help="MiB of host memory for the cache of past prompts (0: off, -1: no limit)",
+    )
     return parser
 
 
@@ -75,6 +81,7 @@ def _params(xllamacpp: Any, args: argparse.Namespace, model: Path) -> Any:
     params.n_ctx = args.ctx_size
     params.n_parallel = args.parallel
     params.endpoint_metrics = args.metrics
+    params.cache_ram_mib = args.cache_ram
     if args.alias:
         params.model_alias = {args.alias}
     return params

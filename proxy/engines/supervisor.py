@@ -10,7 +10,12 @@ lease, and those counts change only between awaits, so the check cannot race a c
 
 Before its lease, a call takes one of the engine's slots (``admitted``): while every
 slot is taken it waits in the engine's fair queue (engines/fair_queue.py), and a call
-waiting there keeps the engine busy too.
+waiting there keeps the engine busy too. The slots are the replicas': a call admitted
+because one replica has a free slot goes to a replica with a free slot, except under
+``cache_aware``, which may stack it on a busy replica that holds its prefix (a prefill
+elsewhere costs more than the wait there; its imbalance threshold bounds how many). Such
+a call waits in that engine's own queue and leaves the free slot it was admitted to for
+the next call in the fair queue, so no replica idles while calls wait that it could serve.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ from proxy.routing.balance import Hint, pick
 from proxy.routing.cache_aware import Choice, PrefixRouter
 
 log = logging.getLogger(__name__)
+
+# The balances that may send a call to a replica whose slots are all taken: affinity
+# ignores load by design (such a call holds its pooled slot while it waits there), and
+# cache_aware weighs the replica's cache against its load.
+_STACKING = frozenset({"affinity", "cache_aware"})
 
 
 class EngineSupervisor:
@@ -54,6 +64,7 @@ class EngineSupervisor:
         self._change = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self._turn = 0
+        self._stacked = 0  # calls cache_aware leased to a replica with no slot free
         self.prefixes = PrefixRouter()
 
     @property
@@ -91,12 +102,19 @@ class EngineSupervisor:
             replica, choice = await self._ready_replica(hint)
         finally:
             self.waiting -= 1
+        # Only cache_aware's choice (it comes with a Choice) gives its slot back: its
+        # imbalance threshold bounds how many calls stack, affinity's hashing does not.
+        stacked = choice is not None and replica.in_flight >= self.spec.slots
         replica.in_flight += 1
         self.last_used = time.monotonic()
+        if stacked:
+            self._stacked += 1
+            self.queue.pump()  # the slot it was admitted to is still free: pass it on
         try:
             yield replica, choice
         finally:
             replica.in_flight -= 1
+            self._stacked -= stacked
             self.last_used = time.monotonic()
 
     async def _ready_replica(self, hint: Hint | None) -> tuple[Replica, Choice | None]:
@@ -126,6 +144,9 @@ class EngineSupervisor:
         )
         if not ready:
             return None
+        free = [r for r in ready if r.in_flight < self.spec.slots]
+        if free and (hint is None or hint.balance not in _STACKING):
+            ready = free  # the rotation's order kept: round_robin goes on from its turn
         at, choice = pick(
             hint, [str(r.index) for r in ready], [r.in_flight for r in ready], self.prefixes
         )
@@ -185,9 +206,10 @@ class EngineSupervisor:
 
     def _capacity(self) -> int:
         """Slots of the replicas that serve or will soon; one replica's while none does
-        (the call then waits for a start, or is refused, in ``_ready_replica``)."""
+        (the call then waits for a start, or is refused, in ``_ready_replica``). Plus
+        the calls stacked on a busy replica: they hold none of these slots."""
         up = sum(r.state in ("ready", "starting") for r in self.replicas)
-        return self.spec.slots * max(1, up)
+        return self.spec.slots * max(1, up) + self._stacked
 
     def reconfigure(self, spec: EngineSpec) -> None:
         """A reload that changed only slots or the queue: no restart, waiters see it now."""

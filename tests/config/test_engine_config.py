@@ -105,6 +105,7 @@ def test_slots_come_from_llama_cpp_s_parallel_or_are_set_and_the_queue_has_defau
     assert spec(LLAMACPP + "]") == (1, QueueSpec(max=64, wait=30.0))
     assert spec(LLAMACPP + ', "--parallel", "4"]')[0] == 4
     assert spec(LLAMACPP + ', "-np", "3"]')[0] == 3
+    assert spec(LLAMACPP + ', "--parallel=2"]')[0] == 2
     written = LLAMACPP + ', "-np", "3"]\n      slots: 8\n      queue: {max: 0, wait: 2s}'
     assert spec(written) == (8, QueueSpec(max=0, wait=2.0))
 

@@ -7,7 +7,8 @@ a chat completion to any POST, whose usage is 100 prompt and 10 completion token
 as the seconds this run lives before it exits with code 3, 0 meaning before it ever
 listens; with FILE empty it serves until stopped. ``--ignore-sigterm``: SIGTERM is
 printed and ignored. ``--delay S``: each POST is answered after S seconds (a call
-that holds a slot). ``--log FILE``: the last message's content of each POST is
+that holds a slot); ``--hold-long S``: a call whose last message starts with "long" is
+held S seconds instead. ``--log FILE``: the last message's content of each POST is
 appended to FILE, one a line, when the call arrives (the order the engine saw).
 """
 
@@ -36,6 +37,7 @@ ANSWER = (
 
 class Handler(BaseHTTPRequestHandler):
     delay = 0.0
+    hold_long = 0.0
     log: Path | None = None
     lock = threading.Lock()
 
@@ -48,10 +50,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        messages = json.loads(body or b"{}").get("messages") or [{}]
+        content = str(messages[-1].get("content", ""))
         if self.log is not None:
             with self.lock, self.log.open("a") as out:
-                out.write(f"{json.loads(body)['messages'][-1]['content']}\n")
-        time.sleep(self.delay)
+                out.write(f"{content}\n")
+        time.sleep(self.hold_long if content.startswith("long") else self.delay)
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(ANSWER)))
@@ -80,9 +84,10 @@ def main() -> int:
     parser.add_argument("--lives", type=Path)
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--hold-long", type=float, default=0.0)
     parser.add_argument("--log", type=Path)
     args = parser.parse_args()
-    Handler.delay, Handler.log = args.delay, args.log
+    Handler.delay, Handler.hold_long, Handler.log = args.delay, args.hold_long, args.log
     life = _next_life(args.lives) if args.lives else None
     if life == 0:
         return 3
