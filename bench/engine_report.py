@@ -43,14 +43,24 @@ class Row:
 
 
 def document(
-    about: Machine, load_after: str, seconds: float, loads: Sequence[Workload], rows: list[Row]
+    about: Machine,
+    load_after: str,
+    seconds: float,
+    loads: Sequence[Workload],
+    rows: list[Row],
+    cache_ram: int | None = None,
 ) -> str:
+    title, command, cache = "", "`python3 -m bench engines`", "its default host cache of 8 GiB"
+    if cache_ram is not None:
+        title = f", a prompt cache of {cache_ram} MiB"
+        command = f"`python3 -m bench engines --cache-ram {cache_ram}`"
+        cache = f"its host cache of past prompts limited to {cache_ram} MiB (`--cache-ram`)"
     lines = [
-        "## Local engines: cache-aware routing (issue 23)",
+        f"## Local engines: cache-aware routing (issue 23){title}",
         "",
-        "Measured by `python3 -m bench engines`: two replicas of the shipped SmolLM2-135M "
-        "engine (llama.cpp from xllamacpp), one thread each, prompt cache on; a fresh proxy "
-        "and engines per row.",
+        f"Measured by {command}: two replicas of the shipped SmolLM2-135M engine (llama.cpp "
+        f"from xllamacpp), one thread and one slot each, prompt cache on with {cache}; a "
+        "fresh proxy and engines per row.",
         "",
         f"- date: {about.date}; run took {seconds:.0f} s; machine: {about.cores} cores, "
         f"{about.cpu}",

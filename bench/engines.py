@@ -51,6 +51,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--conversations", type=int, help="workload A's conversations (default 40; --quick 8)"
     )
+    parser.add_argument(
+        "--cache-ram",
+        type=int,
+        metavar="MIB",
+        help="llama.cpp's host-memory prompt cache per replica (default: its own, 8 GiB); "
+        "written as its own section, engines-cache-ram",
+    )
+    parser.add_argument(
+        "--workload", choices=("A", "B"), action="append", help="only these (default both)"
+    )
     args = parser.parse_args(argv)
     about = machine(load_average())
     started = time.monotonic()
@@ -58,18 +68,22 @@ def main(argv: list[str]) -> None:
     workloads = QUICK if args.quick else FULL
     if args.conversations:
         workloads = (replace(workloads[0], conversations=args.conversations), *workloads[1:])
+    if args.workload:
+        workloads = tuple(w for w in workloads if w.name[0] in args.workload)
     with tempfile.TemporaryDirectory(prefix="llm-proxy-engines-") as tmp:
         for load in workloads:
             for balance in BALANCES:
                 _say(f"{load.name}, balance: {balance}")
-                rows.append(_measure(Path(tmp), load, balance))
+                rows.append(_measure(Path(tmp), load, balance, args.cache_ram))
                 _say(f"  {rows[-1]}")
                 for error in rows[-1].tally.errors:
                     _say(f"  failed: {error}")
-    section = document(about, load_average(), time.monotonic() - started, workloads, rows)
+    took = time.monotonic() - started
+    section = document(about, load_average(), took, workloads, rows, args.cache_ram)
     print(section)
     if not args.no_write:
-        write_section(args.out, "engines", section)
+        name = "engines" if args.cache_ram is None else "engines-cache-ram"
+        write_section(args.out, name, section)
         print(f"written to {args.out}")
 
 
@@ -86,11 +100,13 @@ def _ports() -> _Ports:
             return _Ports(free_port(), engine)
 
 
-def _routes(balance: str, engine_port: int) -> str:
+def _routes(balance: str, engine_port: int, cache_ram: int | None = None) -> str:
     command = (
         "{python} -m proxy.engines.llamacpp --model MODEL --host {host} --port {port} "
         "--threads 1 --ctx-size 4096 --alias smollm2 --metrics"
     )
+    if cache_ram is not None:
+        command += f" --cache-ram {cache_ram}"
     engine = {
         "command": [MODEL if part == "MODEL" else part for part in command.split(" ")],
         "port": engine_port,
@@ -113,10 +129,10 @@ def _routes(balance: str, engine_port: int) -> str:
     return yaml.safe_dump({"providers": {"local": provider}, "models": models})
 
 
-def _measure(tmp: Path, load: Workload, balance: str) -> Row:
+def _measure(tmp: Path, load: Workload, balance: str, cache_ram: int | None = None) -> Row:
     ports = _ports()
     config = tmp / f"routes-{balance}.yaml"
-    config.write_text(_routes(balance, ports.engine))
+    config.write_text(_routes(balance, ports.engine, cache_ram))
     proxy: Child | None = None
     try:
         proxy = start_proxy(config, ports.proxy, 1, tmp / f"proxy-{balance}.log")

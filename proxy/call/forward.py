@@ -117,7 +117,7 @@ class _Run:
             async with contextlib.AsyncExitStack() as stack:
                 with self.record.waiting():
                     served, choice = await stack.enter_async_context(
-                        served_by(engines, provider, hint, self.record.team, weight)
+                        served_by(engines, provider, hint, self.record.team, weight, self.deadline)
                     )
                 self._prefix_estimate(provider, choice)
                 return await self._target(target, served)

@@ -3,8 +3,9 @@
 A slot is one call the engine serves at once (``engine.slots`` per ready or starting
 replica). A call that finds a slot free and nobody waiting takes it at once; otherwise
 it waits in the queue, at most ``engine.queue.max`` calls, each at most
-``engine.queue.wait`` seconds, and is refused with a 429 (``EngineBusy``) beyond
-either, with a Retry-After from the measured drain rate.
+``engine.queue.wait`` seconds (less if the call's own time budget ends sooner), and is
+refused with a 429 (``EngineBusy``) beyond either, with a Retry-After from the measured
+drain rate.
 
 The order is start-time fair queuing (Goyal, Vin and Cheng, 1996) with every call
 costing one: a waiting call's start tag is ``max(V, its team's last finish tag)``
@@ -60,6 +61,7 @@ class _Waiter:
     tag: float  # its start tag
     enqueued: float
     granted: asyncio.Future[None]
+    deadline: float | None  # the call's own, on time.monotonic(): it waits no longer
     timer: asyncio.TimerHandle | None = None
     gone: bool = False  # admitted, refused or left: its heap entry is skipped
 
@@ -104,9 +106,12 @@ class FairQueue:
         return len(self._counts.per_team.get(team, ()))
 
     @contextlib.asynccontextmanager
-    async def slot(self, team: str, weight: float) -> AsyncIterator[None]:
-        """Hold one slot for the block; raises ``EngineBusy`` when refused."""
-        await self._acquire(team, weight)
+    async def slot(
+        self, team: str, weight: float, deadline: float | None = None
+    ) -> AsyncIterator[None]:
+        """Hold one slot for the block; raises ``EngineBusy`` when refused, or when the
+        call's ``deadline`` (``time.monotonic()``) comes while it waits."""
+        await self._acquire(team, weight, deadline)
         began = time.monotonic()
         try:
             yield
@@ -165,7 +170,7 @@ class FairQueue:
         """When a refused call of ``team`` may find room: the calls ahead of it drained."""
         return min(self.estimated_wait(team) or 1.0, 3600.0)
 
-    async def _acquire(self, team: str, weight: float) -> None:
+    async def _acquire(self, team: str, weight: float, deadline: float | None) -> None:
         counts = self._counts
         if not counts.queued and counts.serving < self._capacity():
             counts.serving += 1
@@ -177,7 +182,7 @@ class FairQueue:
                 self._tell_waited(team, 0.0, "full")
                 raise self._busy(team, f"its {self.settings.max} queue places are taken")
             self._refuse(pushed_out, "full", _PUSHED_OUT)
-        waiter = self._enqueue(team, weight)
+        waiter = self._enqueue(team, weight, deadline)
         try:
             await waiter.granted
         except asyncio.CancelledError:
@@ -189,12 +194,12 @@ class FairQueue:
                 self._leave(waiter, "cancelled")
             raise
 
-    def _enqueue(self, team: str, weight: float) -> _Waiter:
+    def _enqueue(self, team: str, weight: float, deadline: float | None) -> _Waiter:
         counts = self._counts
         tag = max(counts.virtual, counts.last_finish.get(team, counts.virtual))
         counts.last_finish[team] = tag + 1.0 / weight
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(team, weight, tag, time.monotonic(), loop.create_future())
+        waiter = _Waiter(team, weight, tag, time.monotonic(), loop.create_future(), deadline)
         counts.sequence += 1
         heapq.heappush(self._heap, (tag, counts.sequence, waiter))
         counts.queued += 1
@@ -207,9 +212,13 @@ class FairQueue:
     def _arm(self, waiter: _Waiter) -> None:
         if waiter.timer is not None:
             waiter.timer.cancel()
-        remaining = waiter.enqueued + self.settings.wait - time.monotonic()
+        remaining = self._expiry(waiter) - time.monotonic()
         loop = asyncio.get_running_loop()
         waiter.timer = loop.call_later(max(0.0, remaining), self._expire, waiter)
+
+    def _expiry(self, waiter: _Waiter) -> float:
+        ends = waiter.enqueued + self.settings.wait
+        return ends if waiter.deadline is None else min(ends, waiter.deadline)
 
     def _pushed_out(self, team: str, weight: float) -> _Waiter | None:
         """The newest call of the team holding the most places for its weight, unless
@@ -225,6 +234,8 @@ class FairQueue:
 
     def _expire(self, waiter: _Waiter) -> None:
         why = f"no slot came free within {self.settings.wait:g}s of queueing"
+        if waiter.deadline is not None and waiter.deadline < waiter.enqueued + self.settings.wait:
+            why = "no slot came free before the call's time budget ran out"
         self._refuse(waiter, "timeout", why)
 
     def _refuse(self, waiter: _Waiter, outcome: str, why: str) -> None:

@@ -196,12 +196,14 @@ class EngineSupervisor:
         return True
 
     @contextlib.asynccontextmanager
-    async def admitted(self, team: str = "", weight: float = 1.0) -> AsyncIterator[None]:
+    async def admitted(
+        self, team: str = "", weight: float = 1.0, deadline: float | None = None
+    ) -> AsyncIterator[None]:
         """One slot for the call's length, after its turn in the fair queue; raises
-        ``EngineBusy`` (429) when the queue refuses it."""
+        ``EngineBusy`` (429) when the queue refuses it or the call's ``deadline`` comes."""
         if self.failing():  # a queue place would only delay the same 503
             raise EngineUnavailable(self._failing_message())
-        async with self.queue.slot(team, weight):
+        async with self.queue.slot(team, weight, deadline):
             yield
 
     def _capacity(self) -> int:

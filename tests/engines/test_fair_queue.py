@@ -185,6 +185,30 @@ async def test_a_full_queue_and_a_wait_past_the_limit_get_a_429_with_retry_after
     assert counted.value(waits, engine="local", team="x") == 2  # warm and a, admitted
 
 
+async def test_a_call_waits_for_a_slot_no_longer_than_its_own_time_budget(
+    make_queue_proxy: MakeQueueProxy,
+):
+    """The queue lets a call wait 30 s, but the client said X-Request-Timeout: 0.5: the
+    call is refused when its own budget runs out, saying so, not 30 s later, and never
+    reaches the engine."""
+    proxy = await make_queue_proxy(3.0, "      slots: 1\n      queue: {max: 8, wait: 30s}")
+    serving = proxy.send("x", "a")
+    await proxy.serving("a")
+    body = {"model": "m", "messages": [{"role": "user", "content": "b"}]}
+    headers = {"Authorization": f"Bearer {KEYS['y']}", "X-Request-Timeout": "0.5"}
+    began = time.monotonic()
+    async with proxy.http.post(
+        proxy.url + "/v1/chat/completions", json=body, headers=headers
+    ) as resp:
+        status, answer = resp.status, await resp.json()
+    assert status == 429
+    assert time.monotonic() - began < 2.5  # its budget, not the queue's 30 s nor a slot
+    assert answer["error"]["param"] == "engine_queue"
+    assert "before the call's time budget ran out" in answer["error"]["message"]
+    assert (await serving)[0] == 200
+    assert proxy.seen() == ["a"]
+
+
 async def test_a_full_queue_refuses_the_team_that_holds_it_not_the_newcomer(
     make_queue_proxy: MakeQueueProxy,
 ):

@@ -47,7 +47,10 @@ def held() -> Iterator[Held]:
         task.cancel()
 
 
-async def _two_replicas(make_queue_proxy: MakeQueueProxy, balance: str) -> QueueProxy:
+async def _two_replicas(
+    make_queue_proxy: MakeQueueProxy,  # noqa: F811
+    balance: str,
+) -> QueueProxy:
     proxy = await make_queue_proxy(0.05, ENGINE.format(balance=balance), args=HOLD)
     replicas = proxy.supervisor.replicas
     await eventually(lambda: all(r.state == "ready" for r in replicas), timeout=10)
@@ -77,7 +80,8 @@ async def _send(proxy: QueueProxy, system: str, content: str) -> asyncio.Task[in
 
 
 async def test_round_robin_skips_a_busy_replica_while_another_is_free(
-    make_queue_proxy: MakeQueueProxy, held: Held
+    make_queue_proxy: MakeQueueProxy,  # noqa: F811
+    held: Held,
 ):
     """The first call holds replica 0, a quick one goes to replica 1 and ends: the
     rotation's turn is replica 0 again, but it is busy and 1 is free, so the next call
@@ -90,7 +94,10 @@ async def test_round_robin_skips_a_busy_replica_while_another_is_free(
     await _in_flight(proxy, 1, 1)
 
 
-async def _cache_aware(make_queue_proxy: MakeQueueProxy, held: Held) -> tuple[QueueProxy, int]:
+async def _cache_aware(
+    make_queue_proxy: MakeQueueProxy,  # noqa: F811
+    held: Held,
+) -> tuple[QueueProxy, int]:
     """Document A's first call held on its replica ("home"), and a call of document C
     served on the other one (no match anywhere: the least loaded), which is free again."""
     proxy = await _two_replicas(make_queue_proxy, "cache_aware")
@@ -106,7 +113,8 @@ def _at(home: int, there: int, other: int) -> tuple[int, int]:
 
 
 async def test_cache_aware_stacks_on_its_prefix_and_passes_the_free_slot_on(
-    make_queue_proxy: MakeQueueProxy, held: Held
+    make_queue_proxy: MakeQueueProxy,  # noqa: F811
+    held: Held,
 ):
     """A's next calls stack on A's busy replica (a prefill elsewhere costs more than
     the wait) and leave the free slot they were admitted to free: C's next call, behind
@@ -120,7 +128,8 @@ async def test_cache_aware_stacks_on_its_prefix_and_passes_the_free_slot_on(
 
 
 async def test_cache_aware_stacks_no_further_than_its_imbalance_threshold(
-    make_queue_proxy: MakeQueueProxy, held: Held
+    make_queue_proxy: MakeQueueProxy,  # noqa: F811
+    held: Held,
 ):
     """With the other replica idle, A's calls stack on A's replica until it has
     imbalance_calls (4) more in flight; the next one goes to the idle replica."""

@@ -103,6 +103,11 @@ def _routes(wandb: Upstream, prime: Upstream, redis_url: str) -> str:
         "    headers: {X-Prime-Team-ID: team-42}\n",
         "    headers: {X-Prime-Team-ID: team-42}\n    required: true\n",
     )
+    twin = wandb.url.replace("127.0.0.1", "localhost")  # the same fake, by another name
+    text = text.replace(  # cache_aware over two endpoints: the prefix-hit panel gets a value
+        f"    base_url: {wandb.url}\n",
+        f"    endpoints: ['{wandb.url}', '{twin}']\n    balance: cache_aware\n",
+    )
     text = text.replace(  # wandb's calls cost something: the cost panel gets a value
         "    headers: {OpenAI-Project: acme/research}\n",
         "    headers: {OpenAI-Project: acme/research}\n    price: {input: 1, output: 2}\n",
