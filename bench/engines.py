@@ -65,7 +65,7 @@ def main(argv: list[str]) -> None:
     about = machine(load_average())
     started = time.monotonic()
     rows: list[Row] = []
-    workloads = QUICK if args.quick else FULL
+    workloads: tuple[Workload, ...] = QUICK if args.quick else FULL
     if args.conversations:
         workloads = (replace(workloads[0], conversations=args.conversations), *workloads[1:])
     if args.workload:
