@@ -141,16 +141,20 @@ def _verdict(ok: bool) -> str:
 NOTES = """How to read it:
 
 - TTFT is from sending the request to the first content token of the stream, through
-  the proxy, queueing included: each replica has one slot, so calls wait in llama.cpp
-  while it serves another.
+  the proxy, queueing included: each replica has one slot, so calls wait in the
+  proxy's queue for a free one (set never to refuse here), except those cache_aware
+  stacks on a busy replica that holds their prefix, which wait in that llama.cpp.
 - tokens/s: the completion tokens of all calls over the run's wall time (the arrivals
   are paced, so it is bounded by the pace as much as by the engines).
 - The engines' prompt cache hit is what llama.cpp reports in its `/metrics`: prompt
   tokens it took from its cache over all prompt tokens. llama.cpp keeps the last
-  prompt of each slot and, by default, a host-memory cache of earlier prompts, so a
-  replica that served a system prompt once can restore it for any later call: the
-  balances differ most in how many replicas pay a cold prefill of each prompt and in
-  whether a conversation's history is where its next turn goes.
+  prompt of each slot and a host-memory cache of earlier prompts (8 GiB by default,
+  `--cache-ram`). With the default, a replica that served a system prompt once can
+  restore it for any later call: the balances differ most in how many replicas pay a
+  cold prefill of each prompt and in whether a conversation's history is where its
+  next turn goes. With a smaller cache, one that holds fewer prompts than the replica
+  is sent, a replica evicts what it will need again unless the calls sharing a prefix
+  keep to one replica.
 - The proxy's estimate is cache_aware's own: the share of the calls' prompt blocks
   its index held on the replica it chose (`llm_proxy_prefix_blocks_total`).
 - The machine is shared with other jobs (see the load average); the targets compare
