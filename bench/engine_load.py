@@ -60,8 +60,7 @@ def text(rng: random.Random, words: int) -> str:
 
 async def run(url: str, load: Workload, seed: int = 7) -> Tally:
     """Every conversation of ``load`` against the proxy at ``url``; the tally of all."""
-    rng = random.Random(seed)
-    systems = [f"Document {i}: " + text(rng, load.system_words) for i in range(load.systems)]
+    systems = _systems(load, seed)
     tally = Tally()
     started = time.monotonic()
     timeout = aiohttp.ClientTimeout(total=600)
@@ -73,6 +72,32 @@ async def run(url: str, load: Workload, seed: int = 7) -> Tally:
         await asyncio.gather(*(_after(n * load.stagger, task) for n, task in enumerate(tasks)))
     tally.seconds = time.monotonic() - started
     return tally
+
+
+def _systems(load: Workload, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"Document {i}: " + text(rng, load.system_words) for i in range(load.systems)]
+
+
+async def warm(engines: list[str], load: Workload, seed: int = 7) -> None:
+    """Send every system prompt of ``load`` once to each engine (its root URL), straight
+    to it: afterwards each replica holds every prompt in its cache, as if a perfect
+    placement had nothing left to save on them."""
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+
+        async def one(url: str) -> None:
+            for system in _systems(load, seed):
+                messages = [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": "Hi."},
+                ]
+                body = {"messages": messages, "max_tokens": 1, "temperature": 0}
+                async with http.post(url + "/v1/chat/completions", json=body) as resp:
+                    resp.raise_for_status()
+                    await resp.read()
+
+        await asyncio.gather(*(one(url) for url in engines))
 
 
 async def _after(delay: float, task: object) -> None:

