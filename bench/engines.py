@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
                 for error in rows[-1].tally.errors:
                     _say(f"  failed: {error}")
     took = time.monotonic() - started
-    section = document(about, load_average(), took, workloads, rows, args.cache_ram)
+    section = document(about, load_average(), took, workloads, rows, args.cache_ram, argv)
     print(section)
     if not args.no_write:
         name = "engines" + ("-cache-ram" if args.cache_ram is not None else "")
