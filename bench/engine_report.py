@@ -12,6 +12,10 @@ from bench.engine_load import Tally, Workload
 from bench.report import Machine
 from bench.stats import percentile
 
+# The reference row's label after its balance: its replicas were sent every system
+# prompt before the calls (bench/engines.py --warm-reference).
+WARMED = ", prompts pre-cached"
+
 
 @dataclass(frozen=True)
 class Row:
@@ -56,7 +60,7 @@ def document(
     if cache_ram is not None:
         title = f", a prompt cache of {cache_ram} MiB"
         cache = f"its host cache of past prompts limited to {cache_ram} MiB (`--cache-ram`)"
-    if any(row.balance.endswith("pre-cached") for row in rows):
+    if any(row.balance.endswith(WARMED) for row in rows):
         title += ", with a reference on warmed caches"
     lines = [
         f"## Local engines: cache-aware routing (issue 23){title}",
@@ -123,7 +127,7 @@ def targets(rows: list[Row]) -> list[str]:
             f"- A: and better than affinity's: {ca.p90:.2f} s against {af.p90:.2f} s: "
             f"{_verdict(ca.p90 < af.p90)}"
         )
-    warmed = [r for r in a.values() if r.balance.endswith("pre-cached")]
+    warmed = [r for r in a.values() if r.balance.endswith(WARMED)]
     if warmed and "cache_aware" in a:
         ca, ref = a["cache_aware"], warmed[0]
         out.append(
@@ -176,6 +180,6 @@ NOTES = """How to read it:
   should agree).
 - Scale: workload A has the issue's 40 conversations unless `--conversations` says
   otherwise (see its line above). On one thread a cold prefill of one of its
-  1,450-token system prompts takes 9-12 s on this 2-core machine (about 130 prompt
-  tokens a second, where the issue expected 0.3-1 s): the replicas run saturated, and
-  the TTFT figures are mostly queueing behind prefills."""
+  1,450-token system prompts takes 9-19 s on this 2-core machine, depending on the
+  day (about 80-160 prompt tokens a second, where the issue expected 0.3-1 s): the
+  replicas run saturated, and the TTFT figures are mostly queueing behind prefills."""

@@ -80,17 +80,30 @@ class QueueProxy:
         """What the engine received, in order."""
         return self.log.read_text().split() if self.log.exists() else []
 
-    async def chat(self, team: str, content: str, model: str = "m") -> tuple[int, Any, float]:
-        """Status, body and the Retry-After header (0 without one) of one call."""
-        body = {"model": model, "messages": [{"role": "user", "content": content}]}
-        headers = {"Authorization": f"Bearer {KEYS[team]}"}
+    async def chat(
+        self,
+        team: str,
+        content: str,
+        model: str = "m",
+        system: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any, float]:
+        """Status, body and the Retry-After header (0 without one) of one call; its
+        message ``content``, after a ``system`` prompt if given."""
+        messages = [{"role": "user", "content": content}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        body = {"model": model, "messages": messages}
+        headers = {"Authorization": f"Bearer {KEYS[team]}", **(headers or {})}
         async with self.http.post(
             self.url + "/v1/chat/completions", json=body, headers=headers
         ) as resp:
             return resp.status, await resp.json(), float(resp.headers.get("Retry-After", 0))
 
-    def send(self, team: str, content: str) -> asyncio.Task[tuple[int, Any, float]]:
-        return asyncio.create_task(self.chat(team, content))
+    def send(
+        self, team: str, content: str, system: str | None = None
+    ) -> asyncio.Task[tuple[int, Any, float]]:
+        return asyncio.create_task(self.chat(team, content, system=system))
 
     async def queued(self, depth: int) -> None:
         await eventually(lambda: self.supervisor.queue.depth == depth, timeout=10)
@@ -194,13 +207,8 @@ async def test_a_call_waits_for_a_slot_no_longer_than_its_own_time_budget(
     proxy = await make_queue_proxy(3.0, "      slots: 1\n      queue: {max: 8, wait: 30s}")
     serving = proxy.send("x", "a")
     await proxy.serving("a")
-    body = {"model": "m", "messages": [{"role": "user", "content": "b"}]}
-    headers = {"Authorization": f"Bearer {KEYS['y']}", "X-Request-Timeout": "0.5"}
     began = time.monotonic()
-    async with proxy.http.post(
-        proxy.url + "/v1/chat/completions", json=body, headers=headers
-    ) as resp:
-        status, answer = resp.status, await resp.json()
+    status, answer, _ = await proxy.chat("y", "b", headers={"X-Request-Timeout": "0.5"})
     assert status == 429
     assert time.monotonic() - began < 2.5  # its budget, not the queue's 30 s nor a slot
     assert answer["error"]["param"] == "engine_queue"

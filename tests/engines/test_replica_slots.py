@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.timeout(60)
 
 ENGINE = "      slots: 1\n      replicas: 2\n    balance: {balance}"
 HOLD = ', "--hold-long", "60"'
-Held = list[asyncio.Task[int]]
+Call = asyncio.Task[tuple[int, Any, float]]
+Held = list[Call]
 
 
 def _document(name: str) -> str:
@@ -62,19 +64,9 @@ async def _in_flight(proxy: QueueProxy, *counts: int) -> None:
     await eventually(lambda: tuple(r.in_flight for r in replicas) == counts, timeout=10)
 
 
-async def _send(proxy: QueueProxy, system: str, content: str) -> asyncio.Task[int]:
-    """A call of team x, once the engine has it; the task ends with its status."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
-    body = {"model": "m", "messages": messages}
-    headers = {"Authorization": "Bearer sk-team-x-0123456789"}
-
-    async def call() -> int:
-        async with proxy.http.post(
-            proxy.url + "/v1/chat/completions", json=body, headers=headers
-        ) as resp:
-            return resp.status
-
-    task = asyncio.create_task(call())
+async def _send(proxy: QueueProxy, system: str, content: str) -> Call:
+    """A call of team x, once the engine has it."""
+    task = proxy.send("x", content, system)
     await proxy.serving(content)
     return task
 
@@ -89,7 +81,7 @@ async def test_round_robin_skips_a_busy_replica_while_another_is_free(
     proxy = await _two_replicas(make_queue_proxy, "round_robin")
     held.append(await _send(proxy, "s", "long-1"))
     await _in_flight(proxy, 1, 0)
-    assert await (await _send(proxy, "s", "quick")) == 200
+    assert (await (await _send(proxy, "s", "quick")))[0] == 200
     held.append(await _send(proxy, "s", "long-2"))
     await _in_flight(proxy, 1, 1)
 
@@ -103,7 +95,7 @@ async def _cache_aware(
     proxy = await _two_replicas(make_queue_proxy, "cache_aware")
     held.append(await _send(proxy, A, "long-a1"))
     home = next(i for i, r in enumerate(proxy.supervisor.replicas) if r.in_flight)
-    assert await (await _send(proxy, C, "c1")) == 200
+    assert (await (await _send(proxy, C, "c1")))[0] == 200
     return proxy, home
 
 
