@@ -286,7 +286,9 @@ async def test_first_request_start_and_idle_unload(make_engine_proxy: MakeEngine
     stream = await proxy.client.chat.completions.create(
         model="smollm2",
         messages=[{"role": "user", "content": "Count from 1 to 500."}],
-        max_tokens=240,
+        # Long enough to outlast an idle check on a fast machine too: 240 tokens took
+        # 1.3 s in a fresh venv here, under the 1.5 s the check below needs.
+        max_tokens=600,
         stream=True,
         stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
@@ -299,7 +301,7 @@ async def test_first_request_start_and_idle_unload(make_engine_proxy: MakeEngine
     # Idle checks run every second: a call this long spans one past its idle time.
     assert time.monotonic() - began > 1.5, "the call must outlast an idle check"
     # Every token was generated (some stream as empty deltas: partial UTF-8 sequences).
-    assert finish == "length" and usage is not None and usage.completion_tokens == 240
+    assert finish == "length" and usage is not None and usage.completion_tokens == 600
     assert supervisor.unloads == 0
 
     pid = supervisor.replicas[0].pid
