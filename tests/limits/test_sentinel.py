@@ -75,11 +75,7 @@ async def test_the_proxy_follows_a_failover_and_loses_no_settlement(
             redis_sentinels.wait_for, lambda: redis_sentinels.primary_port() == new.port, 60
         )
         promoted_after = time.monotonic() - killed_at
-        # Back as the new primary's replica (sentinel would convert it too, but only on
-        # its next look at the old primary, seen to take 10 s and more under load).
-        old.args = ("--replicaof", "127.0.0.1", str(new.port))
-        await old.restart()
-        await asyncio.to_thread(redis_sentinels.wait_for, lambda: redis_sentinels._in_sync(old), 60)
+        await redis_sentinels.rejoin(old, new)
         await asyncio.sleep(1.0)
         stop.set()
         await asyncio.gather(*calls)

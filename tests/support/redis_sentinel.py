@@ -4,6 +4,7 @@ down-after so that a killed primary is replaced within a test's patience."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 from collections.abc import Callable
@@ -16,6 +17,15 @@ from tests.support.redis_server import RedisServer, Tls
 
 SERVICE = "proxy-primary"
 DOWN_AFTER_MS = 1000
+# Redis's defaults wait 60 s before a replica retries a sync handshake that stalled
+# (repl-timeout) and 5 s before a full sync starts (repl-diskless-sync-delay): a stall
+# right after a failover then used up the whole patience of the failover test (CI,
+# stop 29). A replica that notices in 5 s and syncs at once keeps such a test in
+# seconds; the master pings every second so that an idle link never looks dead.
+_REPLICATION = (
+    *("--repl-timeout", "5", "--repl-ping-replica-period", "1"),
+    *("--repl-diskless-sync-delay", "0"),
+)
 
 
 class RedisSentinels:
@@ -26,9 +36,11 @@ class RedisSentinels:
         (workdir / "primary").mkdir()
         (workdir / "replica").mkdir()
         self.tls = tls
-        auth = ("--masterauth", password) if password else ()
-        self.primary = RedisServer(workdir / "primary", password=password, args=auth, tls=tls)
-        follow = ("--replicaof", "127.0.0.1", str(self.primary.port), *auth)
+        self._auth = ("--masterauth", password) if password else ()
+        self.primary = RedisServer(
+            workdir / "primary", password=password, args=self._node_args(), tls=tls
+        )
+        follow = self._node_args(self.primary)
         self.replica = RedisServer(workdir / "replica", password=password, args=follow, tls=tls)
         self.ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
@@ -51,6 +63,20 @@ class RedisSentinels:
                 )
             )
         self.wait_for(lambda: self._replica_seen() and self._in_sync(self.replica))
+
+    def _node_args(self, primary: RedisServer | None = None) -> tuple[str, ...]:
+        follow = () if primary is None else ("--replicaof", "127.0.0.1", str(primary.port))
+        return (*follow, *self._auth, *_REPLICATION)
+
+    async def rejoin(self, node: RedisServer, primary: RedisServer) -> None:
+        """Restart a killed ``node`` as ``primary``'s replica and wait until it is in
+        sync (sentinel would convert it too, but only on its next look at the node,
+        seen to take 10 s and more under load)."""
+        node.args = self._node_args(primary)
+        await node.restart()
+        await asyncio.to_thread(
+            self.wait_for, lambda: self._in_sync(node), 60, lambda: _state(node, primary)
+        )
 
     @property
     def url(self) -> str:
@@ -98,11 +124,16 @@ class RedisSentinels:
         return info.get("role") == "slave" and info.get("master_link_status") == "up"
 
     @staticmethod
-    def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    def wait_for(
+        condition: Callable[[], bool],
+        timeout: float = 30.0,
+        state: Callable[[], str] = lambda: "",
+    ) -> None:
+        """``state``: what the failure message shows of the nodes, to tell why."""
         deadline = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > deadline:
-                raise TimeoutError("the Sentinel deployment did not get there")
+                raise TimeoutError(f"the Sentinel deployment did not get there\n{state()}")
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -111,6 +142,22 @@ class RedisSentinels:
             sentinel.wait()
         self.primary.kill()
         self.replica.kill()
+
+
+def _state(*nodes: RedisServer) -> str:
+    """Each node's replication section and the end of its log."""
+    parts = []
+    for node in nodes:
+        client = node.client()
+        try:
+            info = str(client.info("replication"))
+        except redis.RedisError as error:
+            info = repr(error)
+        finally:
+            client.close()
+        log = node.log_path.read_text(errors="replace")[-1500:]
+        parts.append(f"--- node {node.port}: {info}\n{log}")
+    return "\n".join(parts)
 
 
 def _listen(port: int, tls: Tls | None) -> str:

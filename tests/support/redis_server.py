@@ -76,7 +76,7 @@ class RedisServer:
         if tls is not None:
             self.args = (*self.args, *tls.server_args(self.port))
         self.process: subprocess.Popen[bytes] | None = None
-        self._log = workdir / f"redis-{self.port}.log"
+        self.log_path = workdir / f"redis-{self.port}.log"
         credentials = f":{password}@" if password else ""
         scheme = "rediss" if tls else "redis"
         self.url = f"{scheme}://{credentials}127.0.0.1:{self.port}/0"
@@ -90,7 +90,7 @@ class RedisServer:
             if self.persistent
             else ["--appendonly", "no"]
         )
-        with open(self._log, "ab") as log:  # the child keeps its own copy
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy
             self.process = subprocess.Popen(
                 [
                     self.binary,
@@ -118,7 +118,7 @@ class RedisServer:
                 return
             except redis.ConnectionError:
                 if self.process.poll() is not None:  # e.g. its port was taken meanwhile
-                    tail = self._log.read_text(errors="replace")[-2000:]
+                    tail = self.log_path.read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"redis-server on {self.port} exited:\n{tail}") from None
                 if time.monotonic() > deadline:
                     raise
