@@ -14,6 +14,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -58,15 +59,29 @@ def text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
 
 
-async def run(url: str, load: Workload, seed: int = 7) -> Tally:
-    """Every conversation of ``load`` against the proxy at ``url``; the tally of all."""
+def one_model(system: int) -> str:
+    return "smollm2"
+
+
+async def run(
+    url: str, load: Workload, model_of: Callable[[int], str] = one_model, seed: int = 7
+) -> Tally:
+    """Every conversation of ``load`` against the proxy at ``url``; the tally of all.
+    ``model_of``: the model a conversation asks for, from its system prompt's number."""
     systems = _systems(load, seed)
     tally = Tally()
     started = time.monotonic()
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         tasks = [
-            _conversation(http, url, load, n, systems, random.Random(seed * 1000 + n), tally)
+            _conversation(
+                _Client(http, url, model_of(n % max(1, load.systems))),
+                load,
+                n,
+                systems,
+                random.Random(seed * 1000 + n),
+                tally,
+            )
             for n in range(load.conversations)
         ]
         await asyncio.gather(*(_after(n * load.stagger, task) for n, task in enumerate(tasks)))
@@ -105,9 +120,17 @@ async def _after(delay: float, task: object) -> None:
     await task  # type: ignore[misc]
 
 
+@dataclass(frozen=True)
+class _Client:
+    """Where a conversation's calls go, and for which model."""
+
+    http: aiohttp.ClientSession
+    url: str
+    model: str
+
+
 async def _conversation(
-    http: aiohttp.ClientSession,
-    url: str,
+    client: _Client,
     load: Workload,
     n: int,
     systems: list[str],
@@ -120,19 +143,18 @@ async def _conversation(
     for turn in range(load.turns):
         question = f"Conversation {n}, question {turn}: " + text(rng, load.question_words)
         history.append({"role": "user", "content": question})
-        answer = await _call(http, url, history, load.max_tokens, tally)
+        answer = await _call(client, history, load.max_tokens, tally)
         history.append({"role": "assistant", "content": answer or "I do not know."})
 
 
 async def _call(
-    http: aiohttp.ClientSession,
-    url: str,
+    client: _Client,
     messages: list[dict[str, str]],
     max_tokens: int,
     tally: Tally,
 ) -> str | None:
     body = {
-        "model": "smollm2",
+        "model": client.model,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -140,7 +162,7 @@ async def _call(
         "stream_options": {"include_usage": True},
     }
     sent, first, parts = time.monotonic(), None, []
-    async with http.post(url + "/v1/chat/completions", json=body) as resp:
+    async with client.http.post(client.url + "/v1/chat/completions", json=body) as resp:
         if resp.status != 200:
             tally.failed += 1
             answer = (await resp.read())[:300].decode(errors="replace")

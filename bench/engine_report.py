@@ -12,9 +12,11 @@ from bench.engine_load import Tally, Workload
 from bench.report import Machine
 from bench.stats import percentile
 
-# The reference row's label after its balance: its replicas were sent every system
-# prompt before the calls (bench/engines.py --warm-reference).
+# The reference rows (bench/engines.py): the label after round_robin when its replicas
+# were sent every system prompt before the calls (--warm-reference), and the label of
+# the row whose client placed the calls itself (--pinned-reference).
 WARMED = ", prompts pre-cached"
+PINNED = "pinned: system prompt k on replica k mod 2"
 
 
 @dataclass(frozen=True)
@@ -54,14 +56,18 @@ def document(
     rows: list[Row],
     cache_ram: int | None = None,
     argv: Sequence[str] = (),
+    stagger: float | None = None,
 ) -> str:
     title, cache = "", "its default host cache of 8 GiB"
+    if stagger:
+        title = f", conversations {stagger:g} s apart"
     command = "`" + " ".join(["python3 -m bench engines", *argv]) + "`"
     if cache_ram is not None:
-        title = f", a prompt cache of {cache_ram} MiB"
+        title += f", a prompt cache of {cache_ram} MiB"
         cache = f"its host cache of past prompts limited to {cache_ram} MiB (`--cache-ram`)"
-    if any(row.balance.endswith(WARMED) for row in rows):
-        title += ", with a reference on warmed caches"
+    references = [row.balance.endswith(WARMED) or row.balance == PINNED for row in rows]
+    if any(references):
+        title += f", with {'references' if sum(references) > 1 else 'a reference'}"
     lines = [
         f"## Local engines: cache-aware routing (issue 23){title}",
         "",
@@ -135,6 +141,15 @@ def targets(rows: list[Row]) -> list[str]:
             f"(no cold prefill left for any placement to save) has TTFT p90 {ref.p90:.2f} s, "
             f"cache_aware {ca.p90:.2f} s ({_x(ref.p90, ca.p90)} of it)"
         )
+    if {PINNED, "cache_aware", "round_robin"} <= a.keys():
+        ca, rr, pin = a["cache_aware"], a["round_robin"], a[PINNED]
+        out.append(
+            f"- A, reference: every call of system prompt k sent to replica k mod 2 (each "
+            f"prompt's cold prefill paid once, the prompts split evenly, each conversation "
+            f"on one replica: the placement cache_aware aims at) has TTFT p90 "
+            f"{pin.p90:.2f} s, {_x(rr.p90, pin.p90)} better than round_robin's; "
+            f"cache_aware {ca.p90:.2f} s ({_x(ca.p90, pin.p90)} the pinned placement's)"
+        )
     if {"cache_aware", "least_busy"} <= b.keys():
         ca, lb = b["cache_aware"], b["least_busy"]
         close = ca.p90 <= 1.1 * lb.p90 and ca.tokens_per_second >= 0.9 * lb.tokens_per_second
@@ -174,6 +189,14 @@ NOTES = """How to read it:
   keep to one replica.
 - The proxy's estimate is cache_aware's own: the share of the calls' prompt blocks
   its index held on the replica it chose (`llm_proxy_prefix_blocks_total`).
+- Reference rows, where present: *pinned* sends every call of system prompt k to
+  replica k mod 2, through the proxy (two engines of one replica each; the client
+  picks the model): each prompt's cold prefill is paid once, the four prompts split two
+  and two, every conversation stays on one replica. It is the placement cache_aware
+  aims at, with no estimate to get wrong, so what it gains over round_robin is what
+  placement can gain in that run. *prompts pre-cached* is round_robin on replicas that
+  were each sent every system prompt before the calls: no cold prefill is left, so it
+  shows what the cold prefills cost.
 - The machine is shared with other jobs (see the load average); the targets compare
   rows of the same run. A row that another job slowed shows as an outlier among rows
   that do the same work (workload B has no concurrency to speak of: its four rows

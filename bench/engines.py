@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.engine_load import Tally, Workload, run, warm
-from bench.engine_report import WARMED, Row, document
+from bench.engine_load import Tally, Workload, one_model, run, warm
+from bench.engine_report import PINNED, WARMED, Row, document
 from bench.procs import ROOT, Child, free_port, port_free, start_proxy, wait_for
 from bench.report import load_average, machine
 from bench.sections import write_section
@@ -52,6 +52,13 @@ def main(argv: list[str]) -> None:
         "--conversations", type=int, help="workload A's conversations (default 40; --quick 8)"
     )
     parser.add_argument(
+        "--stagger",
+        type=float,
+        metavar="S",
+        help="seconds between workload A's conversation starts (default 4); written as "
+        "its own section, engines-stagger",
+    )
+    parser.add_argument(
         "--cache-ram",
         type=int,
         metavar="MIB",
@@ -71,6 +78,13 @@ def main(argv: list[str]) -> None:
         "before the calls (what no placement can beat on the system prompts); written "
         "as its own section, engines-reference",
     )
+    parser.add_argument(
+        "--pinned-reference",
+        action="store_true",
+        help="and on A a row where the client sends system prompt k's calls to replica "
+        "k mod 2 (each prompt's cold prefill paid once, the prompts split evenly: the "
+        "placement no balance can better here); written as the section engines-reference",
+    )
     args = parser.parse_args(argv)
     about = machine(load_average())
     started = time.monotonic()
@@ -78,25 +92,32 @@ def main(argv: list[str]) -> None:
     workloads: tuple[Workload, ...] = QUICK if args.quick else FULL
     if args.conversations:
         workloads = (replace(workloads[0], conversations=args.conversations), *workloads[1:])
+    if args.stagger:
+        workloads = (replace(workloads[0], stagger=args.stagger), *workloads[1:])
     if args.workload:
         workloads = tuple(w for w in workloads if w.name[0] in args.workload)
     with tempfile.TemporaryDirectory(prefix="llm-proxy-engines-") as tmp:
         for load in workloads:
-            runs = [(balance, False) for balance in args.balance or BALANCES]
+            runs = [(balance, "") for balance in args.balance or BALANCES]
+            if args.pinned_reference and load.system_words:
+                runs.append(("round_robin", "pinned"))
             if args.warm_reference and load.system_words:
-                runs.append(("round_robin", True))
-            for balance, warmed in runs:
-                _say(f"{load.name}, balance: {balance}{WARMED if warmed else ''}")
-                rows.append(_measure(Path(tmp), load, balance, args.cache_ram, warmed))
+                runs.append(("round_robin", "warm"))
+            for balance, reference in runs:
+                _say(f"{load.name}, balance: {balance} {reference}")
+                rows.append(_measure(Path(tmp), load, balance, args.cache_ram, reference))
                 _say(f"  {rows[-1]}")
                 for error in rows[-1].tally.errors:
                     _say(f"  failed: {error}")
     took = time.monotonic() - started
-    section = document(about, load_average(), took, workloads, rows, args.cache_ram, argv)
+    section = document(
+        about, load_average(), took, workloads, rows, args.cache_ram, argv, args.stagger
+    )
     print(section)
     if not args.no_write:
         name = "engines" + ("-cache-ram" if args.cache_ram is not None else "")
-        name += "-reference" if args.warm_reference else ""
+        name += "-stagger" if args.stagger else ""
+        name += "-reference" if args.warm_reference or args.pinned_reference else ""
         write_section(args.out, name, section)
         print(f"written to {args.out}")
 
@@ -114,17 +135,38 @@ def _ports() -> _Ports:
             return _Ports(free_port(), engine)
 
 
-def _routes(balance: str, engine_port: int, cache_ram: int | None = None) -> str:
+def _routes(
+    balance: str, engine_port: int, cache_ram: int | None = None, pinned: bool = False
+) -> str:
+    """One engine of two replicas under ``balance``; ``pinned``: two engines of one
+    replica each instead, models smollm2-0 and smollm2-1, so that the client places
+    every call itself."""
+    if not pinned:
+        providers = {"local": _provider(balance, _engine(engine_port, 2, cache_ram))}
+        models = {"smollm2": {"targets": [{"provider": "local", "model": "smollm2"}]}}
+    else:
+        providers = {
+            f"local{i}": _provider(balance, _engine(engine_port + i, 1, cache_ram))
+            for i in range(2)
+        }
+        models = {
+            f"smollm2-{i}": {"targets": [{"provider": f"local{i}", "model": "smollm2"}]}
+            for i in range(2)
+        }
+    return yaml.safe_dump({"providers": providers, "models": models})
+
+
+def _engine(port: int, replicas: int, cache_ram: int | None) -> dict[str, object]:
     command = (
         "{python} -m proxy.engines.llamacpp --model MODEL --host {host} --port {port} "
         "--threads 1 --ctx-size 4096 --alias smollm2 --metrics"
     )
     if cache_ram is not None:
         command += f" --cache-ram {cache_ram}"
-    engine = {
+    return {
         "command": [MODEL if part == "MODEL" else part for part in command.split(" ")],
-        "port": engine_port,
-        "replicas": 2,
+        "port": port,
+        "replicas": replicas,
         "ready": {"timeout": "120s", "interval": "100ms"},
         "metrics_path": "/metrics",
         # The engine's queue must not refuse here: the bench compares where calls go, and
@@ -132,37 +174,43 @@ def _routes(balance: str, engine_port: int, cache_ram: int | None = None) -> str
         # out of its TTFT figures.
         "queue": {"max": 1000, "wait": "900s"},
     }
-    provider = {
+
+
+def _provider(balance: str, engine: dict[str, object]) -> dict[str, object]:
+    return {
         "engine": engine,
         "balance": balance,
         "timeouts": {"connect": "2s", "first_byte": "600s", "idle": "600s", "total": "900s"},
         # Two attempts, as a deployment would have: a failed call would leave the figures.
         "retry": {"attempts": 2, "base_delay": "10ms", "max_delay": "10ms", "budget": "900s"},
     }
-    models = {"smollm2": {"targets": [{"provider": "local", "model": "smollm2"}]}}
-    return yaml.safe_dump({"providers": {"local": provider}, "models": models})
 
 
 def _measure(
-    tmp: Path, load: Workload, balance: str, cache_ram: int | None = None, warmed: bool = False
+    tmp: Path, load: Workload, balance: str, cache_ram: int | None = None, reference: str = ""
 ) -> Row:
+    """One row. ``reference``: "" (the balance as it is), "warm" (the replicas are sent
+    every system prompt first) or "pinned" (system prompt k's calls all go to replica k
+    mod 2, placed by the client)."""
     ports = _ports()
-    config = tmp / f"routes-{balance}.yaml"
-    config.write_text(_routes(balance, ports.engine, cache_ram))
+    config = tmp / f"routes-{balance}{reference}.yaml"
+    config.write_text(_routes(balance, ports.engine, cache_ram, pinned=reference == "pinned"))
     proxy: Child | None = None
     try:
-        proxy = start_proxy(config, ports.proxy, 1, tmp / f"proxy-{balance}.log")
+        proxy = start_proxy(config, ports.proxy, 1, tmp / f"proxy-{balance}{reference}.log")
         for i in range(2):
             wait_for(lambda i=i: _ok(ports.engine + i, "/health"), f"replica {i}", 180)
         url = f"http://127.0.0.1:{ports.proxy}"
         before: dict[str, float] = {}
-        if warmed:  # the warming calls' tokens are not the run's: counted apart
+        if reference == "warm":  # the warming calls' tokens are not the run's: counted apart
             asyncio.run(warm([f"http://127.0.0.1:{ports.engine + i}" for i in range(2)], load))
             before = _scrape(url)
-        tally: Tally = asyncio.run(run(url, load))
+        model_of = (lambda system: f"smollm2-{system % 2}") if reference == "pinned" else one_model
+        tally: Tally = asyncio.run(run(url, load, model_of))
         after = _scrape(url)
         moved = {name: value - before.get(name, 0.0) for name, value in after.items()}
-        return _row(load, balance + (WARMED if warmed else ""), tally, moved)
+        label = {"": balance, "warm": balance + WARMED, "pinned": PINNED}[reference]
+        return _row(load, label, tally, moved)
     finally:
         if proxy is not None:
             proxy.stop()
