@@ -43,7 +43,7 @@ class Call:
     model: Model
     endpoint: str
     body: Body
-    budget: float
+    time_budget: float  # seconds across attempts (retry.budget, X-Request-Timeout)
     # provider name → extra headers for this caller (a team's OpenAI-Project, …)
     provider_headers: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # the client headers never forwarded; a team's also drop the scoping ones (headers.py)
@@ -53,7 +53,7 @@ class Call:
 async def forward(exchange: Exchange, call: Call, record: CallRecord) -> Outcome:
     # time.monotonic, not loop.time(): asyncio.get_running_loop() costs a getpid()
     # system call per use on CPython 3.11, and this deadline meets no loop timer.
-    run = _Run(exchange, call, record, deadline=time.monotonic() + call.budget)
+    run = _Run(exchange, call, record, deadline=time.monotonic() + call.time_budget)
     balancer = exchange.services.balancer
     targets = balancer.order(
         f"model:{call.model.id}",

@@ -9,7 +9,7 @@ from proxy.call.exchange import Exchange, Outcome
 from proxy.call.forward import Call, forward
 from proxy.call.headers import NOT_TO_UPSTREAM, check_forwardable, not_forwarded
 from proxy.call.record import CallRecord
-from proxy.call.request import Api, call_budget, checked_body, resolve_model
+from proxy.call.request import Api, checked_body, resolve_model, time_budget
 from proxy.call.traced import traced_call
 from proxy.errors import RateLimited
 from proxy.limits.admission import LeaseKeeper, final_usage, reservation
@@ -62,8 +62,8 @@ async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
     record.rate_headers = rate_headers(ticket.admission)
     if budgeted:
         show_budgets(services.metrics, record.team, ticket.admission)
-    budget = call_budget(exchange.headers, model.budget)
-    call = Call(config, model, api.path, body, budget, team.headers if team else {}, dropped)
+    seconds = time_budget(exchange.headers, model.budget)
+    call = Call(config, model, api.path, body, seconds, team.headers if team else {}, dropped)
     try:
         with LeaseKeeper(accountant, ticket):
             return await forward(exchange, call, record)  # 5

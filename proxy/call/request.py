@@ -41,7 +41,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
 _COUNTS = ("max_tokens", "max_completion_tokens", "n")
 
 
-def call_budget(headers: Mapping[str, str], budget: float) -> float:
+def time_budget(headers: Mapping[str, str], budget: float) -> float:
     """The model's retry budget, narrowed by the client's own ``X-Request-Timeout``."""
     asked = headers.get("X-Request-Timeout")
     try:

@@ -66,11 +66,29 @@ def usd_micros(
 
 
 def unpriced(config: Config) -> list[str]:
-    """The targets without a price, whose calls cost 0: ``check`` warns about each."""
+    """The targets without a price, whose calls cost 0: ``check`` warns about each, and
+    names the teams with a budget that may call its model (they call it for free)."""
+    warnings = []
+    for model in config.models.values():
+        free_to = _budgeted(config, model.id)
+        for i, target in enumerate(model.targets):
+            if target.price is not None:
+                continue
+            warning = (
+                f"models.{model.id}.targets[{i}]: no price (on the target or provider "
+                f"'{target.provider}'): its calls cost 0"
+            )
+            if free_to:
+                warning += f", so they spend nothing of the budgets of {', '.join(free_to)}"
+            warnings.append(warning)
+    return warnings
+
+
+def _budgeted(config: Config, model: str) -> list[str]:
+    """The teams that may call ``model`` and have a budget it would spend."""
     return [
-        f"models.{model.id}.targets[{i}]: no price (on the target or provider "
-        f"'{target.provider}'): its calls cost 0"
-        for model in config.models.values()
-        for i, target in enumerate(model.targets)
-        if target.price is None
+        team.name
+        for team in config.teams.values()
+        if (team.models is None or model in team.models)
+        and (team.budget or team.model_budgets.get(model))
     ]

@@ -106,3 +106,30 @@ def test_check_warns_about_each_target_without_a_price(tmp_path: Path):
         "its calls cost 0",
         f"{path}: OK (2 providers, 3 models)",
     ]
+
+
+def test_check_names_the_budgeted_teams_that_call_an_unpriced_model_for_free(tmp_path: Path):
+    """A budget holds nothing for a call that costs 0: the warning says whose budgets
+    the unpriced target escapes (a team allowed the model, with a budget of its own or
+    one for that model), and leaves out teams without a budget or without the model."""
+    a, b, c = ("sha256:" + letter * 64 for letter in "abc")
+    teams = f"""
+teams:
+  research: {{keys: ["{a}"], budget: {{daily_usd: 5}}}}
+  ops: {{keys: ["{b}"], models: [big], model_budgets: {{big: {{monthly_usd: 9}}}}}}
+  free: {{keys: ["{c}"]}}
+"""
+    path = tmp_path / "routes.yaml"
+    path.write_text(PRICED + teams)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "warning: models.small.targets[0]: no price (on the target or provider 'local'): "
+        "its calls cost 0, so they spend nothing of the budgets of research"
+    )
