@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.call.auth import key_hash
-from tests.support import ProxyProcess, Upstream, free_port, routes_yaml
+from tests.support import ProxyProcess, Upstream, eventually, free_port, routes_yaml
 from tests.support.redis_sentinel import RedisSentinels
 from tests.support.redis_server import Tls
 from tests.support.teams import ADMIN_KEY, need_redis
@@ -127,8 +127,15 @@ async def test_sentinels_and_nodes_behind_tls_and_a_password(
             statuses = await asyncio.gather(*(call() for _ in range(40)))
         assert sorted(statuses) == [200] * 20 + [429] * 20
         await asyncio.sleep(0.3)  # settlements leave after the answers
+        # A replica that acknowledges after a settlement's WAIT (at most 50 ms; seen once
+        # over TLS under the full suite's load) leaves it unconfirmed, and the proxy
+        # sends it again until it is confirmed: the flush says so. Nothing else fails.
+        unconfirmed = ("replicas confirmed a ledger write", "replicas are connected")
+        failed = [line for line in proxy.log().splitlines() if "redis failed" in line.lower()]
+        assert [line for line in failed if not line.endswith(unconfirmed)] == []
+        if failed:
+            await eventually(lambda: "ledger queue flushed" in proxy.log(), timeout=10)
         assert (await _booked(proxy.url))["requests"] == 20
-        assert "redis failed" not in proxy.log().lower()
     finally:
         proxy.stop()
         sentinels.stop()

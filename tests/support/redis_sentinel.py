@@ -62,7 +62,10 @@ class RedisSentinels:
                     stderr=subprocess.DEVNULL,
                 )
             )
-        self.wait_for(lambda: self._replica_seen() and self._in_sync(self.replica))
+        self.wait_for(self._ready)
+
+    def _ready(self) -> bool:
+        return self._replica_seen() and self._in_sync(self.replica) and self._acked(self.primary)
 
     def _node_args(self, primary: RedisServer | None = None) -> tuple[str, ...]:
         follow = () if primary is None else ("--replicaof", "127.0.0.1", str(primary.port))
@@ -75,7 +78,10 @@ class RedisSentinels:
         node.args = self._node_args(primary)
         await node.restart()
         await asyncio.to_thread(
-            self.wait_for, lambda: self._in_sync(node), 60, lambda: _state(node, primary)
+            self.wait_for,
+            lambda: self._in_sync(node) and self._acked(primary),
+            60,
+            lambda: _state(node, primary),
         )
 
     @property
@@ -122,6 +128,19 @@ class RedisSentinels:
         finally:
             client.close()
         return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+    @staticmethod
+    def _acked(primary: RedisServer) -> bool:
+        """A write on ``primary`` that a replica acknowledged (WAIT): replication
+        streams, as the ledger's settlements need with ``ledger_replicas: 1``."""
+        client = primary.client()
+        try:
+            client.set("tests:replicated", "1")
+            return int(client.execute_command("WAIT", 1, 200)) >= 1  # type: ignore[no-untyped-call]
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
 
     @staticmethod
     def wait_for(
