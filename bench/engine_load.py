@@ -60,6 +60,7 @@ def text(rng: random.Random, words: int) -> str:
 
 
 def one_model(system: int) -> str:
+    """Every conversation asks for the one model, whatever its system prompt."""
     return "smollm2"
 
 

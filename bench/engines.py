@@ -56,7 +56,7 @@ def main(argv: list[str]) -> None:
         type=float,
         metavar="S",
         help="seconds between workload A's conversation starts (default 4); written as "
-        "its own section, engines-stagger",
+        "its own section, engines-stagger (engines-stagger-reference with a reference)",
     )
     parser.add_argument(
         "--cache-ram",
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> None:
         action="store_true",
         help="and on A a row where the client sends system prompt k's calls to replica "
         "k mod 2 (each prompt's cold prefill paid once, the prompts split evenly: the "
-        "placement no balance can better here); written as the section engines-reference",
+        "placement cache_aware aims at); written as the section engines-reference",
     )
     args = parser.parse_args(argv)
     about = machine(load_average())
