@@ -12,12 +12,12 @@ from proxy.call.record import CallRecord
 from proxy.call.request import Api, checked_body, resolve_model, time_budget
 from proxy.call.traced import traced_call
 from proxy.errors import RateLimited
-from proxy.limits.admission import LeaseKeeper, final_usage, reservation
+from proxy.limits.admission import LeaseKeeper
 from proxy.limits.budget_report import show_budgets
 from proxy.limits.cost import cost_micros, worst_case
 from proxy.limits.rate_headers import rate_headers
 from proxy.limits.store import NO_KEY
-from proxy.limits.usage import estimate_prompt
+from proxy.limits.usage import estimate_prompt, final_usage, reservation
 
 
 async def proxied_call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
@@ -68,6 +68,8 @@ async def _call(exchange: Exchange, api: Api, record: CallRecord) -> Outcome:
         with LeaseKeeper(accountant, ticket):
             return await forward(exchange, call, record)  # 5
     finally:
-        record.billed = final_usage(ticket, record.usage, record.completion_estimate)
+        record.billed = final_usage(
+            ticket.prompt_estimate, record.usage, record.completion_estimate
+        )
         record.cost += cost_micros(record.billed, record.price)  # the served target's price
         accountant.settle_soon(ticket, record.billed, record.cost, record.key or NO_KEY)  # 6

@@ -350,29 +350,6 @@ def _settlement(ticket: Ticket, usage: Usage, cost: int, key: str) -> Settlement
     )
 
 
-def reservation(fields: dict[str, Any], prompt: int, default_max_tokens: int) -> int:
-    """Tokens to hold at admission: the prompt estimate plus what the call may generate.
-    ``default_max_tokens``: the model's max_tokens default if it sets one (then already
-    in ``fields`` when the client named no cap), else accounting.default_max_tokens."""
-    if "input" in fields and "messages" not in fields and "prompt" not in fields:
-        return prompt  # embeddings generate nothing
-    limit = fields.get("max_completion_tokens")
-    if limit is None:  # absent or null: the other name, if the call gives it
-        limit = fields.get("max_tokens")
-    most = limit if isinstance(limit, int) and limit > 0 else default_max_tokens
-    n = fields.get("n")
-    return prompt + most * (n if isinstance(n, int) and n > 0 else 1)
-
-
-def final_usage(ticket: Ticket, reported: Usage | None, completion_estimate: int | None) -> Usage:
-    """What to book: the upstream's own count, else an estimate, else nothing (no answer)."""
-    if reported is not None:
-        return reported
-    if completion_estimate is None:
-        return Usage(0, 0)
-    return Usage(ticket.prompt_estimate, completion_estimate, estimated=True)
-
-
 class LeaseKeeper:
     """``with LeaseKeeper(accountant, ticket):`` keeps the call's concurrency leases
     alive while it runs (proxy/limits/leases.py); short calls end before the first renewal

@@ -13,9 +13,13 @@ from typing import Any
 
 import pytest
 
-from proxy.limits.admission import Ticket, final_usage, reservation
-from proxy.limits.store import Admission, TeamChecks
-from proxy.limits.usage import Usage, estimate_completion, estimate_prompt
+from proxy.limits.usage import (
+    Usage,
+    estimate_completion,
+    estimate_prompt,
+    final_usage,
+    reservation,
+)
 
 
 @pytest.mark.parametrize(
@@ -89,7 +93,7 @@ def test_reservation(fields: dict[str, Any], tokens: int) -> None:
 
 
 def test_what_is_booked() -> None:
-    ticket = Ticket("t", "m", "r", TeamChecks("t", ()), 60, 12, Admission(True, 0))
-    assert final_usage(ticket, Usage(3, 4), 9) == Usage(3, 4)  # the upstream's count first
-    assert final_usage(ticket, None, 9) == Usage(12, 9, estimated=True)
-    assert final_usage(ticket, None, None) == Usage(0, 0)  # no answer: nothing
+    prompt_estimate = 12  # admission's estimate of the prompt
+    assert final_usage(prompt_estimate, Usage(3, 4), 9) == Usage(3, 4)  # the upstream's first
+    assert final_usage(prompt_estimate, None, 9) == Usage(12, 9, estimated=True)
+    assert final_usage(prompt_estimate, None, None) == Usage(0, 0)  # no answer: nothing
