@@ -88,9 +88,8 @@ def test_a_price_that_cannot_be_is_refused_with_its_path(price: str, error: str)
     assert caught.value.errors == [error]
 
 
-def test_check_warns_about_each_target_without_a_price(tmp_path: Path):
-    path = tmp_path / "routes.yaml"
-    path.write_text(PRICED + "  other:\n    targets: [{provider: local, model: o}]\n")
+def _check(path: Path) -> list[str]:
+    """``python -m proxy check``'s lines for ``path``, which it must pass."""
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "check", str(path)],
         cwd=ROOT,
@@ -99,7 +98,14 @@ def test_check_warns_about_each_target_without_a_price(tmp_path: Path):
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.splitlines() == [
+    return result.stdout.splitlines()
+
+
+def test_check_warns_about_each_target_without_a_price(tmp_path: Path):
+    path = tmp_path / "routes.yaml"
+    path.write_text(PRICED + "  other:\n    targets: [{provider: local, model: o}]\n")
+    lines = _check(path)
+    assert lines == [
         "warning: models.small.targets[0]: no price (on the target or provider 'local'): "
         "its calls cost 0",
         "warning: models.other.targets[0]: no price (on the target or provider 'local'): "
@@ -121,15 +127,8 @@ teams:
 """
     path = tmp_path / "routes.yaml"
     path.write_text(PRICED + teams)
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "check", str(path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.splitlines()[0] == (
+    lines = _check(path)
+    assert lines[0] == (
         "warning: models.small.targets[0]: no price (on the target or provider 'local'): "
         "its calls cost 0, so they spend nothing of the budgets of research"
     )
