@@ -104,7 +104,7 @@ def main(argv: list[str]) -> None:
             if args.warm_reference and load.system_words:
                 runs.append(("round_robin", "warm"))
             for balance, reference in runs:
-                _say(f"{load.name}, balance: {balance} {reference}")
+                _say(f"{load.name}, balance: {balance}" + (f" ({reference})" if reference else ""))
                 rows.append(_measure(Path(tmp), load, balance, args.cache_ram, reference))
                 _say(f"  {rows[-1]}")
                 for error in rows[-1].tally.errors:

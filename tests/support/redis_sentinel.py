@@ -174,8 +174,7 @@ def _state(*nodes: RedisServer) -> str:
             info = repr(error)
         finally:
             client.close()
-        log = node.log_path.read_text(errors="replace")[-1500:]
-        parts.append(f"--- node {node.port}: {info}\n{log}")
+        parts.append(f"--- node {node.port}: {info}\n{node.log()[-1500:]}")
     return "\n".join(parts)
 
 

@@ -118,7 +118,7 @@ class RedisServer:
                 return
             except redis.ConnectionError:
                 if self.process.poll() is not None:  # e.g. its port was taken meanwhile
-                    tail = self.log_path.read_text(errors="replace")[-2000:]
+                    tail = self.log()[-2000:]
                     raise RuntimeError(f"redis-server on {self.port} exited:\n{tail}") from None
                 if time.monotonic() > deadline:
                     raise
@@ -129,6 +129,10 @@ class RedisServer:
     async def restart(self) -> None:
         """``start`` for async tests: off the event loop, which its blocking pings would stall."""
         await asyncio.to_thread(self.start)
+
+    def log(self) -> str:
+        """What the server wrote, over all its starts (as ProxyProcess.log)."""
+        return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
         if self.process is not None:
